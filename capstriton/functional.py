@@ -1,0 +1,173 @@
+"""The public functional API: validation, then dispatch to the reference or the Triton ops.
+
+Dispatch happens here, in Python, before any op is called (DESIGN.md section 3), so
+``torch.compile`` sees either plain PyTorch or a registered ``triton_op``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import reference
+from ._checks import (
+    check_iterations,
+    check_positive_sizes,
+    check_same,
+    check_tensor,
+    resolve_backend,
+)
+
+__all__ = ["squash", "dynamic_routing", "capsule_routing", "margin_loss", "reconstruction_loss"]
+
+U_HAT_LAYOUT = "[B, N_in, N_out, D]"
+U_LAYOUT = "[B, N_in, D_in]"
+WEIGHT_LAYOUT = "[N_in, N_out, D_out, D_in]"
+
+
+def _ops():
+    # Imported lazily: the triton ops module imports triton, which the torch backend never needs.
+    from . import ops
+
+    return ops
+
+
+def squash(s: torch.Tensor, dim: int = -1, *, backend: str = "auto") -> torch.Tensor:
+    """Squash capsule vectors along ``dim``: ``v = s * ||s|| / (1 + ||s||^2)``.
+
+    Same shape and dtype as ``s``; ``||v|| < 1``; finite (and with a zero Jacobian) at ``s = 0``.
+
+    Example:
+        >>> v = squash(torch.randn(32, 1152, 8))  # [B, N, D] -> [B, N, D]
+    """
+    check_tensor("s", s)
+    if s.dim() == 0:
+        raise ValueError("s must have at least 1 dimension (the capsule vector), got a scalar")
+    if isinstance(dim, bool) or not isinstance(dim, int) or not -s.dim() <= dim < s.dim():
+        raise ValueError(f"dim must be an int in [{-s.dim()}, {s.dim() - 1}] for s of shape {tuple(s.shape)}, got {dim!r}")
+    if s.shape[dim] == 0:
+        raise ValueError(f"s must have a non-empty capsule dimension {dim}, got shape {tuple(s.shape)}")
+    if resolve_backend(backend, s) == "torch":
+        return reference.squash(s, dim)
+    if dim in (-1, s.dim() - 1):
+        return _ops().squash(s)
+    return _ops().squash(s.movedim(dim, -1)).movedim(-1, dim)
+
+
+def dynamic_routing(
+    u_hat: torch.Tensor,
+    iterations: int = 3,
+    *,
+    grad_through_routing: bool = True,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Dynamic routing between capsules (Sabour et al. 2017, Procedure 1).
+
+    Args:
+        u_hat: predictions ``[B, N_in, N_out, D]``.
+        iterations: routing iterations (>= 1).
+        grad_through_routing: gradients flow through every iteration (True, as the official
+            implementation) or only through the last weighted sum, with the coupling
+            coefficients treated as constants (False).
+        backend: ``"auto"`` (triton for CUDA tensors, torch otherwise), ``"torch"``, ``"triton"``.
+
+    Returns:
+        ``v`` ``[B, N_out, D]``, dtype of ``u_hat``.
+
+    Example:
+        >>> v = dynamic_routing(torch.randn(8, 1152, 10, 16))  # -> [8, 10, 16]
+    """
+    check_tensor("u_hat", u_hat, 4, U_HAT_LAYOUT)
+    check_positive_sizes("u_hat", u_hat, U_HAT_LAYOUT)
+    check_iterations(iterations)
+    grad_through_routing = bool(grad_through_routing)
+    if resolve_backend(backend, u_hat) == "torch":
+        return reference.dynamic_routing(u_hat, iterations, grad_through_routing)
+    return _ops().dynamic_routing(u_hat, iterations, grad_through_routing)
+
+
+def capsule_routing(
+    u: torch.Tensor,
+    weight: torch.Tensor,
+    iterations: int = 3,
+    *,
+    grad_through_routing: bool = True,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """A fully connected capsule layer: predictions ``u_hat[b,i,j] = weight[i,j] @ u[b,i]``, then
+    :func:`dynamic_routing`.
+
+    Args:
+        u: input capsules ``[B, N_in, D_in]``.
+        weight: ``[N_in, N_out, D_out, D_in]``.
+
+    Returns:
+        ``v`` ``[B, N_out, D_out]``, dtype of ``u``.
+
+    Example:
+        >>> w = 0.01 * torch.randn(1152, 10, 16, 8)
+        >>> v = capsule_routing(torch.randn(4, 1152, 8), w)  # -> [4, 10, 16]
+    """
+    check_tensor("u", u, 3, U_LAYOUT)
+    check_tensor("weight", weight, 4, WEIGHT_LAYOUT)
+    check_same("u", u, "weight", weight)
+    check_positive_sizes("weight", weight, WEIGHT_LAYOUT, skip_first=False)
+    if u.shape[1] != weight.shape[0] or u.shape[2] != weight.shape[3]:
+        raise ValueError(
+            f"u {U_LAYOUT} and weight {WEIGHT_LAYOUT} disagree: u has shape {tuple(u.shape)}, "
+            f"weight {tuple(weight.shape)} (N_in and D_in must match)"
+        )
+    check_iterations(iterations)
+    grad_through_routing = bool(grad_through_routing)
+    if resolve_backend(backend, u) == "torch":
+        return reference.capsule_routing(u, weight, iterations, grad_through_routing)
+    # Until a fused kernel exists: PyTorch predictions (one batched matmul), then the routing kernel.
+    u_hat = reference.capsule_predictions(u, weight)
+    return _ops().dynamic_routing(u_hat, iterations, grad_through_routing)
+
+
+def margin_loss(
+    lengths: torch.Tensor,
+    target: torch.Tensor,
+    m_pos: float = 0.9,
+    m_neg: float = 0.1,
+    lam: float = 0.5,
+) -> torch.Tensor:
+    """Margin loss (Sabour et al. 2017, Eq. 4): per class
+    ``T_k max(0, m_pos - ||v_k||)^2 + lam (1 - T_k) max(0, ||v_k|| - m_neg)^2``,
+    summed over classes, mean over the batch.
+
+    Args:
+        lengths: capsule lengths ``[B, K]``.
+        target: class indices ``[B]`` (integer, in ``[0, K)``) or targets ``[B, K]`` (float).
+    """
+    check_tensor("lengths", lengths, 2, "[B, K]")
+    if not isinstance(target, torch.Tensor):
+        raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
+    if target.device != lengths.device:
+        raise ValueError(f"lengths and target must be on the same device, got {lengths.device} and {target.device}")
+    if target.is_floating_point():
+        if target.shape != lengths.shape:
+            raise ValueError(
+                f"a float target must have the shape of lengths {tuple(lengths.shape)} [B, K], "
+                f"got {tuple(target.shape)}"
+            )
+    elif target.dtype in (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8):
+        if target.shape != lengths.shape[:1]:
+            raise ValueError(f"an integer target must have shape [B] = {tuple(lengths.shape[:1])}, got {tuple(target.shape)}")
+        target = target.long()
+    else:
+        raise TypeError(f"target must hold class indices (integer) or per-class targets (float), got {target.dtype}")
+    return reference.margin_loss(lengths, target, m_pos, m_neg, lam)
+
+
+def reconstruction_loss(reconstruction: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    """Sum of squared pixel errors per image, mean over the batch (unscaled: CapsuleLoss applies
+    the paper's 0.0005)."""
+    check_tensor("reconstruction", reconstruction)
+    check_tensor("images", images)
+    if reconstruction.shape[:1] != images.shape[:1] or reconstruction.shape[1:].numel() != images.shape[1:].numel():
+        raise ValueError(
+            f"reconstruction {tuple(reconstruction.shape)} and images {tuple(images.shape)} must hold "
+            "the same number of images with the same number of pixels"
+        )
+    return reference.reconstruction_loss(reconstruction, images)

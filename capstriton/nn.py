@@ -1,0 +1,253 @@
+"""Capsule layers and losses as ``torch.nn`` modules. They only call ``capstriton.functional``."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import functional as F
+from ._checks import BACKENDS, check_iterations, check_tensor
+
+__all__ = [
+    "Squash",
+    "PrimaryCapsules",
+    "RoutingCapsules",
+    "CapsuleDecoder",
+    "MarginLoss",
+    "CapsuleLoss",
+    "capsule_lengths",
+]
+
+
+def _check_backend(backend) -> str:
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    return backend
+
+
+def _check_size(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    return value
+
+
+def capsule_lengths(v: torch.Tensor) -> torch.Tensor:
+    """Lengths ``||v||`` of capsules ``[..., D] -> [...]`` (gradient 0, not NaN, at zero)."""
+    return torch.linalg.vector_norm(v, dim=-1)
+
+
+class Squash(nn.Module):
+    """Module form of :func:`capstriton.squash` over ``dim``."""
+
+    def __init__(self, dim: int = -1, backend: str = "auto"):
+        super().__init__()
+        self.dim = dim
+        self.backend = _check_backend(backend)
+
+    def forward(self, s: torch.Tensor) -> torch.Tensor:
+        return F.squash(s, self.dim, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, backend={self.backend!r}"
+
+
+class PrimaryCapsules(nn.Module):
+    """Convolutional capsules: a conv with ``caps_types * caps_dim`` channels, grouped so that
+    channel ``c * caps_dim + k`` is component ``k`` of capsule type ``c``, then squashed.
+
+    Input ``[B, in_channels, H, W]``; output ``[B, caps_types * H' * W', caps_dim]`` with the
+    capsules ordered type-major (type, row, column). The paper: 256 -> 32 types of 8D, 9x9
+    stride 2, giving 32 x 6 x 6 = 1152 capsules on MNIST.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 256,
+        caps_types: int = 32,
+        caps_dim: int = 8,
+        kernel_size: int = 9,
+        stride: int = 2,
+        backend: str = "auto",
+    ):
+        super().__init__()
+        self.caps_types = _check_size("caps_types", caps_types)
+        self.caps_dim = _check_size("caps_dim", caps_dim)
+        self.backend = _check_backend(backend)
+        self.conv = nn.Conv2d(
+            _check_size("in_channels", in_channels),
+            caps_types * caps_dim,
+            _check_size("kernel_size", kernel_size),
+            _check_size("stride", stride),
+        )
+
+    def output_caps(self, height: int, width: int) -> int:
+        """Number of capsules produced for an input of ``height x width``."""
+        k, st = self.conv.kernel_size, self.conv.stride
+        return self.caps_types * ((height - k[0]) // st[0] + 1) * ((width - k[1]) // st[1] + 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_tensor("x", x, 4, "[B, in_channels, H, W]")
+        y = self.conv(x)
+        b, _, h, w = y.shape
+        u = y.view(b, self.caps_types, self.caps_dim, h, w).permute(0, 1, 3, 4, 2)
+        return F.squash(u.reshape(b, self.caps_types * h * w, self.caps_dim), backend=self.backend)
+
+
+class RoutingCapsules(nn.Module):
+    """Fully connected capsule layer with dynamic routing (the paper's DigitCaps).
+
+    ``weight`` ``[in_caps, out_caps, out_dim, in_dim]`` is initialised as ``init_std * randn``:
+    with the softmax over output capsules, larger weights saturate the squash and the coupling
+    coefficients at the start of training.
+
+    Input ``u`` ``[B, in_caps, in_dim]``, output ``v`` ``[B, out_caps, out_dim]``.
+    """
+
+    def __init__(
+        self,
+        in_caps: int = 1152,
+        in_dim: int = 8,
+        out_caps: int = 10,
+        out_dim: int = 16,
+        iterations: int = 3,
+        grad_through_routing: bool = True,
+        backend: str = "auto",
+        init_std: float = 0.01,
+    ):
+        super().__init__()
+        self.in_caps = _check_size("in_caps", in_caps)
+        self.in_dim = _check_size("in_dim", in_dim)
+        self.out_caps = _check_size("out_caps", out_caps)
+        self.out_dim = _check_size("out_dim", out_dim)
+        check_iterations(iterations)
+        self.iterations = iterations
+        self.grad_through_routing = bool(grad_through_routing)
+        self.backend = _check_backend(backend)
+        self.init_std = float(init_std)
+        self.weight = nn.Parameter(torch.empty(in_caps, out_caps, out_dim, in_dim))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.weight, std=self.init_std)
+
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
+        check_tensor("u", u, 3, "[B, in_caps, in_dim]")
+        if u.shape[1:] != (self.in_caps, self.in_dim):
+            raise ValueError(
+                f"u must have shape [B, in_caps={self.in_caps}, in_dim={self.in_dim}], got {tuple(u.shape)}"
+            )
+        return F.capsule_routing(
+            u,
+            self.weight.to(u.dtype),
+            self.iterations,
+            grad_through_routing=self.grad_through_routing,
+            backend=self.backend,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_caps={self.in_caps}, in_dim={self.in_dim}, out_caps={self.out_caps}, "
+            f"out_dim={self.out_dim}, iterations={self.iterations}, "
+            f"grad_through_routing={self.grad_through_routing}, backend={self.backend!r}"
+        )
+
+
+class CapsuleDecoder(nn.Module):
+    """Reconstruction network fed with the capsule outputs masked to one capsule.
+
+    The mask is, in order of precedence: ``mask`` if given (``[B, num_caps]``, float or bool);
+    the one-hot ``target`` while training; otherwise the longest capsule (evaluation).
+    Input ``v`` ``[B, num_caps, caps_dim]``; output ``[B, out_features]`` in ``(0, 1)``.
+    """
+
+    def __init__(
+        self,
+        num_caps: int = 10,
+        caps_dim: int = 16,
+        hidden: tuple[int, ...] = (512, 1024),
+        out_features: int = 784,
+    ):
+        super().__init__()
+        self.num_caps = _check_size("num_caps", num_caps)
+        self.caps_dim = _check_size("caps_dim", caps_dim)
+        sizes = [num_caps * caps_dim, *hidden, _check_size("out_features", out_features)]
+        layers: list[nn.Module] = []
+        for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+            layers.append(nn.Linear(a, b))
+            layers.append(nn.ReLU() if i < len(sizes) - 2 else nn.Sigmoid())
+        self.net = nn.Sequential(*layers)
+
+    def make_mask(self, v: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:
+        """The ``[B, num_caps]`` one-hot mask the decoder uses when none is given."""
+        if self.training and target is not None:
+            index = target
+        else:
+            index = capsule_lengths(v.detach()).argmax(dim=-1)
+        return nn.functional.one_hot(index, self.num_caps).to(v.dtype)
+
+    def forward(
+        self,
+        v: torch.Tensor,
+        target: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        check_tensor("v", v, 3, "[B, num_caps, caps_dim]")
+        if v.shape[1:] != (self.num_caps, self.caps_dim):
+            raise ValueError(
+                f"v must have shape [B, num_caps={self.num_caps}, caps_dim={self.caps_dim}], got {tuple(v.shape)}"
+            )
+        if mask is None:
+            if target is not None and (target.is_floating_point() or target.shape != v.shape[:1]):
+                raise ValueError(f"target must hold class indices of shape [B] = {tuple(v.shape[:1])}, got {tuple(target.shape)} {target.dtype}")
+            mask = self.make_mask(v, target)
+        elif mask.shape != v.shape[:2]:
+            raise ValueError(f"mask must have shape [B, num_caps] = {tuple(v.shape[:2])}, got {tuple(mask.shape)}")
+        masked = v * mask.to(v.dtype).unsqueeze(-1)
+        return self.net(masked.flatten(1).to(self.net[0].weight.dtype))
+
+
+class MarginLoss(nn.Module):
+    """:func:`capstriton.margin_loss` as a module."""
+
+    def __init__(self, m_pos: float = 0.9, m_neg: float = 0.1, lam: float = 0.5):
+        super().__init__()
+        self.m_pos, self.m_neg, self.lam = m_pos, m_neg, lam
+
+    def forward(self, lengths: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.margin_loss(lengths, target, self.m_pos, self.m_neg, self.lam)
+
+
+class CapsuleLoss(nn.Module):
+    """Margin loss plus ``reconstruction_weight`` (0.0005 in the paper) times the per-image sum
+    of squared pixel errors, both mean over the batch.
+
+    ``forward(lengths, target, reconstruction=None, images=None)``; without a reconstruction it
+    is the margin loss alone.
+    """
+
+    def __init__(
+        self,
+        reconstruction_weight: float = 0.0005,
+        m_pos: float = 0.9,
+        m_neg: float = 0.1,
+        lam: float = 0.5,
+    ):
+        super().__init__()
+        self.reconstruction_weight = reconstruction_weight
+        self.margin = MarginLoss(m_pos, m_neg, lam)
+
+    def forward(
+        self,
+        lengths: torch.Tensor,
+        target: torch.Tensor,
+        reconstruction: torch.Tensor | None = None,
+        images: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        loss = self.margin(lengths, target)
+        if reconstruction is not None:
+            if images is None:
+                raise ValueError("images must be given with reconstruction")
+            loss = loss + self.reconstruction_weight * F.reconstruction_loss(reconstruction, images)
+        return loss

@@ -1,0 +1,1 @@
+"""Triton kernels of capstriton (installed as ``capstriton.kernels``): kernels and launch helpers only."""
