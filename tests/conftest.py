@@ -1,0 +1,26 @@
+"""Test configuration shared by every test module.
+
+Without a CUDA device the Triton kernels run on CPU tensors through Triton's interpreter, which
+must be switched on before triton is first imported: that is why this happens here, at
+collection, before any test module imports capstriton's ops.
+"""
+
+import os
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+#: The device kernel tests run on: the GPU when there is one, else CPU tensors under the interpreter.
+KERNEL_DEVICE = "cuda" if HAS_CUDA else "cpu"
+
+requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
