@@ -1,0 +1,79 @@
+"""Helpers shared by the test modules: the error measure and independent, deliberately naive
+oracles written from the paper's formulas (they never call ``capstriton``), used to check the
+reference itself.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """``||out - ref|| / ||ref||`` computed in float64 (``||out - ref||`` when ``ref`` is 0)."""
+    out, ref = out.detach().double(), ref.detach().double()
+    diff = torch.linalg.vector_norm(out - ref).item()
+    scale = torch.linalg.vector_norm(ref).item()
+    return diff / scale if scale > 0 else diff
+
+
+def naive_squash(s: torch.Tensor) -> torch.Tensor:
+    """Eq. 1 as printed, for one capsule vector ``[D]``: ``s * ||s|| / (1 + ||s||^2)``.
+
+    No guard at 0 (autograd would give NaN there), which is the point: it is the plain formula.
+    """
+    n2 = (s * s).sum()
+    return s * torch.sqrt(n2) / (1.0 + n2)
+
+
+def naive_routing(
+    u_hat: torch.Tensor, iterations: int, grad_through_routing: bool = True
+) -> torch.Tensor:
+    """Procedure 1 with explicit loops over examples, input capsules and output capsules.
+
+    ``u_hat`` ``[B, N_in, N_out, D]`` -> ``v`` ``[B, N_out, D]``. With
+    ``grad_through_routing=False`` the logits (hence the coupling coefficients) and every
+    iteration but the last weighted sum see a detached ``u_hat``.
+    """
+    batch, n_in, n_out, _ = u_hat.shape
+    outputs = []
+    for b in range(batch):
+        votes = u_hat[b]
+        routed = votes if grad_through_routing else votes.detach()
+        logits = [votes.new_zeros(n_out) for _ in range(n_in)]
+        for r in range(iterations):
+            last = r == iterations - 1
+            used = votes if last else routed
+            s = [votes.new_zeros(votes.shape[-1]) for _ in range(n_out)]
+            for i in range(n_in):
+                e = torch.exp(logits[i] - logits[i].max())
+                c_i = e / e.sum()  # softmax over the output capsules j of input capsule i
+                for j in range(n_out):
+                    s[j] = s[j] + c_i[j] * used[i, j]
+            v = [naive_squash(s_j) for s_j in s]
+            if not last:
+                for i in range(n_in):
+                    agreement = torch.stack([(routed[i, j] * v[j]).sum() for j in range(n_out)])
+                    logits[i] = logits[i] + agreement
+        outputs.append(torch.stack(v))
+    return torch.stack(outputs)
+
+
+def naive_predictions(u: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``u_hat[b, i, j] = weight[i, j] @ u[b, i]`` with explicit loops."""
+    batch, n_in, _ = u.shape
+    n_out = weight.shape[1]
+    return torch.stack(
+        [
+            torch.stack(
+                [torch.stack([weight[i, j] @ u[b, i] for j in range(n_out)]) for i in range(n_in)]
+            )
+            for b in range(batch)
+        ]
+    )
+
+
+def grads(fn, inputs: list[torch.Tensor], upstream: torch.Tensor) -> list[torch.Tensor]:
+    """Gradients of ``(fn(*inputs) * upstream).sum()`` with respect to ``inputs``."""
+    leaves = [x.detach().clone().requires_grad_(True) for x in inputs]
+    out = fn(*leaves)
+    return list(torch.autograd.grad((out * upstream).sum(), leaves))
