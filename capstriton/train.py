@@ -1,0 +1,672 @@
+"""Train the paper's CapsNet on MNIST: ``python -m capstriton.train`` or ``capstriton-train``.
+
+    capstriton-train --data-dir data/mnist --epochs 50 --out runs/capsnet      # the paper's model
+    capstriton-train --data-dir data/mnist --holdout 1000 --conv-channels 64 \\
+        --primary-types 8 --decoder-hidden none --epochs 3                    # test files only
+    torchrun --nproc_per_node 4 -m capstriton.train --data-dir data/mnist      # DDP, 4 GPUs
+
+Adam with an exponentially decaying learning rate (per epoch), margin loss plus 0.0005 x the
+per-image sum of squared reconstruction errors, random shifts of up to 2 pixels. Each epoch logs
+loss, accuracy and throughput, evaluates, then writes into ``--out``: ``checkpoint.pt`` (model,
+optimizer, scheduler, grad scaler, epoch, RNG states, history), ``metrics.json``,
+``training_curves.png`` and ``reconstructions.png``.
+
+Under ``torchrun`` (RANK / WORLD_SIZE / LOCAL_RANK set) the model is wrapped in
+DistributedDataParallel (NCCL on CUDA, gloo on CPU). ``--batch-size`` is the *global* batch:
+every rank draws the same shuffled order and shifts and takes its slice of each global batch,
+and each rank's mean loss is weighted by its share of the batch, so the averaged gradient is
+the gradient of the global batch's mean loss: a run on W processes follows the single-process
+run up to floating-point reduction order. Only rank 0 writes files and shows progress.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from . import __version__, data
+from ._checks import triton_unavailable_reason
+from .models import CapsNet
+from .nn import CapsuleLoss, capsule_lengths
+
+__all__ = ["SetupError", "build_parser", "parse_args", "run", "main"]
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.json"
+CURVES = "training_curves.png"
+RECONSTRUCTIONS = "reconstructions.png"
+# The options that fix the model's shapes: a checkpoint resumes only with the same ones.
+MODEL_OPTIONS = (
+    "conv_channels",
+    "primary_types",
+    "primary_dim",
+    "out_dim",
+    "iterations",
+    "decoder_hidden",
+    "detach_routing",
+)
+
+
+class SetupError(ValueError):
+    """An option that contradicts the data, the checkpoint or the process group."""
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {value}")
+    return value
+
+
+def _decay(text: str) -> float:
+    value = _positive_float(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"expected a factor in (0, 1], got {value}")
+    return value
+
+
+def _hidden_sizes(text: str) -> tuple[int, ...] | None:
+    if text.strip().lower() == "none":
+        return None
+    try:
+        sizes = tuple(_positive_int(t) for t in text.split(","))
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated positive layer sizes (e.g. 512,1024) or 'none', got {text!r}"
+        ) from None
+    return sizes
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="capstriton-train",
+        description="Train a CapsNet (Sabour et al. 2017) on MNIST, evaluate it on the test set.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    g = p.add_argument_group("data")
+    g.add_argument("--data-dir", default="data/mnist", help="directory of the MNIST IDX .gz files")
+    g.add_argument(
+        "--no-download", action="store_true", help="fail instead of downloading missing files"
+    )
+    g.add_argument(
+        "--holdout",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="train on all test images but the last N and evaluate on those N "
+        "(needs only the test files)",
+    )
+    g.add_argument("--limit-train", type=_positive_int, default=None, metavar="N")
+    g.add_argument("--limit-test", type=_positive_int, default=None, metavar="N")
+    g.add_argument("--no-augment", action="store_true", help="no random shifts of up to 2 pixels")
+
+    g = p.add_argument_group("training")
+    g.add_argument("--epochs", type=_positive_int, default=10)
+    g.add_argument(
+        "--batch-size", type=_positive_int, default=128, help="global batch (over all processes)"
+    )
+    g.add_argument("--lr", type=_positive_float, default=1e-3)
+    g.add_argument("--lr-decay", type=_decay, default=0.96, help="learning-rate factor per epoch")
+    g.add_argument(
+        "--reconstruction-weight", type=float, default=0.0005, help="weight of the sum of squares"
+    )
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    g.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="autocast dtype")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument(
+        "--backend",
+        choices=("auto", "torch", "triton"),
+        default="auto",
+        help="routing implementation: auto is triton on CUDA, torch on CPU",
+    )
+
+    g = p.add_argument_group("model (defaults: the paper's)")
+    g.add_argument("--iterations", type=_positive_int, default=3, help="routing iterations")
+    g.add_argument("--conv-channels", type=_positive_int, default=256)
+    g.add_argument("--primary-types", type=_positive_int, default=32)
+    g.add_argument("--primary-dim", type=_positive_int, default=8)
+    g.add_argument("--out-dim", type=_positive_int, default=16, help="class capsule dimension")
+    g.add_argument(
+        "--decoder-hidden",
+        type=_hidden_sizes,
+        default=(512, 1024),
+        metavar="SIZES",
+        help="decoder hidden layers, comma-separated, or 'none' for no decoder",
+    )
+    g.add_argument(
+        "--detach-routing",
+        action="store_true",
+        help="gradients only through the last routing iteration (grad_through_routing=False)",
+    )
+
+    g = p.add_argument_group("output")
+    g.add_argument("--out", default="runs/capsnet-mnist", metavar="DIR")
+    g.add_argument(
+        "--resume",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="CHECKPOINT",
+        help=f"continue from CHECKPOINT (default: DIR/{CHECKPOINT}) up to --epochs",
+    )
+    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    g.add_argument("--no-plots", action="store_true", help="write no PNGs")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.device != "auto":
+        try:
+            device = torch.device(args.device)
+        except RuntimeError as e:
+            parser.error(f"argument --device: {e}")
+        if device.type == "cuda" and not torch.cuda.is_available():
+            parser.error(f"argument --device: {args.device!r} asked for but CUDA is not available")
+        if device.type not in ("cpu", "cuda"):
+            parser.error(f"argument --device: expected auto, cpu or cuda[:N], got {args.device!r}")
+    if args.backend == "triton":
+        device = _select_device(args.device, int(os.environ.get("LOCAL_RANK", 0)))
+        reason = triton_unavailable_reason(device)
+        if reason is not None:
+            parser.error(f"argument --backend: triton cannot run here: {reason}")
+    if not math.isfinite(args.reconstruction_weight) or args.reconstruction_weight < 0:
+        parser.error(
+            f"argument --reconstruction-weight: expected >= 0, got {args.reconstruction_weight}"
+        )
+    return args
+
+
+@dataclasses.dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def _select_device(arg: str, local_rank: int) -> torch.device:
+    if arg == "auto":
+        arg = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(arg)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank)
+    return device
+
+
+def _setup_distributed(device_arg: str) -> tuple[DistInfo, torch.device]:
+    """Join the process group torchrun describes in the environment (none: single process)."""
+    info = DistInfo(
+        rank=int(os.environ.get("RANK", 0)),
+        world_size=int(os.environ.get("WORLD_SIZE", 1)),
+        local_rank=int(os.environ.get("LOCAL_RANK", 0)),
+    )
+    device = _select_device(device_arg, info.local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if info.distributed and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return info, device
+
+
+class _Log:
+    """Messages from rank 0 only, routed around live progress bars."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+
+    def __call__(self, message: str) -> None:
+        if self.enabled:
+            from tqdm import tqdm
+
+            tqdm.write(message, file=sys.stdout)
+            sys.stdout.flush()
+
+
+def _load_data(args: argparse.Namespace):
+    """(train images, train labels, eval images, eval labels, description of the split)."""
+    root = Path(args.data_dir)
+    test_x, test_y = data.load_mnist(root, "test", download=not args.no_download)
+    if args.holdout is not None:
+        if args.holdout >= len(test_x):
+            raise SetupError(
+                f"--holdout {args.holdout} must be smaller than the {len(test_x)} test images "
+                "(the rest are the training set)"
+            )
+        split = len(test_x) - args.holdout
+        train_x, train_y = test_x[:split], test_y[:split]
+        eval_x, eval_y = test_x[split:], test_y[split:]
+        source = f"test images [0, {split}) for training, [{split}, {len(test_x)}) held out"
+    else:
+        train_x, train_y = data.load_mnist(root, "train", download=not args.no_download)
+        eval_x, eval_y = test_x, test_y
+        source = "training set / test set"
+    if args.limit_train is not None:
+        train_x, train_y = train_x[: args.limit_train], train_y[: args.limit_train]
+    if args.limit_test is not None:
+        eval_x, eval_y = eval_x[: args.limit_test], eval_y[: args.limit_test]
+    return train_x, train_y, eval_x, eval_y, source
+
+
+def _model_config(args: argparse.Namespace) -> dict:
+    return {k: getattr(args, k) for k in MODEL_OPTIONS}
+
+
+def _build_model(args: argparse.Namespace) -> CapsNet:
+    return CapsNet(
+        conv_channels=args.conv_channels,
+        primary_types=args.primary_types,
+        primary_dim=args.primary_dim,
+        out_dim=args.out_dim,
+        iterations=args.iterations,
+        grad_through_routing=not args.detach_routing,
+        decoder_hidden=args.decoder_hidden,
+        backend=args.backend,
+    )
+
+
+def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    # One generator per epoch, identical on every rank, drives the shuffle and the shifts: a
+    # resumed run draws exactly what an uninterrupted one would have.
+    return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+
+
+def _all_reduce_sum(values: list[float], device: torch.device, info: DistInfo) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if info.distributed:
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(
+        total=total, desc=desc, unit="ex", disable=not enabled, leave=False, dynamic_ncols=True
+    )
+
+
+def _train_epoch(
+    net, criterion, optimizer, scaler, x_all, y_all, args, epoch, device, info, bar_on
+):
+    net.train()
+    gen = _epoch_generator(args.seed, epoch)
+    amp_dtype = DTYPES[args.dtype]
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss * n, correct, n
+    start = time.perf_counter()
+    bar = _progress(len(x_all), f"epoch {epoch + 1}/{args.epochs}", bar_on)
+    batches = data.shard_batches(
+        len(x_all), args.batch_size, info.rank, info.world_size, shuffle=True, generator=gen
+    )
+    for step, (batch, mine) in enumerate(batches):
+        # Shifts drawn for the whole global batch on every rank keep the ranks' streams equal.
+        shifts = (
+            None if args.no_augment else torch.randint(-2, 3, (batch.numel(), 2), generator=gen)
+        )
+        idx = batch[mine]
+        x = data.to_float(x_all[idx]).to(device, non_blocking=True)
+        y = y_all[idx].to(device, non_blocking=True)
+        if shifts is not None:
+            x = data.random_shift(x, 2, shifts=shifts[mine])
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32):
+            v, reconstruction = net(x, target=y)
+        lengths = capsule_lengths(v.float())
+        recon = None if reconstruction is None else reconstruction.float()
+        loss = criterion(lengths, y, recon, x if recon is not None else None)
+        # DDP averages gradients over ranks; weighting each rank's mean by its share of the
+        # global batch makes that average the gradient of the global batch's mean loss.
+        share = len(idx) * info.world_size / batch.numel()
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss * share).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        with torch.no_grad():
+            correct = (lengths.argmax(1) == y).sum()
+            sums += torch.stack(
+                [
+                    loss.detach().double() * len(idx),
+                    correct.double(),
+                    torch.tensor(len(idx), dtype=torch.float64, device=device),
+                ]
+            )
+        bar.update(batch.numel())
+        if bar_on and step % 20 == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+    bar.close()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - start
+    loss_sum, correct, n = _all_reduce_sum(sums.tolist(), device, info)
+    n = max(n, 1)
+    return {
+        "train_loss": loss_sum / n,
+        "train_accuracy": correct / n,
+        "train_examples": int(n),
+        "train_seconds": seconds,
+        "train_examples_per_s": n / seconds,
+    }
+
+
+@torch.no_grad()
+def _evaluate(net, criterion, x_all, y_all, args, device, info, bar_on):
+    net.eval()
+    amp_dtype = DTYPES[args.dtype]
+    sums = torch.zeros(3, dtype=torch.float64, device=device)
+    start = time.perf_counter()
+    bar = _progress(len(x_all), "evaluate", bar_on)
+    for batch, mine in data.shard_batches(len(x_all), args.batch_size, info.rank, info.world_size):
+        idx = batch[mine]
+        x = data.to_float(x_all[idx]).to(device, non_blocking=True)
+        y = y_all[idx].to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32):
+            v, reconstruction = net(x)
+        lengths = capsule_lengths(v.float())
+        recon = None if reconstruction is None else reconstruction.float()
+        loss = criterion(lengths, y, recon, x if recon is not None else None)
+        sums += torch.stack(
+            [
+                loss.double() * len(idx),
+                (lengths.argmax(1) == y).sum().double(),
+                torch.tensor(len(idx), dtype=torch.float64, device=device),
+            ]
+        )
+        bar.update(batch.numel())
+    bar.close()
+    loss_sum, correct, n = _all_reduce_sum(sums.tolist(), device, info)
+    n = max(n, 1)
+    return {
+        "test_loss": loss_sum / n,
+        "test_accuracy": correct / n,
+        "test_error": 1 - correct / n,
+        "test_examples": int(n),
+        "test_seconds": time.perf_counter() - start,
+    }
+
+
+def _rng_state(device: torch.device) -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _save_checkpoint(path: Path, model, optimizer, scheduler, scaler, epoch, history, args, device):
+    state = {
+        "version": __version__,
+        "epoch": epoch,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict(),
+        "rng": _rng_state(device),
+        "history": history,
+        "model_config": _model_config(args),
+        "args": {k: v for k, v in vars(args).items()},
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # never a half-written checkpoint, even if killed while saving
+
+
+def _load_checkpoint(
+    path: Path, model, optimizer, scheduler, scaler, args, device
+) -> tuple[int, list]:
+    if not path.is_file():
+        raise FileNotFoundError(f"--resume: no checkpoint at {path}")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    saved = state.get("model_config", {})
+    current = _model_config(args)
+    differ = {k: (saved.get(k), current[k]) for k in current if saved.get(k) != current[k]}
+    if differ:
+        detail = ", ".join(
+            f"--{k.replace('_', '-')} {a!r} in the checkpoint, {b!r} now"
+            for k, (a, b) in differ.items()
+        )
+        raise SetupError(f"--resume: {path} was trained with a different model: {detail}")
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    scaler.load_state_dict(state["scaler"])
+    torch.set_rng_state(state["rng"]["torch"])
+    if device.type == "cuda" and "cuda" in state["rng"]:
+        torch.cuda.set_rng_state(state["rng"]["cuda"], device)
+    return int(state["epoch"]), list(state["history"])
+
+
+def _plot_curves(history: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] for h in history]
+    fig, (ax_loss, ax_err) = plt.subplots(1, 2, figsize=(10, 4))
+    ax_loss.plot(epochs, [h["train_loss"] for h in history], "o-", label="train")
+    ax_loss.plot(epochs, [h["test_loss"] for h in history], "s-", label="test")
+    ax_loss.set(xlabel="epoch", ylabel="loss (margin + reconstruction)", title="Loss")
+    ax_err.plot(epochs, [100 * (1 - h["train_accuracy"]) for h in history], "o-", label="train")
+    ax_err.plot(epochs, [100 * h["test_error"] for h in history], "s-", label="test")
+    ax_err.set(xlabel="epoch", ylabel="error (%)", title="Classification error")
+    if all(100 * h["test_error"] > 0 and h["train_accuracy"] < 1 for h in history):
+        ax_err.set_yscale("log")
+    for ax in (ax_loss, ax_err):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+@torch.no_grad()
+def _plot_reconstructions(
+    model: CapsNet, x_all, y_all, device, path: Path, count: int = 16
+) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    model.eval()
+    count = min(count, len(x_all))
+    x = data.to_float(x_all[:count]).to(device)
+    v, reconstruction = model(x)
+    pred = capsule_lengths(v).argmax(1).cpu()
+    images = x.squeeze(1).cpu()
+    recon = reconstruction.float().reshape(count, *images.shape[1:]).cpu()
+    cols = 8
+    rows = 2 * math.ceil(count / cols)  # each row of digits above the row of their reconstructions
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.2, rows * 1.35), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for i in range(count):
+        r, c = 2 * (i // cols), i % cols
+        axes[r, c].imshow(images[i], cmap="gray", vmin=0, vmax=1)
+        axes[r, c].set_title(f"label {int(y_all[i])}", fontsize=8)
+        axes[r + 1, c].imshow(recon[i], cmap="gray", vmin=0, vmax=1)
+        axes[r + 1, c].set_title(
+            f"recon. {int(pred[i])}", fontsize=8, color="black" if pred[i] == y_all[i] else "red"
+        )
+    fig.suptitle(
+        "Test digits (odd rows) and reconstructions from the longest capsule (even rows)",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _rank_divergence(model: torch.nn.Module, info: DistInfo) -> float:
+    """Largest difference of any parameter between ranks (0 when they are in sync)."""
+    flat = torch.cat([p.detach().reshape(-1).double() for p in model.parameters()])
+    hi, lo = flat.clone(), flat.clone()
+    dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+    dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+    return float((hi - lo).max())
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Train and evaluate as ``args`` (from :func:`parse_args`) say; return the metrics."""
+    info, device = _setup_distributed(args.device)
+    if args.batch_size < info.world_size:
+        raise SetupError(
+            f"--batch-size {args.batch_size} is the global batch and must be at least the "
+            f"number of processes ({info.world_size})"
+        )
+    log = _Log(info.main)
+    bar_on = info.main and not args.no_progress and sys.stderr.isatty()
+    out = Path(args.out)
+    if info.main:
+        out.mkdir(parents=True, exist_ok=True)
+
+    train_x, train_y, eval_x, eval_y, source = _load_data(args)
+    torch.manual_seed(args.seed)
+    model = _build_model(args).to(device)
+    n_params = sum(p.numel() for p in model.parameters())
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=args.lr_decay)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.dtype == "float16")
+    criterion = CapsuleLoss(reconstruction_weight=args.reconstruction_weight)
+
+    start_epoch, history = 0, []
+    if args.resume is not None:
+        ckpt = Path(args.resume) if args.resume else out / CHECKPOINT
+        start_epoch, history = _load_checkpoint(
+            ckpt, model, optimizer, scheduler, scaler, args, device
+        )
+        log(f"resumed from {ckpt} after epoch {start_epoch}")
+
+    net: torch.nn.Module = model
+    if info.distributed:
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    eval_net: torch.nn.Module = model
+    if args.compile:
+        net, eval_net = torch.compile(net), torch.compile(model)
+
+    log(
+        f"capstriton {__version__} | torch {torch.__version__} | device {device} x "
+        f"{info.world_size} process(es) | backend {args.backend} | dtype {args.dtype}"
+    )
+    log(
+        f"CapsNet: {n_params:,} parameters | {len(train_x)} training, {len(eval_x)} test examples "
+        f"({source}) | global batch {args.batch_size}"
+    )
+
+    config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()}
+    metrics: dict = {}
+    for epoch in range(start_epoch, args.epochs):
+        lr = optimizer.param_groups[0]["lr"]
+        train = _train_epoch(
+            net, criterion, optimizer, scaler, train_x, train_y, args, epoch, device, info, bar_on
+        )
+        scheduler.step()
+        test = _evaluate(eval_net, criterion, eval_x, eval_y, args, device, info, bar_on)
+        record = {"epoch": epoch + 1, "lr": lr, **train, **test}
+        history.append(record)
+        log(
+            f"epoch {epoch + 1}/{args.epochs}  lr {lr:.3g}  train loss {train['train_loss']:.4f} "
+            f"acc {100 * train['train_accuracy']:.2f}%  |  test loss {test['test_loss']:.4f} "
+            f"acc {100 * test['test_accuracy']:.2f}% err {100 * test['test_error']:.2f}%  |  "
+            f"{train['train_examples_per_s']:.0f} ex/s, {train['train_seconds']:.1f} s"
+        )
+        if info.main:
+            _save_checkpoint(
+                out / CHECKPOINT,
+                model,
+                optimizer,
+                scheduler,
+                scaler,
+                epoch + 1,
+                history,
+                args,
+                device,
+            )
+
+    metrics = {
+        "capstriton_version": __version__,
+        "torch_version": torch.__version__,
+        "python_version": platform.python_version(),
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else platform.processor() or "cpu",
+        "world_size": info.world_size,
+        "parameters": n_params,
+        "data": source,
+        "train_examples": len(train_x),
+        "test_examples": len(eval_x),
+        "config": config,
+        "history": history,
+        "final": {k: history[-1][k] for k in ("test_accuracy", "test_error", "test_loss")}
+        if history
+        else {},
+    }
+    if info.distributed:
+        metrics["rank_parameter_max_abs_diff"] = _rank_divergence(model, info)
+    if history:
+        final = history[-1]
+        log(
+            f"test accuracy {100 * final['test_accuracy']:.2f}%  error "
+            f"{100 * final['test_error']:.2f}% on {final['test_examples']} examples"
+        )
+    if info.main:
+        (out / METRICS).write_text(json.dumps(metrics, indent=2) + "\n")
+        if not args.no_plots and history:
+            _plot_curves(history, out / CURVES)
+            if model.decoder is not None:
+                _plot_reconstructions(model, eval_x, eval_y, device, out / RECONSTRUCTIONS)
+        log(f"wrote {out / METRICS}, {out / CHECKPOINT}" + ("" if args.no_plots else " and plots"))
+    if info.distributed:
+        dist.barrier()
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        run(args)
+    except (data.MNISTDataError, SetupError, FileNotFoundError) as e:
+        print(f"capstriton-train: error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
