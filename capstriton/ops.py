@@ -1,0 +1,191 @@
+"""Triton kernels registered as PyTorch operators, with autograd.
+
+Each op is a ``torch.library.triton_op`` whose body launches kernels through ``wrap_triton``, so
+``torch.compile(fullgraph=True)`` traces straight through it (the graph holds a
+``triton_kernel_wrapper`` node) and inductor can schedule it. Autograd is attached with
+``register_autograd``; the backward ops are ``triton_op`` s too.
+
+    capstriton::squash_forward(s [R, D]) -> v
+    capstriton::squash_backward(grad [R, D], s [R, D]) -> ds
+    capstriton::routing_forward(u_hat [B, N_in, N_out, D], iterations, grad_through_routing)
+        -> (v [B, N_out, D], s_saved [R, B, N_out, D], vsum_saved [R, B, N_out, D])
+    capstriton::routing_backward(grad_v, u_hat, s_saved, vsum_saved, iterations,
+        grad_through_routing) -> grad_u_hat
+
+Inputs are validated by ``capstriton.functional`` before they get here.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+from torch.library import triton_op, wrap_triton
+
+from .kernels.routing import (
+    routing_backward_final_kernel,
+    routing_backward_reduce_kernel,
+    routing_config,
+    routing_finalize_kernel,
+    routing_forward_kernel,
+)
+from .kernels.squash import squash_backward_kernel, squash_config, squash_forward_kernel
+
+__all__ = ["squash", "dynamic_routing"]
+
+_F32 = torch.float32
+
+
+# --------------------------------------------------------------------------------------------
+# squash over the last dimension
+
+
+@triton_op("capstriton::squash_forward", mutates_args=())
+def squash_forward(s: torch.Tensor) -> torch.Tensor:
+    x = s.reshape(-1, s.shape[-1])  # a view whenever the strides allow one
+    v = torch.empty(x.shape, dtype=s.dtype, device=s.device)
+    rows, dim = x.shape
+    if rows > 0:
+        cfg = squash_config(dim)
+        grid = (triton.cdiv(rows, cfg["BLOCK_R"]),)
+        wrap_triton(squash_forward_kernel)[grid](
+            x, v, rows, dim, x.stride(0), x.stride(1),
+            BLOCK_R=cfg["BLOCK_R"], BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"],
+        )
+    return v.view(s.shape)
+
+
+@triton_op("capstriton::squash_backward", mutates_args=())
+def squash_backward(grad: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    x = s.reshape(-1, s.shape[-1])
+    g = grad.reshape(-1, grad.shape[-1])  # stays a stride-0 view for expanded gradients
+    ds = torch.empty(x.shape, dtype=s.dtype, device=s.device)
+    rows, dim = x.shape
+    if rows > 0:
+        cfg = squash_config(dim)
+        grid = (triton.cdiv(rows, cfg["BLOCK_R"]),)
+        wrap_triton(squash_backward_kernel)[grid](
+            x, g, ds, rows, dim, x.stride(0), x.stride(1), g.stride(0), g.stride(1),
+            BLOCK_R=cfg["BLOCK_R"], BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"],
+        )
+    return ds.view(s.shape)
+
+
+def _squash_setup_context(ctx, inputs, output):
+    (s,) = inputs
+    ctx.save_for_backward(s)
+
+
+def _squash_backward(ctx, grad):
+    (s,) = ctx.saved_tensors
+    return squash_backward(grad, s)
+
+
+squash_forward.register_autograd(_squash_backward, setup_context=_squash_setup_context)
+
+
+def squash(s: torch.Tensor) -> torch.Tensor:
+    """Squash over the last dimension of ``s`` with the Triton kernels."""
+    return squash_forward(s)
+
+
+# --------------------------------------------------------------------------------------------
+# dynamic routing
+
+
+def _saved_buffers(u_hat: torch.Tensor, iterations: int) -> tuple[torch.Tensor, torch.Tensor]:
+    b, _, n_out, d = u_hat.shape
+    shape = (iterations, b, n_out, d)
+    return (
+        torch.empty(shape, dtype=_F32, device=u_hat.device),
+        torch.empty(shape, dtype=_F32, device=u_hat.device),
+    )
+
+
+@triton_op("capstriton::routing_forward", mutates_args=())
+def routing_forward(
+    u_hat: torch.Tensor, iterations: int, grad_through_routing: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    batch, n_in, n_out, d = u_hat.shape
+    v = torch.empty((batch, n_out, d), dtype=u_hat.dtype, device=u_hat.device)
+    s_saved, vsum_saved = _saved_buffers(u_hat, iterations)
+    if batch == 0:
+        return v, s_saved, vsum_saved
+    cfg = routing_config(n_in, n_out, d, batch)
+    split = cfg["SPLIT"]
+    partials = [
+        torch.empty((batch, split, n_out, d), dtype=_F32, device=u_hat.device) for _ in range(2)
+    ]
+    for r in range(iterations):
+        wrap_triton(routing_forward_kernel)[(batch, split)](
+            u_hat, partials[(r + 1) % 2], partials[r % 2], s_saved, vsum_saved,
+            batch, n_in, n_out, d, split, cfg["caps_per_split"], r,
+            *u_hat.stride(),
+            BLOCK_I=cfg["BLOCK_I"], BLOCK_J=cfg["BLOCK_J"], BLOCK_D=cfg["BLOCK_D"],
+            FIRST=r == 0, num_warps=cfg["num_warps"],
+        )
+    wrap_triton(routing_finalize_kernel)[(batch,)](
+        partials[(iterations - 1) % 2], s_saved, v, batch, n_out, d, split, iterations - 1,
+        BLOCK_J=cfg["BLOCK_J"], BLOCK_D=cfg["BLOCK_D"],
+    )
+    return v, s_saved, vsum_saved
+
+
+@triton_op("capstriton::routing_backward", mutates_args=())
+def routing_backward(
+    grad_v: torch.Tensor,
+    u_hat: torch.Tensor,
+    s_saved: torch.Tensor,
+    vsum_saved: torch.Tensor,
+    iterations: int,
+    grad_through_routing: bool,
+) -> torch.Tensor:
+    batch, n_in, n_out, d = u_hat.shape
+    du = torch.empty((batch, n_in, n_out, d), dtype=u_hat.dtype, device=u_hat.device)
+    if batch == 0:
+        return du
+    cfg = routing_config(n_in, n_out, d, batch)
+    split = cfg["SPLIT"]
+    ds_saved = torch.empty_like(s_saved)
+    dpartials = torch.empty((iterations, batch, split, n_out, d), dtype=_F32, device=u_hat.device)
+    blocks = {"BLOCK_I": cfg["BLOCK_I"], "BLOCK_J": cfg["BLOCK_J"], "BLOCK_D": cfg["BLOCK_D"]}
+    if grad_through_routing:
+        for r in range(iterations - 1, 0, -1):
+            wrap_triton(routing_backward_reduce_kernel)[(batch, split)](
+                u_hat, grad_v, s_saved, vsum_saved, ds_saved, dpartials,
+                batch, n_in, n_out, d, split, cfg["caps_per_split"], r, iterations,
+                *u_hat.stride(), *grad_v.stride(),
+                **blocks, num_warps=cfg["num_warps"],
+            )
+    wrap_triton(routing_backward_final_kernel)[(batch, split)](
+        u_hat, grad_v, s_saved, vsum_saved, ds_saved, dpartials, du,
+        batch, n_in, n_out, d, split, cfg["caps_per_split"], iterations,
+        *u_hat.stride(), *grad_v.stride(),
+        **blocks, GRAD_THROUGH=grad_through_routing, num_warps=cfg["num_warps"],
+    )
+    return du
+
+
+def _routing_setup_context(ctx, inputs, output):
+    u_hat, iterations, grad_through_routing = inputs
+    _, s_saved, vsum_saved = output
+    ctx.save_for_backward(u_hat, s_saved, vsum_saved)
+    ctx.iterations = iterations
+    ctx.grad_through_routing = grad_through_routing
+
+
+def _routing_backward(ctx, grad_v, _grad_s_saved, _grad_vsum_saved):
+    u_hat, s_saved, vsum_saved = ctx.saved_tensors
+    if grad_v is None:
+        return None, None, None
+    du = routing_backward(
+        grad_v, u_hat, s_saved, vsum_saved, ctx.iterations, ctx.grad_through_routing
+    )
+    return du, None, None
+
+
+routing_forward.register_autograd(_routing_backward, setup_context=_routing_setup_context)
+
+
+def dynamic_routing(u_hat: torch.Tensor, iterations: int, grad_through_routing: bool) -> torch.Tensor:
+    """Routing with the Triton kernels: ``u_hat`` [B, N_in, N_out, D] -> ``v`` [B, N_out, D]."""
+    return routing_forward(u_hat, iterations, grad_through_routing)[0]

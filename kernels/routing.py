@@ -1,0 +1,333 @@
+"""Dynamic routing (Sabour et al. 2017, Procedure 1) as Triton kernels, forward and backward.
+
+Notation (0-based iterations r = 0..R-1): ``u`` = u_hat [B, N_in, N_out, D]; ``V_r = v_0 + ... +
+v_{r-1}`` (``V_0 = 0``), so that the logits are ``b_r[i, j] = u[i, j] . V_r[j]`` and the kernels
+never store logits or coupling coefficients: ``c_r = softmax_j(b_r)`` is recomputed from a tile of
+``u`` and the running sum ``V_r`` (N_out x D per example).
+
+Work decomposition: program ``(b, k)`` owns example ``b`` and a contiguous slice of the input
+capsules (split ``k`` of ``SPLIT``), walked in tiles of ``BLOCK_I`` capsules held as
+``[BLOCK_I, BLOCK_J, BLOCK_D]`` blocks in registers. Each launch is one pass over ``u``:
+
+forward, iteration r (``routing_forward_kernel``): reduce the previous iteration's per-split
+    partial sums ``s_{r-1}`` in a fixed order (deterministic), squash to ``v_{r-1}``, form
+    ``V_r``; then accumulate this split's partial ``s_r = sum_i c_r[i, j] u[i, j]``.
+    ``routing_finalize_kernel`` reduces the last partials and writes ``v = v_{R-1}``.
+    Saved for the backward: ``s_r`` and ``V_r`` for every r (2 x R x N_out x D per example).
+
+backward (DESIGN.md section 1), gradient through routing: ``routing_backward_reduce_kernel`` for
+    r = R-1 .. 1 computes ``ds_r = J_squash(s_r)^T dv_r`` with ``dv_r = dv`` (r = R-1) or the sum
+    of the later steps' ``dV_q = sum_i g_q[i, j] u[i, j]`` (q > r), and this split's partial of
+    ``dV_r``, where ``g_r = c_r (u . ds_r - sum_k c_r u . ds_r)``. Then one
+    ``routing_backward_final_kernel`` pass writes ``du = sum_r c_r ds_r + g_r V_r`` with every
+    step's terms accumulated in registers, so ``du`` is written once and nothing of u's size is
+    stored per iteration. Without gradient through routing only ``du = c_{R-1} ds_{R-1}`` remains.
+
+All arithmetic is float32 whatever the input dtype. Offsets into ``u`` are int64.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .squash import squash_from_parts, squash_parts, squash_vjp
+
+__all__ = [
+    "routing_forward_kernel",
+    "routing_finalize_kernel",
+    "routing_backward_reduce_kernel",
+    "routing_backward_final_kernel",
+    "routing_config",
+    "TARGET_PROGRAMS",
+]
+
+#: Programs a launch aims for: enough to fill a 132-SM H100 several times over when the batch
+#: is small (the input capsules are then split across programs).
+TARGET_PROGRAMS = 1024
+
+
+@triton.jit
+def _sum_splits(p_base, SPLIT, stride_split, o_jd, m_jd, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Sum ``SPLIT`` partial [N_out, D] blocks spaced ``stride_split`` apart, in split order."""
+    b_acc = tl.zeros([BLOCK_J, BLOCK_D], dtype=tl.float32)
+    for k in range(0, SPLIT):
+        b_acc += tl.load(p_base + k * stride_split + o_jd, mask=m_jd, other=0.0)
+    return b_acc
+
+
+@triton.jit
+def _load_u_tile(p_ub, i0, i_end, o_j, o_d, N_out, D, stride_ui, stride_uj, stride_ud,
+                 BLOCK_I: tl.constexpr):
+    """The [BLOCK_I, BLOCK_J, BLOCK_D] tile of u (one example) starting at capsule ``i0``, as
+    float32, zero outside ``i < i_end``, ``j < N_out``, ``d < D``; also its offsets and mask."""
+    o_i = i0 + tl.arange(0, BLOCK_I)
+    o_u = (
+        o_i[:, None, None].to(tl.int64) * stride_ui
+        + o_j[None, :, None] * stride_uj
+        + o_d[None, None, :] * stride_ud
+    )
+    m_u = (o_i < i_end)[:, None, None] & (o_j < N_out)[None, :, None] & (o_d < D)[None, None, :]
+    b_u = tl.load(p_ub + o_u, mask=m_u, other=0.0).to(tl.float32)
+    return b_u, o_i, m_u
+
+
+@triton.jit
+def _coupling(b_u, b_V, m_j):
+    """Coupling coefficients ``c = softmax_j(u . V)`` [BLOCK_I, BLOCK_J] for a tile of u."""
+    b_logit = tl.sum(b_u * b_V[None, :, :], axis=2)
+    b_logit = tl.where(m_j[None, :], b_logit, float("-inf"))
+    b_e = tl.exp(b_logit - tl.max(b_logit, axis=1)[:, None])
+    return b_e / tl.sum(b_e, axis=1)[:, None]
+
+
+@triton.jit
+def _logit_grad(b_u, b_c, b_ds):
+    """``g = dL/db`` [BLOCK_I, BLOCK_J] of one step: ``c (u . ds - sum_k c_k u_k . ds_k)``."""
+    b_a = tl.sum(b_u * b_ds[None, :, :], axis=2)
+    return b_c * (b_a - tl.sum(b_c * b_a, axis=1)[:, None])
+
+
+@triton.jit
+def routing_forward_kernel(
+    u_ptr,  # [B, N_in, N_out, D] predictions u_hat, any float dtype, strides stride_u*
+    part_in_ptr,  # [B, SPLIT, N_out, D] f32 partial s of iteration r-1 (unused when FIRST)
+    part_out_ptr,  # [B, SPLIT, N_out, D] f32 partial s of iteration r (written)
+    s_buf_ptr,  # [R, B, N_out, D] f32 saved s_r (slot r-1 written here)
+    vsum_buf_ptr,  # [R, B, N_out, D] f32 saved V_r (slot r written here, r-1 read)
+    B,  # batch size (runtime: never a constexpr)
+    N_in,
+    N_out,
+    D,
+    SPLIT,  # programs per example along the input capsules
+    caps_per_split,  # input capsules per split, a multiple of BLOCK_I
+    r,  # this iteration (0-based)
+    stride_ub,
+    stride_ui,
+    stride_uj,
+    stride_ud,
+    BLOCK_I: tl.constexpr,  # input capsules per tile
+    BLOCK_J: tl.constexpr,  # next power of two >= N_out (never split: the softmax couples it)
+    BLOCK_D: tl.constexpr,  # next power of two >= D
+    FIRST: tl.constexpr,  # r == 0: V_0 = 0, uniform coupling, no previous partials
+):
+    i_b = tl.program_id(0).to(tl.int64)
+    i_k = tl.program_id(1)
+    o_j = tl.arange(0, BLOCK_J)
+    o_d = tl.arange(0, BLOCK_D)
+    m_j = o_j < N_out
+    m_jd = m_j[:, None] & (o_d[None, :] < D)
+    o_jd = o_j[:, None] * D + o_d[None, :]
+    caps_size = N_out * D
+    m_lead = m_jd & (i_k == 0)  # one program per example writes the saved state
+    if FIRST:
+        b_V = tl.zeros([BLOCK_J, BLOCK_D], dtype=tl.float32)
+    else:
+        b_s = _sum_splits(part_in_ptr + i_b * SPLIT * caps_size, SPLIT, caps_size, o_jd, m_jd, BLOCK_J, BLOCK_D)
+        b_unit, b_p, large = squash_parts(b_s)
+        b_V = tl.load(vsum_buf_ptr + ((r - 1) * B + i_b) * caps_size + o_jd, mask=m_jd, other=0.0)
+        b_V += squash_from_parts(b_unit, b_p, large)
+        tl.store(s_buf_ptr + ((r - 1) * B + i_b) * caps_size + o_jd, b_s, mask=m_lead)
+    tl.store(vsum_buf_ptr + (r * B + i_b) * caps_size + o_jd, b_V, mask=m_lead)
+
+    i_start = i_k * caps_per_split
+    i_end = tl.minimum(i_start + caps_per_split, N_in)
+    p_ub = u_ptr + i_b * stride_ub
+    b_acc = tl.zeros([BLOCK_J, BLOCK_D], dtype=tl.float32)
+    for i0 in range(i_start, i_end, BLOCK_I):
+        b_u, o_i, m_u = _load_u_tile(p_ub, i0, i_end, o_j, o_d, N_out, D, stride_ui, stride_uj, stride_ud, BLOCK_I)
+        if FIRST:
+            # softmax of zero logits; the tile's padded capsules are zero so they add nothing
+            b_acc += tl.sum(b_u, axis=0) / N_out
+        else:
+            b_c = _coupling(b_u, b_V, m_j)
+            b_acc += tl.sum(b_c[:, :, None] * b_u, axis=0)
+    tl.store(part_out_ptr + (i_b * SPLIT + i_k) * caps_size + o_jd, b_acc, mask=m_jd)
+
+
+@triton.jit
+def routing_finalize_kernel(
+    part_ptr,  # [B, SPLIT, N_out, D] f32 partial s of the last iteration
+    s_buf_ptr,  # [R, B, N_out, D] f32 saved s_r (slot R-1 written here)
+    v_ptr,  # [B, N_out, D] output v, dtype of u_hat, contiguous
+    B,
+    N_out,
+    D,
+    SPLIT,
+    last,  # R - 1
+    BLOCK_J: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    i_b = tl.program_id(0).to(tl.int64)
+    o_j = tl.arange(0, BLOCK_J)
+    o_d = tl.arange(0, BLOCK_D)
+    m_jd = (o_j[:, None] < N_out) & (o_d[None, :] < D)
+    o_jd = o_j[:, None] * D + o_d[None, :]
+    caps_size = N_out * D
+    b_s = _sum_splits(part_ptr + i_b * SPLIT * caps_size, SPLIT, caps_size, o_jd, m_jd, BLOCK_J, BLOCK_D)
+    b_unit, b_p, large = squash_parts(b_s)
+    b_v = squash_from_parts(b_unit, b_p, large)
+    tl.store(s_buf_ptr + (last * B + i_b) * caps_size + o_jd, b_s, mask=m_jd)
+    tl.store(v_ptr + i_b * caps_size + o_jd, b_v.to(v_ptr.dtype.element_ty), mask=m_jd)
+
+
+@triton.jit
+def _incoming_grad(dv_ptr, dpart_ptr, i_b, r, R, B, SPLIT, caps_size, o_j, o_d, o_jd, m_jd,
+                   stride_gb, stride_gj, stride_gd, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr):
+    """``dv_r``: the output gradient for r = R-1, else the sum over later steps q > r of their
+    ``dV_q`` partials (each reduced over splits in a fixed order)."""
+    if r == R - 1:
+        o_g = i_b * stride_gb + o_j[:, None] * stride_gj + o_d[None, :] * stride_gd
+        b_dv = tl.load(dv_ptr + o_g, mask=m_jd, other=0.0).to(tl.float32)
+    else:
+        b_dv = tl.zeros([BLOCK_J, BLOCK_D], dtype=tl.float32)
+        for q in range(r + 1, R):
+            p_q = dpart_ptr + ((q * B + i_b) * SPLIT) * caps_size
+            b_dv += _sum_splits(p_q, SPLIT, caps_size, o_jd, m_jd, BLOCK_J, BLOCK_D)
+    return b_dv
+
+
+@triton.jit
+def routing_backward_reduce_kernel(
+    u_ptr,  # [B, N_in, N_out, D] predictions, strides stride_u*
+    dv_ptr,  # [B, N_out, D] gradient of v, strides stride_g* (may be 0: expanded)
+    s_buf_ptr,  # [R, B, N_out, D] f32 saved s_r
+    vsum_buf_ptr,  # [R, B, N_out, D] f32 saved V_r
+    ds_buf_ptr,  # [R, B, N_out, D] f32 ds_r (slot r written here)
+    dpart_ptr,  # [R, B, SPLIT, N_out, D] f32 partials of dV_r (slot r written, slots > r read)
+    B,
+    N_in,
+    N_out,
+    D,
+    SPLIT,
+    caps_per_split,
+    r,  # the step this launch reverses, 1 <= r <= R-1
+    R,
+    stride_ub,
+    stride_ui,
+    stride_uj,
+    stride_ud,
+    stride_gb,
+    stride_gj,
+    stride_gd,
+    BLOCK_I: tl.constexpr,
+    BLOCK_J: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    i_b = tl.program_id(0).to(tl.int64)
+    i_k = tl.program_id(1)
+    o_j = tl.arange(0, BLOCK_J)
+    o_d = tl.arange(0, BLOCK_D)
+    m_j = o_j < N_out
+    m_jd = m_j[:, None] & (o_d[None, :] < D)
+    o_jd = o_j[:, None] * D + o_d[None, :]
+    caps_size = N_out * D
+    o_saved = (r * B + i_b) * caps_size + o_jd
+    b_dv = _incoming_grad(dv_ptr, dpart_ptr, i_b, r, R, B, SPLIT, caps_size, o_j, o_d, o_jd, m_jd,
+                          stride_gb, stride_gj, stride_gd, BLOCK_J, BLOCK_D)
+    b_ds = squash_vjp(tl.load(s_buf_ptr + o_saved, mask=m_jd, other=0.0), b_dv)
+    tl.store(ds_buf_ptr + o_saved, b_ds, mask=m_jd & (i_k == 0))
+    b_V = tl.load(vsum_buf_ptr + o_saved, mask=m_jd, other=0.0)
+
+    i_start = i_k * caps_per_split
+    i_end = tl.minimum(i_start + caps_per_split, N_in)
+    p_ub = u_ptr + i_b * stride_ub
+    b_acc = tl.zeros([BLOCK_J, BLOCK_D], dtype=tl.float32)
+    for i0 in range(i_start, i_end, BLOCK_I):
+        b_u, o_i, m_u = _load_u_tile(p_ub, i0, i_end, o_j, o_d, N_out, D, stride_ui, stride_uj, stride_ud, BLOCK_I)
+        b_g = _logit_grad(b_u, _coupling(b_u, b_V, m_j), b_ds)
+        b_acc += tl.sum(b_g[:, :, None] * b_u, axis=0)
+    tl.store(dpart_ptr + ((r * B + i_b) * SPLIT + i_k) * caps_size + o_jd, b_acc, mask=m_jd)
+
+
+@triton.jit
+def routing_backward_final_kernel(
+    u_ptr,  # [B, N_in, N_out, D] predictions, strides stride_u*
+    dv_ptr,  # [B, N_out, D] gradient of v, strides stride_g*
+    s_buf_ptr,  # [R, B, N_out, D] f32 saved s_r
+    vsum_buf_ptr,  # [R, B, N_out, D] f32 saved V_r
+    ds_buf_ptr,  # [R, B, N_out, D] f32 ds_r for r >= 1 (from the reduce launches)
+    dpart_ptr,  # [R, B, SPLIT, N_out, D] f32 partials of dV_r for r >= 1
+    du_ptr,  # [B, N_in, N_out, D] gradient of u_hat, dtype of u_hat, contiguous
+    B,
+    N_in,
+    N_out,
+    D,
+    SPLIT,
+    caps_per_split,
+    R,
+    stride_ub,
+    stride_ui,
+    stride_uj,
+    stride_ud,
+    stride_gb,
+    stride_gj,
+    stride_gd,
+    BLOCK_I: tl.constexpr,
+    BLOCK_J: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    GRAD_THROUGH: tl.constexpr,  # gradient through every iteration, else only the last s
+):
+    i_b = tl.program_id(0).to(tl.int64)
+    i_k = tl.program_id(1)
+    o_j = tl.arange(0, BLOCK_J)
+    o_d = tl.arange(0, BLOCK_D)
+    m_j = o_j < N_out
+    m_jd = m_j[:, None] & (o_d[None, :] < D)
+    o_jd = o_j[:, None] * D + o_d[None, :]
+    caps_size = N_out * D
+    # The lowest step with a gradient: 0 through routing, else only the last one.
+    if GRAD_THROUGH:
+        r_lo = 0
+    else:
+        r_lo = R - 1
+    o_lo = (r_lo * B + i_b) * caps_size + o_jd
+    b_dv = _incoming_grad(dv_ptr, dpart_ptr, i_b, r_lo, R, B, SPLIT, caps_size, o_j, o_d, o_jd, m_jd,
+                          stride_gb, stride_gj, stride_gd, BLOCK_J, BLOCK_D)
+    b_ds_lo = squash_vjp(tl.load(s_buf_ptr + o_lo, mask=m_jd, other=0.0), b_dv)
+    b_V_lo = tl.load(vsum_buf_ptr + o_lo, mask=m_jd, other=0.0)
+
+    i_start = i_k * caps_per_split
+    i_end = tl.minimum(i_start + caps_per_split, N_in)
+    p_ub = u_ptr + i_b * stride_ub
+    p_dub = du_ptr + i_b * N_in * caps_size
+    for i0 in range(i_start, i_end, BLOCK_I):
+        b_u, o_i, m_u = _load_u_tile(p_ub, i0, i_end, o_j, o_d, N_out, D, stride_ui, stride_uj, stride_ud, BLOCK_I)
+        # Step r_lo: V_0 = 0 through routing (so no logit-gradient term), else the last step,
+        # whose coupling coefficients are constants.
+        b_du = _coupling(b_u, b_V_lo, m_j)[:, :, None] * b_ds_lo[None, :, :]
+        if GRAD_THROUGH:
+            for r in range(1, R):
+                o_r = (r * B + i_b) * caps_size + o_jd
+                b_V = tl.load(vsum_buf_ptr + o_r, mask=m_jd, other=0.0)
+                b_ds = tl.load(ds_buf_ptr + o_r, mask=m_jd, other=0.0)
+                b_c = _coupling(b_u, b_V, m_j)
+                b_g = _logit_grad(b_u, b_c, b_ds)
+                b_du += b_c[:, :, None] * b_ds[None, :, :] + b_g[:, :, None] * b_V[None, :, :]
+        o_du = o_i[:, None, None].to(tl.int64) * caps_size + o_jd[None, :, :]
+        tl.store(p_dub + o_du, b_du.to(du_ptr.dtype.element_ty), mask=m_u)
+
+
+def routing_config(n_in: int, n_out: int, dim: int, batch: int) -> dict:
+    """Launch parameters for the routing kernels.
+
+    Tile: about 4096 float32 elements of u per program-iteration (32 registers a thread with
+    4 warps), never splitting N_out. ``SPLIT``/``caps_per_split`` are runtime arguments: the
+    batch size changes the grid, never the compiled kernel.
+    """
+    block_j = triton.next_power_of_2(n_out)
+    block_d = triton.next_power_of_2(dim)
+    block_i = max(1, min(64, 4096 // (block_j * block_d), triton.next_power_of_2(n_in)))
+    num_warps = 4 if block_i * block_j * block_d <= 4096 else 8
+    tiles = triton.cdiv(n_in, block_i)
+    splits = max(1, min(tiles, triton.cdiv(TARGET_PROGRAMS, max(batch, 1))))
+    caps_per_split = triton.cdiv(tiles, splits) * block_i
+    splits = triton.cdiv(n_in, caps_per_split)
+    return {
+        "BLOCK_I": block_i,
+        "BLOCK_J": block_j,
+        "BLOCK_D": block_d,
+        "num_warps": num_warps,
+        "SPLIT": splits,
+        "caps_per_split": caps_per_split,
+    }
