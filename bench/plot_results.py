@@ -1,0 +1,321 @@
+"""Plots and summaries drawn from the JSON written by ``bench/routing_sweep.py`` (data only: no
+torch, nothing re-measured).
+
+    python bench/plot_results.py bench/results/amd-epyc/results.json [--out DIR]
+
+writes ``throughput.png`` (examples/s against batch size, log-log, one line per implementation,
+and on CUDA the memory-bound ceiling from the measured copy bandwidth), ``speedup.png`` (time of
+eager / time of each implementation) and ``memory.png`` (peak memory per call), each with one
+panel per (op, mode) row and dtype column, and prints the summary table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+OPS = ("layer", "routing")
+MODES = ("forward", "forward+backward")
+DTYPES = ("float32", "bfloat16", "float16")
+IMPLEMENTATIONS = ("eager", "compile", "triton", "fused", "module")
+STYLE = {  # one colour and marker per implementation across every figure
+    "eager": ("tab:gray", "o"),
+    "compile": ("tab:blue", "s"),
+    "triton": ("tab:orange", "^"),
+    "fused": ("tab:red", "D"),
+    "module": ("tab:green", "v"),
+}
+SUMMARY_BATCH = 1024
+
+# DESIGN.md section 5; the summary reports each as met or not (never asserted anywhere).
+TARGETS = (
+    # (op, mode, implementation, quantity, threshold)
+    ("routing", "forward", "triton", "speedup_vs_eager", 5.0),
+    ("routing", "forward", "triton", "speedup_vs_compile", 2.0),
+    ("routing", "forward+backward", "triton", "speedup_vs_eager", 3.0),
+    ("layer", "forward", "fused", "examples_per_s", 10e6),
+    ("layer", "forward+backward", "fused", "speedup_vs_eager", 10.0),
+    ("layer", "forward+backward", "fused", "memory_fraction_of_eager", 0.25),
+)
+
+
+def load(path: str | Path) -> dict:
+    data = json.loads(Path(path).read_text())
+    if "environment" not in data or "results" not in data:
+        raise ValueError(f"{path} is not a routing_sweep.py result (no environment/results)")
+    return data
+
+
+def _ok(data: dict) -> list[dict]:
+    return [r for r in data["results"] if r["status"] == "ok"]
+
+
+def summarize(data: dict, dtype: str = "float32", batch: int = SUMMARY_BATCH) -> list[dict]:
+    """Per (op, mode, implementation) at ``batch`` (or the largest batch with an eager time):
+    throughput, time, speedup over eager and over compile, peak memory relative to eager."""
+    rows = [r for r in _ok(data) if r["dtype"] == dtype]
+    out = []
+    for op in OPS:
+        for mode in MODES:
+            group = [r for r in rows if r["op"] == op and r["mode"] == mode]
+            eager_batches = {r["batch_size"] for r in group if r["implementation"] == "eager"}
+            if not eager_batches:
+                continue
+            at_batch = batch if batch in eager_batches else max(eager_batches)
+            at = {r["implementation"]: r for r in group if r["batch_size"] == at_batch}
+            eager, compiled = at["eager"], at.get("compile")
+            for impl in sorted(at, key=IMPLEMENTATIONS.index):
+                r = at[impl]
+                entry = {
+                    "op": op,
+                    "mode": mode,
+                    "implementation": impl,
+                    "dtype": dtype,
+                    "batch_size": at_batch,
+                    "examples_per_s": r["examples_per_s"],
+                    "time_ms_median": r["time_ms_median"],
+                    "speedup_vs_eager": eager["time_ms_median"] / r["time_ms_median"],
+                    "speedup_vs_compile": None,
+                    "memory_fraction_of_eager": None,
+                }
+                if compiled:
+                    entry["speedup_vs_compile"] = compiled["time_ms_median"] / r["time_ms_median"]
+                if eager.get("peak_memory_bytes") and r.get("peak_memory_bytes") is not None:
+                    entry["memory_fraction_of_eager"] = r["peak_memory_bytes"] / eager["peak_memory_bytes"]
+                out.append(entry)
+    return out
+
+
+def _fmt(x, spec: str) -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def summary_markdown(data: dict, dtype: str = "float32", batch: int = SUMMARY_BATCH) -> str:
+    """The summary as a Markdown table (for the notebook and the README)."""
+    lines = [
+        "| op | mode | implementation | batch | examples/s | ms | x eager | x compile | memory / eager |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for e in summarize(data, dtype, batch):
+        lines.append(
+            f"| {e['op']} | {e['mode']} | {e['implementation']} | {e['batch_size']} "
+            f"| {_fmt(e['examples_per_s'], ',.0f')} | {_fmt(e['time_ms_median'], '.4g')} "
+            f"| {_fmt(e['speedup_vs_eager'], '.2f')} | {_fmt(e['speedup_vs_compile'], '.2f')} "
+            f"| {_fmt(e['memory_fraction_of_eager'], '.2f')} |"
+        )
+    return "\n".join(lines)
+
+
+def target_lines(summary: list[dict]) -> list[str]:
+    lines = []
+    for op, mode, impl, quantity, threshold in TARGETS:
+        key = (op, mode, impl)
+        entry = next((e for e in summary if (e["op"], e["mode"], e["implementation"]) == key), None)
+        value = entry.get(quantity) if entry else None
+        at_most = quantity == "memory_fraction_of_eager"
+        want = f"{'<=' if at_most else '>='} {threshold:g}"
+        if value is None:
+            verdict, shown = "not measured", "-"
+        else:
+            met = value <= threshold if at_most else value >= threshold
+            verdict, shown = ("met" if met else "NOT met"), f"{value:.4g}"
+            if entry["batch_size"] != SUMMARY_BATCH:
+                verdict += f" (at B={entry['batch_size']})"
+        lines.append(f"  {op:8s} {mode:17s} {impl:8s} {quantity:25s} {want:>9s} {shown:>10s}  {verdict}")
+    return lines
+
+
+def summary_text(data: dict) -> str:
+    """The end-of-sweep report: the float32 summary table, the targets, what was not measured."""
+    summary = summarize(data)
+    out = [
+        f"Summary: float32 at B={SUMMARY_BATCH} (or the largest batch with an eager time) on "
+        f"{data['environment']['device']}",
+        f"  {'op':8s} {'mode':17s} {'impl':8s} {'batch':>5s} {'ex/s':>11s} {'ms':>9s} "
+        f"{'x eager':>8s} {'x compile':>9s} {'mem/eager':>9s}",
+    ]
+    for e in summary:
+        out.append(
+            f"  {e['op']:8s} {e['mode']:17s} {e['implementation']:8s} {e['batch_size']:5d} "
+            f"{_fmt(e['examples_per_s'], '11.4g')} {_fmt(e['time_ms_median'], '9.4g')} "
+            f"{_fmt(e['speedup_vs_eager'], '8.3g')} {_fmt(e['speedup_vs_compile'], '9.3g')} "
+            f"{_fmt(e['memory_fraction_of_eager'], '9.3g')}"
+        )
+    out.append("Targets (DESIGN.md section 5):")
+    out += target_lines(summary)
+    missing = sorted({(r["implementation"], r["reason"]) for r in data["results"] if r["status"] != "ok"})
+    out += [f"  not measured: {impl}: {reason}" for impl, reason in missing]
+    return "\n".join(out)
+
+
+# --------------------------------------------------------------------------------------------
+# Figures
+
+
+def _panels(data: dict):
+    rows_present = {(r["op"], r["mode"]) for r in data["results"]}
+    dtypes_present = {r["dtype"] for r in data["results"]}
+    rows = [(op, mode) for op in OPS for mode in MODES if (op, mode) in rows_present]
+    cols = [d for d in DTYPES if d in dtypes_present]
+    return rows, cols
+
+
+def _series(data: dict, op: str, mode: str, dtype: str, impl: str, key: str):
+    pts = sorted(
+        (r["batch_size"], r[key])
+        for r in _ok(data)
+        if (r["op"], r["mode"], r["dtype"], r["implementation"]) == (op, mode, dtype, impl) and r.get(key) is not None
+    )
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def _figure(data: dict, title: str):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows, cols = _panels(data)
+    fig, axes = plt.subplots(
+        max(len(rows), 1),
+        max(len(cols), 1),
+        figsize=(4.6 * max(len(cols), 1), 3.4 * max(len(rows), 1)),
+        squeeze=False,
+        constrained_layout=True,
+    )
+    env = data["environment"]
+    cfg = env.get("config", {})
+    shape = (
+        f"N_in={cfg.get('n_in')} N_out={cfg.get('n_out')} D_in={cfg.get('d_in')} "
+        f"D={cfg.get('d')} iterations={cfg.get('iterations')}"
+    )
+    fig.suptitle(f"{title}: {env['device']} ({shape}; torch {env['torch']})", fontsize=10)
+    panels = []
+    for i, (op, mode) in enumerate(rows):
+        for j, dtype in enumerate(cols):
+            ax = axes[i][j]
+            ax.set_title(f"{op}, {mode}, {dtype}", fontsize=9)
+            ax.set_xscale("log", base=2)
+            ax.grid(True, which="both", alpha=0.3)
+            ax.set_xlabel("batch size")
+            panels.append((ax, op, mode, dtype))
+    return fig, panels
+
+
+def _save(fig, path: Path) -> Path:
+    fig.savefig(path, dpi=110)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path
+
+
+def _lines(ax, data, op, mode, dtype, key, transform=None, skip=()):
+    drawn = False
+    for impl in IMPLEMENTATIONS:
+        if impl in skip:
+            continue
+        xs, ys = _series(data, op, mode, dtype, impl, key)
+        if transform is not None:
+            xs, ys = transform(impl, xs, ys)
+        if xs:
+            color, marker = STYLE[impl]
+            ax.plot(xs, ys, marker=marker, color=color, label=impl, markersize=4)
+            drawn = True
+    return drawn
+
+
+def _no_data(ax, text="no measurement"):
+    ax.text(0.5, 0.5, text, transform=ax.transAxes, ha="center", va="center", fontsize=8, wrap=True)
+
+
+def plot_throughput(data: dict, out: Path) -> Path:
+    fig, panels = _figure(data, "Throughput")
+    bandwidth = data["environment"].get("copy_bandwidth_bytes_per_s")
+    for ax, op, mode, dtype in panels:
+        drawn = _lines(ax, data, op, mode, dtype, "examples_per_s")
+        if bandwidth:
+            bound = {}
+            for r in _ok(data):
+                if (r["op"], r["mode"], r["dtype"]) == (op, mode, dtype) and r.get("min_bytes_per_example"):
+                    bound[r["batch_size"]] = bandwidth / r["min_bytes_per_example"]
+            if bound:
+                xs = sorted(bound)
+                ax.plot(
+                    xs,
+                    [bound[x] for x in xs],
+                    "k--",
+                    linewidth=1,
+                    label=f"memory bound ({bandwidth / 1e9:.0f} GB/s copy)",
+                )
+        if drawn:
+            ax.set_yscale("log")
+            ax.set_ylabel("examples / s")
+            ax.legend(fontsize=7)
+        else:
+            _no_data(ax)
+    return _save(fig, out / "throughput.png")
+
+
+def plot_speedup(data: dict, out: Path) -> Path:
+    fig, panels = _figure(data, "Speedup over eager")
+    for ax, op, mode, dtype in panels:
+        eager = dict(zip(*_series(data, op, mode, dtype, "eager", "time_ms_median"), strict=True))
+
+        def over_eager(impl, xs, ys, eager=eager):
+            pts = [(x, eager[x] / y) for x, y in zip(xs, ys, strict=True) if x in eager]
+            return [p[0] for p in pts], [p[1] for p in pts]
+
+        drawn = _lines(ax, data, op, mode, dtype, "time_ms_median", over_eager, skip=("eager",))
+        ax.axhline(1.0, color=STYLE["eager"][0], linestyle=":", linewidth=1)
+        if drawn:
+            ax.set_yscale("log")
+            ax.set_ylabel("eager time / time")
+            ax.legend(fontsize=7)
+        else:
+            _no_data(ax, "no implementation besides eager measured")
+    return _save(fig, out / "speedup.png")
+
+
+def plot_memory(data: dict, out: Path) -> Path:
+    fig, panels = _figure(data, "Peak memory per call")
+    note = data["environment"].get("memory_note", "")
+    for ax, op, mode, dtype in panels:
+        drawn = _lines(
+            ax,
+            data,
+            op,
+            mode,
+            dtype,
+            "peak_memory_bytes",
+            lambda impl, xs, ys: (xs, [y / 2**20 for y in ys]),
+        )
+        if drawn:
+            ax.set_yscale("log")
+            ax.set_ylabel("MiB beyond inputs")
+            ax.legend(fontsize=7)
+        else:
+            _no_data(ax, f"peak memory {note}" if note else "no measurement")
+    return _save(fig, out / "memory.png")
+
+
+def plot_all(data: dict, out: str | Path) -> list[Path]:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    return [plot_throughput(data, out), plot_speedup(data, out), plot_memory(data, out)]
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("results", type=Path, help="results.json written by routing_sweep.py")
+    p.add_argument("--out", type=Path, default=None, help="directory for the PNGs (default: beside the JSON)")
+    args = p.parse_args(argv)
+    data = load(args.results)
+    for path in plot_all(data, args.out or args.results.parent):
+        print(f"wrote {path}")
+    print(summary_text(data))
+
+
+if __name__ == "__main__":
+    main()
