@@ -31,6 +31,7 @@ __all__ = [
     "md5sum",
     "check_file",
     "read_idx",
+    "write_idx",
     "download_mnist",
     "load_mnist",
     "to_float",
@@ -105,11 +106,18 @@ def read_idx(path: str | os.PathLike) -> torch.Tensor:
     for n in shape:
         count *= n
     if len(raw) - header != count:
-        raise MNISTDataError(
-            f"{path}: header announces shape {shape} ({count} bytes) but holds {len(raw) - header}"
-        )
+        raise MNISTDataError(f"{path}: header announces shape {shape} ({count} bytes) but holds {len(raw) - header}")
     data = torch.frombuffer(bytearray(raw[header:]), dtype=torch.uint8)
     return data.reshape(shape)
+
+
+def write_idx(path: str | os.PathLike, array: torch.Tensor) -> None:
+    """Write a uint8 tensor as a gzip-compressed IDX file (the inverse of :func:`read_idx`)."""
+    if array.dtype != torch.uint8:
+        raise TypeError(f"array must be a uint8 tensor, got {array.dtype}")
+    header = bytes([0, 0, _IDX_UBYTE, array.dim()]) + struct.pack(f">{array.dim()}I", *array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.contiguous().cpu().numpy().tobytes())
 
 
 def _fetch(url: str, destination: Path, timeout: float) -> None:
@@ -151,9 +159,7 @@ def download_mnist(
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise MNISTDataError(
-            f"cannot create the data directory {root} to download {list(names)}: {e}"
-        ) from e
+        raise MNISTDataError(f"cannot create the data directory {root} to download {list(names)}: {e}") from e
     failures: dict[str, list[str]] = {}
     for name in names:
         attempts: list[str] = []
@@ -165,9 +171,7 @@ def download_mnist(
         else:
             failures[name] = attempts
     if failures:
-        detail = "\n".join(
-            f"  {n}:\n" + "\n".join(f"    {a}" for a in a_list) for n, a_list in failures.items()
-        )
+        detail = "\n".join(f"  {n}:\n" + "\n".join(f"    {a}" for a in a_list) for n, a_list in failures.items())
         raise MNISTDataError(
             f"MNIST files missing from {root} and could not be downloaded: {sorted(failures)}.\n"
             f"{detail}\nPut the official files (md5 in capstriton.data.MD5) into {root}."
@@ -194,9 +198,7 @@ def load_mnist(
     missing = [n for n in names if not (root / n).is_file()]
     if missing:
         if not download:
-            raise MNISTDataError(
-                f"MNIST {split} files missing from {root}: {missing} (downloading is switched off)"
-            )
+            raise MNISTDataError(f"MNIST {split} files missing from {root}: {missing} (downloading is switched off)")
         download_mnist(root, missing, mirrors)
     for n in names:
         check_file(root / n)
@@ -264,9 +266,7 @@ def shard_batches(
     equal, contiguous slices. A last global batch smaller than ``world_size`` is dropped so that
     no rank is left without examples (every rank must take the same number of steps).
     """
-    order = (
-        torch.randperm(num_examples, generator=generator) if shuffle else torch.arange(num_examples)
-    )
+    order = torch.randperm(num_examples, generator=generator) if shuffle else torch.arange(num_examples)
     for start in range(0, num_examples, batch_size):
         batch = order[start : start + batch_size]
         n = batch.numel()

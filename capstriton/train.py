@@ -513,9 +513,9 @@ def _plot_reconstructions(
         ax.axis("off")
     for i in range(count):
         r, c = 2 * (i // cols), i % cols
-        axes[r, c].imshow(images[i], cmap="gray", vmin=0, vmax=1)
+        axes[r, c].imshow(images[i].numpy(), cmap="gray", vmin=0, vmax=1)
         axes[r, c].set_title(f"label {int(y_all[i])}", fontsize=8)
-        axes[r + 1, c].imshow(recon[i], cmap="gray", vmin=0, vmax=1)
+        axes[r + 1, c].imshow(recon[i].numpy(), cmap="gray", vmin=0, vmax=1)
         axes[r + 1, c].set_title(
             f"recon. {int(pred[i])}", fontsize=8, color="black" if pred[i] == y_all[i] else "red"
         )
