@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 
 OPS = ("layer", "routing")
@@ -38,6 +39,12 @@ TARGETS = (
     ("layer", "forward+backward", "fused", "speedup_vs_eager", 10.0),
     ("layer", "forward+backward", "fused", "memory_fraction_of_eager", 0.25),
 )
+
+
+def device_slug(name: str) -> str:
+    """A directory name for a device: "NVIDIA H100 80GB HBM3" -> "nvidia-h100-80gb-hbm3"."""
+    name = re.sub(r"\((R|TM|tm|r)\)", "", name)
+    return re.sub(r"[^a-z0-9.]+", "-", name.lower()).strip("-.") or "unknown-device"
 
 
 def load(path: str | Path) -> dict:

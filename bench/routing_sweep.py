@@ -59,7 +59,6 @@ import json
 import math
 import os
 import platform
-import re
 import subprocess
 import sys
 import tempfile
@@ -67,15 +66,18 @@ import time
 from pathlib import Path
 
 # A private inductor cache per sweep: compile times are cold-cache ones, and no other process
-# can delete files (precompiled headers) from under a running compile.
+# can delete files from under a running compile. Inductor keeps its precompiled C++ headers in
+# the shared /tmp/torchinductor_<user> whatever the cache dir, and remembers them per process:
+# if another process clears that folder, every later CPU compile fails, so they are turned off.
 if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
     _INDUCTOR_CACHE = tempfile.TemporaryDirectory(prefix="capstriton-sweep-inductor-")
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = _INDUCTOR_CACHE.name
+os.environ.setdefault("TORCHINDUCTOR_CPP_CACHE_PRECOMPILE_HEADERS", "0")
 
 import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:  # run as a script from a checkout that is not installed
+if importlib.util.find_spec("capstriton") is None:  # a checkout that is not installed
     sys.path.insert(0, str(REPO))
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -297,12 +299,6 @@ def device_name(device: torch.device) -> str:
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
     return platform.processor() or platform.machine() or "cpu"
-
-
-def device_slug(name: str) -> str:
-    """A directory name for a device name: "NVIDIA H100 80GB HBM3" -> "nvidia-h100-80gb-hbm3"."""
-    name = re.sub(r"\((R|TM|tm|r)\)", "", name)
-    return re.sub(r"[^a-z0-9.]+", "-", name.lower()).strip("-.") or "unknown-device"
 
 
 def git_revision() -> str | None:
@@ -565,7 +561,7 @@ def main(argv=None) -> dict:
         "batch_sizes": batches,
         "quick": args.quick,
     }
-    out = args.out or REPO / "bench" / "results" / device_slug(device_name(device))
+    out = args.out or REPO / "bench" / "results" / plot_results.device_slug(device_name(device))
     out.mkdir(parents=True, exist_ok=True)
     path = out / "results.json"
     for limit in ("cache_size_limit", "recompile_limit"):
@@ -585,7 +581,7 @@ def main(argv=None) -> dict:
 
     groups = list(sweep_points(args, batches))
     total = sum(len(g[-1]) for g in groups)
-    deadline = time.monotonic() + args.time_budget if args.time_budget else None
+    deadline = None if args.time_budget is None else time.monotonic() + args.time_budget
     from tqdm import tqdm
 
     with tqdm(

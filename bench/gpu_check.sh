@@ -1,0 +1,133 @@
+#!/usr/bin/env bash
+# One command for a GPU machine with no network: install capstriton from this checkout (no
+# downloads), run the test suite on the GPU, then the benchmark sweep, then the plots.
+#
+#   bench/gpu_check.sh OUTDIR
+#
+# Everything lands flat in OUTDIR (8 files at most):
+#   check.log    nvidia-smi, versions, install, each step's exit status and duration
+#   tests.log    pytest output;  junit.xml  its machine-readable report
+#   sweep.log    the sweep's output, ending with the speedup summary against DESIGN.md's targets
+#   results.json the sweep's data; throughput.png speedup.png memory.png drawn from it
+#
+# Each step runs under `timeout`; the defaults add up to under 8 minutes and can be changed with
+# CT_INSTALL_S, CT_TESTS_S, CT_SWEEP_S, CT_HALF_S, CT_PLOT_S (seconds). A step that fails or runs
+# out of time is logged and the next one still runs; the sweep rewrites results.json after every
+# point and stops starting points before its limit, so the data so far is always kept.
+#
+# CT_GPU_CHECK_DRY=1 rehearses the whole script on a CPU in about a minute: same steps, tiny sizes,
+# only tests/test_bench.py. PYTHON selects the interpreter (default python3).
+set -u -o pipefail
+
+if [[ $# -ne 1 ]]; then
+    echo "usage: $0 OUTDIR" >&2
+    exit 2
+fi
+OUT=$(mkdir -p "$1" && cd "$1" && pwd) || exit 2
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$REPO" || exit 2
+PY=${PYTHON:-python3}
+DRY=${CT_GPU_CHECK_DRY:-0}
+export PYTHONUNBUFFERED=1
+export MPLBACKEND=Agg
+
+INSTALL_S=${CT_INSTALL_S:-40}
+TESTS_S=${CT_TESTS_S:-150}
+SWEEP_S=${CT_SWEEP_S:-220}
+HALF_S=${CT_HALF_S:-45}
+PLOT_S=${CT_PLOT_S:-25}
+
+LOG="$OUT/check.log"
+: >"$LOG"
+log() { echo "[$(date +%H:%M:%S)] $*" | tee -a "$LOG"; }
+
+# run NAME SECONDS LOGFILE CMD...: run CMD under timeout, output appended to LOGFILE.
+run() {
+    local name=$1 limit=$2 file=$3
+    shift 3
+    local start=$SECONDS rc
+    log "step $name: start (limit ${limit}s): $*"
+    timeout -k 10 "$limit" "$@" >>"$file" 2>&1
+    rc=$?
+    if [[ $rc -eq 124 || $rc -eq 137 ]]; then
+        log "step $name: TIMED OUT after $((SECONDS - start))s"
+    else
+        log "step $name: exit $rc after $((SECONDS - start))s"
+    fi
+    return $rc
+}
+
+if [[ $DRY == 1 ]]; then
+    DEVICE=cpu
+    SIZES=(--n-in 8 --n-out 3 --d-in 4 --d 5 --iterations 2 --quick)
+    FULL_BATCHES=(1 2)
+    HALF_BATCHES=(2)
+    TESTS=(tests/test_bench.py)
+    IMPLS=(eager triton fused)
+    unset TRITON_INTERPRET
+else
+    DEVICE=cuda
+    SIZES=()  # the paper's DigitCaps
+    FULL_BATCHES=(1 2 4 8 16 32 64 128 256 512 1024 2048 4096)
+    HALF_BATCHES=(64 1024 4096)
+    TESTS=(tests/)
+    IMPLS=(eager compile triton fused module)
+fi
+
+log "gpu_check: repo $REPO, out $OUT, dry=$DRY, $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo 'no git')"
+{
+    echo "== nvidia-smi"
+    nvidia-smi 2>&1 || echo "nvidia-smi: not available"
+    echo "== versions"
+    "$PY" -c 'import sys, torch; print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available())' 2>&1
+    "$PY" -c 'import triton; print("triton", triton.__version__)' 2>&1
+} >>"$LOG"
+
+# --- install: capstriton.kernels comes from kernels/ through pyproject's package-dir, so the
+# checkout needs installing; the tests and the sweep run from the repository root.
+check_import() {
+    "$PY" -c 'import capstriton, capstriton.kernels; print("import ok:", capstriton.__file__, capstriton.kernels.__file__)' >>"$LOG" 2>&1 &&
+        (cd /tmp && "$PY" -c 'import capstriton.kernels') >>"$LOG" 2>&1
+}
+if check_import; then
+    log "install: capstriton already importable"
+elif run install-editable "$INSTALL_S" "$LOG" "$PY" -m pip install --no-deps --no-build-isolation --no-index -e . && check_import; then
+    log "install: editable install ok"
+elif run install-target "$INSTALL_S" "$LOG" "$PY" -m pip install --no-deps --no-build-isolation --no-index --target /tmp/ctsite . &&
+    export PYTHONPATH="/tmp/ctsite${PYTHONPATH:+:$PYTHONPATH}" &&
+    [[ ! -e capstriton/kernels ]] && ln -s ../kernels capstriton/kernels && check_import; then
+    # /tmp/ctsite serves other directories; in the repository root the checkout's capstriton/
+    # shadows it, so a link gives that one its kernels too (this copy of the tree only).
+    log "install: --target /tmp/ctsite + PYTHONPATH ok"
+else
+    log "install: FAILED, tests and sweep will fail to import capstriton (see above)"
+fi
+
+# --- tests on the GPU (the conftest uses the GPU when there is one, the interpreter otherwise)
+PYTEST_ARGS=(-q -ra --durations=15 -p no:cacheprovider --junitxml="$OUT/junit.xml")
+if "$PY" -c 'import pytest_timeout' 2>/dev/null; then
+    PYTEST_ARGS+=(--timeout=120)
+fi
+run tests "$TESTS_S" "$OUT/tests.log" "$PY" -m pytest "${PYTEST_ARGS[@]}" "${TESTS[@]}"
+tail -n 3 "$OUT/tests.log" | tee -a "$LOG"
+
+# --- the sweep: float32 over the full batch list (routing first: its targets matter most),
+# then half precision on a few sizes without the compiled implementations (compiles are slow).
+SWEEP=("$PY" bench/routing_sweep.py --device "$DEVICE" --out "$OUT" --no-plots "${SIZES[@]}")
+run sweep-float32 "$SWEEP_S" "$OUT/sweep.log" "${SWEEP[@]}" --op routing layer \
+    --modes forward forward+backward --dtypes float32 --implementations "${IMPLS[@]}" \
+    --batch-sizes "${FULL_BATCHES[@]}" --time-budget $((SWEEP_S - 45))
+run sweep-half "$HALF_S" "$OUT/sweep.log" "${SWEEP[@]}" --append --op routing layer \
+    --modes forward forward+backward --dtypes bfloat16 float16 --implementations eager triton fused \
+    --batch-sizes "${HALF_BATCHES[@]}" --time-budget $((HALF_S - 15))
+rm -f "$OUT"/*.tmp
+
+# --- plots and the summary, from the JSON alone
+if [[ -f "$OUT/results.json" ]]; then
+    run plots "$PLOT_S" "$OUT/sweep.log" "$PY" bench/plot_results.py "$OUT/results.json" --out "$OUT"
+    SLUG=$("$PY" -c 'import json, sys; sys.path.insert(0, "bench"); import plot_results as p; print(p.device_slug(p.load(sys.argv[1])["environment"]["device"]))' "$OUT/results.json" 2>>"$LOG")
+    log "to commit: mkdir -p bench/results/$SLUG && cp $OUT/{results.json,throughput.png,speedup.png,memory.png} bench/results/$SLUG/"
+else
+    log "no results.json: the sweep did not start (see sweep.log)"
+fi
+log "gpu_check: done in ${SECONDS}s; files: $(cd "$OUT" && ls | tr '\n' ' ')"
