@@ -1,0 +1,267 @@
+"""Bad input raises the documented ValueError/TypeError naming the argument (DESIGN.md section 2);
+edge cases that are valid (empty batch, non-contiguous input) give the right result."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _helpers import rel_err
+
+import capstriton as ct
+
+
+def u_hat(*shape, dtype=torch.float32, device="cpu"):
+    return torch.randn(*(shape or (2, 7, 3, 5)), dtype=dtype, device=device)
+
+
+U = torch.randn(2, 7, 4)
+W = torch.randn(7, 3, 5, 4)
+
+# (id, call, exception, pattern the message must contain)
+BAD_CALLS = [
+    (
+        "routing-rank",
+        lambda: ct.dynamic_routing(u_hat(2, 7, 15)),
+        ValueError,
+        r"u_hat must have 4 dimensions \[B, N_in, N_out, D\]",
+    ),
+    ("routing-empty-caps", lambda: ct.dynamic_routing(u_hat(2, 0, 3, 5)), ValueError, "u_hat must have non-empty"),
+    (
+        "routing-int",
+        lambda: ct.dynamic_routing(torch.ones(2, 7, 3, 5, dtype=torch.int64)),
+        TypeError,
+        "u_hat must be a floating tensor",
+    ),
+    (
+        "routing-bool",
+        lambda: ct.dynamic_routing(torch.ones(2, 7, 3, 5, dtype=torch.bool)),
+        TypeError,
+        "u_hat must be a floating",
+    ),
+    ("routing-not-tensor", lambda: ct.dynamic_routing([[1.0]]), TypeError, "u_hat must be a torch.Tensor"),
+    ("iterations-0", lambda: ct.dynamic_routing(u_hat(), 0), ValueError, "iterations must be >= 1"),
+    ("iterations-negative", lambda: ct.capsule_routing(U, W, -2), ValueError, "iterations must be >= 1"),
+    ("iterations-float", lambda: ct.dynamic_routing(u_hat(), 1.5), TypeError, "iterations must be an int"),
+    ("iterations-bool", lambda: ct.dynamic_routing(u_hat(), True), TypeError, "iterations must be an int"),
+    ("backend-unknown", lambda: ct.dynamic_routing(u_hat(), backend="cuda"), ValueError, "backend must be one of"),
+    ("backend-none", lambda: ct.squash(U, backend=None), ValueError, "backend must be one of"),
+    (
+        "triton-float64",
+        lambda: ct.dynamic_routing(u_hat(dtype=torch.float64), backend="triton"),
+        TypeError,
+        "backend='triton' supports float16, bfloat16 and float32",
+    ),
+    ("triton-float64-squash", lambda: ct.squash(U.double(), backend="triton"), TypeError, "backend='triton' supports"),
+    (
+        "triton-meta-device",
+        lambda: ct.dynamic_routing(u_hat(device="meta"), backend="triton"),
+        ValueError,
+        "backend='triton' cannot run here.*meta",
+    ),
+    ("u-rank", lambda: ct.capsule_routing(U[0], W), ValueError, r"u must have 3 dimensions \[B, N_in, D_in\]"),
+    (
+        "weight-rank",
+        lambda: ct.capsule_routing(U, W[0]),
+        ValueError,
+        r"weight must have 4 dimensions \[N_in, N_out, D_out, D_in\]",
+    ),
+    (
+        "n-in-mismatch",
+        lambda: ct.capsule_routing(U[:, :6], W),
+        ValueError,
+        r"u \[B, N_in, D_in\] and weight .* disagree.*N_in and D_in",
+    ),
+    ("d-in-mismatch", lambda: ct.capsule_routing(U[..., :3], W), ValueError, "N_in and D_in must match"),
+    ("weight-empty", lambda: ct.capsule_routing(U, W[:, :0]), ValueError, "weight must have non-empty"),
+    (
+        "device-mismatch",
+        lambda: ct.capsule_routing(U, W.to("meta")),
+        ValueError,
+        "u and weight must be on the same device",
+    ),
+    ("dtype-mismatch", lambda: ct.capsule_routing(U, W.double()), TypeError, "u and weight must have the same dtype"),
+    ("weight-int", lambda: ct.capsule_routing(U, W.int()), TypeError, "weight must be a floating tensor"),
+    ("u-int", lambda: ct.capsule_routing(U.long(), W), TypeError, "u must be a floating tensor"),
+    ("squash-scalar", lambda: ct.squash(torch.tensor(1.0)), ValueError, "s must have at least 1 dimension"),
+    ("squash-dim-range", lambda: ct.squash(U, dim=3), ValueError, r"dim must be an int in \[-3, 2\]"),
+    ("squash-dim-bool", lambda: ct.squash(U, dim=True), ValueError, "dim must be an int"),
+    ("squash-empty-dim", lambda: ct.squash(torch.empty(3, 0)), ValueError, "s must have a non-empty capsule dimension"),
+    ("squash-int", lambda: ct.squash(torch.ones(3, 4, dtype=torch.int32)), TypeError, "s must be a floating tensor"),
+    (
+        "margin-rank",
+        lambda: ct.margin_loss(torch.rand(10), torch.tensor(1)),
+        ValueError,
+        r"lengths must have 2 dimensions \[B, K\]",
+    ),
+    (
+        "margin-index-shape",
+        lambda: ct.margin_loss(torch.rand(2, 10), torch.tensor([[1], [2]])),
+        ValueError,
+        r"an integer target must have shape \[B\]",
+    ),
+    (
+        "margin-float-shape",
+        lambda: ct.margin_loss(torch.rand(2, 10), torch.rand(2, 9)),
+        ValueError,
+        "a float target must have the shape of lengths",
+    ),
+    (
+        "margin-bool-target",
+        lambda: ct.margin_loss(torch.rand(2, 3), torch.ones(2, 3, dtype=torch.bool)),
+        TypeError,
+        "target must hold class indices",
+    ),
+    (
+        "margin-target-device",
+        lambda: ct.margin_loss(torch.rand(2, 3), torch.tensor([0, 1], device="meta")),
+        ValueError,
+        "lengths and target must be on the same device",
+    ),
+    (
+        "margin-target-list",
+        lambda: ct.margin_loss(torch.rand(2, 3), [0, 1]),
+        TypeError,
+        "target must be a torch.Tensor",
+    ),
+    (
+        "reconstruction-sizes",
+        lambda: ct.reconstruction_loss(torch.rand(2, 784), torch.rand(2, 1, 27, 27)),
+        ValueError,
+        "reconstruction .* and images .* must hold",
+    ),
+    ("module-backend", lambda: ct.nn.Squash(backend="gpu"), ValueError, "backend must be one of"),
+    ("module-size", lambda: ct.nn.RoutingCapsules(in_caps=0), ValueError, "in_caps must be >= 1"),
+    ("module-size-type", lambda: ct.nn.RoutingCapsules(out_dim=16.0), TypeError, "out_dim must be an int"),
+    ("module-iterations", lambda: ct.nn.RoutingCapsules(iterations=0), ValueError, "iterations must be >= 1"),
+    (
+        "module-input-shape",
+        lambda: ct.nn.RoutingCapsules(7, 4, 3, 5)(torch.randn(2, 7, 5)),
+        ValueError,
+        r"u must have shape \[B, in_caps=7, in_dim=4\]",
+    ),
+    (
+        "primary-rank",
+        lambda: ct.nn.PrimaryCapsules(2, 3, 4, 3)(torch.randn(2, 7, 7)),
+        ValueError,
+        r"x must have 4 dimensions \[B, in_channels, H, W\]",
+    ),
+    (
+        "decoder-shape",
+        lambda: ct.nn.CapsuleDecoder()(torch.randn(2, 10, 8)),
+        ValueError,
+        r"v must have shape \[B, num_caps=10, caps_dim=16\]",
+    ),
+    (
+        "decoder-target",
+        lambda: ct.nn.CapsuleDecoder()(torch.randn(2, 10, 16), torch.rand(2, 10)),
+        ValueError,
+        "target must hold class indices",
+    ),
+    (
+        "decoder-mask",
+        lambda: ct.nn.CapsuleDecoder()(torch.randn(2, 10, 16), mask=torch.ones(2, 9)),
+        ValueError,
+        r"mask must have shape \[B, num_caps\]",
+    ),
+    (
+        "capsnet-image",
+        lambda: ct.models.CapsNet(conv_channels=8, primary_types=2)(torch.rand(2, 1, 32, 32)),
+        ValueError,
+        r"x must have shape \[B, 1, 28, 28\]",
+    ),
+    ("capsnet-too-small", lambda: ct.models.CapsNet(image_size=16), ValueError, "image_size=16 is too small"),
+]
+
+
+@pytest.mark.parametrize("call, error, pattern", [c[1:] for c in BAD_CALLS], ids=[c[0] for c in BAD_CALLS])
+def test_bad_input_raises_naming_the_argument(call, error, pattern, monkeypatch):
+    # As on a CPU-only machine (conftest): the triton rows then fail on dtype or device, not on a
+    # missing interpreter, also on a GPU machine where conftest leaves the variable unset.
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with pytest.raises(error, match=pattern):
+        call()
+
+
+@pytest.mark.parametrize("value", [None, "0", ""], ids=["unset", "zero", "empty"])
+def test_triton_on_cpu_without_interpreter_raises(monkeypatch, value):
+    # The check reads TRITON_INTERPRET at call time; conftest sets it to 1 on CPU-only machines.
+    if value is None:
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    else:
+        monkeypatch.setenv("TRITON_INTERPRET", value)
+    with pytest.raises(ValueError, match="backend='triton' cannot run here.*TRITON_INTERPRET=1"):
+        ct.dynamic_routing(u_hat(), backend="triton")
+    with pytest.raises(ValueError, match="backend='triton' cannot run here"):
+        ct.capsule_routing(U, W, backend="triton")
+    with pytest.raises(ValueError, match="backend='triton' cannot run here"):
+        ct.squash(U, backend="triton")
+    # "auto" never raises for it: CPU tensors take the reference.
+    x = u_hat()
+    assert torch.equal(ct.dynamic_routing(x, backend="auto"), ct.dynamic_routing(x, backend="torch"))
+
+
+def test_auto_resolves_to_torch_for_cpu_tensors():
+    from capstriton._checks import resolve_backend
+
+    for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        assert resolve_backend("auto", torch.empty(1, dtype=dtype)) == "torch"
+    assert resolve_backend("torch", torch.empty(1, device="meta")) == "torch"
+
+
+# --- valid edge cases ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("grad_through_routing", [True, False], ids=["grad-all", "grad-last"])
+def test_empty_batch_returns_empty_result(grad_through_routing):
+    kw = dict(grad_through_routing=grad_through_routing, backend="torch")
+    x = torch.randn(0, 7, 3, 5, requires_grad=True)
+    v = ct.dynamic_routing(x, 3, **kw)
+    assert v.shape == (0, 3, 5)
+    v.sum().backward()
+    assert x.grad.shape == x.shape
+
+    u = torch.randn(0, 7, 4)
+    assert ct.capsule_routing(u, W, **kw).shape == (0, 3, 5)
+    assert ct.squash(torch.randn(0, 8)).shape == (0, 8)
+    lengths, reconstruction = ct.models.CapsNet(conv_channels=8, primary_types=2, return_lengths=True)(
+        torch.rand(0, 1, 28, 28)
+    )
+    assert lengths.shape == (0, 10) and reconstruction.shape == (0, 784)
+
+
+# Float64: the reference may take different summation orders for different strides, a few ulps.
+NONCONTIG_TOL = 1e-13
+
+
+def noncontiguous(x: torch.Tensor, layout: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(y, y.contiguous())`` with ``y`` holding values from ``x`` in a non-contiguous layout."""
+    if layout == "transposed":
+        y = x.transpose(0, 1).contiguous().transpose(0, 1)
+    elif layout == "strided":
+        y = torch.empty(x.shape[:-1] + (2 * x.shape[-1],), dtype=x.dtype)[..., ::2]
+        y.copy_(x)
+    else:  # stride 0 over the first dimension
+        y = x[:1].expand(x.shape)
+    assert not y.is_contiguous()
+    return y, y.contiguous()
+
+
+@pytest.mark.parametrize("layout", ["transposed", "strided", "expanded"])
+def test_noncontiguous_inputs_match_contiguous(layout):
+    uh, uh_c = noncontiguous(torch.randn(3, 7, 3, 5, dtype=torch.float64), layout)
+    u, u_c = noncontiguous(torch.randn(3, 7, 4, dtype=torch.float64), layout)
+    w, w_c = noncontiguous(torch.randn(7, 3, 5, 4, dtype=torch.float64), layout)
+    assert rel_err(ct.dynamic_routing(uh), ct.dynamic_routing(uh_c)) < NONCONTIG_TOL
+    assert rel_err(ct.squash(uh), ct.squash(uh_c)) < NONCONTIG_TOL
+    assert rel_err(ct.capsule_routing(u, w), ct.capsule_routing(u_c, w_c)) < NONCONTIG_TOL
+    assert rel_err(ct.capsule_routing(u, w_c), ct.capsule_routing(u_c, w_c)) < NONCONTIG_TOL
+
+
+def test_noncontiguous_upstream_gradient():
+    # out.sum() sends a gradient with stride 0 into backward (DESIGN.md section 4).
+    x = torch.randn(3, 7, 3, 5, dtype=torch.float64, requires_grad=True)
+    ct.dynamic_routing(x).sum().backward()
+    expanded_grad = x.grad.clone()
+    x.grad = None
+    ct.dynamic_routing(x).backward(torch.ones(3, 3, 5, dtype=torch.float64))
+    assert rel_err(expanded_grad, x.grad) < NONCONTIG_TOL
