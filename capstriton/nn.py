@@ -174,7 +174,7 @@ class CapsuleDecoder(nn.Module):
         self.caps_dim = _check_size("caps_dim", caps_dim)
         sizes = [num_caps * caps_dim, *hidden, _check_size("out_features", out_features)]
         layers: list[nn.Module] = []
-        for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
             layers.append(nn.Linear(a, b))
             layers.append(nn.ReLU() if i < len(sizes) - 2 else nn.Sigmoid())
         self.net = nn.Sequential(*layers)
@@ -182,7 +182,7 @@ class CapsuleDecoder(nn.Module):
     def make_mask(self, v: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:
         """The ``[B, num_caps]`` one-hot mask the decoder uses when none is given."""
         if self.training and target is not None:
-            index = target
+            index = target.long()  # one_hot takes int64 only; labels often come as uint8/int32
         else:
             index = capsule_lengths(v.detach()).argmax(dim=-1)
         return nn.functional.one_hot(index, self.num_caps).to(v.dtype)
@@ -199,8 +199,13 @@ class CapsuleDecoder(nn.Module):
                 f"v must have shape [B, num_caps={self.num_caps}, caps_dim={self.caps_dim}], got {tuple(v.shape)}"
             )
         if mask is None:
-            if target is not None and (target.is_floating_point() or target.shape != v.shape[:1]):
-                raise ValueError(f"target must hold class indices of shape [B] = {tuple(v.shape[:1])}, got {tuple(target.shape)} {target.dtype}")
+            if target is not None and (
+                target.is_floating_point() or target.dtype == torch.bool or target.shape != v.shape[:1]
+            ):
+                raise ValueError(
+                    f"target must hold class indices of shape [B] = {tuple(v.shape[:1])}, "
+                    f"got {tuple(target.shape)} {target.dtype}"
+                )
             mask = self.make_mask(v, target)
         elif mask.shape != v.shape[:2]:
             raise ValueError(f"mask must have shape [B, num_caps] = {tuple(v.shape[:2])}, got {tuple(mask.shape)}")

@@ -129,6 +129,9 @@ def test_decoder_masks_by_target_in_training():
     other[0, 0] += 1.0
     other[1, 1] += 1.0
     assert torch.equal(decoder(other, target), by_target)
+    # Labels of any integer dtype (MNIST's come as uint8).
+    for dtype in (torch.uint8, torch.int32):
+        assert torch.equal(decoder(v, target.to(dtype)), by_target)
     # Training without a target falls back to the longest capsule.
     assert torch.equal(decoder(v), decoder(v, mask=one_hot(longest)))
 

@@ -158,6 +158,12 @@ BAD_CALLS = [
         "target must hold class indices",
     ),
     (
+        "decoder-bool-target",
+        lambda: ct.nn.CapsuleDecoder()(torch.randn(2, 10, 16), torch.ones(2, dtype=torch.bool)),
+        ValueError,
+        "target must hold class indices",
+    ),
+    (
         "decoder-mask",
         lambda: ct.nn.CapsuleDecoder()(torch.randn(2, 10, 16), mask=torch.ones(2, 9)),
         ValueError,
