@@ -151,5 +151,6 @@ def margin_loss(
 
 def reconstruction_loss(reconstruction: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
     """Sum of squared pixel errors per image, mean over the batch (unscaled)."""
-    diff = reconstruction.float() - images.reshape(reconstruction.shape).float()
+    cd = compute_dtype(torch.promote_types(reconstruction.dtype, images.dtype))
+    diff = reconstruction.to(cd) - images.reshape(reconstruction.shape).to(cd)
     return diff.square().flatten(1).sum(dim=1).mean()

@@ -197,13 +197,13 @@ def test_margin_loss_by_hand(dtype):
 def test_capsule_loss_adds_summed_reconstruction_error():
     lengths = torch.tensor(LENGTHS, dtype=torch.float64)
     target = torch.tensor(TARGET)
-    images = torch.tensor([[[[0.0, 1.0], [0.5, 0.25]]], [[[1.0, 1.0], [0.0, 0.0]]]])
-    reconstruction = torch.tensor([[0.5, 0.5, 0.5, 0.5], [1.0, 0.0, 0.0, 1.0]])
+    images = torch.tensor([[[[0.0, 1.0], [0.5, 0.25]]], [[[1.0, 1.0], [0.0, 0.0]]]], dtype=torch.float64)
+    reconstruction = torch.tensor([[0.5, 0.5, 0.5, 0.5], [1.0, 0.0, 0.0, 1.0]], dtype=torch.float64)
     # Squared errors per image: 0.25 + 0.25 + 0 + 0.0625 = 0.5625; 0 + 1 + 0 + 1 = 2.
     # Mean over the batch 1.28125, times 0.0005 (a sum per image, not a per-pixel mean).
     expected = MARGIN_BY_HAND + 0.0005 * (0.5625 + 2.0) / 2
     loss = ct.nn.CapsuleLoss()(lengths, target, reconstruction, images)
-    assert abs(loss.item() - expected) < 1e-7  # the reconstruction term is formed in float32
+    assert abs(loss.item() - expected) < 1e-15  # float64 throughout, a few roundings of O(1)
     assert abs(ct.nn.CapsuleLoss()(lengths, target).item() - MARGIN_BY_HAND) < 1e-15
     assert ct.reconstruction_loss(reconstruction, images).item() == (0.5625 + 2.0) / 2
     with pytest.raises(ValueError, match="images"):
