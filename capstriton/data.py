@@ -258,19 +258,21 @@ def shard_batches(
     world_size: int = 1,
     shuffle: bool = False,
     generator: torch.Generator | None = None,
+    drop_small_last: bool = True,
 ) -> Iterator[tuple[torch.Tensor, slice]]:
     """Each global batch's example indices, and the slice of it that belongs to ``rank``.
 
     Every rank draws the same permutation from an identically seeded ``generator`` and cuts the
     same global batches of ``batch_size``; rank ``r`` owns the ``r``-th of ``world_size`` nearly
-    equal, contiguous slices. A last global batch smaller than ``world_size`` is dropped so that
-    no rank is left without examples (every rank must take the same number of steps).
+    equal, contiguous slices. With ``drop_small_last`` (for training: a rank without examples
+    has no gradient to contribute), a last global batch smaller than ``world_size`` is dropped;
+    without it (evaluation), some ranks' slices of that batch are empty.
     """
     order = torch.randperm(num_examples, generator=generator) if shuffle else torch.arange(num_examples)
     for start in range(0, num_examples, batch_size):
         batch = order[start : start + batch_size]
         n = batch.numel()
-        if n < world_size:
+        if n < world_size and drop_small_last:
             break
         base, extra = divmod(n, world_size)
         lo = rank * base + min(rank, extra)

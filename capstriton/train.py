@@ -109,16 +109,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g = p.add_argument_group("data")
     g.add_argument("--data-dir", default="data/mnist", help="directory of the MNIST IDX .gz files")
-    g.add_argument(
-        "--no-download", action="store_true", help="fail instead of downloading missing files"
-    )
+    g.add_argument("--no-download", action="store_true", help="fail instead of downloading missing files")
     g.add_argument(
         "--holdout",
         type=_positive_int,
         default=None,
         metavar="N",
-        help="train on all test images but the last N and evaluate on those N "
-        "(needs only the test files)",
+        help="train on all test images but the last N and evaluate on those N (needs only the test files)",
     )
     g.add_argument("--limit-train", type=_positive_int, default=None, metavar="N")
     g.add_argument("--limit-test", type=_positive_int, default=None, metavar="N")
@@ -126,14 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=_positive_int, default=10)
-    g.add_argument(
-        "--batch-size", type=_positive_int, default=128, help="global batch (over all processes)"
-    )
+    g.add_argument("--batch-size", type=_positive_int, default=128, help="global batch (over all processes)")
     g.add_argument("--lr", type=_positive_float, default=1e-3)
     g.add_argument("--lr-decay", type=_decay, default=0.96, help="learning-rate factor per epoch")
-    g.add_argument(
-        "--reconstruction-weight", type=float, default=0.0005, help="weight of the sum of squares"
-    )
+    g.add_argument("--reconstruction-weight", type=float, default=0.0005, help="weight of the sum of squares")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     g.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="autocast dtype")
@@ -197,9 +190,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if reason is not None:
             parser.error(f"argument --backend: triton cannot run here: {reason}")
     if not math.isfinite(args.reconstruction_weight) or args.reconstruction_weight < 0:
-        parser.error(
-            f"argument --reconstruction-weight: expected >= 0, got {args.reconstruction_weight}"
-        )
+        parser.error(f"argument --reconstruction-weight: expected >= 0, got {args.reconstruction_weight}")
     return args
 
 
@@ -314,28 +305,23 @@ def _all_reduce_sum(values: list[float], device: torch.device, info: DistInfo) -
 def _progress(total: int, desc: str, enabled: bool):
     from tqdm import tqdm
 
-    return tqdm(
-        total=total, desc=desc, unit="ex", disable=not enabled, leave=False, dynamic_ncols=True
-    )
+    return tqdm(total=total, desc=desc, unit="ex", disable=not enabled, leave=False, dynamic_ncols=True)
 
 
-def _train_epoch(
-    net, criterion, optimizer, scaler, x_all, y_all, args, epoch, device, info, bar_on
-):
+def _train_epoch(net, criterion, optimizer, scaler, x_all, y_all, args, epoch, device, info, bar_on):
     net.train()
     gen = _epoch_generator(args.seed, epoch)
     amp_dtype = DTYPES[args.dtype]
-    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss * n, correct, n
+    # Kept on the device: no synchronisation per step.
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    seen = 0
     start = time.perf_counter()
     bar = _progress(len(x_all), f"epoch {epoch + 1}/{args.epochs}", bar_on)
-    batches = data.shard_batches(
-        len(x_all), args.batch_size, info.rank, info.world_size, shuffle=True, generator=gen
-    )
+    batches = data.shard_batches(len(x_all), args.batch_size, info.rank, info.world_size, shuffle=True, generator=gen)
     for step, (batch, mine) in enumerate(batches):
         # Shifts drawn for the whole global batch on every rank keep the ranks' streams equal.
-        shifts = (
-            None if args.no_augment else torch.randint(-2, 3, (batch.numel(), 2), generator=gen)
-        )
+        shifts = None if args.no_augment else torch.randint(-2, 3, (batch.numel(), 2), generator=gen)
         idx = batch[mine]
         x = data.to_float(x_all[idx]).to(device, non_blocking=True)
         y = y_all[idx].to(device, non_blocking=True)
@@ -353,15 +339,9 @@ def _train_epoch(
         scaler.scale(loss * share).backward()
         scaler.step(optimizer)
         scaler.update()
-        with torch.no_grad():
-            correct = (lengths.argmax(1) == y).sum()
-            sums += torch.stack(
-                [
-                    loss.detach().double() * len(idx),
-                    correct.double(),
-                    torch.tensor(len(idx), dtype=torch.float64, device=device),
-                ]
-            )
+        loss_sum += loss.detach().double() * len(idx)
+        correct += (lengths.detach().argmax(1) == y).sum()
+        seen += len(idx)
         bar.update(batch.numel())
         if bar_on and step % 20 == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}")
@@ -369,7 +349,7 @@ def _train_epoch(
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
-    loss_sum, correct, n = _all_reduce_sum(sums.tolist(), device, info)
+    loss_sum, correct, n = _all_reduce_sum([loss_sum.item(), correct.item(), seen], device, info)
     n = max(n, 1)
     return {
         "train_loss": loss_sum / n,
@@ -384,11 +364,17 @@ def _train_epoch(
 def _evaluate(net, criterion, x_all, y_all, args, device, info, bar_on):
     net.eval()
     amp_dtype = DTYPES[args.dtype]
-    sums = torch.zeros(3, dtype=torch.float64, device=device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    seen = 0
     start = time.perf_counter()
     bar = _progress(len(x_all), "evaluate", bar_on)
-    for batch, mine in data.shard_batches(len(x_all), args.batch_size, info.rank, info.world_size):
+    batches = data.shard_batches(len(x_all), args.batch_size, info.rank, info.world_size, drop_small_last=False)
+    for batch, mine in batches:
         idx = batch[mine]
+        bar.update(batch.numel())
+        if len(idx) == 0:
+            continue
         x = data.to_float(x_all[idx]).to(device, non_blocking=True)
         y = y_all[idx].to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32):
@@ -396,16 +382,11 @@ def _evaluate(net, criterion, x_all, y_all, args, device, info, bar_on):
         lengths = capsule_lengths(v.float())
         recon = None if reconstruction is None else reconstruction.float()
         loss = criterion(lengths, y, recon, x if recon is not None else None)
-        sums += torch.stack(
-            [
-                loss.double() * len(idx),
-                (lengths.argmax(1) == y).sum().double(),
-                torch.tensor(len(idx), dtype=torch.float64, device=device),
-            ]
-        )
-        bar.update(batch.numel())
+        loss_sum += loss.double() * len(idx)
+        correct += (lengths.argmax(1) == y).sum()
+        seen += len(idx)
     bar.close()
-    loss_sum, correct, n = _all_reduce_sum(sums.tolist(), device, info)
+    loss_sum, correct, n = _all_reduce_sum([loss_sum.item(), correct.item(), seen], device, info)
     n = max(n, 1)
     return {
         "test_loss": loss_sum / n,
@@ -441,9 +422,7 @@ def _save_checkpoint(path: Path, model, optimizer, scheduler, scaler, epoch, his
     os.replace(tmp, path)  # never a half-written checkpoint, even if killed while saving
 
 
-def _load_checkpoint(
-    path: Path, model, optimizer, scheduler, scaler, args, device
-) -> tuple[int, list]:
+def _load_checkpoint(path: Path, model, optimizer, scheduler, scaler, args, device) -> tuple[int, list]:
     if not path.is_file():
         raise FileNotFoundError(f"--resume: no checkpoint at {path}")
     state = torch.load(path, map_location="cpu", weights_only=False)
@@ -452,8 +431,7 @@ def _load_checkpoint(
     differ = {k: (saved.get(k), current[k]) for k in current if saved.get(k) != current[k]}
     if differ:
         detail = ", ".join(
-            f"--{k.replace('_', '-')} {a!r} in the checkpoint, {b!r} now"
-            for k, (a, b) in differ.items()
+            f"--{k.replace('_', '-')} {a!r} in the checkpoint, {b!r} now" for k, (a, b) in differ.items()
         )
         raise SetupError(f"--resume: {path} was trained with a different model: {detail}")
     model.load_state_dict(state["model"])
@@ -491,9 +469,7 @@ def _plot_curves(history: list[dict], path: Path) -> None:
 
 
 @torch.no_grad()
-def _plot_reconstructions(
-    model: CapsNet, x_all, y_all, device, path: Path, count: int = 16
-) -> None:
+def _plot_reconstructions(model: CapsNet, x_all, y_all, device, path: Path, count: int = 16) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -516,9 +492,7 @@ def _plot_reconstructions(
         axes[r, c].imshow(images[i].numpy(), cmap="gray", vmin=0, vmax=1)
         axes[r, c].set_title(f"label {int(y_all[i])}", fontsize=8)
         axes[r + 1, c].imshow(recon[i].numpy(), cmap="gray", vmin=0, vmax=1)
-        axes[r + 1, c].set_title(
-            f"recon. {int(pred[i])}", fontsize=8, color="black" if pred[i] == y_all[i] else "red"
-        )
+        axes[r + 1, c].set_title(f"recon. {int(pred[i])}", fontsize=8, color="black" if pred[i] == y_all[i] else "red")
     fig.suptitle(
         "Test digits (odd rows) and reconstructions from the longest capsule (even rows)",
         fontsize=9,
@@ -563,9 +537,7 @@ def run(args: argparse.Namespace) -> dict:
     start_epoch, history = 0, []
     if args.resume is not None:
         ckpt = Path(args.resume) if args.resume else out / CHECKPOINT
-        start_epoch, history = _load_checkpoint(
-            ckpt, model, optimizer, scheduler, scaler, args, device
-        )
+        start_epoch, history = _load_checkpoint(ckpt, model, optimizer, scheduler, scaler, args, device)
         log(f"resumed from {ckpt} after epoch {start_epoch}")
 
     net: torch.nn.Module = model
@@ -590,9 +562,7 @@ def run(args: argparse.Namespace) -> dict:
     metrics: dict = {}
     for epoch in range(start_epoch, args.epochs):
         lr = optimizer.param_groups[0]["lr"]
-        train = _train_epoch(
-            net, criterion, optimizer, scaler, train_x, train_y, args, epoch, device, info, bar_on
-        )
+        train = _train_epoch(net, criterion, optimizer, scaler, train_x, train_y, args, epoch, device, info, bar_on)
         scheduler.step()
         test = _evaluate(eval_net, criterion, eval_x, eval_y, args, device, info, bar_on)
         record = {"epoch": epoch + 1, "lr": lr, **train, **test}
@@ -621,9 +591,7 @@ def run(args: argparse.Namespace) -> dict:
         "torch_version": torch.__version__,
         "python_version": platform.python_version(),
         "device": str(device),
-        "device_name": torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else platform.processor() or "cpu",
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "world_size": info.world_size,
         "parameters": n_params,
         "data": source,
@@ -631,9 +599,7 @@ def run(args: argparse.Namespace) -> dict:
         "test_examples": len(eval_x),
         "config": config,
         "history": history,
-        "final": {k: history[-1][k] for k in ("test_accuracy", "test_error", "test_loss")}
-        if history
-        else {},
+        "final": {k: history[-1][k] for k in ("test_accuracy", "test_error", "test_loss")} if history else {},
     }
     if info.distributed:
         metrics["rank_parameter_max_abs_diff"] = _rank_divergence(model, info)

@@ -215,3 +215,12 @@ def test_shard_batches_split_each_global_batch(num_examples, batch_size, world_s
     assert seen.unique().numel() == seen.numel()
     # Only a last batch smaller than world_size is dropped.
     assert num_examples - seen.numel() < world_size
+
+
+def test_shard_batches_for_evaluation_keep_every_example():
+    # 9 examples, batches of 4, 2 ranks: the last global batch (1 example) is split 1 / 0.
+    parts = [
+        torch.cat([b[mine] for b, mine in data.shard_batches(9, 4, r, 2, drop_small_last=False)]) for r in range(2)
+    ]
+    assert sorted(torch.cat(parts).tolist()) == list(range(9))
+    assert [p.numel() for p in parts] == [5, 4]
