@@ -35,6 +35,13 @@ __all__ = ["squash", "dynamic_routing"]
 _F32 = torch.float32
 
 
+def _empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Every output and scratch buffer of the ops comes from here (uninitialised memory: each
+    kernel writes every element it owns). Tests replace it with a NaN-filled allocation so that
+    an element a kernel forgot to write, or a buffer read before it was written, fails loudly."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
 # --------------------------------------------------------------------------------------------
 # squash over the last dimension
 
@@ -42,7 +49,7 @@ _F32 = torch.float32
 @triton_op("capstriton::squash_forward", mutates_args=())
 def squash_forward(s: torch.Tensor) -> torch.Tensor:
     x = s.reshape(-1, s.shape[-1])  # a view whenever the strides allow one
-    v = torch.empty(x.shape, dtype=s.dtype, device=s.device)
+    v = _empty(x.shape, s.dtype, s.device)
     rows, dim = x.shape
     if rows > 0:
         cfg = squash_config(dim)
@@ -58,7 +65,7 @@ def squash_forward(s: torch.Tensor) -> torch.Tensor:
 def squash_backward(grad: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     x = s.reshape(-1, s.shape[-1])
     g = grad.reshape(-1, grad.shape[-1])  # stays a stride-0 view for expanded gradients
-    ds = torch.empty(x.shape, dtype=s.dtype, device=s.device)
+    ds = _empty(x.shape, s.dtype, s.device)
     rows, dim = x.shape
     if rows > 0:
         cfg = squash_config(dim)
@@ -95,10 +102,7 @@ def squash(s: torch.Tensor) -> torch.Tensor:
 def _saved_buffers(u_hat: torch.Tensor, iterations: int) -> tuple[torch.Tensor, torch.Tensor]:
     b, _, n_out, d = u_hat.shape
     shape = (iterations, b, n_out, d)
-    return (
-        torch.empty(shape, dtype=_F32, device=u_hat.device),
-        torch.empty(shape, dtype=_F32, device=u_hat.device),
-    )
+    return _empty(shape, _F32, u_hat.device), _empty(shape, _F32, u_hat.device)
 
 
 @triton_op("capstriton::routing_forward", mutates_args=())
@@ -106,15 +110,13 @@ def routing_forward(
     u_hat: torch.Tensor, iterations: int, grad_through_routing: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     batch, n_in, n_out, d = u_hat.shape
-    v = torch.empty((batch, n_out, d), dtype=u_hat.dtype, device=u_hat.device)
+    v = _empty((batch, n_out, d), u_hat.dtype, u_hat.device)
     s_saved, vsum_saved = _saved_buffers(u_hat, iterations)
     if batch == 0:
         return v, s_saved, vsum_saved
     cfg = routing_config(n_in, n_out, d, batch)
     split = cfg["SPLIT"]
-    partials = [
-        torch.empty((batch, split, n_out, d), dtype=_F32, device=u_hat.device) for _ in range(2)
-    ]
+    partials = [_empty((batch, split, n_out, d), _F32, u_hat.device) for _ in range(2)]
     for r in range(iterations):
         wrap_triton(routing_forward_kernel)[(batch, split)](
             u_hat, partials[(r + 1) % 2], partials[r % 2], s_saved, vsum_saved,
@@ -140,13 +142,13 @@ def routing_backward(
     grad_through_routing: bool,
 ) -> torch.Tensor:
     batch, n_in, n_out, d = u_hat.shape
-    du = torch.empty((batch, n_in, n_out, d), dtype=u_hat.dtype, device=u_hat.device)
+    du = _empty((batch, n_in, n_out, d), u_hat.dtype, u_hat.device)
     if batch == 0:
         return du
     cfg = routing_config(n_in, n_out, d, batch)
     split = cfg["SPLIT"]
-    ds_saved = torch.empty_like(s_saved)
-    dpartials = torch.empty((iterations, batch, split, n_out, d), dtype=_F32, device=u_hat.device)
+    ds_saved = _empty(s_saved.shape, _F32, u_hat.device)
+    dpartials = _empty((iterations, batch, split, n_out, d), _F32, u_hat.device)
     blocks = {"BLOCK_I": cfg["BLOCK_I"], "BLOCK_J": cfg["BLOCK_J"], "BLOCK_D": cfg["BLOCK_D"]}
     if grad_through_routing:
         for r in range(iterations - 1, 0, -1):
