@@ -114,7 +114,7 @@ def routing_forward(
     s_saved, vsum_saved = _saved_buffers(u_hat, iterations)
     if batch == 0:
         return v, s_saved, vsum_saved
-    cfg = routing_config(n_in, n_out, d, batch)
+    cfg = routing_config(int(n_in), int(n_out), int(d), batch)
     split = cfg["SPLIT"]
     partials = [_empty((batch, split, n_out, d), _F32, u_hat.device) for _ in range(2)]
     for r in range(iterations):
@@ -145,7 +145,7 @@ def routing_backward(
     du = _empty((batch, n_in, n_out, d), u_hat.dtype, u_hat.device)
     if batch == 0:
         return du
-    cfg = routing_config(n_in, n_out, d, batch)
+    cfg = routing_config(int(n_in), int(n_out), int(d), batch)
     split = cfg["SPLIT"]
     ds_saved = _empty(s_saved.shape, _F32, u_hat.device)
     dpartials = _empty((iterations, batch, split, n_out, d), _F32, u_hat.device)

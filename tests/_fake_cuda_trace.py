@@ -1,0 +1,72 @@
+"""Run in a subprocess without TRITON_INTERPRET (see test_compile_trace.py).
+
+Compiles capstriton functions and modules with ``torch.compile(fullgraph=True)`` on fake CUDA
+tensors, which a CPU-only torch can create, with an AOT backend that records the forward graph and
+stops before anything is executed. Prints one JSON line per case: the number of graphs and the
+call targets in them.
+"""
+
+import json
+import os
+import sys
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    sys.exit("TRITON_INTERPRET must not be set: under the interpreter wrap_triton returns the plain kernel")
+
+import torch  # noqa: E402
+from torch._functorch.aot_autograd import aot_module_simplified  # noqa: E402
+from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: E402
+
+import capstriton as ct  # noqa: E402
+
+
+class CapturedGraph(Exception):
+    """Raised by the forward compiler once the graph is recorded: nothing gets to run."""
+
+
+def capture(fn, *args):
+    graphs = []
+
+    def backend(gm, example_inputs):
+        def forward_compiler(graph_module, inputs):
+            graphs.append(graph_module)
+            raise CapturedGraph
+
+        return aot_module_simplified(gm, example_inputs, fw_compiler=forward_compiler)
+
+    torch._dynamo.reset()
+    try:
+        torch.compile(fn, fullgraph=True, backend=backend)(*args)
+    except Exception as exc:  # dynamo wraps what the backend raises
+        cause = exc
+        while cause is not None and not isinstance(cause, CapturedGraph):
+            cause = cause.__cause__ or cause.__context__
+        if cause is None:
+            raise
+    targets = [str(n.target) for g in graphs for n in g.graph.nodes if n.op == "call_function"]
+    return {"graphs": len(graphs), "targets": targets}
+
+
+def main():
+    results = {}
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        # Fake CUDA tensors cannot carry autograd state on a CPU-only build (no device guard), so
+        # these are inference graphs; the backward ops are checked on a GPU (tests marked cuda).
+        u_hat = torch.empty(4, 1152, 10, 16, device="cuda")
+        results["dynamic_routing"] = capture(lambda u: ct.dynamic_routing(u, 3, backend="auto"), u_hat)
+
+        layer = ct.nn.RoutingCapsules(37, 8, 10, 16, backend="auto")
+        params = {k: torch.empty(p.shape, device="cuda") for k, p in layer.named_parameters()}
+        u = torch.empty(4, 37, 8, device="cuda")
+        results["RoutingCapsules"] = capture(lambda p, x: torch.func.functional_call(layer, p, (x,)), params, u)
+
+        model = ct.models.CapsNet(backend="auto")
+        params = {k: torch.empty(p.shape, device="cuda") for k, p in model.named_parameters()}
+        x = torch.empty(2, 1, 28, 28, device="cuda")
+        results["CapsNet"] = capture(lambda p, x: torch.func.functional_call(model, p, (x,)), params, x)
+    for name, result in results.items():
+        print(json.dumps({"case": name, **result}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,95 @@
+"""Checks that need a real GPU: operator registration (opcheck) and compiled execution.
+
+They skip cleanly without CUDA; tests/test_kernels.py runs its numerical checks on the GPU too.
+"""
+
+import pytest
+import torch
+
+import capstriton as ct
+from capstriton import ops
+
+from conftest import requires_cuda
+
+pytestmark = [pytest.mark.cuda, requires_cuda]
+
+
+
+@pytest.fixture(autouse=True)
+def exact_float32():
+    """TF32 off for convolutions and matmuls, so float32 comparisons mean float32 arithmetic."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+TOL32 = 5e-6  # as tests/test_kernels.py: ~80 float32 ulps
+
+
+def rel_err(out, ref):
+    return float((out.double() - ref.double()).norm() / ref.double().norm())
+
+
+@pytest.mark.parametrize("grad_mode", [True, False], ids=["through", "detached"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_opcheck_routing(dtype, grad_mode):
+    u = torch.randn(3, 37, 10, 16, device="cuda", dtype=dtype, requires_grad=True)
+    torch.library.opcheck(ops.routing_forward, (u, 3, grad_mode))
+
+
+def test_opcheck_squash():
+    s = torch.randn(5, 37, 16, device="cuda", requires_grad=True)
+    torch.library.opcheck(ops.squash_forward, (s,))
+
+
+@pytest.mark.parametrize("grad_mode", [True, False], ids=["through", "detached"])
+def test_compiled_routing_matches_eager(grad_mode):
+    torch._dynamo.reset()
+    u = torch.randn(64, 1152, 10, 16, device="cuda", requires_grad=True)
+    g = torch.randn(64, 10, 16, device="cuda")
+
+    def fn(x):
+        return ct.dynamic_routing(x, 3, grad_through_routing=grad_mode, backend="triton")
+
+    v_eager = fn(u)
+    (du_eager,) = torch.autograd.grad(v_eager, u, g)
+    v_comp = torch.compile(fn, fullgraph=True)(u)
+    (du_comp,) = torch.autograd.grad(v_comp, u, g)
+    # the same kernels with the same launch parameters: identical results
+    assert torch.equal(v_eager, v_comp) and torch.equal(du_eager, du_comp)
+
+
+def test_compiled_capsnet_training_step_matches_eager():
+    torch._dynamo.reset()
+    model = ct.models.CapsNet(backend="auto").cuda()
+    x = torch.rand(8, 1, 28, 28, device="cuda")
+    y = torch.randint(0, 10, (8,), device="cuda")
+    loss_fn = ct.nn.CapsuleLoss()
+
+    def step(m):
+        v, rec = m(x, y)
+        loss = loss_fn(ct.nn.capsule_lengths(v), y, rec, x)
+        grads = torch.autograd.grad(loss, list(m.parameters()))
+        return loss, grads
+
+    loss_e, grads_e = step(model)
+    loss_c, grads_c = step(torch.compile(model, fullgraph=True))
+    # inductor fuses and reorders the convolutions' and the decoder's float32 arithmetic:
+    # agreement to float32 accumulation over ~1e4-term sums (well above 1e-7 per op)
+    assert abs(loss_e.item() - loss_c.item()) <= 1e-5 * abs(loss_e.item())
+    for ge, gc in zip(grads_e, grads_c):
+        assert rel_err(gc, ge) < 1e-4
+
+
+def test_capsnet_triton_matches_torch_backend():
+    model = ct.models.CapsNet(backend="triton").cuda()
+    x = torch.rand(16, 1, 28, 28, device="cuda")
+    v_triton, rec_triton = model(x)
+    for module in model.modules():
+        if hasattr(module, "backend"):
+            module.backend = "torch"
+    v_torch, rec_torch = model(x)
+    # identical convolutions; the routing differs by float32 summation order only
+    assert rel_err(v_triton, v_torch) < TOL32
+    assert rel_err(rec_triton, rec_torch) < 1e-5
