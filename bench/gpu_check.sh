@@ -33,9 +33,9 @@ export MPLBACKEND=Agg
 
 INSTALL_S=${CT_INSTALL_S:-30}
 TESTS_S=${CT_TESTS_S:-120}
-SWEEP_S=${CT_SWEEP_S:-255}
-HALF_S=${CT_HALF_S:-40}
-PLOT_S=${CT_PLOT_S:-20}
+SWEEP_S=${CT_SWEEP_S:-250}
+HALF_S=${CT_HALF_S:-35}
+PLOT_S=${CT_PLOT_S:-40}
 
 LOG="$OUT/check.log"
 : >"$LOG"
@@ -97,7 +97,7 @@ elif run install-editable "$INSTALL_S" "$LOG" "$PY" -m pip install --no-deps --n
     log "install: editable install ok"
 elif run install-target "$INSTALL_S" "$LOG" "$PY" -m pip install --no-deps --no-build-isolation --no-index --target /tmp/ctsite . &&
     export PYTHONPATH="/tmp/ctsite${PYTHONPATH:+:$PYTHONPATH}" &&
-    [[ ! -e capstriton/kernels ]] && ln -s ../kernels capstriton/kernels && check_import; then
+    { [[ -e capstriton/kernels ]] || ln -s ../kernels capstriton/kernels; } && check_import; then
     # /tmp/ctsite serves other directories; in the repository root the checkout's capstriton/
     # shadows it, so a link gives that one its kernels too (this copy of the tree only).
     log "install: --target /tmp/ctsite + PYTHONPATH ok"

@@ -187,12 +187,13 @@ def _figure(data: dict, title: str):
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     rows, cols = _panels(data)
     fig, axes = plt.subplots(
         max(len(rows), 1),
         max(len(cols), 1),
-        figsize=(4.6 * max(len(cols), 1), 3.4 * max(len(rows), 1)),
+        figsize=(max(4.6 * len(cols), 6.0), 3.4 * max(len(rows), 1) + 0.4),
         squeeze=False,
         constrained_layout=True,
     )
@@ -202,13 +203,14 @@ def _figure(data: dict, title: str):
         f"N_in={cfg.get('n_in')} N_out={cfg.get('n_out')} D_in={cfg.get('d_in')} "
         f"D={cfg.get('d')} iterations={cfg.get('iterations')}"
     )
-    fig.suptitle(f"{title}: {env['device']} ({shape}; torch {env['torch']})", fontsize=10)
+    fig.suptitle(f"{title}: {env['device']}\n{shape}; torch {env['torch']}", fontsize=9)
     panels = []
     for i, (op, mode) in enumerate(rows):
         for j, dtype in enumerate(cols):
             ax = axes[i][j]
             ax.set_title(f"{op}, {mode}, {dtype}", fontsize=9)
             ax.set_xscale("log", base=2)
+            ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x:g}"))
             ax.grid(True, which="both", alpha=0.3)
             ax.set_xlabel("batch size")
             panels.append((ax, op, mode, dtype))
