@@ -322,6 +322,13 @@ def git_revision() -> str | None:
     return rev + ("-dirty" if dirty else "")
 
 
+def _load_average() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
 def environment(device: torch.device, cfg: dict, args: argparse.Namespace) -> dict:
     try:
         import triton
@@ -338,6 +345,8 @@ def environment(device: torch.device, cfg: dict, args: argparse.Namespace) -> di
         "cuda": torch.version.cuda,
         "platform": platform.platform(),
         "cpu_threads": torch.get_num_threads(),
+        # Other processes skew CPU timings: the 1-minute load average says how busy it was.
+        "load_average_start": _load_average(),
         "capstriton_git": git_revision(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
@@ -610,6 +619,7 @@ def main(argv=None) -> dict:
         for op, impl, mode, dtype, bs in groups:
             run_group(op, impl, mode, dtype, bs, cfg, device, args, deadline, on_row)
 
+    data["environment"]["load_average_end"] = _load_average()
     data["summary"] = plot_results.summarize(data)
     write_json(path, data)
     print(f"wrote {path}")
