@@ -23,7 +23,9 @@ backward (DESIGN.md section 1), gradient through routing: ``routing_backward_red
     step's terms accumulated in registers, so ``du`` is written once and nothing of u's size is
     stored per iteration. Without gradient through routing only ``du = c_{R-1} ds_{R-1}`` remains.
 
-All arithmetic is float32 whatever the input dtype. Offsets into ``u`` are int64.
+All arithmetic is float32 whatever the input dtype. Offsets into ``u`` are int64. Arguments that
+change with the batch size (``B``, ``SPLIT``, ``caps_per_split``) or the iteration are excluded
+from Triton's integer specialisation (``== 1``, divisibility by 16), so neither recompiles.
 """
 
 from __future__ import annotations
@@ -88,7 +90,7 @@ def _logit_grad(b_u, b_c, b_ds):
     return b_c * (b_a - tl.sum(b_c * b_a, axis=1)[:, None])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["B", "SPLIT", "caps_per_split", "r"])
 def routing_forward_kernel(
     u_ptr,  # [B, N_in, N_out, D] predictions u_hat, any float dtype, strides stride_u*
     part_in_ptr,  # [B, SPLIT, N_out, D] f32 partial s of iteration r-1 (unused when FIRST)
@@ -145,7 +147,7 @@ def routing_forward_kernel(
     tl.store(part_out_ptr + (i_b * SPLIT + i_k) * caps_size + o_jd, b_acc, mask=m_jd)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["B", "SPLIT", "last"])
 def routing_finalize_kernel(
     part_ptr,  # [B, SPLIT, N_out, D] f32 partial s of the last iteration
     s_buf_ptr,  # [R, B, N_out, D] f32 saved s_r (slot R-1 written here)
@@ -187,7 +189,7 @@ def _incoming_grad(dv_ptr, dpart_ptr, i_b, r, R, B, SPLIT, caps_size, o_j, o_d, 
     return b_dv
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["B", "SPLIT", "caps_per_split", "r"])
 def routing_backward_reduce_kernel(
     u_ptr,  # [B, N_in, N_out, D] predictions, strides stride_u*
     dv_ptr,  # [B, N_out, D] gradient of v, strides stride_g* (may be 0: expanded)
@@ -240,7 +242,7 @@ def routing_backward_reduce_kernel(
     tl.store(dpart_ptr + ((r * B + i_b) * SPLIT + i_k) * caps_size + o_jd, b_acc, mask=m_jd)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["B", "SPLIT", "caps_per_split"])
 def routing_backward_final_kernel(
     u_ptr,  # [B, N_in, N_out, D] predictions, strides stride_u*
     dv_ptr,  # [B, N_out, D] gradient of v, strides stride_g*

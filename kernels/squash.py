@@ -65,7 +65,7 @@ def squash_vjp(b_x, b_dv):
     return b_g1[:, None] * b_dv + b_unit * (b_dot * b_g2)[:, None]
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["R"])
 def squash_forward_kernel(
     x_ptr,  # [R, D] input rows, any float dtype, strides (stride_xr, stride_xd)
     v_ptr,  # [R, D] output rows, dtype of x, contiguous
@@ -86,7 +86,7 @@ def squash_forward_kernel(
     tl.store(v_ptr + o_r[:, None] * D + o_d[None, :], b_v.to(v_ptr.dtype.element_ty), mask=m_x)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["R"])
 def squash_backward_kernel(
     x_ptr,  # [R, D] the forward input s, strides (stride_xr, stride_xd)
     dv_ptr,  # [R, D] incoming gradient, strides (stride_gr, stride_gd) (may be 0: expanded)
