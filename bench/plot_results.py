@@ -98,6 +98,10 @@ def _fmt(x, spec: str) -> str:
     return "-" if x is None else format(x, spec)
 
 
+def _fmt_ms(x) -> str:
+    return "-" if x is None else f"{x:,.0f}" if x >= 100 else f"{x:.3g}"
+
+
 def summary_markdown(data: dict, dtype: str = "float32", batch: int = SUMMARY_BATCH) -> str:
     """The summary as a Markdown table (for the notebook and the README)."""
     lines = [
@@ -107,7 +111,7 @@ def summary_markdown(data: dict, dtype: str = "float32", batch: int = SUMMARY_BA
     for e in summarize(data, dtype, batch):
         lines.append(
             f"| {e['op']} | {e['mode']} | {e['implementation']} | {e['batch_size']} "
-            f"| {_fmt(e['examples_per_s'], ',.0f')} | {_fmt(e['time_ms_median'], '.4g')} "
+            f"| {_fmt(e['examples_per_s'], ',.0f')} | {_fmt_ms(e['time_ms_median'])} "
             f"| {_fmt(e['speedup_vs_eager'], '.2f')} | {_fmt(e['speedup_vs_compile'], '.2f')} "
             f"| {_fmt(e['memory_fraction_of_eager'], '.2f')} |"
         )
