@@ -1,0 +1,686 @@
+"""Offline kernel report: compile every capstriton kernel for an NVIDIA target without a GPU.
+
+For a set of representative shapes this script records the kernel launches the library really
+makes (it runs the ``capstriton.ops`` operators on fake CUDA tensors with ``wrap_triton``
+replaced by a recorder, so the kernels, arguments, constexprs and ``num_warps`` are exactly what
+``ops.py`` passes), specialises the integer and pointer arguments as a real launch would (ints
+equal to 1 become constexprs, multiples of 16 and fresh allocations get ``tt.divisibility=16``),
+compiles each distinct compilation once with ``triton.compile`` for the target, and reads the
+cubin with the tools shipped in the triton package (``ptxas -v``, ``cuobjdump``):
+
+    registers per thread, spill stores/loads, stack, shared memory, theoretical occupancy
+    (resident warps per SM from registers, shared memory and the warp/block limits), and SASS
+    instruction counts (FFMA, MMA, MUFU, global loads/stores by width, local memory).
+
+A table goes to stdout and ``<arch>.json`` to ``--out``. Nothing launches a kernel and
+``triton.runtime.driver`` is never touched, so it runs on a machine without a GPU (and without
+``TRITON_INTERPRET``, which is removed from the environment before triton is imported).
+
+    python bench/kernel_report.py                      # sm_90, every shape set
+    python bench/kernel_report.py --arch sm_90 sm_80 --out bench/results/kernel_report
+    python bench/kernel_report.py --shapes digitcaps --fail-on-spill
+
+Numbers are per compiled kernel; see README.md, section "Kernel report", for how to read them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+
+os.environ.pop("TRITON_INTERPRET", None)  # must precede the first import of triton
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+
+# ---------------------------------------------------------------------------------------------
+# targets
+
+#: Per-SM limits used for the theoretical occupancy (CUDA C Programming Guide, table of compute
+#: capabilities). ``smem_per_sm`` is the shared memory an SM can give to resident blocks;
+#: every block also costs ``smem_reserved`` bytes reserved by the runtime.
+ARCHS = {
+    "sm_90": {
+        "capability": 90,
+        "regs_per_sm": 65536,
+        "max_warps_per_sm": 64,
+        "max_blocks_per_sm": 32,
+        "reg_alloc_unit": 256,  # registers, per warp
+        "max_regs_per_thread": 255,
+        "smem_per_sm": 228 * 1024,
+        "smem_reserved": 1024,
+    },
+    "sm_80": {
+        "capability": 80,
+        "regs_per_sm": 65536,
+        "max_warps_per_sm": 64,
+        "max_blocks_per_sm": 32,
+        "reg_alloc_unit": 256,
+        "max_regs_per_thread": 255,
+        "smem_per_sm": 164 * 1024,
+        "smem_reserved": 1024,
+    },
+}
+
+# ---------------------------------------------------------------------------------------------
+# shapes: what the library is asked to run
+
+
+@dataclass(frozen=True)
+class RoutingCase:
+    n_in: int
+    n_out: int
+    dim: int
+    batch: int
+    dtype: str
+    iterations: int = 3
+
+    @property
+    def label(self) -> str:
+        return f"routing {self.n_in}x{self.n_out}x{self.dim} B={self.batch} R={self.iterations} {self.dtype}"
+
+
+@dataclass(frozen=True)
+class SquashCase:
+    shape: tuple
+    dtype: str
+
+    @property
+    def label(self) -> str:
+        return f"squash {'x'.join(map(str, self.shape))} {self.dtype}"
+
+
+DTYPES = ("fp32", "fp16", "bf16")
+
+
+def shape_sets() -> dict[str, list]:
+    """Named sets of cases. ``digitcaps`` is the paper's layer, ``odd`` stresses the masks and
+    the block heuristics with sizes that are not powers of two."""
+    digitcaps = [RoutingCase(1152, 10, 16, b, dt) for dt in DTYPES for b in (1, 64, 1024)]
+    digitcaps += [SquashCase((64, 1152, 8), dt) for dt in DTYPES]  # PrimaryCaps rows, D = 8
+    digitcaps += [SquashCase((64, 10, 16), dt) for dt in DTYPES]  # DigitCaps outputs, D = 16
+    odd = [
+        RoutingCase(37, 3, 33, 5, "fp32"),
+        RoutingCase(7, 2, 5, 3, "fp32"),
+        RoutingCase(37, 3, 33, 5, "bf16"),
+        RoutingCase(1152, 10, 1, 64, "fp32"),
+        RoutingCase(1, 1, 256, 2, "fp32"),
+        SquashCase((1000, 1), "fp32"),
+        SquashCase((999, 256), "fp32"),
+        SquashCase((37, 33), "fp16"),
+    ]
+    return {"digitcaps": digitcaps, "odd": odd, "all": digitcaps + odd}
+
+
+# ---------------------------------------------------------------------------------------------
+# recording the launches of capstriton.ops
+
+
+@dataclass
+class Launch:
+    case: str
+    kernel: str
+    grid: tuple
+    args: list  # ("tensor", dtype str) or ("int", value) ...
+    kwargs: dict
+
+
+_TORCH_TO_TRITON = {"torch.float32": "fp32", "torch.float16": "fp16", "torch.bfloat16": "bf16"}
+
+
+def record_launches(cases) -> list[Launch]:
+    """Run the ops on fake CUDA tensors with ``wrap_triton`` replaced by a recorder."""
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    import capstriton.ops as ops
+
+    dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    launches: list[Launch] = []
+    label = [""]
+
+    def describe(a):
+        if isinstance(a, torch.Tensor):
+            return ("tensor", _TORCH_TO_TRITON[str(a.dtype)])
+        if isinstance(a, bool):
+            return ("bool", a)
+        if isinstance(a, int):
+            return ("int", int(a))
+        if isinstance(a, float):
+            return ("float", a)
+        raise TypeError(f"unexpected kernel argument {a!r}")
+
+    class Recorder:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launches.append(
+                    Launch(
+                        label[0],
+                        self.kernel.__name__,
+                        tuple(int(g) for g in grid),
+                        [describe(a) for a in args],
+                        dict(kwargs),
+                    )
+                )
+
+            return launch
+
+    saved = ops.wrap_triton
+    ops.wrap_triton = Recorder
+    try:
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            for case in cases:
+                dt = dtypes[case.dtype]
+                if isinstance(case, RoutingCase):
+                    u = torch.empty(case.batch, case.n_in, case.n_out, case.dim, dtype=dt, device="cuda")
+                    for grad_through in (True, False):
+                        label[0] = f"{case.label} grad_through={grad_through}"
+                        v, s_saved, vsum_saved = ops.routing_forward(u, case.iterations, grad_through)
+                        # a contiguous incoming gradient, as from the margin loss
+                        g = torch.empty_like(v)
+                        ops.routing_backward(g, u, s_saved, vsum_saved, case.iterations, grad_through)
+                else:
+                    label[0] = case.label
+                    s = torch.empty(case.shape, dtype=dt, device="cuda")
+                    ops.squash_forward(s)
+                    ops.squash_backward(torch.empty_like(s), s)
+    finally:
+        ops.wrap_triton = saved
+    return launches
+
+
+# ---------------------------------------------------------------------------------------------
+# from a launch to a compilation (signature, constexprs, attrs) as triton's launcher builds it
+
+
+def _kernels() -> dict:
+    from capstriton.kernels import routing, squash
+
+    found = {}
+    for module in (routing, squash):
+        for name in dir(module):
+            obj = getattr(module, name)
+            if isinstance(obj, triton.runtime.jit.JITFunction) and name.endswith("_kernel"):
+                found[name] = (obj, module)
+    return found
+
+
+def _specialize(backend_cls, value, specialize: bool, align: bool):
+    """``(type, key)`` of one argument, as the launcher computes it."""
+    try:
+        from triton._C.libtriton import native_specialize_impl
+    except ImportError:  # older triton: the same rules, written out
+        native_specialize_impl = None
+    if native_specialize_impl is not None:
+        return native_specialize_impl(backend_cls, value, False, specialize, align)
+    if isinstance(value, triton.runtime.jit.MockTensor):
+        return "*" + _dtype_name(value.dtype), "D" if align else ""
+    if isinstance(value, bool):
+        return "u1", None
+    if specialize and value == 1:
+        return "constexpr", 1
+    ty = "i32" if -(2**31) <= value < 2**31 else ("u64" if value >= 2**63 else "i64")
+    return ty, ("D" if specialize and align and value % 16 == 0 else "")
+
+
+def _dtype_name(dtype) -> str:
+    return _TORCH_TO_TRITON.get(str(dtype), str(dtype))
+
+
+def compilation_of(launch: Launch, kernels: dict, backend_cls) -> dict:
+    """The key of one compilation: kernel, signature, constexprs, divisibility, options."""
+    import torch
+
+    fn, _ = kernels[launch.kernel]
+    params = fn.params
+    kwargs = dict(launch.kwargs)
+    options = {"num_warps": kwargs.pop("num_warps", 4)}
+    for opt in ("num_stages", "num_ctas", "maxnreg"):
+        if opt in kwargs:
+            options[opt] = kwargs.pop(opt)
+    torch_dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    values = list(launch.args) + [None] * (len(params) - len(launch.args))
+    signature, constexprs, attrs, specialised = {}, {}, {}, []
+    for i, p in enumerate(params):
+        if p.name in kwargs:
+            value = ("const", kwargs.pop(p.name))
+        elif values[i] is None and p.has_default:
+            value = ("const", p.default)
+        else:
+            value = values[i]
+        if p.is_constexpr:
+            signature[p.name] = "constexpr"
+            constexprs[p.name] = value[1]
+            continue
+        kind, v = value
+        arg = triton.runtime.jit.MockTensor(torch_dtypes[v]) if kind == "tensor" else v
+        ty, key = _specialize(backend_cls, arg, not p.do_not_specialize, not p.do_not_specialize_on_alignment)
+        if ty == "constexpr":
+            signature[p.name] = "constexpr"
+            constexprs[p.name] = key
+            specialised.append(f"{p.name}=1")
+            continue
+        signature[p.name] = ty
+        if key == "D":
+            attrs[p.name] = 16
+            if not ty.startswith("*"):
+                specialised.append(f"{p.name}%16")
+    if kwargs:
+        raise ValueError(f"{launch.kernel}: unknown keyword arguments {sorted(kwargs)}")
+    return {
+        "kernel": launch.kernel,
+        "signature": signature,
+        "constexprs": constexprs,
+        "divisibility": attrs,
+        "options": options,
+        "specialised": specialised,
+    }
+
+
+def _key(comp: dict) -> str:
+    return json.dumps(
+        [comp["kernel"], comp["signature"], comp["constexprs"], comp["divisibility"], comp["options"]],
+        sort_keys=True,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# compiling and reading the cubin
+
+
+def _tool(name: str) -> str:
+    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+    if not os.path.exists(path):  # a triton that finds its tools elsewhere
+        from triton import knobs
+
+        path = getattr(knobs.nvidia, name).path
+    return path
+
+
+_PTXAS_RE = {
+    "stack": re.compile(r"(\d+) bytes stack frame"),
+    "spill_stores": re.compile(r"(\d+) bytes spill stores"),
+    "spill_loads": re.compile(r"(\d+) bytes spill loads"),
+    "registers": re.compile(r"Used (\d+) registers"),
+}
+
+
+def _parse_ptxas(log: str) -> dict | None:
+    out = {}
+    for name, rx in _PTXAS_RE.items():
+        m = rx.search(log)
+        if m is None:
+            return None
+        out[name] = int(m.group(1))
+    return out
+
+
+def _run_ptxas(ptx: str, arch: str) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        res = subprocess.run(
+            [_tool("ptxas"), "-v", "-lineinfo", f"--gpu-name={arch}", src, "-o", os.path.join(tmp, "k.o")],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+    return _parse_ptxas(res.stdout + res.stderr)
+
+
+_INSN_RE = re.compile(r"^\s*/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", re.M)
+
+
+def sass_counts(sass: str) -> dict:
+    """Instruction counts that matter for these kernels, from ``cuobjdump -sass`` text."""
+    ops = _INSN_RE.findall(sass)
+    c = {
+        "total": len(ops),
+        "FFMA": 0,
+        "FMUL": 0,
+        "FADD": 0,
+        "MMA": 0,
+        "MUFU": 0,
+        "SHFL": 0,
+        "LDS": 0,
+        "STS": 0,
+        "LDL": 0,
+        "STL": 0,
+        "BAR": 0,
+    }
+    for kind in ("LDG", "STG"):
+        for width in (128, 64, 32, 16, 8):
+            c[f"{kind}.{width}"] = 0
+    for op in ops:
+        parts = op.split(".")
+        base = parts[0]
+        if base in ("FFMA", "FMUL", "FADD", "MUFU", "SHFL", "LDS", "STS", "LDL", "STL", "BAR"):
+            c[base] += 1
+        elif base in ("HMMA", "HGMMA", "IMMA", "WGMMA") or base.endswith("MMA") and base != "HFMA2":
+            c["MMA"] += 1
+        elif base in ("LDG", "STG"):
+            width = 32
+            for p in parts[1:]:
+                if p in ("128", "64"):
+                    width = int(p)
+                elif p in ("U16", "S16"):
+                    width = 16
+                elif p in ("U8", "S8"):
+                    width = 8
+            c[f"{base}.{width}"] += 1
+    return c
+
+
+def _resource_usage(cubin_path: str) -> dict:
+    out = subprocess.run(
+        [_tool("cuobjdump"), "--dump-resource-usage", cubin_path], capture_output=True, text=True, check=True
+    ).stdout
+    m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", out)
+    if m is None:
+        raise RuntimeError(f"cannot read cuobjdump --dump-resource-usage output:\n{out}")
+    reg, stack, shared, local = map(int, m.groups())
+    return {"registers": reg, "stack": stack, "static_shared": shared, "local": local}
+
+
+def occupancy(arch: str, registers: int, num_warps: int, shared_bytes: int) -> dict:
+    """Theoretical resident warps per SM and which limit decides it."""
+    a = ARCHS[arch]
+    unit = a["reg_alloc_unit"]
+    regs_per_warp = -(-max(registers, 1) * 32 // unit) * unit
+    limits = {
+        "warps": a["max_warps_per_sm"] // num_warps,
+        "blocks": a["max_blocks_per_sm"],
+        "registers": (a["regs_per_sm"] // regs_per_warp) // num_warps,
+        "shared": a["smem_per_sm"] // (shared_bytes + a["smem_reserved"]),
+    }
+    blocks = min(limits.values())
+    limiter = min(limits, key=lambda k: (limits[k], k != "registers"))
+    warps = blocks * num_warps
+    return {
+        "blocks_per_sm": blocks,
+        "warps_per_sm": warps,
+        "occupancy": warps / a["max_warps_per_sm"],
+        "limiter": limiter,
+    }
+
+
+_WORKER_STATE: dict = {}
+
+
+def compile_one(comp: dict, arch: str) -> dict:
+    """Compile one configuration for ``arch`` and read its resources and SASS."""
+    if "kernels" not in _WORKER_STATE:
+        _WORKER_STATE["kernels"] = _kernels()
+    fn, _ = _WORKER_STATE["kernels"][comp["kernel"]]
+    t0 = time.perf_counter()
+    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", d]] for n, d in comp["divisibility"].items()}
+    src = triton.compiler.ASTSource(
+        fn=fn, signature=dict(comp["signature"]), constexprs=dict(comp["constexprs"]), attrs=attrs
+    )
+    target = GPUTarget("cuda", ARCHS[arch]["capability"], 32)
+    log = io.StringIO()
+    knobs = getattr(triton, "knobs", None)
+    nv = getattr(knobs, "nvidia", None) if knobs is not None else None
+    ctx = nv.scope() if nv is not None and hasattr(nv, "scope") else contextlib.nullcontext()
+    with ctx, contextlib.redirect_stdout(log):
+        if nv is not None and hasattr(nv, "dump_ptxas_log"):
+            nv.dump_ptxas_log = True  # ptxas -v output of this very compilation, when not cached
+        kernel = triton.compile(src, target=target, options=dict(comp["options"]))
+    ptxas = _parse_ptxas(log.getvalue())
+    if ptxas is None:  # a cache hit (no ptxas run): run ptxas -v on the same PTX
+        ptxas = _run_ptxas(kernel.asm["ptx"], "sm_90a" if arch == "sm_90" else arch)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(kernel.asm["cubin"])
+        usage = _resource_usage(path)
+        sass = subprocess.run([_tool("cuobjdump"), "-sass", path], capture_output=True, text=True, check=True).stdout
+    md = kernel.metadata
+    num_warps = int(md.num_warps)
+    dynamic_shared = int(md.shared or 0)
+    shared = dynamic_shared + usage["static_shared"]
+    return {
+        "arch": arch,
+        "kernel": comp["kernel"],
+        "num_warps": num_warps,
+        "num_stages": int(md.num_stages),
+        "registers": ptxas["registers"],
+        "spill_stores": ptxas["spill_stores"],
+        "spill_loads": ptxas["spill_loads"],
+        "stack": ptxas["stack"],
+        "local": usage["local"],
+        "shared": shared,
+        "dynamic_shared": dynamic_shared,
+        "static_shared": usage["static_shared"],
+        **occupancy(arch, ptxas["registers"], num_warps, shared),
+        "sass": sass_counts(sass),
+        "compile_s": round(time.perf_counter() - t0, 3),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# report
+
+
+@dataclass
+class Row:
+    comp: dict
+    cases: list = field(default_factory=list)
+    result: dict | None = None
+
+
+def _blocks(comp: dict) -> str:
+    c = comp["constexprs"]
+    if "BLOCK_I" in c:
+        return f"I{c['BLOCK_I']} J{c['BLOCK_J']} D{c['BLOCK_D']}"
+    if "BLOCK_R" in c:
+        return f"R{c['BLOCK_R']} D{c['BLOCK_D']}"
+    return f"J{c.get('BLOCK_J')} D{c.get('BLOCK_D')}"
+
+
+def _variant(comp: dict) -> str:
+    c = comp["constexprs"]
+    flags = [f"{k}={int(v)}" for k, v in c.items() if k in ("FIRST", "GRAD_THROUGH")]
+    return ",".join(flags)
+
+
+def _dtype(comp: dict) -> str:
+    ptrs = [t[1:] for t in comp["signature"].values() if t.startswith("*")]
+    narrow = [t for t in ptrs if t != "fp32"]
+    return narrow[0] if narrow else "fp32"
+
+
+_SHORT = {
+    "routing_forward_kernel": "rt_forward",
+    "routing_finalize_kernel": "rt_finalize",
+    "routing_backward_reduce_kernel": "rt_bwd_reduce",
+    "routing_backward_final_kernel": "rt_bwd_final",
+    "squash_forward_kernel": "sq_forward",
+    "squash_backward_kernel": "sq_backward",
+}
+
+
+def format_table(rows: list[Row]) -> str:
+    head = [
+        "kernel",
+        "variant",
+        "dtype",
+        "blocks",
+        "w",
+        "st",
+        "regs",
+        "spill st/ld",
+        "stack",
+        "smem",
+        "warps/SM",
+        "limit",
+        "FFMA",
+        "MUFU",
+        "MMA",
+        "LDG 128/64/32/16",
+        "STG 128/64/32/16",
+        "LDL/STL",
+        "ints =1 / %16",
+        "cases",
+    ]
+    lines = []
+    for row in rows:
+        r, comp = row.result, row.comp
+        s = r["sass"]
+        lines.append(
+            [
+                _SHORT.get(comp["kernel"], comp["kernel"]),
+                _variant(comp),
+                _dtype(comp),
+                _blocks(comp),
+                str(r["num_warps"]),
+                str(r["num_stages"]),
+                str(r["registers"]),
+                f"{r['spill_stores']}/{r['spill_loads']}",
+                str(r["stack"]),
+                str(r["shared"]),
+                f"{r['warps_per_sm']} ({r['occupancy']:.0%})",
+                r["limiter"],
+                str(s["FFMA"]),
+                str(s["MUFU"]),
+                str(s["MMA"]),
+                "/".join(str(s[f"LDG.{w}"]) for w in (128, 64, 32, 16)),
+                "/".join(str(s[f"STG.{w}"]) for w in (128, 64, 32, 16)),
+                f"{s['LDL']}/{s['STL']}",
+                " ".join(comp["specialised"]) or "-",
+                _cases_summary(row.cases),
+            ]
+        )
+    widths = [max(len(h), *(len(line[i]) for line in lines)) if lines else len(h) for i, h in enumerate(head)]
+    out = ["  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True))]
+    out.append("  ".join("-" * w for w in widths))
+    out += ["  ".join(v.ljust(w) for v, w in zip(line, widths, strict=True)) for line in lines]
+    return "\n".join(out)
+
+
+def _cases_summary(cases: list[str]) -> str:
+    uniq = sorted(set(c.replace(" grad_through=True", "").replace(" grad_through=False", "") for c in cases))
+    return "; ".join(uniq[:3]) + (f"; +{len(uniq) - 3} more" if len(uniq) > 3 else "")
+
+
+def spill_exceptions() -> dict:
+    """Deliberate spills, documented beside the kernel: ``SPILL_EXCEPTIONS = {kernel: reason}``
+    in its module (none today)."""
+    out = {}
+    for _, module in _kernels().values():
+        out.update(getattr(module, "SPILL_EXCEPTIONS", {}))
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", nargs="+", choices=sorted(ARCHS), default=["sm_90"])
+    parser.add_argument("--out", default=None, help="folder for <arch>.json (default: no JSON)")
+    parser.add_argument("--shapes", choices=sorted(shape_sets()), default="all")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compiler processes")
+    parser.add_argument(
+        "--fail-on-spill",
+        action="store_true",
+        help="exit 1 if a configuration spills (bar documented SPILL_EXCEPTIONS)",
+    )
+    args = parser.parse_args(argv)
+
+    t_start = time.perf_counter()
+    cases = shape_sets()[args.shapes]
+    launches = record_launches(cases)
+    kernels = _kernels()
+    from triton.compiler.compiler import make_backend
+
+    rows: dict[str, Row] = {}
+    for launch in launches:
+        backend_cls = type(make_backend(GPUTarget("cuda", 90, 32)))
+        comp = compilation_of(launch, kernels, backend_cls)
+        row = rows.setdefault(_key(comp), Row(comp))
+        row.cases.append(launch.case)
+    missing = sorted(set(kernels) - {r.comp["kernel"] for r in rows.values()})
+    if missing:
+        print(f"warning: kernels never launched by these shapes: {missing}", file=sys.stderr)
+
+    order = list(rows.values())
+    status = 0
+    exceptions = spill_exceptions()
+    for arch in args.arch:
+        t_arch = time.perf_counter()
+        jobs = [(row.comp, arch) for row in order]
+        if args.jobs > 1:
+            import multiprocessing as mp
+
+            with ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("fork")) as pool:
+                results = list(pool.map(compile_one, *zip(*jobs, strict=True)))
+        else:
+            results = [compile_one(c, a) for c, a in jobs]
+        arch_rows = [Row(row.comp, row.cases, res) for row, res in zip(order, results, strict=True)]
+        arch_rows.sort(key=lambda r: (r.comp["kernel"], _dtype(r.comp), _blocks(r.comp), _variant(r.comp)))
+        elapsed = time.perf_counter() - t_arch
+        print(
+            f"\n== {arch}: {len(arch_rows)} distinct compilations from {len(launches)} launches "
+            f"of {len(cases)} cases ({elapsed:.1f} s) =="
+        )
+        print(format_table(arch_rows))
+        spills = [r for r in arch_rows if r.result["spill_stores"] or r.result["spill_loads"]]
+        bad = [r for r in spills if r.comp["kernel"] not in exceptions]
+        if spills:
+            print(f"\n{len(spills)} configuration(s) spill on {arch}:")
+            for r in spills:
+                note = exceptions.get(r.comp["kernel"], "NOT DOCUMENTED")
+                print(
+                    f"  {r.comp['kernel']} {_blocks(r.comp)} {_dtype(r.comp)}: "
+                    f"{r.result['spill_stores']}/{r.result['spill_loads']} bytes ({note})"
+                )
+        if bad and args.fail_on_spill:
+            status = 1
+        if args.out:
+            os.makedirs(args.out, exist_ok=True)
+            doc = {
+                "arch": arch,
+                "limits": ARCHS[arch],
+                "versions": {"triton": triton.__version__, "python": platform.python_version()},
+                "shapes": args.shapes,
+                "cases": [c.label for c in cases],
+                "launches": len(launches),
+                "elapsed_s": round(elapsed, 1),
+                "kernels": [
+                    {
+                        **r.result,
+                        "dtype": _dtype(r.comp),
+                        "blocks": {k: v for k, v in r.comp["constexprs"].items() if k.startswith("BLOCK_")},
+                        "constexprs": r.comp["constexprs"],
+                        "signature": r.comp["signature"],
+                        "divisibility": r.comp["divisibility"],
+                        "specialised": r.comp["specialised"],
+                        "cases": sorted(set(r.cases)),
+                    }
+                    for r in arch_rows
+                ],
+            }
+            path = os.path.join(args.out, f"{arch}.json")
+            with open(path, "w") as f:
+                json.dump(doc, f, indent=1)
+                f.write("\n")
+            print(f"wrote {path}")
+    print(f"\ntotal {time.perf_counter() - t_start:.1f} s")
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
