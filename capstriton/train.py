@@ -449,6 +449,7 @@ def _plot_curves(history: list[dict], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     epochs = [h["epoch"] for h in history]
     fig, (ax_loss, ax_err) = plt.subplots(1, 2, figsize=(10, 4))
@@ -461,6 +462,9 @@ def _plot_curves(history: list[dict], path: Path) -> None:
     if all(100 * h["test_error"] > 0 and h["train_accuracy"] < 1 for h in history):
         ax_err.set_yscale("log")
     for ax in (ax_loss, ax_err):
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
