@@ -149,20 +149,20 @@ def routing_backward(
     split = cfg["SPLIT"]
     ds_saved = _empty(s_saved.shape, _F32, u_hat.device)
     dpartials = _empty((iterations, batch, split, n_out, d), _F32, u_hat.device)
-    blocks = {"BLOCK_I": cfg["BLOCK_I"], "BLOCK_J": cfg["BLOCK_J"], "BLOCK_D": cfg["BLOCK_D"]}
+    blocks = {"BLOCK_I": cfg["BLOCK_I_BWD"], "BLOCK_J": cfg["BLOCK_J"], "BLOCK_D": cfg["BLOCK_D"]}
     if grad_through_routing:
         for r in range(iterations - 1, 0, -1):
             wrap_triton(routing_backward_reduce_kernel)[(batch, split)](
                 u_hat, grad_v, s_saved, vsum_saved, ds_saved, dpartials,
                 batch, n_in, n_out, d, split, cfg["caps_per_split"], r, iterations,
                 *u_hat.stride(), *grad_v.stride(),
-                **blocks, num_warps=cfg["num_warps"],
+                **blocks, num_warps=cfg["num_warps_bwd"],
             )
     wrap_triton(routing_backward_final_kernel)[(batch, split)](
         u_hat, grad_v, s_saved, vsum_saved, ds_saved, dpartials, du,
         batch, n_in, n_out, d, split, cfg["caps_per_split"], iterations,
         *u_hat.stride(), *grad_v.stride(),
-        **blocks, GRAD_THROUGH=grad_through_routing, num_warps=cfg["num_warps"],
+        **blocks, GRAD_THROUGH=grad_through_routing, num_warps=cfg["num_warps_bwd"],
     )
     return du
 

@@ -316,11 +316,19 @@ def routing_config(n_in: int, n_out: int, dim: int, batch: int) -> dict:
     Tile: about 4096 float32 elements of u per program-iteration (32 registers a thread with
     4 warps), never splitting N_out. ``SPLIT``/``caps_per_split`` are runtime arguments: the
     batch size changes the grid, never the compiled kernel.
+
+    The backward kernels (``BLOCK_I_BWD``, ``num_warps_bwd``) take tiles of about 2048 elements:
+    they hold u, the coupling and logit-gradient tiles and, in the final pass, the du tile at
+    once. With the forward's 4096 the reduce pass spilled on sm_90 (fp32 DigitCaps, 80 registers,
+    8 bytes) and the final pass through routing used 143 registers (12 warps per SM); see
+    ``bench/kernel_report.py``. ``caps_per_split`` stays a multiple of both block sizes.
     """
     block_j = triton.next_power_of_2(n_out)
     block_d = triton.next_power_of_2(dim)
     block_i = max(1, min(64, 4096 // (block_j * block_d), triton.next_power_of_2(n_in)))
     num_warps = 4 if block_i * block_j * block_d <= 4096 else 8
+    block_i_bwd = max(1, min(block_i, 2048 // (block_j * block_d)))
+    num_warps_bwd = 4 if block_i_bwd * block_j * block_d <= 4096 else 8
     tiles = triton.cdiv(n_in, block_i)
     splits = max(1, min(tiles, triton.cdiv(TARGET_PROGRAMS, max(batch, 1))))
     caps_per_split = triton.cdiv(tiles, splits) * block_i
@@ -330,6 +338,8 @@ def routing_config(n_in: int, n_out: int, dim: int, batch: int) -> dict:
         "BLOCK_J": block_j,
         "BLOCK_D": block_d,
         "num_warps": num_warps,
+        "BLOCK_I_BWD": block_i_bwd,
+        "num_warps_bwd": num_warps_bwd,
         "SPLIT": splits,
         "caps_per_split": caps_per_split,
     }
