@@ -70,9 +70,10 @@ else
     SIZES=()  # the paper's DigitCaps
     FULL_BATCHES=(1 2 4 8 16 32 64 128 256 512 1024 2048 4096)
     HALF_BATCHES=(64 1024 4096)
-    # Everything on the GPU but the CPU-only torch.compile test of the sweep (a minute of
-    # C++ compilation that says nothing about the GPU).
-    TESTS=(tests/ --deselect tests/test_bench.py::test_compile_implementation_on_cpu)
+    # The checks that mean something on a GPU: the kernels against the float64 reference,
+    # opcheck and compiled execution, the fullgraph trace, input validation. The rest of the
+    # suite is CPU-only and runs in CI.
+    TESTS=(tests/test_cuda.py tests/test_kernels.py tests/test_compile_trace.py tests/test_validation.py)
     IMPLS=(eager triton compile module fused)
 fi
 
