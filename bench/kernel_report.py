@@ -12,9 +12,10 @@ cubin with the tools shipped in the triton package (``ptxas -v``, ``cuobjdump``)
     (resident warps per SM from registers, shared memory and the warp/block limits), and SASS
     instruction counts (FFMA, MMA, MUFU, global loads/stores by width, local memory).
 
-A table goes to stdout and ``<arch>.json`` to ``--out``. Nothing launches a kernel and
-``triton.runtime.driver`` is never touched, so it runs on a machine without a GPU (and without
-``TRITON_INTERPRET``, which is removed from the environment before triton is imported).
+A table goes to stdout, and with ``--out`` to ``<arch>.txt`` beside ``<arch>.json``. Nothing
+launches a kernel and ``triton.runtime.driver`` is never touched, so it runs on a machine
+without a GPU (and without ``TRITON_INTERPRET``: run as a script it removes the variable
+before triton is imported).
 
     python bench/kernel_report.py                      # sm_90, every shape set
     python bench/kernel_report.py --arch sm_90 sm_80 --out bench/results/kernel_report
@@ -39,7 +40,10 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 
-os.environ.pop("TRITON_INTERPRET", None)  # must precede the first import of triton
+if __name__ == "__main__":
+    # must precede the first import of triton; a process that imports this module (a test) keeps
+    # its own setting, and main() refuses to run under the interpreter
+    os.environ.pop("TRITON_INTERPRET", None)
 
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
@@ -409,7 +413,7 @@ def occupancy(arch: str, registers: int, num_warps: int, shared_bytes: int) -> d
         "shared": a["smem_per_sm"] // (shared_bytes + a["smem_reserved"]),
     }
     blocks = min(limits.values())
-    limiter = min(limits, key=lambda k: (limits[k], k != "registers"))
+    limiter = min(limits, key=lambda k: limits[k])  # ties: the first of warps, blocks, registers, shared
     warps = blocks * num_warps
     return {
         "blocks_per_sm": blocks,
@@ -599,6 +603,8 @@ def main(argv=None) -> int:
         help="exit 1 if a configuration spills (bar documented SPILL_EXCEPTIONS)",
     )
     args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        parser.error("TRITON_INTERPRET is set: run the report in a process without it")
 
     t_start = time.perf_counter()
     cases = shape_sets()[args.shapes]
@@ -673,6 +679,8 @@ def main(argv=None) -> int:
                     for r in arch_rows
                 ],
             }
+            with open(os.path.join(args.out, f"{arch}.txt"), "w") as f:
+                f.write(format_table(arch_rows) + "\n")
             path = os.path.join(args.out, f"{arch}.json")
             with open(path, "w") as f:
                 json.dump(doc, f, indent=1)

@@ -1,0 +1,174 @@
+"""bench/kernel_report.py: every default launch configuration compiles for sm_90 without a GPU and
+none spills; the JSON carries the documented fields. The report runs in a subprocess without
+TRITON_INTERPRET (conftest switches the interpreter on in this process when there is no GPU,
+and the compiler must not see it)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+REPORT = REPO / "bench" / "kernel_report.py"
+sys.path.insert(0, str(REPO / "bench"))
+
+import kernel_report  # noqa: E402
+
+KERNELS = {
+    "routing_forward_kernel",
+    "routing_finalize_kernel",
+    "routing_backward_reduce_kernel",
+    "routing_backward_final_kernel",
+    "squash_forward_kernel",
+    "squash_backward_kernel",
+}
+ENTRY_FIELDS = {
+    "arch": str,
+    "kernel": str,
+    "dtype": str,
+    "blocks": dict,
+    "constexprs": dict,
+    "signature": dict,
+    "divisibility": dict,
+    "specialised": list,
+    "cases": list,
+    "num_warps": int,
+    "num_stages": int,
+    "registers": int,
+    "spill_stores": int,
+    "spill_loads": int,
+    "stack": int,
+    "local": int,
+    "shared": int,
+    "dynamic_shared": int,
+    "static_shared": int,
+    "blocks_per_sm": int,
+    "warps_per_sm": int,
+    "occupancy": float,
+    "limiter": str,
+    "sass": dict,
+    "compile_s": float,
+}
+SASS_FIELDS = {"total", "FFMA", "FMUL", "FADD", "MMA", "MUFU", "SHFL", "LDS", "STS", "LDL", "STL", "BAR"} | {
+    f"{k}.{w}" for k in ("LDG", "STG") for w in (128, 64, 32, 16, 8)
+}
+
+
+def _has_nvidia_tools() -> bool:
+    try:
+        return all(os.path.exists(kernel_report._tool(t)) for t in ("ptxas", "cuobjdump"))
+    except Exception:
+        return False
+
+
+@pytest.fixture(scope="module")
+def sm90_report(tmp_path_factory):
+    if not _has_nvidia_tools():
+        pytest.skip("triton's NVIDIA backend tools (ptxas, cuobjdump) are not installed")
+    out = tmp_path_factory.mktemp("kernel_report")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(out / "triton_cache")  # compile for real, not from a cache
+    proc = subprocess.run(
+        [sys.executable, str(REPORT), "--arch", "sm_90", "--out", str(out), "--fail-on-spill"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=600,
+    )
+    return proc, out
+
+
+def test_every_default_configuration_compiles_for_sm90_without_spills(sm90_report):
+    proc, out = sm90_report
+    # --fail-on-spill: exit status 1 on a spill that no SPILL_EXCEPTIONS entry documents
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    doc = json.loads((out / "sm_90.json").read_text())
+    exceptions = kernel_report.spill_exceptions()
+    for entry in doc["kernels"]:
+        if entry["kernel"] in exceptions:
+            continue
+        where = f"{entry['kernel']} {entry['blocks']} {entry['dtype']} warps={entry['num_warps']}"
+        assert entry["spill_stores"] == entry["spill_loads"] == 0, where
+        assert entry["local"] == 0 and entry["sass"]["LDL"] == entry["sass"]["STL"] == 0, where
+    assert "distinct compilations" in proc.stdout and "regs" in proc.stdout
+
+
+def test_report_json_fields(sm90_report):
+    _, out = sm90_report
+    doc = json.loads((out / "sm_90.json").read_text())
+    assert doc["arch"] == "sm_90"
+    assert doc["limits"]["regs_per_sm"] == 65536 and doc["limits"]["max_warps_per_sm"] == 64
+    assert {"triton", "python"} <= set(doc["versions"])
+    assert doc["launches"] >= len(doc["kernels"]) > 0
+    assert {e["kernel"] for e in doc["kernels"]} == KERNELS
+    keys = set()
+    for entry in doc["kernels"]:
+        for name, ty in ENTRY_FIELDS.items():
+            assert isinstance(entry[name], ty), (name, entry[name])
+        assert set(entry["sass"]) == SASS_FIELDS
+        assert entry["arch"] == "sm_90" and entry["dtype"] in ("fp32", "fp16", "bf16")
+        assert 1 <= entry["registers"] <= 255 and entry["num_warps"] in (1, 2, 4, 8, 16)
+        assert 0 < entry["warps_per_sm"] <= 64 and entry["warps_per_sm"] % entry["num_warps"] == 0
+        assert entry["occupancy"] == pytest.approx(entry["warps_per_sm"] / 64)
+        assert entry["limiter"] in ("warps", "blocks", "registers", "shared")
+        assert entry["shared"] == entry["dynamic_shared"] + entry["static_shared"]
+        assert entry["cases"] and entry["sass"]["total"] > 0
+        key = json.dumps(
+            [entry["kernel"], entry["signature"], entry["constexprs"], entry["divisibility"], entry["num_warps"]],
+            sort_keys=True,
+        )
+        assert key not in keys, f"duplicate compilation {key}"
+        keys.add(key)
+
+
+def test_digitcaps_u_hat_loads_are_128_bit(sm90_report):
+    """The kernels that stream u_hat [B, 1152, 10, 16] read it with 128-bit loads in every dtype
+    (contiguous D = 16 rows, strides divisible by 16): scalar loads would cost bandwidth."""
+    _, out = sm90_report
+    doc = json.loads((out / "sm_90.json").read_text())
+    streaming = {"routing_forward_kernel", "routing_backward_reduce_kernel", "routing_backward_final_kernel"}
+    seen = 0
+    for entry in doc["kernels"]:
+        if entry["kernel"] in streaming and any("1152x10x16" in c for c in entry["cases"]):
+            assert entry["sass"]["LDG.128"] > 0, (entry["kernel"], entry["dtype"], entry["sass"])
+            seen += 1
+    assert seen >= 3 * 4  # forward (2 variants), reduce, final (2 variants) in three dtypes
+
+
+def test_occupancy_arithmetic():
+    # 255 registers round up to 8192 per warp: 8 warps fit, i.e. two blocks of 4 warps
+    occ = kernel_report.occupancy("sm_90", registers=255, num_warps=4, shared_bytes=0)
+    assert (occ["warps_per_sm"], occ["blocks_per_sm"], occ["limiter"]) == (8, 2, "registers")
+    occ = kernel_report.occupancy("sm_90", registers=32, num_warps=4, shared_bytes=0)
+    assert (occ["warps_per_sm"], occ["occupancy"], occ["limiter"]) == (64, 1.0, "warps")
+    # 100 KB of shared memory a block (+1 KB reserved): two blocks on sm_90 (228 KB), one on sm_80
+    occ90 = kernel_report.occupancy("sm_90", registers=32, num_warps=4, shared_bytes=100 * 1024)
+    occ80 = kernel_report.occupancy("sm_80", registers=32, num_warps=4, shared_bytes=100 * 1024)
+    assert (occ90["blocks_per_sm"], occ80["blocks_per_sm"]) == (2, 1)
+    assert occ80["limiter"] == "shared"
+
+
+def test_sass_counts_widths_and_predicates():
+    sass = """
+        /*0000*/                   LDC R1, c[0x0][0x28] ;
+        /*0010*/               @P0 LDG.E.128 R4, desc[UR4][R2.64] ;
+        /*0020*/              @!P1 LDG.E.64 R8, desc[UR4][R6.64] ;
+        /*0030*/                   LDG.E R10, desc[UR4][R6.64] ;
+        /*0040*/                   LDG.E.U16 R11, desc[UR4][R6.64] ;
+        /*0050*/                   FFMA R0, R1, R2, R3 ;
+        /*0060*/                   MUFU.EX2 R0, R0 ;
+        /*0070*/                   HGMMA.64x64x16.F32 R24, gdesc[UR4], RZ ;
+        /*0080*/               @P2 STG.E.128 desc[UR4][R2.64], R4 ;
+        /*0090*/                   STL [R1], R0 ;
+        /*00a0*/                   LDL R0, [R1] ;
+    """
+    c = kernel_report.sass_counts(sass)
+    assert c["total"] == 11
+    assert (c["LDG.128"], c["LDG.64"], c["LDG.32"], c["LDG.16"]) == (1, 1, 1, 1)
+    assert (c["FFMA"], c["MUFU"], c["MMA"], c["STG.128"], c["LDL"], c["STL"]) == (1, 1, 1, 1, 1, 1)
