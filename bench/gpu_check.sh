@@ -6,12 +6,13 @@
 #
 # Everything lands flat in OUTDIR (8 files at most):
 #   check.log    nvidia-smi, versions, install, each step's exit status and duration
-#   tests.log    pytest output;  junit.xml  its machine-readable report
+#   tests.log    pytest output
 #   sweep.log    the sweep's output, ending with the speedup summary against DESIGN.md's targets
 #   results.json the sweep's data; throughput.png speedup.png memory.png drawn from it
+#   tune_routing.json  routing kernels' launch parameters against alternatives (sweep.log: table)
 #
 # Each step runs under `timeout`; the defaults add up to under 8 minutes and can be changed with
-# CT_INSTALL_S, CT_TESTS_S, CT_SWEEP_S, CT_HALF_S, CT_PLOT_S (seconds). A step that fails or runs
+# CT_INSTALL_S, CT_TESTS_S, CT_TUNE_S, CT_SWEEP_S, CT_HALF_S, CT_PLOT_S (seconds). A step that fails or runs
 # out of time is logged and the next one still runs; the sweep rewrites results.json after every
 # point and stops starting points before its limit, so the data so far is always kept.
 #
@@ -32,10 +33,11 @@ export PYTHONUNBUFFERED=1
 export MPLBACKEND=Agg
 
 INSTALL_S=${CT_INSTALL_S:-30}
-TESTS_S=${CT_TESTS_S:-120}
-SWEEP_S=${CT_SWEEP_S:-250}
+TESTS_S=${CT_TESTS_S:-110}
+TUNE_S=${CT_TUNE_S:-60}
+SWEEP_S=${CT_SWEEP_S:-150}
 HALF_S=${CT_HALF_S:-35}
-PLOT_S=${CT_PLOT_S:-40}
+PLOT_S=${CT_PLOT_S:-30}
 
 LOG="$OUT/check.log"
 : >"$LOG"
@@ -68,7 +70,7 @@ if [[ $DRY == 1 ]]; then
 else
     DEVICE=cuda
     SIZES=()  # the paper's DigitCaps
-    FULL_BATCHES=(1 2 4 8 16 32 64 128 256 512 1024 2048 4096)
+    FULL_BATCHES=(1 4 16 64 256 1024 4096)
     HALF_BATCHES=(64 1024 4096)
     # The checks that mean something on a GPU: the kernels against the float64 reference,
     # opcheck and compiled execution, the fullgraph trace, input validation. The rest of the
@@ -107,12 +109,17 @@ else
 fi
 
 # --- tests on the GPU (the conftest uses the GPU when there is one, the interpreter otherwise)
-PYTEST_ARGS=(-q -ra --durations=15 -p no:cacheprovider --junitxml="$OUT/junit.xml")
+PYTEST_ARGS=(-q -ra --durations=15 -p no:cacheprovider)
 if "$PY" -c 'import pytest_timeout' 2>/dev/null; then
     PYTEST_ARGS+=(--timeout=120)
 fi
 run tests "$TESTS_S" "$OUT/tests.log" "$PY" -m pytest "${PYTEST_ARGS[@]}" "${TESTS[@]}"
 { tail -n 3 "$OUT/tests.log"; echo; } | tee -a "$LOG"
+
+# --- launch parameters of the routing kernels against alternatives (DigitCaps, fp32)
+if [[ $DRY != 1 ]]; then
+    run tune "$TUNE_S" "$OUT/sweep.log" "$PY" bench/tune_routing.py --out "$OUT"
+fi
 
 # --- the sweep: float32 over the full batch list (routing first: its targets matter most),
 # then half precision on a few sizes without the compiled implementations (compiles are slow).

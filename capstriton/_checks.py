@@ -52,9 +52,14 @@ def check_same(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor) -> No
         raise TypeError(f"{name_a} and {name_b} must have the same dtype, got {a.dtype} and {b.dtype}")
 
 
+#: Looked up once at import: dispatch runs inside torch.compile'd code, where dynamo refuses to
+#: trace importlib (a graph break on torch 2.11, seen on an H200).
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
 def triton_unavailable_reason(device: torch.device) -> str | None:
     """Why the triton backend cannot run on ``device`` (None when it can)."""
-    if importlib.util.find_spec("triton") is None:
+    if not HAS_TRITON:
         return "the triton package is not installed"
     if device.type == "cuda":
         return None

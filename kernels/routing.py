@@ -80,7 +80,10 @@ def _coupling(b_u, b_V, m_j):
     b_logit = tl.sum(b_u * b_V[None, :, :], axis=2)
     b_logit = tl.where(m_j[None, :], b_logit, float("-inf"))
     b_e = tl.exp(b_logit - tl.max(b_logit, axis=1)[:, None])
-    return b_e / tl.sum(b_e, axis=1)[:, None]
+    # IEEE reciprocal (Triton's `/` is the 2-ulp div.full.f32): a saturated softmax must give
+    # exactly one-hot coefficients, else the logit gradient c (a - sum c a) is eps * a instead of
+    # 0, which overflows float32 in the backward for inputs of 1e30 (seen on an H200)
+    return b_e * tl.math.div_rn(1.0, tl.sum(b_e, axis=1))[:, None]
 
 
 @triton.jit
@@ -135,16 +138,19 @@ def routing_forward_kernel(
     i_start = i_k * caps_per_split
     i_end = tl.minimum(i_start + caps_per_split, N_in)
     p_ub = u_ptr + i_b * stride_ub
-    b_acc = tl.zeros([BLOCK_J, BLOCK_D], dtype=tl.float32)
+    # Accumulated per tile row and reduced over the input capsules once, after the loop: a
+    # reduction over the tile's first axis crosses warps (shared memory and a barrier).
+    b_acc = tl.zeros([BLOCK_I, BLOCK_J, BLOCK_D], dtype=tl.float32)
     for i0 in range(i_start, i_end, BLOCK_I):
         b_u, o_i, m_u = _load_u_tile(p_ub, i0, i_end, o_j, o_d, N_out, D, stride_ui, stride_uj, stride_ud, BLOCK_I)
         if FIRST:
-            # softmax of zero logits; the tile's padded capsules are zero so they add nothing
-            b_acc += tl.sum(b_u, axis=0) / N_out
+            b_acc += b_u  # softmax of zero logits: 1 / N_out, applied once below
         else:
-            b_c = _coupling(b_u, b_V, m_j)
-            b_acc += tl.sum(b_c[:, :, None] * b_u, axis=0)
-    tl.store(part_out_ptr + (i_b * SPLIT + i_k) * caps_size + o_jd, b_acc, mask=m_jd)
+            b_acc += _coupling(b_u, b_V, m_j)[:, :, None] * b_u
+    b_s = tl.sum(b_acc, axis=0)
+    if FIRST:
+        b_s = b_s / N_out
+    tl.store(part_out_ptr + (i_b * SPLIT + i_k) * caps_size + o_jd, b_s, mask=m_jd)
 
 
 @triton.jit(do_not_specialize=["B", "SPLIT", "last"])
@@ -234,12 +240,13 @@ def routing_backward_reduce_kernel(
     i_start = i_k * caps_per_split
     i_end = tl.minimum(i_start + caps_per_split, N_in)
     p_ub = u_ptr + i_b * stride_ub
-    b_acc = tl.zeros([BLOCK_J, BLOCK_D], dtype=tl.float32)
+    b_acc = tl.zeros([BLOCK_I, BLOCK_J, BLOCK_D], dtype=tl.float32)  # reduced after the loop
     for i0 in range(i_start, i_end, BLOCK_I):
         b_u, o_i, m_u = _load_u_tile(p_ub, i0, i_end, o_j, o_d, N_out, D, stride_ui, stride_uj, stride_ud, BLOCK_I)
         b_g = _logit_grad(b_u, _coupling(b_u, b_V, m_j), b_ds)
-        b_acc += tl.sum(b_g[:, :, None] * b_u, axis=0)
-    tl.store(dpart_ptr + ((r * B + i_b) * SPLIT + i_k) * caps_size + o_jd, b_acc, mask=m_jd)
+        b_acc += b_g[:, :, None] * b_u
+    b_dV = tl.sum(b_acc, axis=0)
+    tl.store(dpart_ptr + ((r * B + i_b) * SPLIT + i_k) * caps_size + o_jd, b_dV, mask=m_jd)
 
 
 @triton.jit(do_not_specialize=["B", "SPLIT", "caps_per_split"])
@@ -310,28 +317,41 @@ def routing_backward_final_kernel(
         tl.store(p_dub + o_du, b_du.to(du_ptr.dtype.element_ty), mask=m_u)
 
 
-def routing_config(n_in: int, n_out: int, dim: int, batch: int) -> dict:
+def routing_config(
+    n_in: int,
+    n_out: int,
+    dim: int,
+    batch: int,
+    *,
+    tile: int = 2048,
+    tile_bwd: int = 1024,
+    target_programs: int = TARGET_PROGRAMS,
+    num_warps: int = 4,
+) -> dict:
     """Launch parameters for the routing kernels.
 
-    Tile: about 4096 float32 elements of u per program-iteration (32 registers a thread with
-    4 warps), never splitting N_out. ``SPLIT``/``caps_per_split`` are runtime arguments: the
-    batch size changes the grid, never the compiled kernel.
+    A tile is ``BLOCK_I`` input capsules x ``BLOCK_J`` x ``BLOCK_D`` (N_out is never split: the
+    softmax couples it); ``tile`` / ``tile_bwd`` are its float32 elements in the forward and
+    backward kernels. Each kernel keeps a second tile-sized accumulator (the forward's and the
+    reduce pass's sum over capsules, the final pass's du), so at 4 warps a 2048-element tile is
+    about 32 of its registers. Checked with ``bench/kernel_report.py`` (sm_90, DigitCaps fp32):
+    4096-element tiles took 126 registers in the forward (16 warps per SM) and the backward's
+    final pass through routing 108 at 2048; the defaults keep every kernel spill-free with at
+    least 24 resident warps. ``bench/tune_routing.py`` times the alternatives on a GPU.
 
-    The backward kernels (``BLOCK_I_BWD``, ``num_warps_bwd``) take tiles of about 2048 elements:
-    they hold u, the coupling and logit-gradient tiles and, in the final pass, the du tile at
-    once. With the forward's 4096 the reduce pass spilled on sm_90 (fp32 DigitCaps, 80 registers,
-    8 bytes) and the final pass through routing used 143 registers (12 warps per SM); see
-    ``bench/kernel_report.py``. ``caps_per_split`` stays a multiple of both block sizes.
+    ``SPLIT`` (programs per example along the input capsules) and ``caps_per_split`` are runtime
+    arguments: the batch size changes the grid, never the compiled kernel.
     """
     block_j = triton.next_power_of_2(n_out)
     block_d = triton.next_power_of_2(dim)
-    block_i = max(1, min(64, 4096 // (block_j * block_d), triton.next_power_of_2(n_in)))
-    num_warps = 4 if block_i * block_j * block_d <= 4096 else 8
-    block_i_bwd = max(1, min(block_i, 2048 // (block_j * block_d)))
-    num_warps_bwd = 4 if block_i_bwd * block_j * block_d <= 4096 else 8
-    tiles = triton.cdiv(n_in, block_i)
-    splits = max(1, min(tiles, triton.cdiv(TARGET_PROGRAMS, max(batch, 1))))
-    caps_per_split = triton.cdiv(tiles, splits) * block_i
+    cap = triton.next_power_of_2(n_in)
+    block_i = max(1, min(64, tile // (block_j * block_d), cap))
+    block_i_bwd = max(1, min(64, tile_bwd // (block_j * block_d), cap))
+    # caps_per_split must be a multiple of both tiles: powers of two, so of the larger one
+    step = max(block_i, block_i_bwd)
+    tiles = triton.cdiv(n_in, step)
+    splits = max(1, min(tiles, triton.cdiv(target_programs, max(batch, 1))))
+    caps_per_split = triton.cdiv(tiles, splits) * step
     splits = triton.cdiv(n_in, caps_per_split)
     return {
         "BLOCK_I": block_i,
@@ -339,7 +359,7 @@ def routing_config(n_in: int, n_out: int, dim: int, batch: int) -> dict:
         "BLOCK_D": block_d,
         "num_warps": num_warps,
         "BLOCK_I_BWD": block_i_bwd,
-        "num_warps_bwd": num_warps_bwd,
+        "num_warps_bwd": num_warps,
         "SPLIT": splits,
         "caps_per_split": caps_per_split,
     }

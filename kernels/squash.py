@@ -37,11 +37,13 @@ def squash_parts(b_x):
     b_amax = tl.max(tl.abs(b_x), axis=1)
     nonzero = b_amax > 0
     b_scale = tl.where(nonzero, b_amax, 1.0)
-    b_t = b_x / b_scale[:, None]
+    # IEEE division (Triton's `/` is div.full.f32, which returns 0 for divisors above 2^126):
+    # the largest component of t is exactly +-1 and 1e38 inputs stay right
+    b_t = tl.math.div_rn(b_x, b_scale[:, None])
     b_m = tl.sqrt(tl.where(nonzero, tl.sum(b_t * b_t, axis=1), 1.0))
     b_n = b_scale * b_m  # may be inf for ||s|| > 3.4e38, then only the large branch is used
     large = nonzero & (b_n >= 1.0)
-    b_p = tl.where(large, (1.0 / b_scale) / b_m, tl.where(nonzero, b_n, 0.0))
+    b_p = tl.where(large, tl.math.div_rn(tl.math.div_rn(1.0, b_scale), b_m), tl.where(nonzero, b_n, 0.0))
     return b_t / b_m[:, None], b_p, large
 
 

@@ -1,0 +1,106 @@
+"""Time the routing kernels under alternative launch parameters (CUDA only).
+
+``kernels.routing.routing_config`` picks tile sizes, warps and the number of programs per
+example from the shape; this script times the library's ops with other choices of its keyword
+arguments (``tile``, ``tile_bwd``, ``target_programs``, ``num_warps``) on the paper's DigitCaps
+shape, so a change of the defaults rests on measurements. Check candidates offline first with
+``bench/kernel_report.py`` (registers, spills).
+
+    python bench/tune_routing.py --batch-sizes 64 1024 --out results/
+
+Prints a table (median ms and examples/s per configuration, forward and forward+backward) and
+writes ``tune_routing.json`` to ``--out`` when given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import itertools
+import json
+import os
+import sys
+
+import torch
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[64, 1024])
+    p.add_argument("--shape", type=int, nargs=3, default=[1152, 10, 16], metavar=("N_IN", "N_OUT", "D"))
+    p.add_argument("--iterations", type=int, default=3)
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    p.add_argument("--tiles", type=int, nargs="+", default=[1024, 2048, 4096], help="forward tile sizes")
+    p.add_argument("--tiles-bwd", type=int, nargs="+", default=[512, 1024, 2048], help="backward tile sizes")
+    p.add_argument("--target-programs", type=int, nargs="+", default=[1024, 8192])
+    p.add_argument("--num-warps", type=int, nargs="+", default=[4])
+    p.add_argument("--out", default=None, help="folder for tune_routing.json")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if not torch.cuda.is_available():
+        print("tune_routing.py needs a CUDA GPU", file=sys.stderr)
+        return 2
+    import triton.testing
+    from capstriton.kernels.routing import routing_config
+
+    import capstriton as ct
+    from capstriton import ops
+
+    dtype = getattr(torch, args.dtype)
+    defaults = {k: v.default for k, v in __import__("inspect").signature(routing_config).parameters.items()
+                if v.kind == v.KEYWORD_ONLY}
+    rows = []
+
+    def bench(fn):
+        ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+        return ms
+
+    # forward: vary the forward tile; forward+backward: vary the backward tile at the default forward
+    grids = {
+        "forward": [dict(tile=t, target_programs=p, num_warps=w)
+                    for t, p, w in itertools.product(args.tiles, args.target_programs, args.num_warps)],
+        "forward+backward": [dict(tile_bwd=t, target_programs=p, num_warps=w)
+                             for t, p, w in itertools.product(args.tiles_bwd, args.target_programs, args.num_warps)],
+    }
+    try:
+        for batch in args.batch_sizes:
+            u = torch.randn(batch, *args.shape, device="cuda", dtype=dtype)
+            u_grad = u.clone().requires_grad_()
+            dv = torch.randn(batch, args.shape[1], args.shape[2], device="cuda", dtype=dtype)
+            for mode, grid in grids.items():
+                for overrides in grid:
+                    ops.routing_config = functools.partial(routing_config, **overrides)
+                    cfg = {**defaults, **overrides}
+                    if mode == "forward":
+                        def fn(u=u):
+                            with torch.no_grad():
+                                ct.dynamic_routing(u, args.iterations, backend="triton")
+                    else:
+                        def fn(u=u_grad, dv=dv):
+                            v = ct.dynamic_routing(u, args.iterations, backend="triton")
+                            torch.autograd.grad(v, u, dv)
+                    ms = bench(fn)
+                    rows.append({"batch_size": batch, "mode": mode, **cfg, "time_ms": ms,
+                                 "examples_per_s": batch / ms * 1e3,
+                                 "default": all(cfg[k] == defaults[k] for k in defaults)})
+                    print(f"B={batch:5d} {mode:17s} tile={cfg['tile']:5d} tile_bwd={cfg['tile_bwd']:5d} "
+                          f"programs={cfg['target_programs']:6d} warps={cfg['num_warps']} "
+                          f"{ms:8.3f} ms {batch / ms * 1e3:11.4g} ex/s{'  (default)' if rows[-1]['default'] else ''}",
+                          flush=True)
+    finally:
+        ops.routing_config = routing_config
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        env = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+               "triton": triton.__version__, "shape": args.shape, "iterations": args.iterations,
+               "dtype": args.dtype}
+        with open(os.path.join(args.out, "tune_routing.json"), "w") as f:
+            json.dump({"environment": env, "results": rows}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
