@@ -120,6 +120,7 @@ def shape_sets() -> dict[str, list]:
         RoutingCase(37, 3, 33, 5, "bf16"),
         RoutingCase(1152, 10, 1, 64, "fp32"),
         RoutingCase(1, 1, 256, 2, "fp32"),
+        RoutingCase(64, 64, 64, 3, "fp32"),  # the largest N_out and D issue 3 asks for
         SquashCase((1000, 1), "fp32"),
         SquashCase((999, 256), "fp32"),
         SquashCase((37, 33), "fp16"),

@@ -125,9 +125,10 @@ def routing_forward(
             BLOCK_I=cfg["BLOCK_I"], BLOCK_J=cfg["BLOCK_J"], BLOCK_D=cfg["BLOCK_D"],
             FIRST=r == 0, num_warps=cfg["num_warps"],
         )
+    # at most 8 warps: with 16 (64 x 64 capsules) the finalize spilled on sm_90, see routing_config
     wrap_triton(routing_finalize_kernel)[(batch,)](
         partials[(iterations - 1) % 2], s_saved, v, batch, n_out, d, split, iterations - 1,
-        BLOCK_J=cfg["BLOCK_J"], BLOCK_D=cfg["BLOCK_D"],
+        BLOCK_J=cfg["BLOCK_J"], BLOCK_D=cfg["BLOCK_D"], num_warps=min(8, cfg["num_warps"]),
     )
     return v, s_saved, vsum_saved
 

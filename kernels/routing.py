@@ -326,7 +326,7 @@ def routing_config(
     tile: int = 2048,
     tile_bwd: int = 1024,
     target_programs: int = TARGET_PROGRAMS,
-    num_warps: int = 4,
+    num_warps: int | None = None,
 ) -> dict:
     """Launch parameters for the routing kernels.
 
@@ -339,11 +339,17 @@ def routing_config(
     final pass through routing 108 at 2048; the defaults keep every kernel spill-free with at
     least 24 resident warps. ``bench/tune_routing.py`` times the alternatives on a GPU.
 
+    Every program also holds a few [BLOCK_J, BLOCK_D] blocks (the running sum V, s, ds): 4 warps
+    while such a block is at most 1024 elements, up to 16 warps for 64 x 64 capsules (4 warps
+    there spilled in the backward's final pass on sm_90).
+
     ``SPLIT`` (programs per example along the input capsules) and ``caps_per_split`` are runtime
     arguments: the batch size changes the grid, never the compiled kernel.
     """
     block_j = triton.next_power_of_2(n_out)
     block_d = triton.next_power_of_2(dim)
+    if num_warps is None:
+        num_warps = min(16, max(4, block_j * block_d // 256))
     cap = triton.next_power_of_2(n_in)
     block_i = max(1, min(64, tile // (block_j * block_d), cap))
     block_i_bwd = max(1, min(64, tile_bwd // (block_j * block_d), cap))

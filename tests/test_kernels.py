@@ -67,6 +67,7 @@ def run_routing(u, iterations, grad_mode, grad_out):
 # interpreter (each iteration is a pass, and the backward replays all of them).
 ROUTING_CASES = [(shape, 3) for shape in SHAPES] + [
     ((7, 2, 5), 1), ((7, 2, 5), 2), ((7, 2, 5), 5), ((1, 1, 1), 5), ((37, 3, 16), 1), ((37, 3, 16), 5),
+    ((3, 64, 64), 2),  # the largest N_out and D the kernels promise: 16 warps, one capsule per tile
 ]
 
 
