@@ -15,10 +15,9 @@ Tolerances, as relative errors ``||out - ref|| / ||ref||`` against float64:
 
 import pytest
 import torch
+from conftest import HAS_CUDA, KERNEL_DEVICE, requires_cuda
 
 import capstriton as ct
-
-from conftest import HAS_CUDA, KERNEL_DEVICE, requires_cuda
 
 TOL = {torch.float32: 5e-6, torch.float16: 2 * 2.0**-10, torch.bfloat16: 2 * 2.0**-7}
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
