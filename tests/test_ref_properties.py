@@ -4,13 +4,17 @@ capsules."""
 
 from __future__ import annotations
 
+import sys
+
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import capstriton as ct
 
-SETTINGS = settings(max_examples=50, deadline=None)
+# derandomize: CI runs the same examples every time (a failure is reproducible, not a flake);
+# explore further locally with a larger max_examples.
+SETTINGS = settings(max_examples=50, deadline=None, derandomize=True)
 
 # Magnitudes that break naive implementations, mixed freely within one vector.
 SPECIAL = [0.0, 1e-30, -1e-30, 1e-20, 1.0, -1.0, 1e20, 1e30, -1e30]
@@ -43,6 +47,15 @@ def exact_norms(s: torch.Tensor) -> torch.Tensor:
     return (amax * torch.linalg.vector_norm(scaled, dim=-1, keepdim=True)).squeeze(-1)
 
 
+def unit_vectors(s: torch.Tensor) -> torch.Tensor:
+    """s / ||s|| per row in float64, from the scaled rows: exact_norms itself overflows to inf for
+    rows near float64's largest value (hypothesis found [3e300, 1.8e308])."""
+    x = s.double()
+    amax = x.abs().amax(dim=-1, keepdim=True)
+    scaled = x / torch.where(amax > 0, amax, torch.ones_like(amax))
+    return scaled / torch.linalg.vector_norm(scaled, dim=-1, keepdim=True).clamp_min(1e-300)
+
+
 def expected_lengths(s: torch.Tensor) -> torch.Tensor:
     """n^2 / (1 + n^2) with n = ||s||, written to stay finite for n up to 1e308."""
     n = exact_norms(s)
@@ -52,6 +65,7 @@ def expected_lengths(s: torch.Tensor) -> torch.Tensor:
 
 @SETTINGS
 @given(capsule_batches())
+@example(torch.tensor([[0.0, 0.0], [3.2808e300, sys.float_info.max]], dtype=torch.float64))
 def test_squash_is_finite_short_and_keeps_direction(s):
     finfo = torch.finfo(s.dtype)
     d = s.shape[-1]
@@ -77,9 +91,7 @@ def test_squash_is_finite_short_and_keeps_direction(s):
     # checked where the components of v are not subnormal (||v|| >= tiny / eps).
     visible = lengths >= finfo.tiny / finfo.eps
     if visible.any():
-        sd, vd = s.double()[visible], v.double()[visible]
-        s_unit = sd / exact_norms(sd).unsqueeze(-1).clamp_min(1e-300)
-        cos = (s_unit * (vd / exact_norms(vd).unsqueeze(-1))).sum(-1)
+        cos = (unit_vectors(s[visible]) * unit_vectors(v[visible])).sum(-1)
         assert ((1.0 - cos).abs() <= 4 * d * finfo.eps).all()
     # Zero in, zero out.
     zero = exact_norms(s) == 0
