@@ -46,9 +46,19 @@ def _empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
 # squash over the last dimension
 
 
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as [R, D] rows: a view whenever the strides allow one. The kernels index columns
+    with int32 (int64 there doubled their registers), so a column stride that could overflow
+    it (squash over a moved dimension of a huge tensor) gets a contiguous copy instead."""
+    rows = t.reshape(-1, t.shape[-1])
+    if rows.stride(1) * rows.shape[1] >= 2**31:
+        rows = rows.contiguous()
+    return rows
+
+
 @triton_op("capstriton::squash_forward", mutates_args=())
 def squash_forward(s: torch.Tensor) -> torch.Tensor:
-    x = s.reshape(-1, s.shape[-1])  # a view whenever the strides allow one
+    x = _rows(s)
     v = _empty(x.shape, s.dtype, s.device)
     rows, dim = x.shape
     if rows > 0:
@@ -63,8 +73,8 @@ def squash_forward(s: torch.Tensor) -> torch.Tensor:
 
 @triton_op("capstriton::squash_backward", mutates_args=())
 def squash_backward(grad: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    x = s.reshape(-1, s.shape[-1])
-    g = grad.reshape(-1, grad.shape[-1])  # stays a stride-0 view for expanded gradients
+    x = _rows(s)
+    g = _rows(grad)  # stays a stride-0 view for expanded gradients
     ds = _empty(x.shape, s.dtype, s.device)
     rows, dim = x.shape
     if rows > 0:

@@ -59,19 +59,18 @@ def _sum_splits(p_base, SPLIT, stride_split, o_jd, m_jd, BLOCK_J: tl.constexpr, 
 
 
 @triton.jit
-def _load_u_tile(p_ub, i0, i_end, o_j, o_d, N_out, D, stride_ui, stride_uj, stride_ud,
-                 BLOCK_I: tl.constexpr):
-    """The [BLOCK_I, BLOCK_J, BLOCK_D] tile of u (one example) starting at capsule ``i0``, as
-    float32, zero outside ``i < i_end``, ``j < N_out``, ``d < D``; also its offsets and mask."""
-    o_i = i0 + tl.arange(0, BLOCK_I)
+def _load_u_tile(p_ub, o_i, m_u, o_j, o_d, stride_ui, stride_uj, stride_ud):
+    """The [BLOCK_I, BLOCK_J, BLOCK_D] tile of u (one example) at capsules ``o_i``, as float32,
+    zero outside ``m_u``. Offsets and masks are made by the caller and nothing derived from a
+    pointer is returned: torch 2.11's mutation analysis marks every input of a helper call as
+    written when a store address depends on one of its results (it flagged u_hat as mutated,
+    which broke torch.compile on a leaf input)."""
     o_u = (
         o_i[:, None, None].to(tl.int64) * stride_ui
-        + o_j[None, :, None] * stride_uj
-        + o_d[None, None, :] * stride_ud
+        + o_j[None, :, None].to(tl.int64) * stride_uj
+        + o_d[None, None, :].to(tl.int64) * stride_ud
     )
-    m_u = (o_i < i_end)[:, None, None] & (o_j < N_out)[None, :, None] & (o_d < D)[None, None, :]
-    b_u = tl.load(p_ub + o_u, mask=m_u, other=0.0).to(tl.float32)
-    return b_u, o_i, m_u
+    return tl.load(p_ub + o_u, mask=m_u, other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -90,7 +89,13 @@ def _coupling(b_u, b_V, m_j):
 def _logit_grad(b_u, b_c, b_ds):
     """``g = dL/db`` [BLOCK_I, BLOCK_J] of one step: ``c (u . ds - sum_k c_k u_k . ds_k)``."""
     b_a = tl.sum(b_u * b_ds[None, :, :], axis=2)
-    return b_c * (b_a - tl.sum(b_c * b_a, axis=1)[:, None])
+    b_g = b_c * (b_a - tl.sum(b_c * b_a, axis=1)[:, None])
+    # Where the softmax saturates (c == 1 in float32) the exact g is below float32 rounding of
+    # its terms, but c (a - sum_k c_k a_k) returns the rounding difference of a and the sum: the
+    # copies of a held by different lanes differ by an ulp (shuffle reductions with fused
+    # multiply-adds). For 1e30 inputs that ulp, carried through dV into the earlier steps, grew to
+    # inf in du (seen on an H200; exact under the interpreter).
+    return tl.where(b_c < 1.0, b_g, 0.0)
 
 
 @triton.jit(do_not_specialize=["B", "SPLIT", "caps_per_split", "r"])
@@ -142,7 +147,9 @@ def routing_forward_kernel(
     # reduction over the tile's first axis crosses warps (shared memory and a barrier).
     b_acc = tl.zeros([BLOCK_I, BLOCK_J, BLOCK_D], dtype=tl.float32)
     for i0 in range(i_start, i_end, BLOCK_I):
-        b_u, o_i, m_u = _load_u_tile(p_ub, i0, i_end, o_j, o_d, N_out, D, stride_ui, stride_uj, stride_ud, BLOCK_I)
+        o_i = i0 + tl.arange(0, BLOCK_I)
+        m_u = (o_i < i_end)[:, None, None] & m_jd[None, :, :]
+        b_u = _load_u_tile(p_ub, o_i, m_u, o_j, o_d, stride_ui, stride_uj, stride_ud)
         if FIRST:
             b_acc += b_u  # softmax of zero logits: 1 / N_out, applied once below
         else:
@@ -185,7 +192,7 @@ def _incoming_grad(dv_ptr, dpart_ptr, i_b, r, R, B, SPLIT, caps_size, o_j, o_d, 
     """``dv_r``: the output gradient for r = R-1, else the sum over later steps q > r of their
     ``dV_q`` partials (each reduced over splits in a fixed order)."""
     if r == R - 1:
-        o_g = i_b * stride_gb + o_j[:, None] * stride_gj + o_d[None, :] * stride_gd
+        o_g = i_b * stride_gb + o_j[:, None].to(tl.int64) * stride_gj + o_d[None, :].to(tl.int64) * stride_gd
         b_dv = tl.load(dv_ptr + o_g, mask=m_jd, other=0.0).to(tl.float32)
     else:
         b_dv = tl.zeros([BLOCK_J, BLOCK_D], dtype=tl.float32)
@@ -242,7 +249,9 @@ def routing_backward_reduce_kernel(
     p_ub = u_ptr + i_b * stride_ub
     b_acc = tl.zeros([BLOCK_I, BLOCK_J, BLOCK_D], dtype=tl.float32)  # reduced after the loop
     for i0 in range(i_start, i_end, BLOCK_I):
-        b_u, o_i, m_u = _load_u_tile(p_ub, i0, i_end, o_j, o_d, N_out, D, stride_ui, stride_uj, stride_ud, BLOCK_I)
+        o_i = i0 + tl.arange(0, BLOCK_I)
+        m_u = (o_i < i_end)[:, None, None] & m_jd[None, :, :]
+        b_u = _load_u_tile(p_ub, o_i, m_u, o_j, o_d, stride_ui, stride_uj, stride_ud)
         b_g = _logit_grad(b_u, _coupling(b_u, b_V, m_j), b_ds)
         b_acc += b_g[:, :, None] * b_u
     b_dV = tl.sum(b_acc, axis=0)
@@ -301,7 +310,9 @@ def routing_backward_final_kernel(
     p_ub = u_ptr + i_b * stride_ub
     p_dub = du_ptr + i_b * N_in * caps_size
     for i0 in range(i_start, i_end, BLOCK_I):
-        b_u, o_i, m_u = _load_u_tile(p_ub, i0, i_end, o_j, o_d, N_out, D, stride_ui, stride_uj, stride_ud, BLOCK_I)
+        o_i = i0 + tl.arange(0, BLOCK_I)
+        m_u = (o_i < i_end)[:, None, None] & m_jd[None, :, :]
+        b_u = _load_u_tile(p_ub, o_i, m_u, o_j, o_d, stride_ui, stride_uj, stride_ud)
         # Step r_lo: V_0 = 0 through routing (so no logit-gradient term), else the last step,
         # whose coupling coefficients are constants.
         b_du = _coupling(b_u, b_V_lo, m_j)[:, :, None] * b_ds_lo[None, :, :]
@@ -340,8 +351,9 @@ def routing_config(
     least 24 resident warps. ``bench/tune_routing.py`` times the alternatives on a GPU.
 
     Every program also holds a few [BLOCK_J, BLOCK_D] blocks (the running sum V, s, ds): 4 warps
-    while such a block is at most 1024 elements, up to 16 warps for 64 x 64 capsules (4 warps
-    there spilled in the backward's final pass on sm_90).
+    while such a block is at most 512 elements, up to 32 warps for 64 x 64 capsules (4 warps
+    there spilled 60 bytes in the backward's final pass on sm_90, 16 warps 8 bytes in the
+    reduce pass).
 
     ``SPLIT`` (programs per example along the input capsules) and ``caps_per_split`` are runtime
     arguments: the batch size changes the grid, never the compiled kernel.
@@ -349,7 +361,7 @@ def routing_config(
     block_j = triton.next_power_of_2(n_out)
     block_d = triton.next_power_of_2(dim)
     if num_warps is None:
-        num_warps = min(16, max(4, block_j * block_d // 256))
+        num_warps = min(32, max(4, block_j * block_d // 128))
     cap = triton.next_power_of_2(n_in)
     block_i = max(1, min(64, tile // (block_j * block_d), cap))
     block_i_bwd = max(1, min(64, tile_bwd // (block_j * block_d), cap))

@@ -37,13 +37,14 @@ def squash_parts(b_x):
     b_amax = tl.max(tl.abs(b_x), axis=1)
     nonzero = b_amax > 0
     b_scale = tl.where(nonzero, b_amax, 1.0)
-    # IEEE division (Triton's `/` is div.full.f32, which returns 0 for divisors above 2^126):
-    # the largest component of t is exactly +-1 and 1e38 inputs stay right
-    b_t = tl.math.div_rn(b_x, b_scale[:, None])
+    # IEEE reciprocal, one per row: Triton's `/` is div.full.f32, which returns 0 for divisors
+    # above 2^126, so 1e38 inputs would lose their direction
+    b_inv = tl.math.div_rn(1.0, b_scale)
+    b_t = b_x * b_inv[:, None]
     b_m = tl.sqrt(tl.where(nonzero, tl.sum(b_t * b_t, axis=1), 1.0))
     b_n = b_scale * b_m  # may be inf for ||s|| > 3.4e38, then only the large branch is used
     large = nonzero & (b_n >= 1.0)
-    b_p = tl.where(large, tl.math.div_rn(tl.math.div_rn(1.0, b_scale), b_m), tl.where(nonzero, b_n, 0.0))
+    b_p = tl.where(large, b_inv / b_m, tl.where(nonzero, b_n, 0.0))
     return b_t / b_m[:, None], b_p, large
 
 
@@ -80,7 +81,7 @@ def squash_forward_kernel(
 ):
     i_r = tl.program_id(0)
     o_r = (i_r * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
-    o_d = tl.arange(0, BLOCK_D)
+    o_d = tl.arange(0, BLOCK_D)  # int32: the ops make rows with a huge column stride contiguous
     m_x = (o_r[:, None] < R) & (o_d[None, :] < D)
     b_x = tl.load(x_ptr + o_r[:, None] * stride_xr + o_d[None, :] * stride_xd, mask=m_x, other=0.0)
     b_unit, b_p, large = squash_parts(b_x.to(tl.float32))
@@ -104,7 +105,7 @@ def squash_backward_kernel(
 ):
     i_r = tl.program_id(0)
     o_r = (i_r * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
-    o_d = tl.arange(0, BLOCK_D)
+    o_d = tl.arange(0, BLOCK_D)  # int32: the ops make rows with a huge column stride contiguous
     m_x = (o_r[:, None] < R) & (o_d[None, :] < D)
     b_x = tl.load(x_ptr + o_r[:, None] * stride_xr + o_d[None, :] * stride_xd, mask=m_x, other=0.0)
     b_dv = tl.load(dv_ptr + o_r[:, None] * stride_gr + o_d[None, :] * stride_gd, mask=m_x, other=0.0)
@@ -114,8 +115,11 @@ def squash_backward_kernel(
 
 def squash_config(dim: int) -> dict:
     """Launch parameters for the squash kernels, from the capsule size alone (the number of rows
-    never recompiles): about 4096 elements per program, 16 to 32 per thread."""
+    never recompiles): at most 128 rows and 2048 elements a program, 8 warps from 1024 elements.
+    Rows per thread are what cost registers (each row has its own norm, reciprocal and square
+    root): 256 rows of 8 on 4 warps took 126 registers on sm_90, 128 rows on 8 warps 37
+    (``bench/kernel_report.py``)."""
     block_d = triton.next_power_of_2(max(dim, 1))
-    block_r = max(1, min(4096 // block_d, 256))
-    num_warps = 4 if block_r * block_d <= 2048 else 8
+    block_r = max(1, min(2048 // block_d, 128))
+    num_warps = 8 if block_r * block_d >= 1024 else 4
     return {"BLOCK_R": block_r, "BLOCK_D": block_d, "num_warps": num_warps}

@@ -14,10 +14,28 @@ if os.environ.get("TRITON_INTERPRET") == "1":
     sys.exit("TRITON_INTERPRET must not be set: under the interpreter wrap_triton returns the plain kernel")
 
 import torch  # noqa: E402
+import triton  # noqa: E402
 from torch._functorch.aot_autograd import aot_module_simplified  # noqa: E402
 from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
 
 import capstriton as ct  # noqa: E402
+
+
+class TargetOnlyDriver:
+    """Stands in for Triton's CUDA driver, which a CPU-only machine lacks: inductor's mutation
+    analysis of a user kernel (which arguments the kernel writes, so which must be cloned) only
+    compiles it to TTIR and asks the driver for the target. Without it the analysis gives up and
+    assumes every argument is written, and the check below would say nothing."""
+
+    def get_current_target(self):
+        return GPUTarget("cuda", 90, 32)
+
+    def get_active_torch_device(self):
+        return torch.device("cuda")
+
+
+triton.runtime.driver.set_active(TargetOnlyDriver())
 
 
 class CapturedGraph(Exception):
@@ -43,8 +61,18 @@ def capture(fn, *args):
             cause = cause.__cause__ or cause.__context__
         if cause is None:
             raise
-    targets = [str(n.target) for g in graphs for n in g.graph.nodes if n.op == "call_function"]
-    return {"graphs": len(graphs), "targets": targets}
+    nodes = [n for g in graphs for n in g.graph.nodes if n.op == "call_function"]
+    # A kernel argument the analysis thinks is written is cloned first; a graph input among them
+    # is a kernel "mutating" its input (torch 2.11 flagged u_hat so, seen on an H200), which costs
+    # a copy of u_hat and breaks torch.compile with a leaf input that requires grad.
+    inputs_written = [
+        name
+        for n in nodes
+        if "triton_kernel_wrapper" in str(n.target)
+        for name in n.kwargs.get("tensors_to_clone", [])
+        if getattr(n.kwargs["kwargs"].get(name), "op", None) == "placeholder"
+    ]
+    return {"graphs": len(graphs), "targets": [str(n.target) for n in nodes], "inputs_written": inputs_written}
 
 
 def main():

@@ -35,3 +35,4 @@ def test_one_graph_with_triton_kernels(traced, case, kernel_launches):
     assert result["graphs"] == 1
     wrappers = [t for t in result["targets"] if "triton_kernel_wrapper" in t]
     assert len(wrappers) == kernel_launches, result["targets"]
+    assert result["inputs_written"] == []

@@ -113,7 +113,7 @@ def test_report_json_fields(sm90_report):
             assert isinstance(entry[name], ty), (name, entry[name])
         assert set(entry["sass"]) == SASS_FIELDS
         assert entry["arch"] == "sm_90" and entry["dtype"] in ("fp32", "fp16", "bf16")
-        assert 1 <= entry["registers"] <= 255 and entry["num_warps"] in (1, 2, 4, 8, 16)
+        assert 1 <= entry["registers"] <= 255 and entry["num_warps"] in (1, 2, 4, 8, 16, 32)
         assert 0 < entry["warps_per_sm"] <= 64 and entry["warps_per_sm"] % entry["num_warps"] == 0
         assert entry["occupancy"] == pytest.approx(entry["warps_per_sm"] / 64)
         assert entry["limiter"] in ("warps", "blocks", "registers", "shared")
