@@ -43,7 +43,9 @@ def squash(s: torch.Tensor, dim: int = -1, *, backend: str = "auto") -> torch.Te
     if s.dim() == 0:
         raise ValueError("s must have at least 1 dimension (the capsule vector), got a scalar")
     if isinstance(dim, bool) or not isinstance(dim, int) or not -s.dim() <= dim < s.dim():
-        raise ValueError(f"dim must be an int in [{-s.dim()}, {s.dim() - 1}] for s of shape {tuple(s.shape)}, got {dim!r}")
+        raise ValueError(
+            f"dim must be an int in [{-s.dim()}, {s.dim() - 1}] for s of shape {tuple(s.shape)}, got {dim!r}"
+        )
     if s.shape[dim] == 0:
         raise ValueError(f"s must have a non-empty capsule dimension {dim}, got shape {tuple(s.shape)}")
     if resolve_backend(backend, s) == "torch":
@@ -153,7 +155,9 @@ def margin_loss(
             )
     elif target.dtype in (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8):
         if target.shape != lengths.shape[:1]:
-            raise ValueError(f"an integer target must have shape [B] = {tuple(lengths.shape[:1])}, got {tuple(target.shape)}")
+            raise ValueError(
+                f"an integer target must have shape [B] = {tuple(lengths.shape[:1])}, got {tuple(target.shape)}"
+            )
         target = target.long()
     else:
         raise TypeError(f"target must hold class indices (integer) or per-class targets (float), got {target.dtype}")

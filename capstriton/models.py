@@ -49,13 +49,17 @@ class CapsNet(nn.Module):
         self.in_channels = _check_size("in_channels", in_channels)
         self.image_size = _check_size("image_size", image_size)
         self.return_lengths = return_lengths
-        self.conv = nn.Conv2d(in_channels, _check_size("conv_channels", conv_channels), _check_size("conv_kernel", conv_kernel))
+        self.conv = nn.Conv2d(
+            in_channels, _check_size("conv_channels", conv_channels), _check_size("conv_kernel", conv_kernel)
+        )
         conv_size = image_size - conv_kernel + 1
         if conv_size < primary_kernel:
             raise ValueError(
                 f"image_size={image_size} is too small for conv_kernel={conv_kernel} and primary_kernel={primary_kernel}"
             )
-        self.primary = PrimaryCapsules(conv_channels, primary_types, primary_dim, primary_kernel, primary_stride, backend)
+        self.primary = PrimaryCapsules(
+            conv_channels, primary_types, primary_dim, primary_kernel, primary_stride, backend
+        )
         in_caps = self.primary.output_caps(conv_size, conv_size)
         self.digit = RoutingCapsules(
             in_caps, primary_dim, num_classes, out_dim, iterations, grad_through_routing, backend, init_std
@@ -75,7 +79,9 @@ class CapsNet(nn.Module):
         check_tensor("x", x, 4, "[B, in_channels, H, W]")
         expected = (self.in_channels, self.image_size, self.image_size)
         if x.shape[1:] != expected:
-            raise ValueError(f"x must have shape [B, {expected[0]}, {expected[1]}, {expected[2]}], got {tuple(x.shape)}")
+            raise ValueError(
+                f"x must have shape [B, {expected[0]}, {expected[1]}, {expected[2]}], got {tuple(x.shape)}"
+            )
         u = self.primary(torch.relu(self.conv(x)))
         v = self.digit(u)
         reconstruction = None if self.decoder is None else self.decoder(v, target, mask)
