@@ -55,7 +55,8 @@ class CapsNet(nn.Module):
         conv_size = image_size - conv_kernel + 1
         if conv_size < primary_kernel:
             raise ValueError(
-                f"image_size={image_size} is too small for conv_kernel={conv_kernel} and primary_kernel={primary_kernel}"
+                f"image_size={image_size} is too small for conv_kernel={conv_kernel} "
+                f"and primary_kernel={primary_kernel}"
             )
         self.primary = PrimaryCapsules(
             conv_channels, primary_types, primary_dim, primary_kernel, primary_stride, backend

@@ -5,11 +5,10 @@ They skip cleanly without CUDA; tests/test_kernels.py runs its numerical checks 
 
 import pytest
 import torch
+from conftest import requires_cuda
 
 import capstriton as ct
 from capstriton import ops
-
-from conftest import requires_cuda
 
 pytestmark = [pytest.mark.cuda, requires_cuda]
 
@@ -84,7 +83,7 @@ def test_compiled_capsnet_training_step_matches_eager():
     # inductor fuses and reorders the convolutions' and the decoder's float32 arithmetic:
     # agreement to float32 accumulation over ~1e4-term sums (well above 1e-7 per op)
     assert abs(loss_e.item() - loss_c.item()) <= 1e-5 * abs(loss_e.item())
-    for ge, gc in zip(grads_e, grads_c):
+    for ge, gc in zip(grads_e, grads_c, strict=True):
         assert rel_err(gc, ge) < 1e-4
 
 
