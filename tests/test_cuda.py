@@ -42,12 +42,6 @@ def test_opcheck_squash():
     torch.library.opcheck(ops.squash_forward, (s,))
 
 
-@pytest.mark.xfail(
-    reason="known bug, seen on an H200 (torch 2.11, triton 3.6): inductor fails with 'a leaf Variable "
-    "that requires grad is being used in an in-place operation' when the routing op's input is a leaf "
-    "(it works on an intermediate, as in CapsNet below; on torch 2.13 the CPU trace shows no mutation)",
-    strict=False,
-)
 @pytest.mark.parametrize("grad_mode", [True, False], ids=["through", "detached"])
 def test_compiled_routing_matches_eager(grad_mode):
     torch._dynamo.reset()

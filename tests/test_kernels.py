@@ -15,7 +15,7 @@ Tolerances, as relative errors ``||out - ref|| / ||ref||`` against float64:
 
 import pytest
 import torch
-from conftest import HAS_CUDA, KERNEL_DEVICE, requires_cuda
+from conftest import KERNEL_DEVICE, requires_cuda
 
 import capstriton as ct
 
@@ -123,23 +123,7 @@ def test_routing_batch_sizes(batch):
         assert rel_err(du, du_ref) < TOL[torch.float32]
 
 
-@pytest.mark.parametrize(
-    "scale",
-    [
-        0.0,
-        1e-30,
-        pytest.param(
-            1e30,
-            marks=pytest.mark.xfail(
-                HAS_CUDA,
-                reason="known bug, seen on an H200 (torch 2.11, triton 3.6): the backward returns inf "
-                "in some elements for 1e30 inputs; passes under the interpreter; cause not yet found",
-                strict=False,
-            ),
-        ),
-    ],
-    ids=["zero", "tiny", "huge"],
-)
+@pytest.mark.parametrize("scale", [0.0, 1e-30, 1e30], ids=["zero", "tiny", "huge"])
 def test_routing_extreme_magnitudes(scale):
     u = scale * torch.randn(3, 7, 3, 5, device=KERNEL_DEVICE)
     u[1] = 0.0  # one example of exact zeros among the others
