@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 import triton
 from torch.library import triton_op, wrap_triton
+from triton.runtime.jit import JITFunction
 
 from .kernels.routing import (
     routing_backward_final_kernel,
@@ -33,6 +34,16 @@ from .kernels.squash import squash_backward_kernel, squash_config, squash_forwar
 __all__ = ["squash", "dynamic_routing"]
 
 _F32 = torch.float32
+
+
+def _launcher(kernel):
+    """``wrap_triton(kernel)``, through which torch.compile traces the launch. Under
+    TRITON_INTERPRET the kernels are interpreter functions that run eagerly on CPU tensors:
+    torch 2.13's wrap_triton hands them back unchanged, torch 2.11's refuses them, so they are
+    launched directly."""
+    if isinstance(kernel, JITFunction):
+        return wrap_triton(kernel)
+    return kernel
 
 
 def _empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -64,7 +75,7 @@ def squash_forward(s: torch.Tensor) -> torch.Tensor:
     if rows > 0:
         cfg = squash_config(dim)
         grid = (triton.cdiv(rows, cfg["BLOCK_R"]),)
-        wrap_triton(squash_forward_kernel)[grid](
+        _launcher(squash_forward_kernel)[grid](
             x, v, rows, dim, x.stride(0), x.stride(1),
             BLOCK_R=cfg["BLOCK_R"], BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"],
         )
@@ -80,7 +91,7 @@ def squash_backward(grad: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     if rows > 0:
         cfg = squash_config(dim)
         grid = (triton.cdiv(rows, cfg["BLOCK_R"]),)
-        wrap_triton(squash_backward_kernel)[grid](
+        _launcher(squash_backward_kernel)[grid](
             x, g, ds, rows, dim, x.stride(0), x.stride(1), g.stride(0), g.stride(1),
             BLOCK_R=cfg["BLOCK_R"], BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"],
         )
@@ -128,7 +139,7 @@ def routing_forward(
     split = cfg["SPLIT"]
     partials = [_empty((batch, split, n_out, d), _F32, u_hat.device) for _ in range(2)]
     for r in range(iterations):
-        wrap_triton(routing_forward_kernel)[(batch, split)](
+        _launcher(routing_forward_kernel)[(batch, split)](
             u_hat, partials[(r + 1) % 2], partials[r % 2], s_saved, vsum_saved,
             batch, n_in, n_out, d, split, cfg["caps_per_split"], r,
             *u_hat.stride(),
@@ -136,7 +147,7 @@ def routing_forward(
             FIRST=r == 0, num_warps=cfg["num_warps"],
         )
     # at most 8 warps: with 16 (64 x 64 capsules) the finalize spilled on sm_90, see routing_config
-    wrap_triton(routing_finalize_kernel)[(batch,)](
+    _launcher(routing_finalize_kernel)[(batch,)](
         partials[(iterations - 1) % 2], s_saved, v, batch, n_out, d, split, iterations - 1,
         BLOCK_J=cfg["BLOCK_J"], BLOCK_D=cfg["BLOCK_D"], num_warps=min(8, cfg["num_warps"]),
     )
@@ -163,13 +174,13 @@ def routing_backward(
     blocks = {"BLOCK_I": cfg["BLOCK_I_BWD"], "BLOCK_J": cfg["BLOCK_J"], "BLOCK_D": cfg["BLOCK_D"]}
     if grad_through_routing:
         for r in range(iterations - 1, 0, -1):
-            wrap_triton(routing_backward_reduce_kernel)[(batch, split)](
+            _launcher(routing_backward_reduce_kernel)[(batch, split)](
                 u_hat, grad_v, s_saved, vsum_saved, ds_saved, dpartials,
                 batch, n_in, n_out, d, split, cfg["caps_per_split"], r, iterations,
                 *u_hat.stride(), *grad_v.stride(),
                 **blocks, num_warps=cfg["num_warps_bwd"],
             )
-    wrap_triton(routing_backward_final_kernel)[(batch, split)](
+    _launcher(routing_backward_final_kernel)[(batch, split)](
         u_hat, grad_v, s_saved, vsum_saved, ds_saved, dpartials, du,
         batch, n_in, n_out, d, split, cfg["caps_per_split"], iterations,
         *u_hat.stride(), *grad_v.stride(),
