@@ -50,6 +50,17 @@ TARGET_PROGRAMS = 1024
 
 
 @triton.jit
+def _caps_block(N_out, D, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Offsets and masks of one example's [N_out, D] block (v, s, V, ds and their partials):
+    ``o_j``, ``o_d``, ``m_j = j < N_out``, ``m_jd`` and the flat offsets ``o_jd``."""
+    o_j = tl.arange(0, BLOCK_J)
+    o_d = tl.arange(0, BLOCK_D)
+    m_j = o_j < N_out
+    m_jd = m_j[:, None] & (o_d[None, :] < D)
+    return o_j, o_d, m_j, m_jd, o_j[:, None] * D + o_d[None, :]
+
+
+@triton.jit
 def _sum_splits(p_base, SPLIT, stride_split, o_jd, m_jd, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr):
     """Sum ``SPLIT`` partial [N_out, D] blocks spaced ``stride_split`` apart, in split order."""
     b_acc = tl.zeros([BLOCK_J, BLOCK_D], dtype=tl.float32)
@@ -123,11 +134,7 @@ def routing_forward_kernel(
 ):
     i_b = tl.program_id(0).to(tl.int64)
     i_k = tl.program_id(1)
-    o_j = tl.arange(0, BLOCK_J)
-    o_d = tl.arange(0, BLOCK_D)
-    m_j = o_j < N_out
-    m_jd = m_j[:, None] & (o_d[None, :] < D)
-    o_jd = o_j[:, None] * D + o_d[None, :]
+    o_j, o_d, m_j, m_jd, o_jd = _caps_block(N_out, D, BLOCK_J, BLOCK_D)
     caps_size = N_out * D
     m_lead = m_jd & (i_k == 0)  # one program per example writes the saved state
     if FIRST:
@@ -174,10 +181,7 @@ def routing_finalize_kernel(
     BLOCK_D: tl.constexpr,
 ):
     i_b = tl.program_id(0).to(tl.int64)
-    o_j = tl.arange(0, BLOCK_J)
-    o_d = tl.arange(0, BLOCK_D)
-    m_jd = (o_j[:, None] < N_out) & (o_d[None, :] < D)
-    o_jd = o_j[:, None] * D + o_d[None, :]
+    o_j, o_d, m_j, m_jd, o_jd = _caps_block(N_out, D, BLOCK_J, BLOCK_D)
     caps_size = N_out * D
     b_s = _sum_splits(part_ptr + i_b * SPLIT * caps_size, SPLIT, caps_size, o_jd, m_jd, BLOCK_J, BLOCK_D)
     b_unit, b_p, large = squash_parts(b_s)
@@ -231,11 +235,7 @@ def routing_backward_reduce_kernel(
 ):
     i_b = tl.program_id(0).to(tl.int64)
     i_k = tl.program_id(1)
-    o_j = tl.arange(0, BLOCK_J)
-    o_d = tl.arange(0, BLOCK_D)
-    m_j = o_j < N_out
-    m_jd = m_j[:, None] & (o_d[None, :] < D)
-    o_jd = o_j[:, None] * D + o_d[None, :]
+    o_j, o_d, m_j, m_jd, o_jd = _caps_block(N_out, D, BLOCK_J, BLOCK_D)
     caps_size = N_out * D
     o_saved = (r * B + i_b) * caps_size + o_jd
     b_dv = _incoming_grad(dv_ptr, dpart_ptr, i_b, r, R, B, SPLIT, caps_size, o_j, o_d, o_jd, m_jd,
@@ -288,11 +288,7 @@ def routing_backward_final_kernel(
 ):
     i_b = tl.program_id(0).to(tl.int64)
     i_k = tl.program_id(1)
-    o_j = tl.arange(0, BLOCK_J)
-    o_d = tl.arange(0, BLOCK_D)
-    m_j = o_j < N_out
-    m_jd = m_j[:, None] & (o_d[None, :] < D)
-    o_jd = o_j[:, None] * D + o_d[None, :]
+    o_j, o_d, m_j, m_jd, o_jd = _caps_block(N_out, D, BLOCK_J, BLOCK_D)
     caps_size = N_out * D
     # The lowest step with a gradient: 0 through routing, else only the last one.
     if GRAD_THROUGH:
