@@ -178,13 +178,13 @@ def routing_backward(
                 u_hat, grad_v, s_saved, vsum_saved, ds_saved, dpartials,
                 batch, n_in, n_out, d, split, cfg["caps_per_split"], r, iterations,
                 *u_hat.stride(), *grad_v.stride(),
-                **blocks, num_warps=cfg["num_warps_bwd"],
+                **blocks, num_warps=cfg["num_warps"],
             )
     _launcher(routing_backward_final_kernel)[(batch, split)](
         u_hat, grad_v, s_saved, vsum_saved, ds_saved, dpartials, du,
         batch, n_in, n_out, d, split, cfg["caps_per_split"], iterations,
         *u_hat.stride(), *grad_v.stride(),
-        **blocks, GRAD_THROUGH=grad_through_routing, num_warps=cfg["num_warps_bwd"],
+        **blocks, GRAD_THROUGH=grad_through_routing, num_warps=cfg["num_warps"],
     )
     return du
 

@@ -375,7 +375,6 @@ def routing_config(
         "BLOCK_D": block_d,
         "num_warps": num_warps,
         "BLOCK_I_BWD": block_i_bwd,
-        "num_warps_bwd": num_warps,
         "SPLIT": splits,
         "caps_per_split": caps_per_split,
     }
