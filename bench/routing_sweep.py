@@ -468,13 +468,18 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def sweep_points(args, batches):
-    """Points in run order: float32 first, and every batch of one compiled callable together."""
-    dtypes = sorted(args.dtypes, key=lambda d: d != "float32")
-    for dtype in dtypes:
+    """Groups ``(op, impl, mode, dtype, batches)`` in run order, every batch of one callable
+    together: float32 first, then the half types interleaved per (op, mode, implementation), so
+    that a time budget cut short still measures each of them on the first ops and modes asked for.
+    """
+    half = [d for d in args.dtypes if d != "float32"]
+    dtype_runs = ([["float32"]] if "float32" in args.dtypes else []) + ([half] if half else [])
+    for dtypes in dtype_runs:
         for op in args.op:
             for mode in args.modes:
                 for impl in args.implementations:
-                    yield op, impl, mode, dtype, batches
+                    for dtype in dtypes:
+                        yield op, impl, mode, dtype, batches
 
 
 def run_group(op, impl, mode, dtype_name, batches, cfg, device, args, deadline, on_row) -> None:

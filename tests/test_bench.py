@@ -185,6 +185,37 @@ def test_append_and_time_budget(sweep, tmp_path):
     assert len(merged["environment"]["previous_runs"]) == 1
 
 
+def test_sweep_order_float32_first_then_half_types_interleaved():
+    import routing_sweep
+
+    args = routing_sweep.parse_args(
+        [
+            "--op",
+            "routing",
+            "layer",
+            "--modes",
+            "forward",
+            "--implementations",
+            "eager",
+            "triton",
+            "--dtypes",
+            "float16",
+            "bfloat16",
+            "float32",
+        ]
+    )
+    order = [(op, impl, dtype) for op, impl, _, dtype, _ in routing_sweep.sweep_points(args, [1])]
+    assert len(order) == len(set(order)) == 2 * 2 * 3
+    assert {dtype for _, _, dtype in order[:4]} == {"float32"}
+    # a budget cut after four half-precision groups has measured both half types on routing
+    assert order[4:8] == [
+        ("routing", "eager", "float16"),
+        ("routing", "eager", "bfloat16"),
+        ("routing", "triton", "float16"),
+        ("routing", "triton", "bfloat16"),
+    ]
+
+
 def _row(impl, op, mode, batch, ms, mem=None, dtype="float32"):
     return {
         "implementation": impl,
