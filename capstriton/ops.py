@@ -168,7 +168,7 @@ def routing_backward(
     if batch == 0:
         return du
     cfg = routing_config(int(n_in), int(n_out), int(d), batch)
-    split = cfg["SPLIT"]
+    split = cfg["SPLIT_BWD"]  # its own split: the forward's partials are not read here
     ds_saved = _empty(s_saved.shape, _F32, u_hat.device)
     dpartials = _empty((iterations, batch, split, n_out, d), _F32, u_hat.device)
     blocks = {"BLOCK_I": cfg["BLOCK_I_BWD"], "BLOCK_J": cfg["BLOCK_J"], "BLOCK_D": cfg["BLOCK_D"]}
@@ -176,13 +176,13 @@ def routing_backward(
         for r in range(iterations - 1, 0, -1):
             _launcher(routing_backward_reduce_kernel)[(batch, split)](
                 u_hat, grad_v, s_saved, vsum_saved, ds_saved, dpartials,
-                batch, n_in, n_out, d, split, cfg["caps_per_split"], r, iterations,
+                batch, n_in, n_out, d, split, cfg["caps_per_split_bwd"], r, iterations,
                 *u_hat.stride(), *grad_v.stride(),
                 **blocks, num_warps=cfg["num_warps"],
             )
     _launcher(routing_backward_final_kernel)[(batch, split)](
         u_hat, grad_v, s_saved, vsum_saved, ds_saved, dpartials, du,
-        batch, n_in, n_out, d, split, cfg["caps_per_split"], iterations,
+        batch, n_in, n_out, d, split, cfg["caps_per_split_bwd"], iterations,
         *u_hat.stride(), *grad_v.stride(),
         **blocks, GRAD_THROUGH=grad_through_routing, num_warps=cfg["num_warps"],
     )

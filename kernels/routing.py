@@ -6,8 +6,9 @@ never store logits or coupling coefficients: ``c_r = softmax_j(b_r)`` is recompu
 ``u`` and the running sum ``V_r`` (N_out x D per example).
 
 Work decomposition: program ``(b, k)`` owns example ``b`` and a contiguous slice of the input
-capsules (split ``k`` of ``SPLIT``), walked in tiles of ``BLOCK_I`` capsules held as
-``[BLOCK_I, BLOCK_J, BLOCK_D]`` blocks in registers. Each launch is one pass over ``u``:
+capsules (split ``k`` of ``SPLIT``; the backward launches choose their own tile and split), walked
+in tiles of ``BLOCK_I`` capsules held as ``[BLOCK_I, BLOCK_J, BLOCK_D]`` blocks in registers.
+Each launch is one pass over ``u``:
 
 forward, iteration r (``routing_forward_kernel``): reduce the previous iteration's per-split
     partial sums ``s_{r-1}`` in a fixed order (deterministic), squash to ``v_{r-1}``, form
@@ -42,11 +43,16 @@ __all__ = [
     "routing_backward_final_kernel",
     "routing_config",
     "TARGET_PROGRAMS",
+    "TARGET_PROGRAMS_BWD",
 ]
 
 #: Programs a launch aims for: enough to fill a 132-SM H100 several times over when the batch
 #: is small (the input capsules are then split across programs).
 TARGET_PROGRAMS = 1024
+#: The backward launches' aim: they do more per capsule (the softmax and its gradient, two tile
+#: accumulators) in fewer resident warps, and measured faster with more, shorter splits (see
+#: ``routing_config``).
+TARGET_PROGRAMS_BWD = 8192
 
 
 @triton.jit
@@ -324,6 +330,16 @@ def routing_backward_final_kernel(
         tl.store(p_dub + o_du, b_du.to(du_ptr.dtype.element_ty), mask=m_u)
 
 
+def _input_split(n_in: int, block_i: int, batch: int, target_programs: int) -> tuple[int, int]:
+    """``(SPLIT, caps_per_split)``: the input capsules cut into runs of whole ``block_i`` tiles so
+    that ``batch * SPLIT`` approaches ``target_programs`` (one split per example once the batch
+    alone reaches it); the last split may be shorter (the kernels mask at ``N_in``)."""
+    tiles = triton.cdiv(n_in, block_i)
+    splits = max(1, min(tiles, triton.cdiv(target_programs, max(batch, 1))))
+    caps_per_split = triton.cdiv(tiles, splits) * block_i
+    return triton.cdiv(n_in, caps_per_split), caps_per_split
+
+
 def routing_config(
     n_in: int,
     n_out: int,
@@ -331,8 +347,9 @@ def routing_config(
     batch: int,
     *,
     tile: int = 1024,
-    tile_bwd: int = 1024,
+    tile_bwd: int = 2048,
     target_programs: int = TARGET_PROGRAMS,
+    target_programs_bwd: int = TARGET_PROGRAMS_BWD,
     num_warps: int | None = None,
 ) -> dict:
     """Launch parameters for the routing kernels.
@@ -342,19 +359,27 @@ def routing_config(
     backward kernels. Each kernel keeps a second tile-sized accumulator (the forward's and the
     reduce pass's sum over capsules, the final pass's du), so at 4 warps a 2048-element tile is
     about 32 of its registers. Checked with ``bench/kernel_report.py`` (sm_90, DigitCaps fp32):
-    4096-element tiles took 126 registers in the forward (16 warps per SM) and the backward's
-    final pass through routing 108 at 2048. Measured with ``bench/tune_routing.py`` on an H200
-    (DigitCaps fp32, B = 1024): the forward at 1024 elements took 0.80 ms against 0.84 ms at 2048
-    and 0.98 ms at 4096; with triton 3.6 the forward at 2048 also spilled (37 x 3 x 33 capsules).
-    The defaults keep every kernel spill-free with at least 24 resident warps for DigitCaps.
+    4096-element tiles took 126 registers in the forward (16 warps per SM); the backward at 2048
+    takes 107 in the final pass through routing (16 warps per SM) and 80 in the reduce pass (166
+    and 118 with triton 3.6, the GPU machines' version: 12 and 16 warps per SM), no spills.
+    Measured with ``bench/tune_routing.py`` on an H200 (DigitCaps fp32, at commit b59a9d2, when
+    both passes shared one split): the forward at 1024 elements took 0.80 ms at B = 1024 against
+    0.84 ms at 2048 and 0.98 ms at 4096 (with triton 3.6 the forward at 2048 also spilled, for
+    37 x 3 x 33 capsules); forward + backward took 2.75 ms with a 2048 backward tile and 8192
+    target programs against 3.03 ms with 1024 and 1024 (1.00 against 1.11 ms at B = 64), while
+    8192 programs slowed the forward at 1024 elements (0.82 against 0.80 ms at B = 1024, 0.23
+    against 0.21 ms at B = 64). Hence each pass has its own tile and split.
 
     Every program also holds a few [BLOCK_J, BLOCK_D] blocks (the running sum V, s, ds): 4 warps
     while such a block is at most 512 elements, up to 32 warps for 64 x 64 capsules (4 warps
     there spilled 60 bytes in the backward's final pass on sm_90, 16 warps 8 bytes in the
     reduce pass).
 
-    ``SPLIT`` (programs per example along the input capsules) and ``caps_per_split`` are runtime
-    arguments: the batch size changes the grid, never the compiled kernel.
+    ``SPLIT`` / ``SPLIT_BWD`` (programs per example along the input capsules in the forward and
+    the backward launches) and ``caps_per_split`` / ``caps_per_split_bwd`` are runtime
+    arguments: the batch size changes the grid, never the compiled kernel. The passes share only
+    the saved ``s_r`` and ``V_r``, already reduced over the forward's splits, so the backward's
+    split is free.
     """
     block_j = triton.next_power_of_2(n_out)
     block_d = triton.next_power_of_2(dim)
@@ -363,18 +388,16 @@ def routing_config(
     cap = triton.next_power_of_2(n_in)
     block_i = max(1, min(64, tile // (block_j * block_d), cap))
     block_i_bwd = max(1, min(64, tile_bwd // (block_j * block_d), cap))
-    # caps_per_split must be a multiple of both tiles: powers of two, so of the larger one
-    step = max(block_i, block_i_bwd)
-    tiles = triton.cdiv(n_in, step)
-    splits = max(1, min(tiles, triton.cdiv(target_programs, max(batch, 1))))
-    caps_per_split = triton.cdiv(tiles, splits) * step
-    splits = triton.cdiv(n_in, caps_per_split)
+    split, caps_per_split = _input_split(n_in, block_i, batch, target_programs)
+    split_bwd, caps_per_split_bwd = _input_split(n_in, block_i_bwd, batch, target_programs_bwd)
     return {
         "BLOCK_I": block_i,
         "BLOCK_J": block_j,
         "BLOCK_D": block_d,
         "num_warps": num_warps,
-        "BLOCK_I_BWD": block_i_bwd,
-        "SPLIT": splits,
+        "SPLIT": split,
         "caps_per_split": caps_per_split,
+        "BLOCK_I_BWD": block_i_bwd,
+        "SPLIT_BWD": split_bwd,
+        "caps_per_split_bwd": caps_per_split_bwd,
     }

@@ -3,6 +3,7 @@ summaries drawn from its JSON. Timings are never asserted: only the shape of the
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import json
 import os
@@ -214,6 +215,28 @@ def test_sweep_order_float32_first_then_half_types_interleaved():
         ("routing", "triton", "float16"),
         ("routing", "triton", "bfloat16"),
     ]
+
+
+def test_tune_routing_runs_through_the_interpreter(tmp_path):
+    """bench/tune_routing.py (run by gpu_check.sh) on CPU tensors: every configuration of both
+    grids runs and is recorded (the times mean nothing here)."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    args = ["--device", "cpu", "--batch-sizes", "2", "--shape", "7", "3", "5", "--tiles", "64", "1024"]
+    args += ["--tiles-bwd", "32", "--target-programs", "1", "4", "--target-programs-bwd", "1", "8"]
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "tune_routing.py"), *args, "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=240, env=env, cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = json.loads((tmp_path / "tune_routing.json").read_text())["results"]
+    got = {(r["mode"], r["tile"], r["tile_bwd"], r["target_programs"], r["target_programs_bwd"]) for r in rows}
+    from capstriton.kernels.routing import routing_config
+
+    default = {k: v.default for k, v in inspect.signature(routing_config).parameters.items()}
+    fwd = {("forward", t, default["tile_bwd"], p, default["target_programs_bwd"]) for t in (64, 1024) for p in (1, 4)}
+    bwd = {("forward+backward", default["tile"], 32, default["target_programs"], p) for p in (1, 8)}
+    assert len(rows) == len(got) == 6 and got == fwd | bwd
+    assert all(r["time_ms"] > 0 and r["batch_size"] == 2 for r in rows)
 
 
 def _row(impl, op, mode, batch, ms, mem=None, dtype="float32"):

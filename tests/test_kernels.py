@@ -13,11 +13,15 @@ Tolerances, as relative errors ``||out - ref|| / ||ref||`` against float64:
   float32 arithmetic remain: 2 ulp of the half type bounds it.
 """
 
+import functools
+
 import pytest
 import torch
+from capstriton.kernels.routing import TARGET_PROGRAMS_BWD, routing_config
 from conftest import KERNEL_DEVICE, requires_cuda
 
 import capstriton as ct
+from capstriton import ops
 
 TOL = {torch.float32: 5e-6, torch.float16: 2 * 2.0**-10, torch.bfloat16: 2 * 2.0**-7}
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -163,6 +167,45 @@ def test_routing_deterministic():
         (du,) = torch.autograd.grad(v, u, torch.ones_like(v))
         outs.append((v, du))
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+
+
+# (SPLIT, caps_per_split, BLOCK_I) of the forward and of the backward in routing_config's dict
+SPLIT_KEYS = [("SPLIT", "caps_per_split", "BLOCK_I"), ("SPLIT_BWD", "caps_per_split_bwd", "BLOCK_I_BWD")]
+
+
+@pytest.mark.parametrize("grad_mode", [True, False], ids=["through", "detached"])
+def test_routing_splits_of_several_tiles(monkeypatch, grad_mode):
+    """The loop over several tiles per split, a shorter last split (ending in a partial tile) and
+    forward and backward splits that differ: at the test sizes the default parameters give one
+    tile per split, so smaller tiles and program targets are forced here."""
+    n_in, n_out, d, batch = 37, 3, 5, 3
+    forced = functools.partial(routing_config, tile=64, tile_bwd=32, target_programs=12, target_programs_bwd=9)
+    cfg = forced(n_in, n_out, d, batch)
+    for split, caps, block in SPLIT_KEYS:
+        assert cfg[caps] >= 3 * cfg[block]  # several tiles per split
+        assert 0 < n_in - (cfg[split] - 1) * cfg[caps] < cfg[caps]  # a shorter last split
+    assert n_in % cfg["BLOCK_I"] and (cfg["SPLIT"], cfg["BLOCK_I"]) != (cfg["SPLIT_BWD"], cfg["BLOCK_I_BWD"])
+    monkeypatch.setattr(ops, "routing_config", forced)
+    u = torch.randn(batch, n_in, n_out, d, device=KERNEL_DEVICE)
+    g = torch.randn(batch, n_out, d, device=KERNEL_DEVICE)
+    v, ref, du, du_ref = run_routing(u, 3, grad_mode, g)
+    assert rel_err(v, ref) < TOL[torch.float32]
+    assert rel_err(du, du_ref) < TOL[torch.float32]
+
+
+@pytest.mark.parametrize("n_in", [1, 7, 37, 1152, 1153])
+@pytest.mark.parametrize(("n_out", "d"), [(1, 1), (10, 16), (3, 33), (64, 64)])
+def test_routing_config_splits_cover_the_input_capsules(n_in, n_out, d):
+    """Every split of the forward and of the backward is non-empty and whole tiles long, the
+    last one ending at N_in, so together they cover the input capsules once, at every batch."""
+    for batch in [0, 1, 3, 64, 1000, 1024, 5000]:
+        cfg = routing_config(n_in, n_out, d, batch)
+        assert cfg["BLOCK_J"] >= n_out and cfg["BLOCK_D"] >= d
+        for split, caps, block in SPLIT_KEYS:
+            assert cfg[split] >= 1 and cfg[caps] % cfg[block] == 0
+            assert (cfg[split] - 1) * cfg[caps] < n_in <= cfg[split] * cfg[caps]
+            # the grid stays near its target, or one program per example past it
+            assert batch * cfg[split] < max(batch, TARGET_PROGRAMS_BWD) + batch
 
 
 def test_capsule_routing_triton_matches_reference():
