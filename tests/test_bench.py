@@ -189,22 +189,8 @@ def test_append_and_time_budget(sweep, tmp_path):
 def test_sweep_order_float32_first_then_half_types_interleaved():
     import routing_sweep
 
-    args = routing_sweep.parse_args(
-        [
-            "--op",
-            "routing",
-            "layer",
-            "--modes",
-            "forward",
-            "--implementations",
-            "eager",
-            "triton",
-            "--dtypes",
-            "float16",
-            "bfloat16",
-            "float32",
-        ]
-    )
+    argv = ["--op", "routing", "layer", "--modes", "forward", "--implementations", "eager", "triton"]
+    args = routing_sweep.parse_args([*argv, "--dtypes", "float16", "bfloat16", "float32"])
     order = [(op, impl, dtype) for op, impl, _, dtype, _ in routing_sweep.sweep_points(args, [1])]
     assert len(order) == len(set(order)) == 2 * 2 * 3
     assert {dtype for _, _, dtype in order[:4]} == {"float32"}
