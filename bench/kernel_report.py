@@ -514,6 +514,7 @@ _SHORT = {
     "routing_forward_kernel": "rt_forward",
     "routing_finalize_kernel": "rt_finalize",
     "routing_backward_reduce_kernel": "rt_bwd_reduce",
+    "routing_backward_sum_kernel": "rt_bwd_sum",
     "routing_backward_final_kernel": "rt_bwd_final",
     "squash_forward_kernel": "sq_forward",
     "squash_backward_kernel": "sq_backward",

@@ -25,6 +25,7 @@ from triton.runtime.jit import JITFunction
 from .kernels.routing import (
     routing_backward_final_kernel,
     routing_backward_reduce_kernel,
+    routing_backward_sum_kernel,
     routing_config,
     routing_finalize_kernel,
     routing_forward_kernel,
@@ -170,19 +171,25 @@ def routing_backward(
     cfg = routing_config(int(n_in), int(n_out), int(d), batch)
     split = cfg["SPLIT_BWD"]  # its own split: the forward's partials are not read here
     ds_saved = _empty(s_saved.shape, _F32, u_hat.device)
-    dpartials = _empty((iterations, batch, split, n_out, d), _F32, u_hat.device)
+    dpartials = _empty((batch, split, n_out, d), _F32, u_hat.device)  # one step's, reused
+    dv_sum = _empty((batch, n_out, d), _F32, u_hat.device)  # sum of the later steps' dV
     blocks = {"BLOCK_I": cfg["BLOCK_I_BWD"], "BLOCK_J": cfg["BLOCK_J"], "BLOCK_D": cfg["BLOCK_D"]}
     if grad_through_routing:
         for r in range(iterations - 1, 0, -1):
             _launcher(routing_backward_reduce_kernel)[(batch, split)](
-                u_hat, grad_v, s_saved, vsum_saved, ds_saved, dpartials,
+                u_hat, grad_v, s_saved, vsum_saved, ds_saved, dpartials, dv_sum,
                 batch, n_in, n_out, d, split, cfg["caps_per_split_bwd"], r, iterations,
                 *u_hat.stride(), *grad_v.stride(),
                 **blocks, num_warps=cfg["num_warps"],
             )
+            _launcher(routing_backward_sum_kernel)[(batch,)](
+                dpartials, dv_sum, batch, n_out, d, split,
+                BLOCK_J=cfg["BLOCK_J"], BLOCK_D=cfg["BLOCK_D"], FIRST=r == iterations - 1,
+                num_warps=min(8, cfg["num_warps"]),  # as the finalize's
+            )
     _launcher(routing_backward_final_kernel)[(batch, split)](
-        u_hat, grad_v, s_saved, vsum_saved, ds_saved, dpartials, du,
-        batch, n_in, n_out, d, split, cfg["caps_per_split_bwd"], iterations,
+        u_hat, grad_v, s_saved, vsum_saved, ds_saved, dv_sum, du,
+        batch, n_in, n_out, d, cfg["caps_per_split_bwd"], iterations,
         *u_hat.stride(), *grad_v.stride(),
         **blocks, GRAD_THROUGH=grad_through_routing, num_warps=cfg["num_warps"],
     )

@@ -19,7 +19,10 @@ forward, iteration r (``routing_forward_kernel``): reduce the previous iteration
 backward (DESIGN.md section 1), gradient through routing: ``routing_backward_reduce_kernel`` for
     r = R-1 .. 1 computes ``ds_r = J_squash(s_r)^T dv_r`` with ``dv_r = dv`` (r = R-1) or the sum
     of the later steps' ``dV_q = sum_i g_q[i, j] u[i, j]`` (q > r), and this split's partial of
-    ``dV_r``, where ``g_r = c_r (u . ds_r - sum_k c_r u . ds_r)``. Then one
+    ``dV_r``, where ``g_r = c_r (u . ds_r - sum_k c_r u . ds_r)``; after each such launch
+    ``routing_backward_sum_kernel`` adds the partials (in split order) to the running sum
+    ``dv_{r-1}``, once per example, so that no program re-reads all the splits' partials (that
+    would be SPLIT^2 blocks per example and step). Then one
     ``routing_backward_final_kernel`` pass writes ``du = sum_r c_r ds_r + g_r V_r`` with every
     step's terms accumulated in registers, so ``du`` is written once and nothing of u's size is
     stored per iteration. Without gradient through routing only ``du = c_{R-1} ds_{R-1}`` remains.
@@ -40,6 +43,7 @@ __all__ = [
     "routing_forward_kernel",
     "routing_finalize_kernel",
     "routing_backward_reduce_kernel",
+    "routing_backward_sum_kernel",
     "routing_backward_final_kernel",
     "routing_config",
     "TARGET_PROGRAMS",
@@ -197,19 +201,15 @@ def routing_finalize_kernel(
 
 
 @triton.jit
-def _incoming_grad(dv_ptr, dpart_ptr, i_b, r, R, B, SPLIT, caps_size, o_j, o_d, o_jd, m_jd,
-                   stride_gb, stride_gj, stride_gd, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr):
-    """``dv_r``: the output gradient for r = R-1, else the sum over later steps q > r of their
-    ``dV_q`` partials (each reduced over splits in a fixed order)."""
-    if r == R - 1:
-        o_g = i_b * stride_gb + o_j[:, None].to(tl.int64) * stride_gj + o_d[None, :].to(tl.int64) * stride_gd
-        b_dv = tl.load(dv_ptr + o_g, mask=m_jd, other=0.0).to(tl.float32)
-    else:
-        b_dv = tl.zeros([BLOCK_J, BLOCK_D], dtype=tl.float32)
-        for q in range(r + 1, R):
-            p_q = dpart_ptr + ((q * B + i_b) * SPLIT) * caps_size
-            b_dv += _sum_splits(p_q, SPLIT, caps_size, o_jd, m_jd, BLOCK_J, BLOCK_D)
-    return b_dv
+def _incoming_grad(dv_ptr, dvsum_ptr, i_b, r, R, caps_size, o_j, o_d, o_jd, m_jd, stride_gb, stride_gj, stride_gd):
+    """``dv_r``: the output gradient for r = R-1, else ``sum_{q > r} dV_q`` as accumulated by
+    ``routing_backward_sum_kernel``."""
+    # Two predicated loads, one of them empty, rather than a branch: triton 3.6's coalescing pass
+    # failed on the final kernel with one load on each side of an `if`.
+    last = r == R - 1
+    o_g = i_b * stride_gb + o_j[:, None].to(tl.int64) * stride_gj + o_d[None, :].to(tl.int64) * stride_gd
+    b_dv = tl.load(dv_ptr + o_g, mask=m_jd & last, other=0.0).to(tl.float32)
+    return b_dv + tl.load(dvsum_ptr + i_b * caps_size + o_jd, mask=m_jd & (r < R - 1), other=0.0)
 
 
 @triton.jit(do_not_specialize=["B", "SPLIT", "caps_per_split", "r"])
@@ -219,7 +219,8 @@ def routing_backward_reduce_kernel(
     s_buf_ptr,  # [R, B, N_out, D] f32 saved s_r
     vsum_buf_ptr,  # [R, B, N_out, D] f32 saved V_r
     ds_buf_ptr,  # [R, B, N_out, D] f32 ds_r (slot r written here)
-    dpart_ptr,  # [R, B, SPLIT, N_out, D] f32 partials of dV_r (slot r written, slots > r read)
+    dpart_ptr,  # [B, SPLIT, N_out, D] f32 this step's partials of dV_r (written)
+    dvsum_ptr,  # [B, N_out, D] f32 dv_r = sum_{q > r} dV_q (read when r < R-1)
     B,
     N_in,
     N_out,
@@ -244,8 +245,9 @@ def routing_backward_reduce_kernel(
     o_j, o_d, m_j, m_jd, o_jd = _caps_block(N_out, D, BLOCK_J, BLOCK_D)
     caps_size = N_out * D
     o_saved = (r * B + i_b) * caps_size + o_jd
-    b_dv = _incoming_grad(dv_ptr, dpart_ptr, i_b, r, R, B, SPLIT, caps_size, o_j, o_d, o_jd, m_jd,
-                          stride_gb, stride_gj, stride_gd, BLOCK_J, BLOCK_D)
+    b_dv = _incoming_grad(
+        dv_ptr, dvsum_ptr, i_b, r, R, caps_size, o_j, o_d, o_jd, m_jd, stride_gb, stride_gj, stride_gd
+    )
     b_ds = squash_vjp(tl.load(s_buf_ptr + o_saved, mask=m_jd, other=0.0), b_dv)
     tl.store(ds_buf_ptr + o_saved, b_ds, mask=m_jd & (i_k == 0))
     b_V = tl.load(vsum_buf_ptr + o_saved, mask=m_jd, other=0.0)
@@ -261,23 +263,44 @@ def routing_backward_reduce_kernel(
         b_g = _logit_grad(b_u, _coupling(b_u, b_V, m_j), b_ds)
         b_acc += b_g[:, :, None] * b_u
     b_dV = tl.sum(b_acc, axis=0)
-    tl.store(dpart_ptr + ((r * B + i_b) * SPLIT + i_k) * caps_size + o_jd, b_dV, mask=m_jd)
+    tl.store(dpart_ptr + (i_b * SPLIT + i_k) * caps_size + o_jd, b_dV, mask=m_jd)
 
 
-@triton.jit(do_not_specialize=["B", "SPLIT", "caps_per_split"])
+@triton.jit(do_not_specialize=["B", "SPLIT"])
+def routing_backward_sum_kernel(
+    dpart_ptr,  # [B, SPLIT, N_out, D] f32 partials of dV_r from the reduce launch for step r
+    dvsum_ptr,  # [B, N_out, D] f32 running sum: dv_r in (unless FIRST), dv_{r-1} = dv_r + dV_r out
+    B,
+    N_out,
+    D,
+    SPLIT,
+    BLOCK_J: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    FIRST: tl.constexpr,  # r = R-1: dv_r is the output gradient, not in the running sum
+):
+    i_b = tl.program_id(0).to(tl.int64)
+    o_j, o_d, m_j, m_jd, o_jd = _caps_block(N_out, D, BLOCK_J, BLOCK_D)
+    caps_size = N_out * D
+    b_dV = _sum_splits(dpart_ptr + i_b * SPLIT * caps_size, SPLIT, caps_size, o_jd, m_jd, BLOCK_J, BLOCK_D)
+    p_sum = dvsum_ptr + i_b * caps_size + o_jd
+    if not FIRST:
+        b_dV += tl.load(p_sum, mask=m_jd, other=0.0)
+    tl.store(p_sum, b_dV, mask=m_jd)
+
+
+@triton.jit(do_not_specialize=["B", "caps_per_split"])
 def routing_backward_final_kernel(
     u_ptr,  # [B, N_in, N_out, D] predictions, strides stride_u*
     dv_ptr,  # [B, N_out, D] gradient of v, strides stride_g*
     s_buf_ptr,  # [R, B, N_out, D] f32 saved s_r
     vsum_buf_ptr,  # [R, B, N_out, D] f32 saved V_r
     ds_buf_ptr,  # [R, B, N_out, D] f32 ds_r for r >= 1 (from the reduce launches)
-    dpart_ptr,  # [R, B, SPLIT, N_out, D] f32 partials of dV_r for r >= 1
+    dvsum_ptr,  # [B, N_out, D] f32 dv_0 = sum_{q >= 1} dV_q (read through routing when R > 1)
     du_ptr,  # [B, N_in, N_out, D] gradient of u_hat, dtype of u_hat, contiguous
     B,
     N_in,
     N_out,
     D,
-    SPLIT,
     caps_per_split,
     R,
     stride_ub,
@@ -302,8 +325,9 @@ def routing_backward_final_kernel(
     else:
         r_lo = R - 1
     o_lo = (r_lo * B + i_b) * caps_size + o_jd
-    b_dv = _incoming_grad(dv_ptr, dpart_ptr, i_b, r_lo, R, B, SPLIT, caps_size, o_j, o_d, o_jd, m_jd,
-                          stride_gb, stride_gj, stride_gd, BLOCK_J, BLOCK_D)
+    b_dv = _incoming_grad(
+        dv_ptr, dvsum_ptr, i_b, r_lo, R, caps_size, o_j, o_d, o_jd, m_jd, stride_gb, stride_gj, stride_gd
+    )
     b_ds_lo = squash_vjp(tl.load(s_buf_ptr + o_lo, mask=m_jd, other=0.0), b_dv)
     b_V_lo = tl.load(vsum_buf_ptr + o_lo, mask=m_jd, other=0.0)
 
@@ -360,7 +384,7 @@ def routing_config(
     reduce pass's sum over capsules, the final pass's du), so at 4 warps a 2048-element tile is
     about 32 of its registers. Checked with ``bench/kernel_report.py`` (sm_90, DigitCaps fp32):
     4096-element tiles took 126 registers in the forward (16 warps per SM); the backward at 2048
-    takes 107 in the final pass through routing (16 warps per SM) and 80 in the reduce pass (166
+    takes 107 in the final pass through routing (16 warps per SM) and 80 in the reduce pass (164
     and 118 with triton 3.6, the GPU machines' version: 12 and 16 warps per SM), no spills.
     Measured with ``bench/tune_routing.py`` on an H200 (DigitCaps fp32, at commit b59a9d2, when
     both passes shared one split): the forward at 1024 elements took 0.80 ms at B = 1024 against

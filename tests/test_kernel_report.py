@@ -23,6 +23,7 @@ KERNELS = {
     "routing_forward_kernel",
     "routing_finalize_kernel",
     "routing_backward_reduce_kernel",
+    "routing_backward_sum_kernel",
     "routing_backward_final_kernel",
     "squash_forward_kernel",
     "squash_backward_kernel",
