@@ -19,7 +19,6 @@ writes ``tune_routing.json`` to ``--out`` when given.
 from __future__ import annotations
 
 import argparse
-import functools
 import itertools
 import json
 import os
@@ -87,7 +86,13 @@ def main(argv=None) -> int:
             dv = torch.randn(batch, args.shape[1], args.shape[2], device=args.device, dtype=dtype)
             for mode, grid in grids.items():
                 for overrides in grid:
-                    ops.routing_config = functools.partial(routing_config, **overrides)
+                    used = []  # what the ops' launches got: proof that the overrides reached them
+
+                    def config(*a, _overrides=overrides, _used=used, **k):
+                        _used.append(routing_config(*a, **k, **_overrides))
+                        return _used[-1]
+
+                    ops.routing_config = config
                     cfg = {**defaults, **overrides}
                     if mode == "forward":
                         def fn(u=u):
@@ -98,9 +103,11 @@ def main(argv=None) -> int:
                             v = ct.dynamic_routing(u, args.iterations, backend="triton")
                             torch.autograd.grad(v, u, dv)
                     ms = bench(fn)
+                    launch = used[-1]
                     rows.append({"batch_size": batch, "mode": mode, **cfg, "time_ms": ms,
-                                 "examples_per_s": batch / ms * 1e3,
-                                 "default": all(cfg[k] == defaults[k] for k in defaults)})
+                                 "examples_per_s": batch / ms * 1e3, "launch": launch,
+                                 # the launch parameters the defaults resolve to (num_warps=None too)
+                                 "default": launch == routing_config(*args.shape, batch)})
                     print(f"B={batch:5d} {mode:17s} tile={cfg['tile']:5d} tile_bwd={cfg['tile_bwd']:5d} "
                           f"programs={cfg['target_programs']:5d}/{cfg['target_programs_bwd']:5d} "
                           f"warps={cfg['num_warps']} "

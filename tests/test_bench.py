@@ -223,6 +223,14 @@ def test_tune_routing_runs_through_the_interpreter(tmp_path):
     bwd = {("forward+backward", default["tile"], 32, default["target_programs"], p) for p in (1, 8)}
     assert len(rows) == len(got) == 6 and got == fwd | bwd
     assert all(r["time_ms"] > 0 and r["batch_size"] == 2 for r in rows)
+    # the ops' launches got the overridden parameters (recorded from inside ops.routing_config)
+    for r in rows:
+        asked = {k: r[k] for k in ("tile", "tile_bwd", "target_programs", "target_programs_bwd")}
+        assert r["launch"] == routing_config(7, 3, 5, 2, **asked)
+    assert {r["launch"]["BLOCK_I"] for r in rows if r["mode"] == "forward"} == {2, 8}
+    assert {r["launch"]["SPLIT_BWD"] for r in rows if r["mode"] != "forward"} == {1, 4}
+    # the row whose parameters resolve to the defaults' launch is marked, and only that one
+    assert [r["default"] for r in rows] == [r["launch"] == routing_config(7, 3, 5, 2) for r in rows]
 
 
 def _row(impl, op, mode, batch, ms, mem=None, dtype="float32"):

@@ -17,7 +17,7 @@ import functools
 
 import pytest
 import torch
-from capstriton.kernels.routing import TARGET_PROGRAMS_BWD, routing_config
+from capstriton.kernels.routing import TARGET_PROGRAMS, TARGET_PROGRAMS_BWD, routing_config
 from conftest import KERNEL_DEVICE, requires_cuda
 
 import capstriton as ct
@@ -169,8 +169,11 @@ def test_routing_deterministic():
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
 
 
-# (SPLIT, caps_per_split, BLOCK_I) of the forward and of the backward in routing_config's dict
-SPLIT_KEYS = [("SPLIT", "caps_per_split", "BLOCK_I"), ("SPLIT_BWD", "caps_per_split_bwd", "BLOCK_I_BWD")]
+# routing_config's (SPLIT, caps_per_split, BLOCK_I) keys and program target, forward and backward
+SPLIT_KEYS = [
+    ("SPLIT", "caps_per_split", "BLOCK_I", TARGET_PROGRAMS),
+    ("SPLIT_BWD", "caps_per_split_bwd", "BLOCK_I_BWD", TARGET_PROGRAMS_BWD),
+]
 
 
 @pytest.mark.parametrize("grad_mode", [True, False], ids=["through", "detached"])
@@ -179,12 +182,13 @@ def test_routing_splits_of_several_tiles(monkeypatch, grad_mode):
     forward and backward splits that differ: at the test sizes the default parameters give one
     tile per split, so smaller tiles and program targets are forced here."""
     n_in, n_out, d, batch = 37, 3, 5, 3
-    forced = functools.partial(routing_config, tile=64, tile_bwd=32, target_programs=12, target_programs_bwd=9)
+    forced = functools.partial(routing_config, tile=64, tile_bwd=128, target_programs=12, target_programs_bwd=9)
     cfg = forced(n_in, n_out, d, batch)
-    for split, caps, block in SPLIT_KEYS:
+    for split, caps, block, _ in SPLIT_KEYS:
         assert cfg[caps] >= 3 * cfg[block]  # several tiles per split
         assert 0 < n_in - (cfg[split] - 1) * cfg[caps] < cfg[caps]  # a shorter last split
-    assert n_in % cfg["BLOCK_I"] and (cfg["SPLIT"], cfg["BLOCK_I"]) != (cfg["SPLIT_BWD"], cfg["BLOCK_I_BWD"])
+        assert n_in % cfg[block]  # ending in a partial tile
+    assert (cfg["SPLIT"], cfg["BLOCK_I"]) != (cfg["SPLIT_BWD"], cfg["BLOCK_I_BWD"])
     monkeypatch.setattr(ops, "routing_config", forced)
     u = torch.randn(batch, n_in, n_out, d, device=KERNEL_DEVICE)
     g = torch.randn(batch, n_out, d, device=KERNEL_DEVICE)
@@ -201,11 +205,11 @@ def test_routing_config_splits_cover_the_input_capsules(n_in, n_out, d):
     for batch in [0, 1, 3, 64, 1000, 1024, 5000]:
         cfg = routing_config(n_in, n_out, d, batch)
         assert cfg["BLOCK_J"] >= n_out and cfg["BLOCK_D"] >= d
-        for split, caps, block in SPLIT_KEYS:
+        for split, caps, block, target in SPLIT_KEYS:
             assert cfg[split] >= 1 and cfg[caps] % cfg[block] == 0
             assert (cfg[split] - 1) * cfg[caps] < n_in <= cfg[split] * cfg[caps]
-            # the grid stays near its target, or one program per example past it
-            assert batch * cfg[split] < max(batch, TARGET_PROGRAMS_BWD) + batch
+            # at most ceil(target / batch) splits: the grid stays under target + batch programs
+            assert batch * cfg[split] < target + batch
 
 
 def test_capsule_routing_triton_matches_reference():
