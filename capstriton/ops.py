@@ -147,10 +147,9 @@ def routing_forward(
             BLOCK_I=cfg["BLOCK_I"], BLOCK_J=cfg["BLOCK_J"], BLOCK_D=cfg["BLOCK_D"],
             FIRST=r == 0, num_warps=cfg["num_warps"],
         )
-    # at most 8 warps: with 16 (64 x 64 capsules) the finalize spilled on sm_90, see routing_config
     _launcher(routing_finalize_kernel)[(batch,)](
         partials[(iterations - 1) % 2], s_saved, v, batch, n_out, d, split, iterations - 1,
-        BLOCK_J=cfg["BLOCK_J"], BLOCK_D=cfg["BLOCK_D"], num_warps=min(8, cfg["num_warps"]),
+        BLOCK_J=cfg["BLOCK_J"], BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps_caps"],
     )
     return v, s_saved, vsum_saved
 
@@ -185,7 +184,7 @@ def routing_backward(
             _launcher(routing_backward_sum_kernel)[(batch,)](
                 dpartials, dv_sum, batch, n_out, d, split,
                 BLOCK_J=cfg["BLOCK_J"], BLOCK_D=cfg["BLOCK_D"], FIRST=r == iterations - 1,
-                num_warps=min(8, cfg["num_warps"]),  # as the finalize's
+                num_warps=cfg["num_warps_caps"],
             )
     _launcher(routing_backward_final_kernel)[(batch, split)](
         u_hat, grad_v, s_saved, vsum_saved, ds_saved, dv_sum, du,

@@ -329,7 +329,10 @@ def routing_backward_final_kernel(
         dv_ptr, dvsum_ptr, i_b, r_lo, R, caps_size, o_j, o_d, o_jd, m_jd, stride_gb, stride_gj, stride_gd
     )
     b_ds_lo = squash_vjp(tl.load(s_buf_ptr + o_lo, mask=m_jd, other=0.0), b_dv)
-    b_V_lo = tl.load(vsum_buf_ptr + o_lo, mask=m_jd, other=0.0)
+    if GRAD_THROUGH:
+        b_ds_lo = b_ds_lo / N_out  # step 0: V_0 = 0, so c_0 = 1 / N_out with no softmax to run
+    else:
+        b_V_lo = tl.load(vsum_buf_ptr + o_lo, mask=m_jd, other=0.0)
 
     i_start = i_k * caps_per_split
     i_end = tl.minimum(i_start + caps_per_split, N_in)
@@ -339,10 +342,10 @@ def routing_backward_final_kernel(
         o_i = i0 + tl.arange(0, BLOCK_I)
         m_u = (o_i < i_end)[:, None, None] & m_jd[None, :, :]
         b_u = _load_u_tile(p_ub, o_i, m_u, o_j, o_d, stride_ui, stride_uj, stride_ud)
-        # Step r_lo: V_0 = 0 through routing (so no logit-gradient term), else the last step,
-        # whose coupling coefficients are constants.
-        b_du = _coupling(b_u, b_V_lo, m_j)[:, :, None] * b_ds_lo[None, :, :]
+        # Step r_lo: 0 through routing (uniform coupling, no logit-gradient term: V_0 = 0), else
+        # the last step, whose coupling coefficients are constants.
         if GRAD_THROUGH:
+            b_du = tl.broadcast_to(b_ds_lo[None, :, :], [BLOCK_I, BLOCK_J, BLOCK_D])
             for r in range(1, R):
                 o_r = (r * B + i_b) * caps_size + o_jd
                 b_V = tl.load(vsum_buf_ptr + o_r, mask=m_jd, other=0.0)
@@ -350,6 +353,8 @@ def routing_backward_final_kernel(
                 b_c = _coupling(b_u, b_V, m_j)
                 b_g = _logit_grad(b_u, b_c, b_ds)
                 b_du += b_c[:, :, None] * b_ds[None, :, :] + b_g[:, :, None] * b_V[None, :, :]
+        else:
+            b_du = _coupling(b_u, b_V_lo, m_j)[:, :, None] * b_ds_lo[None, :, :]
         o_du = o_i[:, None, None].to(tl.int64) * caps_size + o_jd[None, :, :]
         tl.store(p_dub + o_du, b_du.to(du_ptr.dtype.element_ty), mask=m_u)
 
@@ -384,7 +389,7 @@ def routing_config(
     reduce pass's sum over capsules, the final pass's du), so at 4 warps a 2048-element tile is
     about 32 of its registers. Checked with ``bench/kernel_report.py`` (sm_90, DigitCaps fp32):
     4096-element tiles took 126 registers in the forward (16 warps per SM); the backward at 2048
-    takes 107 in the final pass through routing (16 warps per SM) and 80 in the reduce pass (164
+    takes 96 in the final pass through routing (20 warps per SM) and 80 in the reduce pass (144
     and 118 with triton 3.6, the GPU machines' version: 12 and 16 warps per SM), no spills.
     Measured with ``bench/tune_routing.py`` on an H200 (DigitCaps fp32, at commit b59a9d2, when
     both passes shared one split): the forward at 1024 elements took 0.80 ms at B = 1024 against
@@ -397,7 +402,9 @@ def routing_config(
     Every program also holds a few [BLOCK_J, BLOCK_D] blocks (the running sum V, s, ds): 4 warps
     while such a block is at most 512 elements, up to 32 warps for 64 x 64 capsules (4 warps
     there spilled 60 bytes in the backward's final pass on sm_90, 16 warps 8 bytes in the
-    reduce pass).
+    reduce pass). The per-example kernels that hold only such blocks (the finalize and the
+    backward's sum) take at most 8 warps, ``num_warps_caps``: with 16 the finalize spilled on
+    sm_90 for 64 x 64 capsules.
 
     ``SPLIT`` / ``SPLIT_BWD`` (programs per example along the input capsules in the forward and
     the backward launches) and ``caps_per_split`` / ``caps_per_split_bwd`` are runtime
@@ -419,6 +426,7 @@ def routing_config(
         "BLOCK_J": block_j,
         "BLOCK_D": block_d,
         "num_warps": num_warps,
+        "num_warps_caps": min(8, num_warps),
         "SPLIT": split,
         "caps_per_split": caps_per_split,
         "BLOCK_I_BWD": block_i_bwd,
