@@ -38,11 +38,20 @@ def check_positive_sizes(name: str, x: torch.Tensor, layout: str, skip_first: bo
         raise ValueError(f"{name} must have non-empty capsule dimensions {layout}, got {tuple(x.shape)}")
 
 
-def check_iterations(iterations) -> None:
-    if isinstance(iterations, bool) or not isinstance(iterations, int):
-        raise TypeError(f"iterations must be an int, got {type(iterations).__name__}")
-    if iterations < 1:
-        raise ValueError(f"iterations must be >= 1, got {iterations}")
+def check_size(name: str, value) -> int:
+    """``value`` is an int >= 1 (a bool is not); returns it."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    return value
+
+
+def check_backend(backend) -> str:
+    """``backend`` is one of :data:`BACKENDS`; returns it."""
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    return backend
 
 
 def check_same(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor) -> None:
@@ -73,9 +82,7 @@ def triton_unavailable_reason(device: torch.device) -> str | None:
 
 def resolve_backend(backend, x: torch.Tensor) -> str:
     """Map ``backend`` to ``"torch"`` or ``"triton"`` for tensor ``x``, or raise."""
-    if not isinstance(backend, str) or backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "torch":
+    if check_backend(backend) == "torch":
         return "torch"
     if backend == "auto":
         if x.device.type == "cuda" and x.dtype in TRITON_DTYPES and triton_unavailable_reason(x.device) is None:

@@ -35,6 +35,7 @@ __all__ = [
     "download_mnist",
     "load_mnist",
     "to_float",
+    "draw_shifts",
     "random_shift",
     "shard_batches",
 ]
@@ -216,6 +217,12 @@ def to_float(images: torch.Tensor) -> torch.Tensor:
     return images.unsqueeze(1).float().div_(255.0)
 
 
+def draw_shifts(n: int, max_shift: int = 2, generator: torch.Generator | None = None) -> torch.Tensor:
+    """``int64 [n, 2]`` offsets (dy, dx), each uniform in ``[-max_shift, max_shift]``, drawn on the
+    CPU: what :func:`random_shift` applies."""
+    return torch.randint(-max_shift, max_shift + 1, (n, 2), generator=generator)
+
+
 def random_shift(
     images: torch.Tensor,
     max_shift: int = 2,
@@ -235,9 +242,11 @@ def random_shift(
         raise ValueError(f"images must have shape [B, C, H, W], got {tuple(images.shape)}")
     b, c, h, w = images.shape
     if shifts is None:
-        shifts = torch.randint(-max_shift, max_shift + 1, (b, 2), generator=generator)
+        shifts = draw_shifts(b, max_shift, generator)
     if shifts.shape != (b, 2):
         raise ValueError(f"shifts must have shape [B, 2] = [{b}, 2], got {tuple(shifts.shape)}")
+    if b and shifts.abs().max() > max_shift:
+        raise ValueError(f"shifts must lie in [-{max_shift}, {max_shift}] (max_shift), got {shifts.abs().max()}")
     if max_shift == 0 or b == 0:
         return images
     p = max_shift

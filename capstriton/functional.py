@@ -10,9 +10,9 @@ import torch
 
 from . import reference
 from ._checks import (
-    check_iterations,
     check_positive_sizes,
     check_same,
+    check_size,
     check_tensor,
     resolve_backend,
 )
@@ -80,7 +80,7 @@ def dynamic_routing(
     """
     check_tensor("u_hat", u_hat, 4, U_HAT_LAYOUT)
     check_positive_sizes("u_hat", u_hat, U_HAT_LAYOUT)
-    check_iterations(iterations)
+    check_size("iterations", iterations)
     grad_through_routing = bool(grad_through_routing)
     if resolve_backend(backend, u_hat) == "torch":
         return reference.dynamic_routing(u_hat, iterations, grad_through_routing)
@@ -118,7 +118,7 @@ def capsule_routing(
             f"u {U_LAYOUT} and weight {WEIGHT_LAYOUT} disagree: u has shape {tuple(u.shape)}, "
             f"weight {tuple(weight.shape)} (N_in and D_in must match)"
         )
-    check_iterations(iterations)
+    check_size("iterations", iterations)
     grad_through_routing = bool(grad_through_routing)
     if resolve_backend(backend, u) == "torch":
         return reference.capsule_routing(u, weight, iterations, grad_through_routing)

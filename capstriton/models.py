@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._checks import check_tensor
-from .nn import CapsuleDecoder, PrimaryCapsules, RoutingCapsules, _check_size, capsule_lengths
+from ._checks import check_size, check_tensor
+from .nn import CapsuleDecoder, PrimaryCapsules, RoutingCapsules, capsule_lengths
 
 __all__ = ["CapsNet"]
 
@@ -46,11 +46,11 @@ class CapsNet(nn.Module):
         return_lengths: bool = False,
     ):
         super().__init__()
-        self.in_channels = _check_size("in_channels", in_channels)
-        self.image_size = _check_size("image_size", image_size)
+        self.in_channels = check_size("in_channels", in_channels)
+        self.image_size = check_size("image_size", image_size)
         self.return_lengths = return_lengths
         self.conv = nn.Conv2d(
-            in_channels, _check_size("conv_channels", conv_channels), _check_size("conv_kernel", conv_kernel)
+            in_channels, check_size("conv_channels", conv_channels), check_size("conv_kernel", conv_kernel)
         )
         conv_size = image_size - conv_kernel + 1
         if conv_size < primary_kernel:

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from . import functional as F
-from ._checks import BACKENDS, check_iterations, check_tensor
+from ._checks import check_backend, check_size, check_tensor
 
 __all__ = [
     "Squash",
@@ -17,20 +17,6 @@ __all__ = [
     "CapsuleLoss",
     "capsule_lengths",
 ]
-
-
-def _check_backend(backend) -> str:
-    if not isinstance(backend, str) or backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    return backend
-
-
-def _check_size(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
-    return value
 
 
 def capsule_lengths(v: torch.Tensor) -> torch.Tensor:
@@ -44,7 +30,7 @@ class Squash(nn.Module):
     def __init__(self, dim: int = -1, backend: str = "auto"):
         super().__init__()
         self.dim = dim
-        self.backend = _check_backend(backend)
+        self.backend = check_backend(backend)
 
     def forward(self, s: torch.Tensor) -> torch.Tensor:
         return F.squash(s, self.dim, backend=self.backend)
@@ -72,14 +58,14 @@ class PrimaryCapsules(nn.Module):
         backend: str = "auto",
     ):
         super().__init__()
-        self.caps_types = _check_size("caps_types", caps_types)
-        self.caps_dim = _check_size("caps_dim", caps_dim)
-        self.backend = _check_backend(backend)
+        self.caps_types = check_size("caps_types", caps_types)
+        self.caps_dim = check_size("caps_dim", caps_dim)
+        self.backend = check_backend(backend)
         self.conv = nn.Conv2d(
-            _check_size("in_channels", in_channels),
+            check_size("in_channels", in_channels),
             caps_types * caps_dim,
-            _check_size("kernel_size", kernel_size),
-            _check_size("stride", stride),
+            check_size("kernel_size", kernel_size),
+            check_size("stride", stride),
         )
 
     def output_caps(self, height: int, width: int) -> int:
@@ -117,14 +103,13 @@ class RoutingCapsules(nn.Module):
         init_std: float = 0.01,
     ):
         super().__init__()
-        self.in_caps = _check_size("in_caps", in_caps)
-        self.in_dim = _check_size("in_dim", in_dim)
-        self.out_caps = _check_size("out_caps", out_caps)
-        self.out_dim = _check_size("out_dim", out_dim)
-        check_iterations(iterations)
-        self.iterations = iterations
+        self.in_caps = check_size("in_caps", in_caps)
+        self.in_dim = check_size("in_dim", in_dim)
+        self.out_caps = check_size("out_caps", out_caps)
+        self.out_dim = check_size("out_dim", out_dim)
+        self.iterations = check_size("iterations", iterations)
         self.grad_through_routing = bool(grad_through_routing)
-        self.backend = _check_backend(backend)
+        self.backend = check_backend(backend)
         self.init_std = float(init_std)
         self.weight = nn.Parameter(torch.empty(in_caps, out_caps, out_dim, in_dim))
         self.reset_parameters()
@@ -170,9 +155,9 @@ class CapsuleDecoder(nn.Module):
         out_features: int = 784,
     ):
         super().__init__()
-        self.num_caps = _check_size("num_caps", num_caps)
-        self.caps_dim = _check_size("caps_dim", caps_dim)
-        sizes = [num_caps * caps_dim, *hidden, _check_size("out_features", out_features)]
+        self.num_caps = check_size("num_caps", num_caps)
+        self.caps_dim = check_size("caps_dim", caps_dim)
+        sizes = [num_caps * caps_dim, *hidden, check_size("out_features", out_features)]
         layers: list[nn.Module] = []
         for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
             layers.append(nn.Linear(a, b))

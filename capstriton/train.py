@@ -56,6 +56,8 @@ MODEL_OPTIONS = (
     "decoder_hidden",
     "detach_routing",
 )
+#: The paper's augmentation: random shifts of up to 2 pixels in each direction.
+MAX_SHIFT = 2
 
 
 class SetupError(ValueError):
@@ -295,11 +297,13 @@ def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
 
 
-def _all_reduce_sum(values: list[float], device: torch.device, info: DistInfo) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64, device=device)
+def _totals(loss_sum: torch.Tensor, correct: torch.Tensor, seen: int, info: DistInfo) -> tuple[float, float, int]:
+    """Mean loss, accuracy and example count over every rank's share (one sync, one all-reduce)."""
+    t = torch.stack([loss_sum, correct.double(), loss_sum.new_tensor(float(seen))])
     if info.distributed:
         dist.all_reduce(t)
-    return t.tolist()
+    loss_sum, correct, n = t.tolist()
+    return loss_sum / max(n, 1), correct / max(n, 1), int(n)
 
 
 def _progress(total: int, desc: str, enabled: bool):
@@ -308,7 +312,17 @@ def _progress(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, unit="ex", disable=not enabled, leave=False, dynamic_ncols=True)
 
 
+def _loss(net, criterion, x, y, target, amp_dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch's loss (margin + reconstruction) and capsule lengths; ``target`` masks the
+    decoder in training (None: the longest capsule, at evaluation)."""
+    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32):
+        v, reconstruction = net(x, target=target)
+    lengths = capsule_lengths(v.float())
+    return criterion(lengths, y, reconstruction, x), lengths
+
+
 def _train_epoch(net, criterion, optimizer, scaler, x_all, y_all, args, epoch, device, info, bar_on):
+    """One epoch over ``x_all`` (uint8 images already on ``device``) and ``y_all``."""
     net.train()
     gen = _epoch_generator(args.seed, epoch)
     amp_dtype = DTYPES[args.dtype]
@@ -321,17 +335,12 @@ def _train_epoch(net, criterion, optimizer, scaler, x_all, y_all, args, epoch, d
     batches = data.shard_batches(len(x_all), args.batch_size, info.rank, info.world_size, shuffle=True, generator=gen)
     for step, (batch, mine) in enumerate(batches):
         # Shifts drawn for the whole global batch on every rank keep the ranks' streams equal.
-        shifts = None if args.no_augment else torch.randint(-2, 3, (batch.numel(), 2), generator=gen)
-        idx = batch[mine]
-        x = data.to_float(x_all[idx]).to(device, non_blocking=True)
-        y = y_all[idx].to(device, non_blocking=True)
+        shifts = None if args.no_augment else data.draw_shifts(batch.numel(), MAX_SHIFT, gen)
+        idx = batch[mine].to(device)
+        x, y = data.to_float(x_all[idx]), y_all[idx]
         if shifts is not None:
-            x = data.random_shift(x, 2, shifts=shifts[mine])
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32):
-            v, reconstruction = net(x, target=y)
-        lengths = capsule_lengths(v.float())
-        recon = None if reconstruction is None else reconstruction.float()
-        loss = criterion(lengths, y, recon, x if recon is not None else None)
+            x = data.random_shift(x, MAX_SHIFT, shifts=shifts[mine])
+        loss, lengths = _loss(net, criterion, x, y, y, amp_dtype, device)
         # DDP averages gradients over ranks; weighting each rank's mean by its share of the
         # global batch makes that average the gradient of the global batch's mean loss.
         share = len(idx) * info.world_size / batch.numel()
@@ -349,12 +358,11 @@ def _train_epoch(net, criterion, optimizer, scaler, x_all, y_all, args, epoch, d
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
-    loss_sum, correct, n = _all_reduce_sum([loss_sum.item(), correct.item(), seen], device, info)
-    n = max(n, 1)
+    loss, accuracy, n = _totals(loss_sum, correct, seen, info)
     return {
-        "train_loss": loss_sum / n,
-        "train_accuracy": correct / n,
-        "train_examples": int(n),
+        "train_loss": loss,
+        "train_accuracy": accuracy,
+        "train_examples": n,
         "train_seconds": seconds,
         "train_examples_per_s": n / seconds,
     }
@@ -362,6 +370,7 @@ def _train_epoch(net, criterion, optimizer, scaler, x_all, y_all, args, epoch, d
 
 @torch.no_grad()
 def _evaluate(net, criterion, x_all, y_all, args, device, info, bar_on):
+    """Loss and accuracy over ``x_all`` (uint8 images already on ``device``) and ``y_all``."""
     net.eval()
     amp_dtype = DTYPES[args.dtype]
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
@@ -371,40 +380,27 @@ def _evaluate(net, criterion, x_all, y_all, args, device, info, bar_on):
     bar = _progress(len(x_all), "evaluate", bar_on)
     batches = data.shard_batches(len(x_all), args.batch_size, info.rank, info.world_size, drop_small_last=False)
     for batch, mine in batches:
-        idx = batch[mine]
+        idx = batch[mine].to(device)
         bar.update(batch.numel())
         if len(idx) == 0:
             continue
-        x = data.to_float(x_all[idx]).to(device, non_blocking=True)
-        y = y_all[idx].to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32):
-            v, reconstruction = net(x)
-        lengths = capsule_lengths(v.float())
-        recon = None if reconstruction is None else reconstruction.float()
-        loss = criterion(lengths, y, recon, x if recon is not None else None)
+        x, y = data.to_float(x_all[idx]), y_all[idx]
+        loss, lengths = _loss(net, criterion, x, y, None, amp_dtype, device)
         loss_sum += loss.double() * len(idx)
         correct += (lengths.argmax(1) == y).sum()
         seen += len(idx)
     bar.close()
-    loss_sum, correct, n = _all_reduce_sum([loss_sum.item(), correct.item(), seen], device, info)
-    n = max(n, 1)
+    loss, accuracy, n = _totals(loss_sum, correct, seen, info)
     return {
-        "test_loss": loss_sum / n,
-        "test_accuracy": correct / n,
-        "test_error": 1 - correct / n,
-        "test_examples": int(n),
+        "test_loss": loss,
+        "test_accuracy": accuracy,
+        "test_error": 1 - accuracy,
+        "test_examples": n,
         "test_seconds": time.perf_counter() - start,
     }
 
 
-def _rng_state(device: torch.device) -> dict:
-    state = {"torch": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def _save_checkpoint(path: Path, model, optimizer, scheduler, scaler, epoch, history, args, device):
+def _save_checkpoint(path: Path, model, optimizer, scheduler, scaler, epoch, history, args):
     state = {
         "version": __version__,
         "epoch": epoch,
@@ -412,20 +408,19 @@ def _save_checkpoint(path: Path, model, optimizer, scheduler, scaler, epoch, his
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "scaler": scaler.state_dict(),
-        "rng": _rng_state(device),
         "history": history,
         "model_config": _model_config(args),
-        "args": {k: v for k, v in vars(args).items()},
+        "args": dict(vars(args)),
     }
     tmp = path.with_name(path.name + ".tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)  # never a half-written checkpoint, even if killed while saving
 
 
-def _load_checkpoint(path: Path, model, optimizer, scheduler, scaler, args, device) -> tuple[int, list]:
+def _load_checkpoint(path: Path, model, optimizer, scheduler, scaler, args) -> tuple[int, list]:
     if not path.is_file():
         raise FileNotFoundError(f"--resume: no checkpoint at {path}")
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = torch.load(path, map_location="cpu", weights_only=True)
     saved = state.get("model_config", {})
     current = _model_config(args)
     differ = {k: (saved.get(k), current[k]) for k in current if saved.get(k) != current[k]}
@@ -438,9 +433,6 @@ def _load_checkpoint(path: Path, model, optimizer, scheduler, scaler, args, devi
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     scaler.load_state_dict(state["scaler"])
-    torch.set_rng_state(state["rng"]["torch"])
-    if device.type == "cuda" and "cuda" in state["rng"]:
-        torch.cuda.set_rng_state(state["rng"]["cuda"], device)
     return int(state["epoch"]), list(state["history"])
 
 
@@ -481,7 +473,7 @@ def _plot_reconstructions(model: CapsNet, x_all, y_all, device, path: Path, coun
 
     model.eval()
     count = min(count, len(x_all))
-    x = data.to_float(x_all[:count]).to(device)
+    x, y_all = data.to_float(x_all[:count]).to(device), y_all[:count].cpu()
     v, reconstruction = model(x)
     pred = capsule_lengths(v).argmax(1).cpu()
     images = x.squeeze(1).cpu()
@@ -541,7 +533,7 @@ def run(args: argparse.Namespace) -> dict:
     start_epoch, history = 0, []
     if args.resume is not None:
         ckpt = Path(args.resume) if args.resume else out / CHECKPOINT
-        start_epoch, history = _load_checkpoint(ckpt, model, optimizer, scheduler, scaler, args, device)
+        start_epoch, history = _load_checkpoint(ckpt, model, optimizer, scheduler, scaler, args)
         log(f"resumed from {ckpt} after epoch {start_epoch}")
 
     net: torch.nn.Module = model
@@ -562,8 +554,8 @@ def run(args: argparse.Namespace) -> dict:
         f"({source}) | global batch {args.batch_size}"
     )
 
-    config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()}
-    metrics: dict = {}
+    # The splits live on the device as uint8 for the whole run: each step indexes there.
+    train_x, train_y, eval_x, eval_y = (t.to(device) for t in (train_x, train_y, eval_x, eval_y))
     for epoch in range(start_epoch, args.epochs):
         lr = optimizer.param_groups[0]["lr"]
         train = _train_epoch(net, criterion, optimizer, scaler, train_x, train_y, args, epoch, device, info, bar_on)
@@ -587,7 +579,6 @@ def run(args: argparse.Namespace) -> dict:
                 epoch + 1,
                 history,
                 args,
-                device,
             )
 
     metrics = {
@@ -601,7 +592,7 @@ def run(args: argparse.Namespace) -> dict:
         "data": source,
         "train_examples": len(train_x),
         "test_examples": len(eval_x),
-        "config": config,
+        "config": dict(vars(args)),
         "history": history,
         "final": {k: history[-1][k] for k in ("test_accuracy", "test_error", "test_loss")} if history else {},
     }

@@ -65,11 +65,12 @@ def capture(fn, *args):
     # A kernel argument the analysis thinks is written is cloned first; a graph input among them
     # is a kernel "mutating" its input (torch 2.11 flagged u_hat so, seen on an H200), which costs
     # a copy of u_hat and breaks torch.compile with a leaf input that requires grad.
+    # (Indexed, not .get: a renamed key must fail here, not pass with nothing to check.)
     inputs_written = [
         name
         for n in nodes
-        if "triton_kernel_wrapper" in str(n.target)
-        for name in n.kwargs.get("tensors_to_clone", [])
+        if "triton_kernel_wrapper_functional" in str(n.target)
+        for name in n.kwargs["tensors_to_clone"]
         if getattr(n.kwargs["kwargs"].get(name), "op", None) == "placeholder"
     ]
     return {"graphs": len(graphs), "targets": [str(n.target) for n in nodes], "inputs_written": inputs_written}

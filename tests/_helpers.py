@@ -5,12 +5,34 @@ reference itself.
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import pytest
 import torch
+
+from capstriton import data
+
+# CI clones the repository with a copy of shared/ beside it.
+MNIST_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
+requires_mnist_test_files = pytest.mark.skipif(
+    not all((MNIST_DIR / n).is_file() for n in data.FILES["test"]),
+    reason=f"the real MNIST test files {data.FILES['test']} are not in {MNIST_DIR}",
+)
+
+#: Relative errors the Triton kernels may show against float64 (the reasoning is in
+#: tests/test_kernels.py's docstring).
+KERNEL_TOL = {
+    torch.float32: 5e-6,
+    torch.float16: torch.finfo(torch.float16).eps,
+    torch.bfloat16: torch.finfo(torch.bfloat16).eps,
+}
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """``||out - ref|| / ||ref||`` computed in float64 (``||out - ref||`` when ``ref`` is 0)."""
-    out, ref = out.detach().double(), ref.detach().double()
+    """``||out - ref|| / ||ref||`` computed in float64 on the CPU (``||out - ref||`` when ``ref``
+    is 0); ``out`` must be finite."""
+    out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
+    assert torch.isfinite(out).all(), "non-finite values in the output"
     diff = torch.linalg.vector_norm(out - ref).item()
     scale = torch.linalg.vector_norm(ref).item()
     return diff / scale if scale > 0 else diff

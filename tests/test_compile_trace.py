@@ -35,4 +35,6 @@ def test_one_graph_with_triton_kernels(traced, case, kernel_launches):
     assert result["graphs"] == 1
     wrappers = [t for t in result["targets"] if "triton_kernel_wrapper" in t]
     assert len(wrappers) == kernel_launches, result["targets"]
+    # functional wrappers: the ones whose clone list the mutation check below reads
+    assert all("triton_kernel_wrapper_functional" in t for t in wrappers), wrappers
     assert result["inputs_written"] == []

@@ -5,6 +5,7 @@ They skip cleanly without CUDA; tests/test_kernels.py runs its numerical checks 
 
 import pytest
 import torch
+from _helpers import KERNEL_TOL, rel_err
 from conftest import requires_cuda
 
 import capstriton as ct
@@ -23,11 +24,7 @@ def exact_float32():
     torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
-TOL32 = 5e-6  # as tests/test_kernels.py: ~80 float32 ulps
-
-
-def rel_err(out, ref):
-    return float((out.double() - ref.double()).norm() / ref.double().norm())
+TOL32 = KERNEL_TOL[torch.float32]
 
 
 @pytest.mark.parametrize("grad_mode", [True, False], ids=["through", "detached"])

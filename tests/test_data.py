@@ -11,19 +11,12 @@ import http.server
 import socket
 import struct
 import threading
-from pathlib import Path
 
 import pytest
 import torch
+from _helpers import MNIST_DIR, requires_mnist_test_files
 
 from capstriton import data
-
-# CI clones the repository with a copy of shared/ beside it.
-MNIST_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
-requires_mnist_test_files = pytest.mark.skipif(
-    not all((MNIST_DIR / n).is_file() for n in data.FILES["test"]),
-    reason=f"the real MNIST test files {data.FILES['test']} are not in {MNIST_DIR}",
-)
 
 
 @pytest.fixture
@@ -192,6 +185,10 @@ def test_random_shift_rejects_bad_shapes():
         data.random_shift(torch.rand(28, 28))
     with pytest.raises(ValueError, match="shifts"):
         data.random_shift(torch.rand(3, 1, 28, 28), shifts=torch.zeros(2, 2, dtype=torch.long))
+    # an offset past max_shift would read outside the padding (wrong pixels or an IndexError)
+    for dy in (3, -3):
+        with pytest.raises(ValueError, match=r"\[-2, 2\] \(max_shift\)"):
+            data.random_shift(torch.rand(2, 1, 28, 28), 2, shifts=torch.tensor([[0, 0], [dy, 1]]))
 
 
 @pytest.mark.parametrize("num_examples, batch_size, world_size", [(10, 4, 2), (23, 8, 3), (9, 9, 4)])

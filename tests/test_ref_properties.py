@@ -87,12 +87,15 @@ def test_squash_is_finite_short_and_keeps_direction(s):
     moderate = exact_norms(s) <= 100
     assert (lengths[moderate] < 1.0).all()
 
-    # Direction: v is t times a positive scalar, one rounding per component; the cosine is
-    # checked where the components of v are not subnormal (||v|| >= tiny / eps).
+    # Direction: v = t * (L / m) with t = s / max|s|: two roundings per component (t and the
+    # product, each a relative error of at most eps / 2), the common factor L / m does not turn
+    # v. Relative component errors delta move the unit vector by at most 2 max|delta| <= 2 eps;
+    # 4 eps leaves room for the float64 unit vectors. Checked where the components of v are not
+    # subnormal (||v|| >= tiny / eps). (The distance, not 1 - cos: that is quadratic in the angle.)
     visible = lengths >= finfo.tiny / finfo.eps
     if visible.any():
-        cos = (unit_vectors(s[visible]) * unit_vectors(v[visible])).sum(-1)
-        assert ((1.0 - cos).abs() <= 4 * d * finfo.eps).all()
+        turn = torch.linalg.vector_norm(unit_vectors(s[visible]) - unit_vectors(v[visible]), dim=-1)
+        assert (turn <= 4 * finfo.eps).all(), turn.max()
     # Zero in, zero out.
     zero = exact_norms(s) == 0
     assert (v[zero] == 0).all()
@@ -126,16 +129,14 @@ def test_coupling_coefficients_are_a_softmax_over_output_capsules(args):
     """Rebuild the coupling coefficients of the last iteration from the outputs of shorter runs
     (routing starts from fresh zero logits every call, so ``dynamic_routing(u_hat, r)`` is
     ``v^(r)``) via ``b_ij = u_hat_ij . (v^(1) + ... + v^(R-1))``, take the softmax over j, and
-    check that they sum to 1 over output capsules and reproduce ``v^(R)``. A softmax over the
-    input capsules (the wrong axis) would not reproduce it."""
+    check that they reproduce ``v^(R)``. A softmax over the input capsules (the wrong axis)
+    would not."""
     u_hat, iterations = args
     running = torch.zeros(u_hat.shape[0], u_hat.shape[2], u_hat.shape[3], dtype=u_hat.dtype)
     for r in range(1, iterations):
         running = running + ct.dynamic_routing(u_hat, r)
     logits = torch.einsum("bijd,bjd->bij", u_hat, running)
     c = torch.softmax(logits, dim=2)
-    assert ((c > 0) & (c <= 1)).all()
-    assert torch.allclose(c.sum(dim=2), torch.ones_like(c[..., 0]), rtol=0, atol=1e-15)
 
     s = torch.einsum("bij,bijd->bjd", c, u_hat)
     n2 = (s * s).sum(-1, keepdim=True)
