@@ -144,8 +144,12 @@ class Launch:
 _TORCH_TO_TRITON = {"torch.float32": "fp32", "torch.float16": "fp16", "torch.bfloat16": "bf16"}
 
 
-def record_launches(cases) -> list[Launch]:
-    """Run the ops on fake CUDA tensors with ``wrap_triton`` replaced by a recorder."""
+def record_launches(cases, config: dict | None = None) -> list[Launch]:
+    """Run the ops on fake CUDA tensors with ``wrap_triton`` replaced by a recorder; ``config``
+    overrides ``routing_config``'s keyword arguments (a candidate to check before it becomes a
+    default)."""
+    import functools
+
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -184,8 +188,10 @@ def record_launches(cases) -> list[Launch]:
 
             return launch
 
-    saved = ops.wrap_triton
+    saved = ops.wrap_triton, ops.routing_config
     ops.wrap_triton = Recorder
+    if config:
+        ops.routing_config = functools.partial(ops.routing_config, **config)
     try:
         with FakeTensorMode(allow_non_fake_inputs=True):
             for case in cases:
@@ -204,7 +210,7 @@ def record_launches(cases) -> list[Launch]:
                     ops.squash_forward(s)
                     ops.squash_backward(torch.empty_like(s), s)
     finally:
-        ops.wrap_triton = saved
+        ops.wrap_triton, ops.routing_config = saved
     return launches
 
 
@@ -593,6 +599,22 @@ def spill_exceptions() -> dict:
     return out
 
 
+def parse_config(parser: argparse.ArgumentParser, items: list[str]) -> dict:
+    """``KEY=VALUE`` overrides of ``routing_config``'s keyword-only integer arguments."""
+    import inspect
+
+    from capstriton.kernels.routing import routing_config
+
+    keys = [k for k, v in inspect.signature(routing_config).parameters.items() if v.kind == v.KEYWORD_ONLY]
+    config = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        if key not in keys or not value.isdigit():
+            parser.error(f"--config takes KEY=INT with KEY one of {keys}, got {item!r}")
+        config[key] = int(value)
+    return config
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", nargs="+", choices=sorted(ARCHS), default=["sm_90"])
@@ -604,13 +626,21 @@ def main(argv=None) -> int:
         action="store_true",
         help="exit 1 if a configuration spills (bar documented SPILL_EXCEPTIONS)",
     )
+    parser.add_argument(
+        "--config",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override routing_config's keyword arguments (e.g. tile=4096 num_warps=16)",
+    )
     args = parser.parse_args(argv)
+    config = parse_config(parser, args.config)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         parser.error("TRITON_INTERPRET is set: run the report in a process without it")
 
     t_start = time.perf_counter()
     cases = shape_sets()[args.shapes]
-    launches = record_launches(cases)
+    launches = record_launches(cases, config)
     kernels = _kernels()
     from triton.compiler.compiler import make_backend
 
@@ -663,6 +693,7 @@ def main(argv=None) -> int:
                 "arch": arch,
                 "limits": ARCHS[arch],
                 "versions": {"triton": triton.__version__, "python": platform.python_version()},
+                "config": config,  # routing_config overrides (--config); {} for the defaults
                 "shapes": args.shapes,
                 "cases": [c.label for c in cases],
                 "launches": len(launches),

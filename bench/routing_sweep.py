@@ -86,11 +86,11 @@ import plot_results  # noqa: E402
 
 import capstriton as ct  # noqa: E402
 from capstriton import reference  # noqa: E402
+from capstriton._checks import triton_unavailable_reason as _library_reason  # noqa: E402
 
-OPS = ("layer", "routing")
-IMPLEMENTATIONS = ("eager", "compile", "triton", "fused", "module")
-MODES = ("forward", "forward+backward")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# The names are plot_results' (which draws and summarises them), the dtypes as torch's.
+OPS, IMPLEMENTATIONS, MODES = plot_results.OPS, plot_results.IMPLEMENTATIONS, plot_results.MODES
+DTYPES = {name: getattr(torch, name) for name in plot_results.DTYPES}
 CUDA_BATCHES = tuple(2**k for k in range(13))  # 1 .. 4096
 CPU_BATCHES = (1, 8, 64, 256)
 COMPILED = ("compile", "module")
@@ -105,11 +105,8 @@ def fused_capsule_routing_or_reason():
     capsule_routing kernel exists, else ``(None, reason)``.
 
     The one place to update when the fused kernel lands: it is looked up as
-    ``capstriton.ops.fused_capsule_routing`` (or ``capstriton.ops.HAS_FUSED`` true, in which case
-    ``ct.capsule_routing(..., backend="triton")`` is the fused path).
+    ``capstriton.ops.fused_capsule_routing``.
     """
-    if importlib.util.find_spec("capstriton.ops") is None:
-        return None, "not implemented (capstriton.ops does not exist yet)"
     try:
         ops = importlib.import_module("capstriton.ops")
     except Exception as exc:  # a broken ops module must not stop the other implementations
@@ -117,22 +114,17 @@ def fused_capsule_routing_or_reason():
     fn = getattr(ops, "fused_capsule_routing", None)
     if callable(fn):
         return fn, None
-    if getattr(ops, "HAS_FUSED", False):
-        return (lambda u, w, it, grad: ct.capsule_routing(u, w, it, grad_through_routing=grad, backend="triton")), None
     return None, "not implemented (no capstriton.ops.fused_capsule_routing)"
 
 
 def triton_unavailable_reason(device: torch.device) -> str | None:
+    """The library's reason, except that the interpreter on a CPU does not count here."""
     if device.type != "cuda":
         return (
             "triton kernels need a CUDA device; on CPU they run only under TRITON_INTERPRET=1, "
             "an emulator whose timings mean nothing"
         )
-    if importlib.util.find_spec("triton") is None:
-        return "the triton package is not installed"
-    if importlib.util.find_spec("capstriton.ops") is None:
-        return "not implemented (capstriton.ops does not exist yet)"
-    return None
+    return _library_reason(device)
 
 
 def build_callable(impl: str, op: str, cfg: dict, device: torch.device, dtype: torch.dtype):

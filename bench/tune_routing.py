@@ -19,6 +19,7 @@ writes ``tune_routing.json`` to ``--out`` when given.
 from __future__ import annotations
 
 import argparse
+import inspect
 import itertools
 import json
 import os
@@ -60,9 +61,20 @@ def main(argv=None) -> int:
     from capstriton import ops
 
     dtype = getattr(torch, args.dtype)
-    defaults = {k: v.default for k, v in __import__("inspect").signature(routing_config).parameters.items()
+    defaults = {k: v.default for k, v in inspect.signature(routing_config).parameters.items()
                 if v.kind == v.KEYWORD_ONLY}
     rows = []
+    device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu (interpreter)"
+    env = {"device": device, "torch": torch.__version__, "triton": triton.__version__,
+           "shape": args.shape, "iterations": args.iterations, "dtype": args.dtype}
+
+    def write(rows):
+        if args.out:
+            os.makedirs(args.out, exist_ok=True)
+            path = os.path.join(args.out, "tune_routing.json")
+            with open(path + ".tmp", "w") as f:
+                json.dump({"environment": env, "results": rows}, f, indent=1)
+            os.replace(path + ".tmp", path)
 
     def bench(fn):
         if args.device == "cuda":
@@ -89,8 +101,10 @@ def main(argv=None) -> int:
                     used = []  # what the ops' launches got: proof that the overrides reached them
 
                     def config(*a, _overrides=overrides, _used=used, **k):
-                        _used.append(routing_config(*a, **k, **_overrides))
-                        return _used[-1]
+                        c = routing_config(*a, **k, **_overrides)
+                        if not _used:  # the first call's is enough: this runs in the timed loop
+                            _used.append(c)
+                        return c
 
                     ops.routing_config = config
                     cfg = {**defaults, **overrides}
@@ -103,7 +117,7 @@ def main(argv=None) -> int:
                             v = ct.dynamic_routing(u, args.iterations, backend="triton")
                             torch.autograd.grad(v, u, dv)
                     ms = bench(fn)
-                    launch = used[-1]
+                    launch = used[0]
                     rows.append({"batch_size": batch, "mode": mode, **cfg, "time_ms": ms,
                                  "examples_per_s": batch / ms * 1e3, "launch": launch,
                                  # the launch parameters the defaults resolve to (num_warps=None too)
@@ -113,16 +127,9 @@ def main(argv=None) -> int:
                           f"warps={cfg['num_warps']} "
                           f"{ms:8.3f} ms {batch / ms * 1e3:11.4g} ex/s{'  (default)' if rows[-1]['default'] else ''}",
                           flush=True)
+                    write(rows)  # after every row: a run cut short by its time limit keeps its data
     finally:
         ops.routing_config = routing_config
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu (interpreter)"
-        env = {"device": device, "torch": torch.__version__,
-               "triton": triton.__version__, "shape": args.shape, "iterations": args.iterations,
-               "dtype": args.dtype}
-        with open(os.path.join(args.out, "tune_routing.json"), "w") as f:
-            json.dump({"environment": env, "results": rows}, f, indent=1)
     return 0
 
 

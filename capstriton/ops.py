@@ -60,7 +60,7 @@ def _empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
     """``t`` as [R, D] rows: a view whenever the strides allow one. The kernels index columns
-    with int32 (int64 there doubled their registers), so a column stride that could overflow
+    with int32 (fewer registers than int64 offsets), so a column stride that could overflow
     it (squash over a moved dimension of a huge tensor) gets a contiguous copy instead."""
     rows = t.reshape(-1, t.shape[-1])
     if rows.stride(1) * rows.shape[1] >= 2**31:

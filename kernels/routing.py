@@ -386,25 +386,27 @@ def routing_config(
     A tile is ``BLOCK_I`` input capsules x ``BLOCK_J`` x ``BLOCK_D`` (N_out is never split: the
     softmax couples it); ``tile`` / ``tile_bwd`` are its float32 elements in the forward and
     backward kernels. Each kernel keeps a second tile-sized accumulator (the forward's and the
-    reduce pass's sum over capsules, the final pass's du), so at 4 warps a 2048-element tile is
-    about 32 of its registers. Checked with ``bench/kernel_report.py`` (sm_90, DigitCaps fp32):
-    4096-element tiles took 126 registers in the forward (16 warps per SM); the backward at 2048
-    takes 96 in the final pass through routing (20 warps per SM) and 80 in the reduce pass (144
-    and 118 with triton 3.6, the GPU machines' version: 12 and 16 warps per SM), no spills.
+    reduce pass's sum over capsules, the final pass's du): at 4 warps a 2048-element tile is 16
+    registers a thread, 32 with its accumulator.
+
+    Registers from ``bench/kernel_report.py`` (sm_90, DigitCaps fp32; ``--config`` for the
+    alternatives, with the current kernels): the defaults take 56 in the forward, 80 in the
+    reduce pass and 96 in the final pass through routing (61 / 118 / 144 with triton 3.6, the GPU
+    machines' version: ``bench/results/kernel_report/triton-3.6``), no spills. ``tile=4096``:
+    forward 127 (16 warps per SM); ``tile_bwd=4096``: reduce 128, final 158; with triton 3.6
+    ``tile=2048`` spills 4 bytes in the forward for 37 x 3 x 33 capsules.
     Measured with ``bench/tune_routing.py`` on an H200 (DigitCaps fp32, at commit b59a9d2, when
     both passes shared one split): the forward at 1024 elements took 0.80 ms at B = 1024 against
-    0.84 ms at 2048 and 0.98 ms at 4096 (with triton 3.6 the forward at 2048 also spilled, for
-    37 x 3 x 33 capsules); forward + backward took 2.75 ms with a 2048 backward tile and 8192
-    target programs against 3.03 ms with 1024 and 1024 (1.00 against 1.11 ms at B = 64), while
-    8192 programs slowed the forward at 1024 elements (0.82 against 0.80 ms at B = 1024, 0.23
-    against 0.21 ms at B = 64). Hence each pass has its own tile and split.
+    0.84 ms at 2048 and 0.98 ms at 4096; forward + backward took 2.75 ms with a 2048 backward
+    tile and 8192 target programs against 3.03 ms with 1024 and 1024 (1.00 against 1.11 ms at
+    B = 64), while 8192 programs slowed the forward at 1024 elements (0.82 against 0.80 ms at
+    B = 1024, 0.23 against 0.21 ms at B = 64). Hence each pass has its own tile and split.
 
     Every program also holds a few [BLOCK_J, BLOCK_D] blocks (the running sum V, s, ds): 4 warps
-    while such a block is at most 512 elements, up to 32 warps for 64 x 64 capsules (4 warps
-    there spilled 60 bytes in the backward's final pass on sm_90, 16 warps 8 bytes in the
-    reduce pass). The per-example kernels that hold only such blocks (the finalize and the
-    backward's sum) take at most 8 warps, ``num_warps_caps``: with 16 the finalize spilled on
-    sm_90 for 64 x 64 capsules.
+    while such a block is at most 512 elements, up to 32 warps for 64 x 64 capsules, where
+    ``num_warps=4`` takes up to 232 registers (8 warps per SM) and the defaults at most 53. The
+    per-example kernels that hold only such blocks (the finalize and the backward's sum) take at
+    most 8 warps, ``num_warps_caps`` (64 x 64: 61 registers at 8 warps, 108 at 4).
 
     ``SPLIT`` / ``SPLIT_BWD`` (programs per example along the input capsules in the forward and
     the backward launches) and ``caps_per_split`` / ``caps_per_split_bwd`` are runtime

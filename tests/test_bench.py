@@ -140,7 +140,7 @@ def test_skipped_rows_have_reasons(sweep):
 
 def test_summary_and_plots_written(sweep):
     out, data, stdout = sweep
-    assert "Targets (DESIGN.md section 5)" in stdout
+    assert "Targets (DESIGN.md section 5; routing forward+backward: issue 3)" in stdout
     assert {(e["op"], e["mode"]) for e in data["summary"]} == set(itertools.product(OPS, MODES))
     assert all(e["speedup_vs_eager"] == 1.0 for e in data["summary"])
     for name in PNGS:

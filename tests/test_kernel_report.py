@@ -164,6 +164,27 @@ def test_digitcaps_u_hat_loads_are_128_bit(sm90_report):
     assert seen >= 3 * 5  # forward (2 variants), reduce, final (2 variants) in three dtypes
 
 
+def test_config_overrides_reach_the_recorded_launches():
+    """--config: the launches recorded for a candidate use its parameters (no compilation; in a
+    process without the interpreter, under which the ops launch kernels directly)."""
+    code = (
+        "import json, kernel_report as k\n"
+        "case = [k.RoutingCase(1152, 10, 16, 64, 'fp32')]\n"
+        "print(json.dumps([{l.kernel: l.kwargs.get('BLOCK_I') for l in k.record_launches(case, c)}\n"
+        "                  for c in ({}, {'tile': 4096, 'tile_bwd': 512})]))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO / "bench", timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    default, forced = json.loads(proc.stdout)
+    assert default["routing_forward_kernel"] == 4 and default["routing_backward_final_kernel"] == 8
+    assert forced["routing_forward_kernel"] == 16 and forced["routing_backward_final_kernel"] == 2
+    with pytest.raises(SystemExit):
+        kernel_report.main(["--config", "tiles=4096"])  # not a routing_config argument
+
+
 def test_occupancy_arithmetic():
     # 255 registers round up to 8192 per warp: 8 warps fit, i.e. two blocks of 4 warps
     occ = kernel_report.occupancy("sm_90", registers=255, num_warps=4, shared_bytes=0)
