@@ -173,12 +173,15 @@ def routing_backward(
     dpartials = _empty((batch, split, n_out, d), _F32, u_hat.device)  # one step's, reused
     dv_sum = _empty((batch, n_out, d), _F32, u_hat.device)  # sum of the later steps' dV
     blocks = {"BLOCK_I": cfg["BLOCK_I_BWD"], "BLOCK_J": cfg["BLOCK_J"], "BLOCK_D": cfg["BLOCK_D"]}
+    # dv_r, the gradient reaching v_r: the output gradient for the last step, the running sum
+    # of the later steps' dV for the others (chosen here, so no kernel selects at run time)
+    dv_in = grad_v
     if grad_through_routing:
         for r in range(iterations - 1, 0, -1):
             _launcher(routing_backward_reduce_kernel)[(batch, split)](
-                u_hat, grad_v, s_saved, vsum_saved, ds_saved, dpartials, dv_sum,
-                batch, n_in, n_out, d, split, cfg["caps_per_split_bwd"], r, iterations,
-                *u_hat.stride(), *grad_v.stride(),
+                u_hat, dv_in, s_saved, vsum_saved, ds_saved, dpartials,
+                batch, n_in, n_out, d, split, cfg["caps_per_split_bwd"], r,
+                *u_hat.stride(), *dv_in.stride(),
                 **blocks, num_warps=cfg["num_warps"],
             )
             _launcher(routing_backward_sum_kernel)[(batch,)](
@@ -186,10 +189,11 @@ def routing_backward(
                 BLOCK_J=cfg["BLOCK_J"], BLOCK_D=cfg["BLOCK_D"], FIRST=r == iterations - 1,
                 num_warps=cfg["num_warps_caps"],
             )
+            dv_in = dv_sum
     _launcher(routing_backward_final_kernel)[(batch, split)](
-        u_hat, grad_v, s_saved, vsum_saved, ds_saved, dv_sum, du,
+        u_hat, dv_in, s_saved, vsum_saved, ds_saved, du,
         batch, n_in, n_out, d, cfg["caps_per_split_bwd"], iterations,
-        *u_hat.stride(), *grad_v.stride(),
+        *u_hat.stride(), *dv_in.stride(),
         **blocks, GRAD_THROUGH=grad_through_routing, num_warps=cfg["num_warps"],
     )
     return du

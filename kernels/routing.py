@@ -146,7 +146,6 @@ def routing_forward_kernel(
     i_k = tl.program_id(1)
     o_j, o_d, m_j, m_jd, o_jd = _caps_block(N_out, D, BLOCK_J, BLOCK_D)
     caps_size = N_out * D
-    m_lead = m_jd & (i_k == 0)  # one program per example writes the saved state
     if FIRST:
         b_V = tl.zeros([BLOCK_J, BLOCK_D], dtype=tl.float32)
     else:
@@ -154,8 +153,14 @@ def routing_forward_kernel(
         b_unit, b_p, large = squash_parts(b_s)
         b_V = tl.load(vsum_buf_ptr + ((r - 1) * B + i_b) * caps_size + o_jd, mask=m_jd, other=0.0)
         b_V += squash_from_parts(b_unit, b_p, large)
-        tl.store(s_buf_ptr + ((r - 1) * B + i_b) * caps_size + o_jd, b_s, mask=m_lead)
-    tl.store(vsum_buf_ptr + (r * B + i_b) * caps_size + o_jd, b_V, mask=m_lead)
+    # One program per example writes the saved state. A branch on the program id rather than
+    # a mask `m_jd & (i_k == 0)`: a scalar condition broadcast into a block mask is mistyped
+    # by triton 3.9's interpreter ("mask has unsupported dtype"), and a uniform branch skips
+    # the stores instead of predicating them off lane by lane.
+    if i_k == 0:
+        if not FIRST:
+            tl.store(s_buf_ptr + ((r - 1) * B + i_b) * caps_size + o_jd, b_s, mask=m_jd)
+        tl.store(vsum_buf_ptr + (r * B + i_b) * caps_size + o_jd, b_V, mask=m_jd)
 
     i_start = i_k * caps_per_split
     i_end = tl.minimum(i_start + caps_per_split, N_in)
@@ -201,26 +206,25 @@ def routing_finalize_kernel(
 
 
 @triton.jit
-def _incoming_grad(dv_ptr, dvsum_ptr, i_b, r, R, caps_size, o_j, o_d, o_jd, m_jd, stride_gb, stride_gj, stride_gd):
-    """``dv_r``: the output gradient for r = R-1, else ``sum_{q > r} dV_q`` as accumulated by
-    ``routing_backward_sum_kernel``."""
-    # Two predicated loads, one of them empty, rather than a branch: triton 3.6's coalescing pass
-    # failed on the final kernel with one load on each side of an `if`.
-    last = r == R - 1
-    o_g = i_b * stride_gb + o_j[:, None].to(tl.int64) * stride_gj + o_d[None, :].to(tl.int64) * stride_gd
-    b_dv = tl.load(dv_ptr + o_g, mask=m_jd & last, other=0.0).to(tl.float32)
-    return b_dv + tl.load(dvsum_ptr + i_b * caps_size + o_jd, mask=m_jd & (r < R - 1), other=0.0)
+def _load_caps_grad(p_g, o_j, o_d, m_jd, stride_gj, stride_gd):
+    """One example's [N_out, D] gradient block at ``p_g`` (strides may be 0: expanded), float32.
+    The launches pass the block a step reads, the output gradient or the running sum of the
+    later steps' dV, so the kernels select no pointer at run time (a branch with a load on each
+    side failed in triton 3.6's coalescing pass; a scalar condition in a block mask is mistyped
+    by triton 3.9's interpreter)."""
+    o_g = o_j[:, None].to(tl.int64) * stride_gj + o_d[None, :].to(tl.int64) * stride_gd
+    return tl.load(p_g + o_g, mask=m_jd, other=0.0).to(tl.float32)
 
 
 @triton.jit(do_not_specialize=["B", "SPLIT", "caps_per_split", "r"])
 def routing_backward_reduce_kernel(
     u_ptr,  # [B, N_in, N_out, D] predictions, strides stride_u*
-    dv_ptr,  # [B, N_out, D] gradient of v, strides stride_g* (may be 0: expanded)
+    dv_ptr,  # [B, N_out, D] dv_r: the gradient of v (r = R-1, strides may be 0: expanded) or
+    # the f32 running sum sum_{q > r} dV_q; strides stride_g*
     s_buf_ptr,  # [R, B, N_out, D] f32 saved s_r
     vsum_buf_ptr,  # [R, B, N_out, D] f32 saved V_r
     ds_buf_ptr,  # [R, B, N_out, D] f32 ds_r (slot r written here)
     dpart_ptr,  # [B, SPLIT, N_out, D] f32 this step's partials of dV_r (written)
-    dvsum_ptr,  # [B, N_out, D] f32 dv_r = sum_{q > r} dV_q (read when r < R-1)
     B,
     N_in,
     N_out,
@@ -228,7 +232,6 @@ def routing_backward_reduce_kernel(
     SPLIT,
     caps_per_split,
     r,  # the step this launch reverses, 1 <= r <= R-1
-    R,
     stride_ub,
     stride_ui,
     stride_uj,
@@ -245,11 +248,10 @@ def routing_backward_reduce_kernel(
     o_j, o_d, m_j, m_jd, o_jd = _caps_block(N_out, D, BLOCK_J, BLOCK_D)
     caps_size = N_out * D
     o_saved = (r * B + i_b) * caps_size + o_jd
-    b_dv = _incoming_grad(
-        dv_ptr, dvsum_ptr, i_b, r, R, caps_size, o_j, o_d, o_jd, m_jd, stride_gb, stride_gj, stride_gd
-    )
+    b_dv = _load_caps_grad(dv_ptr + i_b * stride_gb, o_j, o_d, m_jd, stride_gj, stride_gd)
     b_ds = squash_vjp(tl.load(s_buf_ptr + o_saved, mask=m_jd, other=0.0), b_dv)
-    tl.store(ds_buf_ptr + o_saved, b_ds, mask=m_jd & (i_k == 0))
+    if i_k == 0:  # one program per example saves ds_r (a branch: see routing_forward_kernel)
+        tl.store(ds_buf_ptr + o_saved, b_ds, mask=m_jd)
     b_V = tl.load(vsum_buf_ptr + o_saved, mask=m_jd, other=0.0)
 
     i_start = i_k * caps_per_split
@@ -291,11 +293,11 @@ def routing_backward_sum_kernel(
 @triton.jit(do_not_specialize=["B", "caps_per_split"])
 def routing_backward_final_kernel(
     u_ptr,  # [B, N_in, N_out, D] predictions, strides stride_u*
-    dv_ptr,  # [B, N_out, D] gradient of v, strides stride_g*
+    dv_ptr,  # [B, N_out, D] gradient of the lowest step's v, strides stride_g*: dv_0 =
+    # sum_{q >= 1} dV_q (f32) through routing with R > 1, else the gradient of v
     s_buf_ptr,  # [R, B, N_out, D] f32 saved s_r
     vsum_buf_ptr,  # [R, B, N_out, D] f32 saved V_r
     ds_buf_ptr,  # [R, B, N_out, D] f32 ds_r for r >= 1 (from the reduce launches)
-    dvsum_ptr,  # [B, N_out, D] f32 dv_0 = sum_{q >= 1} dV_q (read through routing when R > 1)
     du_ptr,  # [B, N_in, N_out, D] gradient of u_hat, dtype of u_hat, contiguous
     B,
     N_in,
@@ -325,9 +327,7 @@ def routing_backward_final_kernel(
     else:
         r_lo = R - 1
     o_lo = (r_lo * B + i_b) * caps_size + o_jd
-    b_dv = _incoming_grad(
-        dv_ptr, dvsum_ptr, i_b, r_lo, R, caps_size, o_j, o_d, o_jd, m_jd, stride_gb, stride_gj, stride_gd
-    )
+    b_dv = _load_caps_grad(dv_ptr + i_b * stride_gb, o_j, o_d, m_jd, stride_gj, stride_gd)
     b_ds_lo = squash_vjp(tl.load(s_buf_ptr + o_lo, mask=m_jd, other=0.0), b_dv)
     if GRAD_THROUGH:
         b_ds_lo = b_ds_lo / N_out  # step 0: V_0 = 0, so c_0 = 1 / N_out with no softmax to run

@@ -5,6 +5,8 @@ reference itself.
 
 from __future__ import annotations
 
+import os
+import re
 from pathlib import Path
 
 import pytest
@@ -12,12 +14,34 @@ import torch
 
 from capstriton import data
 
+REPO = Path(__file__).resolve().parents[1]
+
 # CI clones the repository with a copy of shared/ beside it.
 MNIST_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
 requires_mnist_test_files = pytest.mark.skipif(
     not all((MNIST_DIR / n).is_file() for n in data.FILES["test"]),
     reason=f"the real MNIST test files {data.FILES['test']} are not in {MNIST_DIR}",
 )
+
+#: The oldest supported triton (the GPU machines'), as .ci/oldest-triton.txt pins it; .ci/run
+#: installs it into a folder and exports the folder as CT_OLDEST_TRITON_PATH.
+OLDEST_TRITON = re.search(r"^triton==(\S+)", (REPO / ".ci" / "oldest-triton.txt").read_text(), re.M).group(1)
+
+
+def oldest_triton_env() -> dict[str, str]:
+    """The environment of a subprocess that imports the oldest supported triton: this one's with
+    CT_OLDEST_TRITON_PATH first on PYTHONPATH and without TRITON_INTERPRET. Skips the test when
+    the folder is not set up, or fails it under CT_REQUIRE_OLDEST_TRITON=1 (as .ci/run sets)."""
+    path = os.environ.get("CT_OLDEST_TRITON_PATH")
+    if not path or not Path(path, "triton").is_dir():
+        reason = f"CT_OLDEST_TRITON_PATH={path!r} is not a folder holding triton {OLDEST_TRITON} (.ci/run makes one)"
+        if os.environ.get("CT_REQUIRE_OLDEST_TRITON") == "1":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (path, env.get("PYTHONPATH")) if p)
+    return env
+
 
 #: Relative errors the Triton kernels may show against float64 (the reasoning is in
 #: tests/test_kernels.py's docstring).

@@ -20,6 +20,17 @@ KERNEL_DEVICE = "cuda" if HAS_CUDA else "cpu"
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 
 
+def pytest_report_header(config):
+    import numpy
+    import triton
+
+    where = os.path.dirname(triton.__file__)
+    return (
+        f"capstriton versions: torch {torch.__version__} | triton {triton.__version__} ({where}) | "
+        f"numpy {numpy.__version__} | TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '')}"
+    )
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

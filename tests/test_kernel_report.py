@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from _helpers import OLDEST_TRITON, oldest_triton_env
 
 REPO = Path(__file__).resolve().parent.parent
 REPORT = REPO / "bench" / "kernel_report.py"
@@ -67,12 +68,13 @@ def _has_nvidia_tools() -> bool:
         return False
 
 
-def run_report(python: str, out: Path) -> subprocess.CompletedProcess:
-    """``kernel_report.py --arch sm_90 --fail-on-spill`` under ``python``, JSON into ``out``."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+def run_report(out: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    """``kernel_report.py --arch sm_90 --fail-on-spill``, JSON into ``out``, in a subprocess with
+    ``env`` (default: this one's without TRITON_INTERPRET)."""
+    env = dict(env or {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})
     env["TRITON_CACHE_DIR"] = str(out / "triton_cache")  # compile for real, not from a cache
     return subprocess.run(
-        [python, str(REPORT), "--arch", "sm_90", "--out", str(out), "--fail-on-spill"],
+        [sys.executable, str(REPORT), "--arch", "sm_90", "--out", str(out), "--fail-on-spill"],
         capture_output=True,
         text=True,
         env=env,
@@ -86,7 +88,7 @@ def sm90_report(tmp_path_factory):
     if not _has_nvidia_tools():
         pytest.skip("triton's NVIDIA backend tools (ptxas, cuobjdump) are not installed")
     out = tmp_path_factory.mktemp("kernel_report")
-    return run_report(sys.executable, out), out
+    return run_report(out), out
 
 
 def test_every_default_configuration_compiles_for_sm90_without_spills(sm90_report):
@@ -132,21 +134,15 @@ def test_report_json_fields(sm90_report):
         keys.add(key)
 
 
-# An interpreter with the GPU machines' triton (3.6 with torch 2.11 there; .ci/run makes one: a
-# venv over this install with only triton replaced), since compilers differ: 3.6 failed on a
-# version of the backward's final kernel that 3.7 compiled, and allocates registers differently.
-COMPAT_PYTHON = os.environ.get("CT_COMPAT_TRITON_PYTHON")
-
-
-@pytest.mark.skipif(not COMPAT_PYTHON, reason="CT_COMPAT_TRITON_PYTHON is not set (.ci/run sets it)")
-def test_every_kernel_compiles_without_spills_with_the_gpu_machines_triton(tmp_path):
-    import triton
-
-    proc = run_report(COMPAT_PYTHON, tmp_path)
+def test_every_kernel_compiles_without_spills_with_the_oldest_supported_triton(tmp_path):
+    """The GPU machines run the oldest supported triton (3.6, with torch 2.11), and compilers
+    differ: 3.6 failed on a version of the backward's final kernel that 3.7 compiled, and
+    allocates registers differently."""
+    proc = run_report(tmp_path, oldest_triton_env())
     # every launch compiled, and --fail-on-spill: no spill that SPILL_EXCEPTIONS does not document
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     doc = json.loads((tmp_path / "sm_90.json").read_text())
-    assert doc["versions"]["triton"] != triton.__version__  # a second compiler, not a repeat
+    assert doc["versions"]["triton"] == OLDEST_TRITON
     assert {e["kernel"] for e in doc["kernels"]} == KERNELS
 
 
