@@ -6,6 +6,7 @@ Every error names the argument and what was expected; nothing is silently broadc
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 
 import torch
@@ -47,6 +48,41 @@ def check_size(name: str, value) -> int:
     return value
 
 
+def check_bool(name: str, value) -> bool:
+    """``value`` is a bool (not any truthy object: ``"no"`` would read as True); returns it."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool (True or False), got {type(value).__name__} {value!r}")
+    return value
+
+
+def check_nonnegative(name: str, value) -> float:
+    """``value`` is a finite real number >= 0 (a loss weight); returns it as a float."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+    return float(value)
+
+
+def check_class_indices(name: str, target: torch.Tensor, num_classes: int) -> None:
+    """Integer ``target`` holds class indices in ``[0, num_classes)``. On a CPU the check raises
+    here; on CUDA it is a device-side assertion (no host synchronisation per training step, as
+    PyTorch's own losses); under torch.compile it is skipped (data-dependent)."""
+    if target.numel() == 0 or torch.compiler.is_compiling():
+        return
+    if target.device.type == "cpu":
+        lo, hi = torch.aminmax(target)
+        if lo < 0 or hi >= num_classes:
+            raise ValueError(
+                f"{name} must hold class indices in [0, {num_classes}), got values from {int(lo)} to {int(hi)}"
+            )
+    else:
+        torch._assert_async(
+            ((target >= 0) & (target < num_classes)).all(),
+            f"{name} must hold class indices in [0, {num_classes})",
+        )
+
+
 def check_backend(backend) -> str:
     """``backend`` is one of :data:`BACKENDS`; returns it."""
     if not isinstance(backend, str) or backend not in BACKENDS:
@@ -80,12 +116,49 @@ def triton_unavailable_reason(device: torch.device) -> str | None:
     )
 
 
-def resolve_backend(backend, x: torch.Tensor) -> str:
-    """Map ``backend`` to ``"torch"`` or ``"triton"`` for tensor ``x``, or raise."""
+def unsupported_transform(*tensors: torch.Tensor) -> str | None:
+    """The autograd transform the Triton ops cannot differentiate that one of ``tensors`` is
+    under, or None. Their autograd is reverse mode only (``register_autograd``): forward-mode AD
+    would silently get a zero tangent, and ``torch.func.grad``/``jacrev`` fail inside PyTorch.
+    ``torch.func.vmap`` alone is not reported: PyTorch runs the ops once per example (slow, with
+    its warning, but correct). Under ``torch.compile`` nothing is reported: tracing sees no
+    transform wrappers."""
+    if torch.compiler.is_compiling():
+        return None
+    from torch._C import _functorch
+
+    for t in tensors:
+        if torch.autograd.forward_ad.unpack_dual(t).tangent is not None:
+            return "forward-mode AD (torch.func.jvp, jacfwd, hessian, torch.autograd.forward_ad)"
+        while _functorch.is_functorch_wrapped_tensor(t):  # vmap(grad(f)) nests its wrappers
+            if _functorch.is_gradtrackingtensor(t):
+                return "torch.func's function transforms (grad, vjp, jacrev)"
+            t = _functorch.get_unwrapped(t)
+    return None
+
+
+def auto_takes_triton(x: torch.Tensor) -> bool:
+    """``backend="auto"`` runs the kernels on ``x`` (transforms aside): CUDA, a kernel dtype, triton
+    installed."""
+    return x.device.type == "cuda" and x.dtype in TRITON_DTYPES and triton_unavailable_reason(x.device) is None
+
+
+def _wrapped(t: torch.Tensor) -> bool:
+    return not torch.compiler.is_compiling() and torch._C._functorch.is_functorch_wrapped_tensor(t)
+
+
+def resolve_backend(backend, *tensors: torch.Tensor) -> str:
+    """Map ``backend`` to ``"torch"`` or ``"triton"`` for the inputs ``tensors`` (the first one
+    decides device and dtype), or raise.
+
+    ``"auto"`` takes triton for CUDA tensors, except under torch.func transforms or forward-mode
+    AD, which the reference supports natively; ``"triton"`` there is an error naming the transform.
+    """
+    x = tensors[0]
     if check_backend(backend) == "torch":
         return "torch"
     if backend == "auto":
-        if x.device.type == "cuda" and x.dtype in TRITON_DTYPES and triton_unavailable_reason(x.device) is None:
+        if auto_takes_triton(x) and not any(_wrapped(t) or unsupported_transform(t) for t in tensors):
             return "triton"
         return "torch"
     reason = triton_unavailable_reason(x.device)
@@ -95,5 +168,12 @@ def resolve_backend(backend, x: torch.Tensor) -> str:
         raise TypeError(
             f"backend='triton' supports float16, bfloat16 and float32 inputs, got {x.dtype} "
             "(use backend='torch' for float64)"
+        )
+    transform = unsupported_transform(*tensors)
+    if transform is not None:
+        raise NotImplementedError(
+            f"backend='triton' cannot be differentiated by {transform}: its kernels have reverse-mode "
+            "autograd only (loss.backward(), torch.autograd.grad, torch.compile). Use backend='torch', "
+            "which supports every transform, or backend='auto', which picks it for such inputs."
         )
     return "triton"

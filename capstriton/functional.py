@@ -6,10 +6,15 @@ Dispatch happens here, in Python, before any op is called (DESIGN.md section 3),
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from . import reference
 from ._checks import (
+    check_bool,
+    check_class_indices,
+    check_nonnegative,
     check_positive_sizes,
     check_same,
     check_size,
@@ -22,6 +27,18 @@ __all__ = ["squash", "dynamic_routing", "capsule_routing", "margin_loss", "recon
 U_HAT_LAYOUT = "[B, N_in, N_out, D]"
 U_LAYOUT = "[B, N_in, D_in]"
 WEIGHT_LAYOUT = "[N_in, N_out, D_out, D_in]"
+
+
+def autocast_inputs(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The inputs of a matmul-like op under autocast: float16/bfloat16/float32 tensors cast to the
+    autocast dtype of their device, as ``torch.matmul`` does (float64 is left alone, also as
+    autocast does). The capsule layers follow that rule, so both backends return the autocast
+    dtype; squash and routing on predictions are not matmul-like and keep their input dtype."""
+    device_type = tensors[0].device.type
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(t.to(dtype) if t.dtype != torch.float64 else t for t in tensors)
 
 
 def _ops():
@@ -81,7 +98,7 @@ def dynamic_routing(
     check_tensor("u_hat", u_hat, 4, U_HAT_LAYOUT)
     check_positive_sizes("u_hat", u_hat, U_HAT_LAYOUT)
     check_size("iterations", iterations)
-    grad_through_routing = bool(grad_through_routing)
+    check_bool("grad_through_routing", grad_through_routing)
     if resolve_backend(backend, u_hat) == "torch":
         return reference.dynamic_routing(u_hat, iterations, grad_through_routing)
     return _ops().dynamic_routing(u_hat, iterations, grad_through_routing)
@@ -119,8 +136,9 @@ def capsule_routing(
             f"weight {tuple(weight.shape)} (N_in and D_in must match)"
         )
     check_size("iterations", iterations)
-    grad_through_routing = bool(grad_through_routing)
-    if resolve_backend(backend, u) == "torch":
+    check_bool("grad_through_routing", grad_through_routing)
+    u, weight = autocast_inputs(u, weight)
+    if resolve_backend(backend, u, weight) == "torch":
         return reference.capsule_routing(u, weight, iterations, grad_through_routing)
     # Until a fused kernel exists: PyTorch predictions (one batched matmul), then the routing kernel.
     u_hat = reference.capsule_predictions(u, weight)
@@ -136,13 +154,15 @@ def margin_loss(
 ) -> torch.Tensor:
     """Margin loss (Sabour et al. 2017, Eq. 4): per class
     ``T_k max(0, m_pos - ||v_k||)^2 + lam (1 - T_k) max(0, ||v_k|| - m_neg)^2``,
-    summed over classes, mean over the batch.
+    summed over classes, mean over the batch (0 for an empty batch).
 
     Args:
         lengths: capsule lengths ``[B, K]``.
         target: class indices ``[B]`` (integer, in ``[0, K)``) or targets ``[B, K]`` (float).
+        m_pos, m_neg: the margins (finite); lam: down-weighting of absent classes (>= 0).
     """
     check_tensor("lengths", lengths, 2, "[B, K]")
+    check_margins(m_pos, m_neg, lam)
     if not isinstance(target, torch.Tensor):
         raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
     if target.device != lengths.device:
@@ -158,17 +178,35 @@ def margin_loss(
             raise ValueError(
                 f"an integer target must have shape [B] = {tuple(lengths.shape[:1])}, got {tuple(target.shape)}"
             )
+        check_class_indices("target", target, lengths.shape[1])
         target = target.long()
     else:
         raise TypeError(f"target must hold class indices (integer) or per-class targets (float), got {target.dtype}")
     return reference.margin_loss(lengths, target, m_pos, m_neg, lam)
 
 
+def check_margins(m_pos, m_neg, lam) -> None:
+    """The margin loss's constants: finite margins, ``lam >= 0`` (a negative weight would reward
+    long capsules of absent classes)."""
+    for name, value in (("m_pos", m_pos), ("m_neg", m_neg)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"{name} must be a finite number, got {value!r}")
+    check_nonnegative("lam", lam)
+
+
 def reconstruction_loss(reconstruction: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
-    """Sum of squared pixel errors per image, mean over the batch (unscaled: CapsuleLoss applies
-    the paper's 0.0005)."""
+    """Sum of squared pixel errors per image, mean over the batch (0 for an empty batch; unscaled:
+    CapsuleLoss applies the paper's 0.0005).
+
+    Args:
+        reconstruction: ``[B, P]`` (or any ``[B, ...]`` with P values per image).
+        images: ``[B, ...]`` with the same number of pixels per image.
+    """
     check_tensor("reconstruction", reconstruction)
     check_tensor("images", images)
+    for name, t in (("reconstruction", reconstruction), ("images", images)):
+        if t.dim() < 2:
+            raise ValueError(f"{name} must have a batch dimension and pixels [B, ...], got shape {tuple(t.shape)}")
     if reconstruction.shape[:1] != images.shape[:1] or reconstruction.shape[1:].numel() != images.shape[1:].numel():
         raise ValueError(
             f"reconstruction {tuple(reconstruction.shape)} and images {tuple(images.shape)} must hold "

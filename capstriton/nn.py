@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from . import functional as F
-from ._checks import check_backend, check_size, check_tensor
+from ._checks import check_backend, check_bool, check_class_indices, check_nonnegative, check_size, check_tensor
 
 __all__ = [
     "Squash",
@@ -108,7 +108,7 @@ class RoutingCapsules(nn.Module):
         self.out_caps = check_size("out_caps", out_caps)
         self.out_dim = check_size("out_dim", out_dim)
         self.iterations = check_size("iterations", iterations)
-        self.grad_through_routing = bool(grad_through_routing)
+        self.grad_through_routing = check_bool("grad_through_routing", grad_through_routing)
         self.backend = check_backend(backend)
         self.init_std = float(init_std)
         self.weight = nn.Parameter(torch.empty(in_caps, out_caps, out_dim, in_dim))
@@ -157,6 +157,9 @@ class CapsuleDecoder(nn.Module):
         super().__init__()
         self.num_caps = check_size("num_caps", num_caps)
         self.caps_dim = check_size("caps_dim", caps_dim)
+        if not isinstance(hidden, (tuple, list)):
+            raise TypeError(f"hidden must be a tuple of layer sizes, got {type(hidden).__name__}")
+        hidden = tuple(check_size(f"hidden[{i}]", h) for i, h in enumerate(hidden))
         sizes = [num_caps * caps_dim, *hidden, check_size("out_features", out_features)]
         layers: list[nn.Module] = []
         for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
@@ -167,10 +170,11 @@ class CapsuleDecoder(nn.Module):
     def make_mask(self, v: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:
         """The ``[B, num_caps]`` one-hot mask the decoder uses when none is given."""
         if self.training and target is not None:
-            index = target.long()  # one_hot takes int64 only; labels often come as uint8/int32
+            index = target.long()
         else:
             index = capsule_lengths(v.detach()).argmax(dim=-1)
-        return nn.functional.one_hot(index, self.num_caps).to(v.dtype)
+        # by comparison: F.one_hot synchronises with the host on CUDA to find its size
+        return (index.unsqueeze(-1) == torch.arange(self.num_caps, device=v.device)).to(v.dtype)
 
     def forward(
         self,
@@ -183,14 +187,18 @@ class CapsuleDecoder(nn.Module):
             raise ValueError(
                 f"v must have shape [B, num_caps={self.num_caps}, caps_dim={self.caps_dim}], got {tuple(v.shape)}"
             )
+        for name, t in (("target", target), ("mask", mask)):
+            if t is not None and not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
         if mask is None:
-            if target is not None and (
-                target.is_floating_point() or target.dtype == torch.bool or target.shape != v.shape[:1]
-            ):
-                raise ValueError(
-                    f"target must hold class indices of shape [B] = {tuple(v.shape[:1])}, "
-                    f"got {tuple(target.shape)} {target.dtype}"
-                )
+            if target is not None:
+                if target.is_floating_point() or target.dtype == torch.bool or target.shape != v.shape[:1]:
+                    raise ValueError(
+                        f"target must hold class indices of shape [B] = {tuple(v.shape[:1])}, "
+                        f"got {tuple(target.shape)} {target.dtype}"
+                    )
+                if self.training:  # the mask is then made from it
+                    check_class_indices("target", target, self.num_caps)
             mask = self.make_mask(v, target)
         elif mask.shape != v.shape[:2]:
             raise ValueError(f"mask must have shape [B, num_caps] = {tuple(v.shape[:2])}, got {tuple(mask.shape)}")
@@ -203,6 +211,7 @@ class MarginLoss(nn.Module):
 
     def __init__(self, m_pos: float = 0.9, m_neg: float = 0.1, lam: float = 0.5):
         super().__init__()
+        F.check_margins(m_pos, m_neg, lam)
         self.m_pos, self.m_neg, self.lam = m_pos, m_neg, lam
 
     def forward(self, lengths: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -213,8 +222,9 @@ class CapsuleLoss(nn.Module):
     """Margin loss plus ``reconstruction_weight`` (0.0005 in the paper) times the per-image sum
     of squared pixel errors, both mean over the batch.
 
-    ``forward(lengths, target, reconstruction=None, images=None)``; without a reconstruction it
-    is the margin loss alone.
+    ``forward(lengths, target, reconstruction=None, images=None)``: ``reconstruction`` and
+    ``images`` come together (one without the other is an error); without them it is the margin
+    loss alone. ``reconstruction_weight`` and ``lam`` must be >= 0.
     """
 
     def __init__(
@@ -225,7 +235,7 @@ class CapsuleLoss(nn.Module):
         lam: float = 0.5,
     ):
         super().__init__()
-        self.reconstruction_weight = reconstruction_weight
+        self.reconstruction_weight = check_nonnegative("reconstruction_weight", reconstruction_weight)
         self.margin = MarginLoss(m_pos, m_neg, lam)
 
     def forward(
@@ -236,8 +246,12 @@ class CapsuleLoss(nn.Module):
         images: torch.Tensor | None = None,
     ) -> torch.Tensor:
         loss = self.margin(lengths, target)
+        if (reconstruction is None) != (images is None):
+            raise ValueError(
+                "reconstruction and images must be given together (the reconstruction term needs both), "
+                f"got reconstruction={'None' if reconstruction is None else 'a tensor'} and "
+                f"images={'None' if images is None else 'a tensor'}"
+            )
         if reconstruction is not None:
-            if images is None:
-                raise ValueError("images must be given with reconstruction")
             loss = loss + self.reconstruction_weight * F.reconstruction_loss(reconstruction, images)
         return loss

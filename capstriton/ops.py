@@ -112,6 +112,24 @@ def _squash_backward(ctx, grad):
 squash_forward.register_autograd(_squash_backward, setup_context=_squash_setup_context)
 
 
+def _no_double_backward(op: str):
+    """The autograd formula of a backward op: reached only when a gradient is differentiated again
+    (``create_graph=True``, ``torch.autograd.grad`` of a gradient), which the kernels do not
+    support. Without it PyTorch says that no formula is registered for an internal op."""
+
+    def backward(ctx, *grads):
+        raise NotImplementedError(
+            f"capstriton: double backward (differentiating a gradient, create_graph=True) through "
+            f"the triton {op} kernels is not supported; use backend='torch', whose reference "
+            "supports every order of differentiation"
+        )
+
+    return backward
+
+
+squash_backward.register_autograd(_no_double_backward("squash"))
+
+
 def squash(s: torch.Tensor) -> torch.Tensor:
     """Squash over the last dimension of ``s`` with the Triton kernels."""
     return squash_forward(s)
@@ -218,6 +236,7 @@ def _routing_backward(ctx, grad_v, _grad_s_saved, _grad_vsum_saved):
 
 
 routing_forward.register_autograd(_routing_backward, setup_context=_routing_setup_context)
+routing_backward.register_autograd(_no_double_backward("dynamic routing"))
 
 
 def dynamic_routing(u_hat: torch.Tensor, iterations: int, grad_through_routing: bool) -> torch.Tensor:

@@ -11,6 +11,8 @@ use it as the exact reference). No argument checking here: the public functions 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 __all__ = [
@@ -23,11 +25,25 @@ __all__ = [
 ]
 
 
+def float_arithmetic(fn):
+    """Run ``fn`` with autocast off on its first argument's device: the arithmetic is float32 (or
+    float64) as documented, never downcast by an enclosing ``torch.autocast`` (which would run
+    the einsums and matmuls in bfloat16). Callers apply autocast's casts to the inputs first."""
+
+    @functools.wraps(fn)
+    def wrapper(x: torch.Tensor, *args, **kwargs):
+        with torch.autocast(x.device.type, enabled=False):
+            return fn(x, *args, **kwargs)
+
+    return wrapper
+
+
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype the arithmetic runs in: float64 stays, everything else accumulates in float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+@float_arithmetic
 def squash(s: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """Squash (Eq. 1 of Sabour et al. 2017) over ``dim``: ``v = s * ||s|| / (1 + ||s||^2)``.
 
@@ -64,6 +80,7 @@ def squash(s: torch.Tensor, dim: int = -1) -> torch.Tensor:
     return (t * (length / m)).to(dtype)
 
 
+@float_arithmetic
 def dynamic_routing(
     u_hat: torch.Tensor, iterations: int = 3, grad_through_routing: bool = True
 ) -> torch.Tensor:
@@ -94,6 +111,7 @@ def dynamic_routing(
     return v.to(dtype)
 
 
+@float_arithmetic
 def capsule_predictions(u: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``u_hat[b, i, j, :] = weight[i, j] @ u[b, i, :]``.
 
@@ -112,6 +130,7 @@ def capsule_predictions(u: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return u_hat.view(n_in, u.shape[0], n_out, d_out).transpose(0, 1)
 
 
+@float_arithmetic
 def capsule_routing(
     u: torch.Tensor,
     weight: torch.Tensor,
@@ -143,14 +162,16 @@ def margin_loss(
     if target.is_floating_point():
         t = target.to(x.dtype)
     else:
-        t = torch.nn.functional.one_hot(target, x.shape[-1]).to(x.dtype)
+        # one-hot by comparison: F.one_hot synchronises with the host on CUDA to find its size
+        t = (target.unsqueeze(-1) == torch.arange(x.shape[-1], device=target.device)).to(x.dtype)
     present = t * torch.relu(m_pos - x).square()
     absent = lam * (1.0 - t) * torch.relu(x - m_neg).square()
-    return (present + absent).sum(dim=-1).mean()
+    # the mean over the batch, 0 (not NaN) for an empty one
+    return (present + absent).sum() / max(x.shape[0], 1)
 
 
 def reconstruction_loss(reconstruction: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
     """Sum of squared pixel errors per image, mean over the batch (unscaled)."""
     cd = compute_dtype(torch.promote_types(reconstruction.dtype, images.dtype))
     diff = reconstruction.to(cd) - images.reshape(reconstruction.shape).to(cd)
-    return diff.square().flatten(1).sum(dim=1).mean()
+    return diff.square().sum() / max(diff.shape[0], 1)  # mean over the batch; 0 when empty

@@ -318,7 +318,8 @@ def _loss(net, criterion, x, y, target, amp_dtype, device) -> tuple[torch.Tensor
     with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32):
         v, reconstruction = net(x, target=target)
     lengths = capsule_lengths(v.float())
-    return criterion(lengths, y, reconstruction, x), lengths
+    images = None if reconstruction is None else x  # the reconstruction term needs both
+    return criterion(lengths, y, reconstruction, images), lengths
 
 
 def _train_epoch(net, criterion, optimizer, scaler, x_all, y_all, args, epoch, device, info, bar_on):

@@ -36,13 +36,19 @@ def squash_parts(b_x):
     (0 for a zero row), ``p = min(||s||, 1/||s||)`` [ROWS] and ``large = ||s|| >= 1`` [ROWS]."""
     b_amax = tl.max(tl.abs(b_x), axis=1)
     nonzero = b_amax > 0
-    b_scale = tl.where(nonzero, b_amax, 1.0)
+    # Rows whose largest component is below 2^-64 are first multiplied by 2^64 (exact, a power of
+    # two, and below 1 after it): the reciprocal of a subnormal largest component (< 2.9e-39)
+    # overflows float32. The norm is scaled back by 2^-64, exactly again.
+    tiny = b_amax < 5.421010862427522e-20  # 2^-64
+    b_x = b_x * tl.where(tiny, 18446744073709551616.0, 1.0)[:, None]  # 2^64
+    b_scale = tl.where(nonzero, b_amax * tl.where(tiny, 18446744073709551616.0, 1.0), 1.0)
     # IEEE reciprocal, one per row: Triton's `/` is div.full.f32, which returns 0 for divisors
     # above 2^126, so 1e38 inputs would lose their direction
     b_inv = tl.math.div_rn(1.0, b_scale)
     b_t = b_x * b_inv[:, None]
     b_m = tl.sqrt(tl.where(nonzero, tl.sum(b_t * b_t, axis=1), 1.0))
-    b_n = b_scale * b_m  # may be inf for ||s|| > 3.4e38, then only the large branch is used
+    # ||s||; may be inf for ||s|| > 3.4e38, then only the large branch is used
+    b_n = b_scale * b_m * tl.where(tiny, 5.421010862427522e-20, 1.0)
     large = nonzero & (b_n >= 1.0)
     b_p = tl.where(large, b_inv / b_m, tl.where(nonzero, b_n, 0.0))
     return b_t / b_m[:, None], b_p, large

@@ -271,3 +271,37 @@ def test_squash_dim_non_contiguous_expanded_gradient():
     v, ref, ds, ds_ref = run_squash(s, g, dim=0)
     assert rel_err(v, ref) < TOL[torch.float32]
     assert rel_err(ds, ds_ref) < TOL[torch.float32]
+
+
+# ---------------------------------------------------------------------------------------------
+# subnormal inputs: the kernels once took 1 / (largest component), which overflows float32 for
+# a largest component below 1 / 3.4e38 = 2.9e-39, and returned NaN (outputs and gradients)
+
+SUBNORMAL_QUANTUM = 2.0**-149  # float32's smallest subnormal: the absolute rounding step there
+
+
+def assert_float32_close(name, out, ref):
+    """``out`` is ``ref`` (float64) up to float32 rounding: relative KERNEL_TOL for normal values
+    and a few subnormal quanta for results below float32's normal range."""
+    err = (out.double().cpu() - ref).abs().max().item()
+    bound = TOL[torch.float32] * ref.abs().max().item() + 4 * SUBNORMAL_QUANTUM
+    assert torch.isfinite(out).all() and err <= bound, f"{name}: error {err:.3g} > {bound:.3g}"
+
+
+@pytest.mark.parametrize("scale", [1e-19, 1e-20, 3e-39, 1e-40, 1e-44], ids=lambda s: f"{s:g}")
+def test_squash_tiny_and_subnormal_rows(scale):
+    s = scale * torch.tensor([[1.0, -0.5, 0.25], [2.0, 1.0, 0.0], [0.0, 0.0, 1.0]], device=KERNEL_DEVICE)
+    g = torch.randn(3, 3, device=KERNEL_DEVICE)
+    v, ref, ds, ds_ref = run_squash(s, g)
+    assert_float32_close("v", v, ref)
+    assert_float32_close("ds", ds, ds_ref)
+
+
+@pytest.mark.parametrize("grad_mode", [True, False], ids=["through", "detached"])
+@pytest.mark.parametrize("scale", [3e-39, 1e-41], ids=lambda s: f"{s:g}")
+def test_routing_subnormal_predictions(scale, grad_mode):
+    u = scale * torch.randn(2, 7, 3, 5, device=KERNEL_DEVICE)
+    g = torch.randn(2, 3, 5, device=KERNEL_DEVICE)
+    v, ref, du, du_ref = run_routing(u, 3, grad_mode, g)
+    assert_float32_close("v", v, ref)
+    assert_float32_close("du", du, du_ref)

@@ -176,6 +176,76 @@ BAD_CALLS = [
         r"x must have shape \[B, 1, 28, 28\]",
     ),
     ("capsnet-too-small", lambda: ct.models.CapsNet(image_size=16), ValueError, "image_size=16 is too small"),
+    # found by break-testing (issue 11): each was accepted or failed inside PyTorch
+    (
+        "margin-label-too-large",
+        lambda: ct.margin_loss(torch.rand(2, 10), torch.tensor([3, 10])),
+        ValueError,
+        r"target must hold class indices in \[0, 10\), got values from 3 to 10",
+    ),
+    (
+        "margin-label-negative",
+        lambda: ct.nn.MarginLoss()(torch.rand(2, 10), torch.tensor([-1, 2])),
+        ValueError,
+        r"target must hold class indices in \[0, 10\)",
+    ),
+    (
+        "capsnet-label-out-of-range",
+        lambda: ct.models.CapsNet(conv_channels=8, primary_types=2)(torch.rand(2, 1, 28, 28), torch.tensor([1, 11])),
+        ValueError,
+        r"target must hold class indices in \[0, 10\)",
+    ),
+    (
+        "decoder-target-list",
+        lambda: ct.nn.CapsuleDecoder()(torch.randn(2, 10, 16), [1, 2]),
+        TypeError,
+        "target must be a torch.Tensor or None",
+    ),
+    (
+        "decoder-mask-list",
+        lambda: ct.nn.CapsuleDecoder()(torch.randn(2, 10, 16), mask=[[1.0] * 10] * 2),
+        TypeError,
+        "mask must be a torch.Tensor or None",
+    ),
+    (
+        "reconstruction-scalar",
+        lambda: ct.reconstruction_loss(torch.tensor(0.5), torch.tensor(0.5)),
+        ValueError,
+        r"reconstruction must have a batch dimension and pixels \[B, ...\]",
+    ),
+    ("decoder-hidden-zero", lambda: ct.nn.CapsuleDecoder(hidden=(0,)), ValueError, r"hidden\[0\] must be >= 1"),
+    (
+        "capsnet-decoder-hidden-zero",
+        lambda: ct.models.CapsNet(conv_channels=8, primary_types=2, decoder_hidden=(512, 0)),
+        ValueError,
+        r"hidden\[1\] must be >= 1",
+    ),
+    ("margin-negative-lam", lambda: ct.nn.MarginLoss(lam=-0.5), ValueError, "lam must be a finite number >= 0"),
+    (
+        "margin-fn-negative-lam",
+        lambda: ct.margin_loss(torch.rand(2, 10), torch.tensor([1, 2]), lam=-1.0),
+        ValueError,
+        "lam must be a finite number >= 0",
+    ),
+    ("margin-nan-margin", lambda: ct.nn.MarginLoss(m_pos=float("nan")), ValueError, "m_pos must be a finite number"),
+    (
+        "loss-negative-reconstruction-weight",
+        lambda: ct.nn.CapsuleLoss(reconstruction_weight=-0.0005),
+        ValueError,
+        "reconstruction_weight must be a finite number >= 0",
+    ),
+    (
+        "loss-images-without-reconstruction",
+        lambda: ct.nn.CapsuleLoss()(torch.rand(2, 10), torch.tensor([1, 2]), images=torch.rand(2, 1, 28, 28)),
+        ValueError,
+        "reconstruction and images must be given together",
+    ),
+    (
+        "loss-reconstruction-without-images",
+        lambda: ct.nn.CapsuleLoss()(torch.rand(2, 10), torch.tensor([1, 2]), torch.rand(2, 784)),
+        ValueError,
+        "reconstruction and images must be given together",
+    ),
 ]
 
 
@@ -233,6 +303,19 @@ def test_empty_batch_returns_empty_result(grad_through_routing):
         torch.rand(0, 1, 28, 28)
     )
     assert lengths.shape == (0, 10) and reconstruction.shape == (0, 784)
+
+
+def test_losses_of_an_empty_batch_are_zero():
+    """The mean over no examples was NaN, which poisons a training step's gradients."""
+    lengths = torch.rand(0, 10, requires_grad=True)
+    reconstruction = torch.rand(0, 784, requires_grad=True)
+    images = torch.rand(0, 1, 28, 28)
+    for target in (torch.zeros(0, dtype=torch.long), torch.zeros(0, 10)):
+        assert ct.margin_loss(lengths, target).item() == 0.0
+    assert ct.reconstruction_loss(reconstruction, images).item() == 0.0
+    loss = ct.nn.CapsuleLoss()(lengths, torch.zeros(0, dtype=torch.long), reconstruction, images)
+    loss.backward()
+    assert loss.item() == 0.0 and lengths.grad.shape == (0, 10) and reconstruction.grad.shape == (0, 784)
 
 
 # Float64: the reference may take different summation orders for different strides, a few ulps.
