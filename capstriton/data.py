@@ -6,7 +6,8 @@
 
 Files are checked against their published md5 on every load. Missing files are downloaded from
 the public mirrors in :data:`MIRRORS` (a file is moved into place only once its md5 matches);
-when that fails, the error names the missing files, the directory and what each mirror answered.
+when that fails, the error names the missing files, the directory and what each mirror answered,
+and the directories the download created are removed again if they stayed empty.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import struct
 import tempfile
 import urllib.error
 import urllib.request
+import zlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -94,22 +96,30 @@ def check_file(path: str | os.PathLike, expected_md5: str | None = None) -> None
 def read_idx(path: str | os.PathLike) -> torch.Tensor:
     """Read a gzip-compressed IDX file of unsigned bytes into a uint8 tensor of its shape."""
     path = Path(path)
-    with gzip.open(path, "rb") as f:
-        raw = f.read()
+    try:
+        with gzip.open(path, "rb") as f:
+            raw = f.read()
+    except (gzip.BadGzipFile, EOFError, zlib.error) as e:
+        raise MNISTDataError(
+            f"{path} is not a complete gzip file: it is truncated or corrupted ({type(e).__name__}: {e})"
+        ) from e
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
         raise MNISTDataError(f"{path} is not an IDX file (bad magic number)")
     if raw[2] != _IDX_UBYTE:
         raise MNISTDataError(f"{path}: IDX type code {raw[2]:#04x} is not unsigned byte (0x08)")
     ndim = raw[3]
     header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise MNISTDataError(f"{path}: header announces {ndim} dimensions but the file ends after {len(raw)} bytes")
     shape = struct.unpack(f">{ndim}I", raw[4:header])
     count = 1
     for n in shape:
         count *= n
     if len(raw) - header != count:
         raise MNISTDataError(f"{path}: header announces shape {shape} ({count} bytes) but holds {len(raw) - header}")
-    data = torch.frombuffer(bytearray(raw[header:]), dtype=torch.uint8)
-    return data.reshape(shape)
+    if count == 0:
+        return torch.empty(shape, dtype=torch.uint8)  # torch.frombuffer refuses an empty buffer
+    return torch.frombuffer(bytearray(raw[header:]), dtype=torch.uint8).reshape(shape)
 
 
 def write_idx(path: str | os.PathLike, array: torch.Tensor) -> None:
@@ -157,6 +167,7 @@ def download_mnist(
     """Download ``names`` into ``root`` from the first mirror that serves each of them with the
     right md5. Raise :class:`MNISTDataError` naming every file that could not be obtained."""
     root = Path(root)
+    created = [d for d in (root, *root.parents) if not d.exists()]
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -172,11 +183,22 @@ def download_mnist(
         else:
             failures[name] = attempts
     if failures:
+        _remove_empty(created)
         detail = "\n".join(f"  {n}:\n" + "\n".join(f"    {a}" for a in a_list) for n, a_list in failures.items())
         raise MNISTDataError(
             f"MNIST files missing from {root} and could not be downloaded: {sorted(failures)}.\n"
             f"{detail}\nPut the official files (md5 in capstriton.data.MD5) into {root}."
         )
+
+
+def _remove_empty(directories: Sequence[Path]) -> None:
+    """Remove ``directories`` (deepest first) while they are empty: a failed download leaves no
+    trace of the directories it created, and never touches one that holds anything."""
+    for d in directories:
+        try:
+            d.rmdir()
+        except OSError:
+            return
 
 
 def load_mnist(
@@ -213,8 +235,14 @@ def load_mnist(
 
 
 def to_float(images: torch.Tensor) -> torch.Tensor:
-    """uint8 ``[B, H, W]`` -> float32 ``[B, 1, H, W]`` in ``[0, 1]`` (the decoder's range)."""
-    return images.unsqueeze(1).float().div_(255.0)
+    """uint8 ``[B, H, W]`` -> float32 ``[B, 1, H, W]`` in ``[0, 1]`` (the decoder's range);
+    ``[B, C, H, W]`` keeps its channels."""
+    if images.dim() == 3:
+        images = images.unsqueeze(1)
+    elif images.dim() != 4:
+        raise ValueError(f"images must have shape [B, H, W] or [B, C, H, W], got {tuple(images.shape)}")
+    # A copy even for float input: dividing in place must never touch the caller's tensor.
+    return images.to(torch.float32, copy=True).div_(255.0)
 
 
 def draw_shifts(n: int, max_shift: int = 2, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -277,6 +305,27 @@ def shard_batches(
     has no gradient to contribute), a last global batch smaller than ``world_size`` is dropped;
     without it (evaluation), some ranks' slices of that batch are empty.
     """
+    # Checked here, not in the generator below, so that bad arguments fail at the call.
+    if num_examples < 0:
+        raise ValueError(f"num_examples must be >= 0, got {num_examples}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must lie in [0, world_size) = [0, {world_size}), got {rank}")
+    return _shard_batches(num_examples, batch_size, rank, world_size, shuffle, generator, drop_small_last)
+
+
+def _shard_batches(
+    num_examples: int,
+    batch_size: int,
+    rank: int,
+    world_size: int,
+    shuffle: bool,
+    generator: torch.Generator | None,
+    drop_small_last: bool,
+) -> Iterator[tuple[torch.Tensor, slice]]:
     order = torch.randperm(num_examples, generator=generator) if shuffle else torch.arange(num_examples)
     for start in range(0, num_examples, batch_size):
         batch = order[start : start + batch_size]

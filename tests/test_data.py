@@ -55,14 +55,24 @@ def test_read_idx_round_trip(tmp_path):
     assert torch.equal(data.read_idx(tmp_path / "a.gz"), array)
 
 
+@pytest.mark.parametrize("shape", [(0, 28, 28), (0,), (3, 0, 2)], ids=str)
+def test_read_idx_round_trips_empty_arrays(tmp_path, shape):
+    array = torch.empty(shape, dtype=torch.uint8)
+    data.write_idx(tmp_path / "empty.gz", array)
+    back = data.read_idx(tmp_path / "empty.gz")
+    assert back.dtype == torch.uint8 and back.shape == shape
+
+
 @pytest.mark.parametrize(
     "payload, message",
     [
         (b"\x01\x00\x08\x01" + struct.pack(">I", 2) + b"ab", "bad magic"),
         (b"\x00\x00\x0d\x01" + struct.pack(">I", 2) + b"ab", "type code"),
         (b"\x00\x00\x08\x01" + struct.pack(">I", 5) + b"ab", "header announces"),
+        # three dimensions announced, the file ends inside the first one's size
+        (b"\x00\x00\x08\x03" + struct.pack(">I", 2)[:3], "header announces 3 dimensions"),
     ],
-    ids=["magic", "float-type", "truncated"],
+    ids=["magic", "float-type", "truncated", "short-header"],
 )
 def test_read_idx_rejects_malformed_files(tmp_path, payload, message):
     path = tmp_path / "bad.gz"
@@ -70,6 +80,31 @@ def test_read_idx_rejects_malformed_files(tmp_path, payload, message):
     with pytest.raises(data.MNISTDataError, match=message) as e:
         data.read_idx(path)
     assert "bad.gz" in str(e.value)
+
+
+@pytest.mark.parametrize("damage", ["not-gzip", "truncated", "empty", "flipped"])
+def test_read_idx_names_a_damaged_gzip_file(tmp_path, damage):
+    array = torch.randint(0, 256, (50, 28, 28), dtype=torch.uint8)
+    data.write_idx(tmp_path / "good.gz", array)
+    compressed = (tmp_path / "good.gz").read_bytes()
+    flipped = bytearray(compressed)
+    flipped[len(flipped) // 2] ^= 0xFF  # inside the deflate stream: bad data or a CRC mismatch
+    payload = {
+        "not-gzip": b"\x00\x00\x08\x01" + struct.pack(">I", 2) + b"ab",  # an uncompressed IDX
+        "truncated": compressed[: len(compressed) // 2],
+        "empty": b"",
+        "flipped": bytes(flipped),
+    }[damage]
+    path = tmp_path / "damaged.gz"
+    path.write_bytes(payload)
+    if damage == "empty":
+        # gzip reads an empty file as an empty stream: the IDX check catches it
+        match = "bad magic number"
+    else:
+        match = "not a complete gzip file"
+    with pytest.raises(data.MNISTDataError, match=match) as e:
+        data.read_idx(path)
+    assert str(path) in str(e.value)
 
 
 def test_corrupted_file_names_md5_mismatch(tmp_path, fake_mirror):
@@ -103,7 +138,32 @@ def test_failed_download_names_files_directory_and_mirrors(tmp_path):
     assert str(root) in message and "could not be downloaded" in message
     assert all(name in message for name in data.FILES["test"])
     assert all(m in message for m in mirrors)
-    assert list(root.iterdir()) == []  # no partial files left behind
+    assert not root.exists()  # no partial files, and not the directory the download created
+
+
+def test_failed_download_removes_only_the_directories_it_created(tmp_path):
+    dead = [f"http://127.0.0.1:{closed_port()}/"]
+    nested = tmp_path / "a" / "b" / "c"
+    with pytest.raises(data.MNISTDataError):
+        data.load_mnist(nested, "test", mirrors=dead)
+    assert list(tmp_path.iterdir()) == []  # a/b/c all created by the download, all removed
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    with pytest.raises(data.MNISTDataError):
+        data.load_mnist(existing / "mnist", "test", mirrors=dead)
+    assert existing.is_dir() and list(existing.iterdir()) == []
+
+
+def test_partly_failed_download_keeps_what_it_downloaded(tmp_path, fake_mirror):
+    src, _, _ = fake_mirror
+    images_only = tmp_path / "images-only"
+    images_only.mkdir()
+    name = data.FILES["test"][0]
+    (images_only / name).write_bytes((src / name).read_bytes())
+    root = tmp_path / "root"
+    with pytest.raises(data.MNISTDataError, match=data.FILES["test"][1]):
+        data.load_mnist(root, "test", mirrors=[f"file://{images_only}/"])
+    assert [p.name for p in root.iterdir()] == [name]
 
 
 def test_download_from_file_mirror_after_a_dead_one(tmp_path, fake_mirror):
@@ -140,7 +200,25 @@ def test_download_rejects_a_corrupted_mirror_copy(tmp_path, fake_mirror):
     root = tmp_path / "root"
     with pytest.raises(data.MNISTDataError, match="md5 mismatch"):
         data.load_mnist(root, "test", mirrors=[f"file://{bad}/"])
-    assert list(root.iterdir()) == []
+    assert not root.exists()
+
+
+def test_to_float_adds_a_channel_axis_or_keeps_channels():
+    gray = torch.randint(0, 256, (5, 28, 28), dtype=torch.uint8)
+    out = data.to_float(gray)
+    assert out.dtype == torch.float32 and out.shape == (5, 1, 28, 28)
+    torch.testing.assert_close(out[:, 0] * 255, gray.float())
+    color = torch.randint(0, 256, (5, 3, 7, 9), dtype=torch.uint8)
+    assert data.to_float(color).shape == (5, 3, 7, 9)
+    already_float = torch.full((2, 1, 4, 4), 255.0)
+    assert torch.equal(data.to_float(already_float), torch.ones(2, 1, 4, 4))
+    assert torch.equal(already_float, torch.full((2, 1, 4, 4), 255.0))  # the input is left alone
+
+
+@pytest.mark.parametrize("shape", [(28, 28), (2, 1, 1, 28, 28)], ids=str)
+def test_to_float_rejects_other_shapes(shape):
+    with pytest.raises(ValueError, match=r"images must have shape \[B, H, W\] or \[B, C, H, W\]"):
+        data.to_float(torch.zeros(shape, dtype=torch.uint8))
 
 
 def shift_one(image: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
@@ -221,3 +299,20 @@ def test_shard_batches_for_evaluation_keep_every_example():
     ]
     assert sorted(torch.cat(parts).tolist()) == list(range(9))
     assert [p.numel() for p in parts] == [5, 4]
+
+
+@pytest.mark.parametrize(
+    "kwargs, named",
+    [
+        ({"batch_size": 0}, "batch_size"),
+        ({"world_size": 0, "rank": 0}, "world_size"),
+        ({"rank": 2, "world_size": 2}, "rank"),
+        ({"rank": -1, "world_size": 2}, "rank"),
+        ({"num_examples": -1}, "num_examples"),
+    ],
+    ids=lambda v: ",".join(f"{k}={x}" for k, x in v.items()) if isinstance(v, dict) else None,
+)
+def test_shard_batches_rejects_bad_arguments_at_the_call(kwargs, named):
+    args = {"num_examples": 10, "batch_size": 4, "rank": 0, "world_size": 1, **kwargs}
+    with pytest.raises(ValueError, match=f"^{named} must"):
+        data.shard_batches(**args)  # not iterated: the call itself must fail

@@ -7,11 +7,20 @@ never skip; the real-data test uses the 10,000 official test images in ../shared
 
 from __future__ import annotations
 
+import io
 import json
+import math
 import os
+import random
+import shutil
+import stat
+import struct
 import subprocess
 import sys
 import time
+import warnings
+import zipfile
+import zlib
 from pathlib import Path
 
 import matplotlib.image
@@ -27,17 +36,23 @@ TINY_MODEL = [
 ]  # fmt: skip
 
 
-@pytest.fixture
-def fake_mnist(tmp_path_factory, monkeypatch):
-    """A directory with a 96-image test split of random pixels, its md5s made the official ones
-    for the duration of the test."""
-    root = tmp_path_factory.mktemp("fake-mnist")
+def write_fake_mnist(root: Path) -> dict[str, str]:
+    """A 96-image test split of random pixels (always the same) in ``root``; the files' md5s."""
     gen = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (96, 28, 28), dtype=torch.uint8, generator=gen)
     labels = torch.randint(0, 10, (96,), dtype=torch.uint8, generator=gen)
     for name, array in zip(data.FILES["test"], (images, labels), strict=True):
         data.write_idx(root / name, array)
-        monkeypatch.setitem(data.MD5, name, data.md5sum(root / name))
+    return {name: data.md5sum(root / name) for name in data.FILES["test"]}
+
+
+@pytest.fixture
+def fake_mnist(tmp_path_factory, monkeypatch):
+    """A directory with a 96-image test split of random pixels, its md5s made the official ones
+    for the duration of the test."""
+    root = tmp_path_factory.mktemp("fake-mnist")
+    for name, md5 in write_fake_mnist(root).items():
+        monkeypatch.setitem(data.MD5, name, md5)
     return root
 
 
@@ -55,6 +70,49 @@ def run_cli(argv: list[str]) -> dict:
 
 def load_state(out: Path) -> dict:
     return torch.load(out / train.CHECKPOINT, map_location="cpu", weights_only=True)
+
+
+def strict_json(path: Path):
+    """``path``'s JSON, refusing the NaN and Infinity that json.dumps writes by default."""
+
+    def refuse(token):
+        raise ValueError(f"{path} holds {token}, which is not JSON")
+
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+def resume_argv(data_dir: Path, out: Path, *extra: str) -> list[str]:
+    """A resumed run that names no option of train.TRAJECTORY_OPTIONS: all come from the checkpoint."""
+    return [
+        "--data-dir", str(data_dir), "--out", str(out), "--no-progress", "--no-download", "--no-plots",
+        "--resume", *extra,
+    ]  # fmt: skip
+
+
+def snapshot(directory: Path) -> dict[str, tuple[bytes, int]]:
+    """Every file under ``directory``: its bytes and modification time."""
+    return {
+        str(p.relative_to(directory)): (p.read_bytes(), p.stat().st_mtime_ns)
+        for p in sorted(directory.rglob("*"))
+        if p.is_file()
+    }
+
+
+#: The options of `trained_run`, off their defaults where the tiny argv does not already set them.
+TRAINED_OPTIONS = ("--lr", "2e-3", "--lr-decay", "0.5", "--seed", "7")
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory) -> Path:
+    """The output directory of a finished 2-epoch run on the fake split with TRAINED_OPTIONS.
+    Shared by the module's tests: copy it before writing into it."""
+    root = tmp_path_factory.mktemp("fake-mnist-trained")
+    out = tmp_path_factory.mktemp("trained-run")
+    with pytest.MonkeyPatch.context() as mp:
+        for name, md5 in write_fake_mnist(root).items():
+            mp.setitem(data.MD5, name, md5)
+        run_cli(tiny_argv(root, out, "--epochs", "2", "--no-plots", *TRAINED_OPTIONS))
+    return out
 
 
 def test_help_lists_every_option():
@@ -82,6 +140,8 @@ def test_help_lists_every_option():
         (["--device", "tpu"], "--device"),
         (["--backend", "cuda"], "--backend"),
         (["--reconstruction-weight", "-1"], "--reconstruction-weight"),
+        (["--seed", "-1"], "--seed"),
+        (["--seed", str(2**64)], "--seed"),
     ],
     ids=lambda v: " ".join(v) if isinstance(v, list) else None,
 )
@@ -185,6 +245,366 @@ def test_autocast_dtypes_train(fake_mnist, tmp_path, dtype):
     assert bool(load_state(tmp_path)["scaler"]) == (dtype == "float16")
 
 
+def test_help_shows_the_defaults_of_a_new_run(capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    for entry in (
+        "--lr LR initial learning rate (default: 0.001;",
+        "--batch-size BATCH_SIZE global batch (over all processes) (default: 128;",
+        "--decoder-hidden SIZES decoder hidden layers, comma-separated, or 'none' for no decoder (default: 512,1024;",
+        "--no-augment no random shifts of up to 2 pixels (default: off;",
+    ):
+        assert f"{entry} with --resume: the checkpoint's)" in text, entry
+    # a new run's namespace holds the defaults; a resumed one leaves the omitted options to the checkpoint
+    args = train.parse_args([])
+    assert {name: getattr(args, name) for name in train.TRAJECTORY_OPTIONS} == train.TRAJECTORY_OPTIONS
+    resumed = train.parse_args(["--resume", "--lr", "0.01", "--decoder-hidden", "none"])
+    assert resumed.lr == 0.01 and resumed.decoder_hidden is None
+    assert resumed.batch_size is train.OMITTED and resumed.no_augment is train.OMITTED
+
+
+# --- a non-finite loss or parameter stops training; nothing of that epoch is saved
+
+
+def poison_training_loss(monkeypatch, at_call: int) -> list[int]:
+    """Make the training loss of the ``at_call``-th training step (counted from 1 over the whole
+    run) NaN; the returned list grows by one per training step."""
+    calls: list[int] = []
+    real = train._loss
+
+    def poisoned(net, *args):
+        loss, lengths = real(net, *args)
+        if net.training:
+            calls.append(1)
+            if len(calls) == at_call:
+                loss = loss * float("nan")
+        return loss, lengths
+
+    monkeypatch.setattr(train, "_loss", poisoned)
+    return calls
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_diverging_run_stops_with_an_error_and_writes_nothing(fake_mnist, tmp_path, dtype, capsys):
+    # The break-test: --lr 1e30 made every epoch log "train loss nan", exit 0 and save NaN weights.
+    assert train.main(tiny_argv(fake_mnist, tmp_path, "--epochs", "2", "--lr", "1e30", "--dtype", dtype)) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("capstriton-train: error: the training loss became non-finite at epoch 1, step ")
+    assert "no checkpoint was written" in err
+    assert not (tmp_path / train.CHECKPOINT).exists() and not (tmp_path / train.METRICS).exists()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_non_finite_loss_keeps_the_last_good_checkpoint(fake_mnist, tmp_path, monkeypatch, dtype, capsys):
+    # 48 examples in batches of 16: 3 steps per epoch; the 5th training step is epoch 2's second.
+    # Under float16 the grad scaler skips the NaN step and the weights stay finite: the loss alone
+    # has to stop the run.
+    poison_training_loss(monkeypatch, at_call=5)
+    assert train.main(tiny_argv(fake_mnist, tmp_path, "--epochs", "3", "--dtype", dtype)) == 1
+    err = capsys.readouterr().err
+    assert "non-finite at epoch 2, step 2 of 3" in err
+    assert f"{tmp_path / train.CHECKPOINT} (epoch 1) is the last good checkpoint" in err
+    state = train._read_checkpoint(tmp_path / train.CHECKPOINT)
+    assert state["epoch"] == 1
+    assert all(torch.isfinite(t).all() for t in state["model"].values())
+    assert [h["epoch"] for h in strict_json(tmp_path / train.METRICS)["history"]] == [1]
+
+
+def test_non_finite_loss_is_found_within_the_check_interval(fake_mnist, tmp_path, monkeypatch, capsys):
+    # Batches of 1: 48 steps, the loss is looked at (a device sync) after every 32nd and at the end.
+    calls = poison_training_loss(monkeypatch, at_call=2)
+    assert train.main(tiny_argv(fake_mnist, tmp_path, "--epochs", "1", "--batch-size", "1")) == 1
+    assert "non-finite at epoch 1, step 2 of 48" in capsys.readouterr().err
+    assert len(calls) == train.FINITE_CHECK_EVERY  # stopped at the first check, not after 48 steps
+
+
+def test_non_finite_parameters_are_never_saved(fake_mnist, tmp_path, monkeypatch, capsys):
+    real = train._train_epoch
+
+    def breaks_a_weight_in_epoch_2(net, criterion, optimizer, scaler, x_all, y_all, args, epoch, *rest):
+        metrics = real(net, criterion, optimizer, scaler, x_all, y_all, args, epoch, *rest)
+        if epoch == 1:
+            with torch.no_grad():
+                net.digit.weight[0, 0] = float("inf")
+        return metrics
+
+    monkeypatch.setattr(train, "_train_epoch", breaks_a_weight_in_epoch_2)
+    assert train.main(tiny_argv(fake_mnist, tmp_path, "--epochs", "3")) == 1
+    assert "parameters digit.weight became non-finite in epoch 2" in capsys.readouterr().err
+    assert train._read_checkpoint(tmp_path / train.CHECKPOINT)["epoch"] == 1
+
+
+def test_json_output_turns_non_finite_numbers_into_null(tmp_path):
+    path = tmp_path / "m.json"
+    train._write_json(path, {"a": float("nan"), "b": [float("inf"), 1.5], "c": {"d": -float("inf")}, "e": (1, 2)})
+    assert strict_json(path) == {"a": None, "b": [None, 1.5], "c": {"d": None}, "e": [1, 2]}
+
+
+def test_metrics_are_written_after_every_epoch(fake_mnist, tmp_path, monkeypatch):
+    real = train._train_epoch
+
+    def interrupted_in_epoch_2(net, criterion, optimizer, scaler, x_all, y_all, args, epoch, *rest):
+        if epoch == 1:
+            raise KeyboardInterrupt
+        return real(net, criterion, optimizer, scaler, x_all, y_all, args, epoch, *rest)
+
+    monkeypatch.setattr(train, "_train_epoch", interrupted_in_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        run_cli(tiny_argv(fake_mnist, tmp_path, "--epochs", "3"))
+    metrics = strict_json(tmp_path / train.METRICS)
+    assert [h["epoch"] for h in metrics["history"]] == [1]
+    assert metrics["history"] == json.loads(json.dumps(load_state(tmp_path)["history"]))
+
+
+# --- checkpoints: verified on --resume, written atomically
+
+
+def record_data_offset(raw: bytes, info: zipfile.ZipInfo) -> int:
+    """Where ``info``'s bytes start in the zip archive ``raw`` (after its local header)."""
+    name_length, extra_length = struct.unpack_from("<HH", raw, info.header_offset + 26)
+    return info.header_offset + 30 + name_length + extra_length
+
+
+def flipped(raw: bytes, position: int) -> bytes:
+    return raw[:position] + bytes([raw[position] ^ 0xFF]) + raw[position + 1 :]
+
+
+def damage(raw: bytes, kind: str) -> bytes:
+    """``raw`` (a checkpoint's bytes) damaged so that what torch.load makes of it, if anything,
+    differs from what was saved. (Damage that leaves the loaded state bit-identical, in zip
+    padding or a pickle memo index, say, is no damage to the checkpoint: it resumes exactly.)"""
+    infos = zipfile.ZipFile(io.BytesIO(raw)).infolist()
+    largest = max(infos, key=lambda i: i.file_size)
+    if kind == "flip-tensor-bytes":
+        return flipped(raw, record_data_offset(raw, largest) + largest.file_size // 2)
+    if kind == "flip-stored-digest":  # in the pickle: a checkpoint cannot vouch for itself
+        digest = torch.load(io.BytesIO(raw), weights_only=True)["sha256"]
+        return flipped(raw, raw.index(digest.encode()) + 10)
+    if kind == "flip-tensor-bytes-crc-kept":
+        # Damage that torch.save's per-record CRC-32s cannot show (bytes changed before their CRC
+        # was computed): the record's CRC in its data descriptor and directory entry made to match.
+        start, size = record_data_offset(raw, largest), largest.file_size
+        damaged = bytearray(flipped(raw, start + size // 2))
+        crc = struct.pack("<I", zlib.crc32(damaged[start : start + size]))
+        assert damaged[start + size : start + size + 4] == b"PK\x07\x08"  # the data descriptor
+        damaged[start + size + 4 : start + size + 8] = crc
+        entry = raw.rindex(b"PK\x01\x02", 0, raw.rindex(largest.filename.encode()))
+        damaged[entry + 16 : entry + 20] = crc  # the central directory entry's CRC-32
+        assert zipfile.ZipFile(io.BytesIO(damaged)).testzip() is None
+        return bytes(damaged)
+    if kind == "flip-middle":
+        return flipped(raw, len(raw) // 2)
+    if kind == "truncated":
+        return raw[: len(raw) // 2]
+    if kind == "last-byte-missing":
+        return raw[:-1]
+    if kind == "empty":
+        return b""
+    if kind == "random-bytes":
+        return random.Random(1).randbytes(5000)
+    if kind == "foreign-torch-file":
+        buffer = io.BytesIO()
+        torch.save({"a": 1}, buffer)
+        return buffer.getvalue()
+    if kind == "foreign-zip":
+        buffer = io.BytesIO()
+        with zipfile.ZipFile(buffer, "w") as z:
+            z.writestr("notes.txt", "not a checkpoint")
+        return buffer.getvalue()
+    raise ValueError(kind)
+
+
+DAMAGE = [
+    "flip-tensor-bytes", "flip-tensor-bytes-crc-kept", "flip-stored-digest", "flip-middle",
+    "truncated", "last-byte-missing", "empty", "random-bytes", "foreign-torch-file", "foreign-zip",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", DAMAGE)
+def test_damaged_checkpoint_is_one_clear_error_naming_it(trained_run, fake_mnist, tmp_path, kind, capsys):
+    path = tmp_path / "damaged.pt"
+    path.write_bytes(damage((trained_run / train.CHECKPOINT).read_bytes(), kind))
+    out = tmp_path / "out"
+    assert train.main(tiny_argv(fake_mnist, out, *TRAINED_OPTIONS, "--resume", str(path), "--epochs", "3")) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"capstriton-train: error: --resume: {path} is not a usable capstriton-train checkpoint: ")
+    assert err.count("\n") == 1
+    assert not out.exists()
+
+
+#: Runs capstriton.train as ``python -m`` would, in a process that knows the fake files' md5s.
+LAUNCHER = """\
+import runpy, sys
+from capstriton import data
+data.MD5.update({md5!r})
+sys.argv[0] = 'capstriton.train'
+runpy.run_module('capstriton.train', run_name='__main__')
+"""
+
+
+def run_module(argv: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
+    """``python -m capstriton.train *argv`` in a new process that knows the fake files' md5s."""
+    launcher = tmp_path / "launch.py"
+    launcher.write_text(LAUNCHER.format(md5=dict(data.MD5)))
+    return subprocess.run([sys.executable, str(launcher), *argv], capture_output=True, text=True, timeout=300)
+
+
+def test_damaged_checkpoint_on_the_command_line_prints_one_line(trained_run, fake_mnist, tmp_path):
+    path = tmp_path / "damaged.pt"
+    path.write_bytes(damage((trained_run / train.CHECKPOINT).read_bytes(), "flip-tensor-bytes"))
+    argv = tiny_argv(fake_mnist, tmp_path / "out", *TRAINED_OPTIONS, "--resume", str(path), "--epochs", "3")
+    result = run_module(argv, tmp_path)
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert result.stderr == (
+        f"capstriton-train: error: --resume: {path} is not a usable capstriton-train checkpoint: "
+        "it is damaged, its content does not match the sha256 digest it holds\n"
+    )
+
+
+def test_torch_load_warnings_show_only_for_a_good_checkpoint(trained_run, tmp_path, monkeypatch):
+    real_load = torch.load
+
+    def warning_load(*args, **kwargs):
+        warnings.warn("a warning from torch.load", UserWarning, stacklevel=1)
+        state = real_load(*args, **kwargs)
+        if state["epoch"] == 2:  # the good file
+            return state
+        raise RuntimeError("damaged")
+
+    monkeypatch.setattr(torch, "load", warning_load)
+    with pytest.warns(UserWarning, match="a warning from torch.load"):
+        train._read_checkpoint(trained_run / train.CHECKPOINT)
+    damaged = tmp_path / "damaged.pt"
+    state = real_load(trained_run / train.CHECKPOINT, weights_only=True)
+    state["epoch"] = 1
+    torch.save(state, damaged)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a warning would raise here instead of the CheckpointError
+        with pytest.raises(train.CheckpointError, match="torch.load fails"):
+            train._read_checkpoint(damaged)
+
+
+def test_a_failed_checkpoint_write_leaves_the_previous_one(fake_mnist, tmp_path, monkeypatch):
+    real_save = torch.save
+
+    def disk_full_on_second_save(obj, f, *args, **kwargs):
+        if obj.get("epoch") != 2:
+            return real_save(obj, f, *args, **kwargs)
+        with open(f, "wb") if isinstance(f, (str, os.PathLike)) else f as target:
+            target.write(b"PK\x03\x04 half a checkpoint")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full_on_second_save)
+    with pytest.raises(OSError, match="No space left"):
+        run_cli(tiny_argv(fake_mnist, tmp_path, "--epochs", "2", "--no-plots"))
+    assert load_state(tmp_path)["epoch"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == [train.CHECKPOINT, train.METRICS]  # no partial file
+
+
+def test_checkpoint_and_metrics_reach_the_disk_before_they_replace_the_old(fake_mnist, tmp_path, monkeypatch):
+    synced = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd):
+        synced.append("dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    run_cli(tiny_argv(fake_mnist, tmp_path, "--epochs", "1", "--no-plots"))
+    assert synced == ["file", "dir", "file", "dir"]  # the checkpoint, then metrics.json
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in (train.CHECKPOINT, train.METRICS):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o666 & ~umask, name
+
+
+# --- --resume keeps the options that shape the trajectory
+
+
+def test_resume_takes_its_options_from_the_checkpoint(fake_mnist, tmp_path):
+    options = (*TRAINED_OPTIONS, "--no-augment", "--reconstruction-weight", "0.001", "--batch-size", "12")
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    run_cli(tiny_argv(fake_mnist, straight, "--epochs", "2", "--no-plots", *options))
+    run_cli(tiny_argv(fake_mnist, split, "--epochs", "1", "--no-plots", *options))
+    resumed = run_cli(resume_argv(fake_mnist, split, "--epochs", "2"))
+    for name, tensor in load_state(straight)["model"].items():
+        assert torch.equal(tensor, load_state(split)["model"][name]), name
+    # metrics.json records the options the run used: the checkpoint's, not the defaults
+    on_disk = strict_json(split / train.METRICS)["config"]
+    expected = strict_json(straight / train.METRICS)["config"]
+    assert {k: on_disk[k] for k in train.TRAJECTORY_OPTIONS} == {k: expected[k] for k in train.TRAJECTORY_OPTIONS}
+    assert on_disk["lr"] == 2e-3 and on_disk["no_augment"] is True and on_disk["batch_size"] == 12
+    assert [h["lr"] for h in resumed["history"]] == [2e-3, 1e-3]
+
+
+@pytest.mark.parametrize(
+    "given, message",
+    [
+        (["--lr", "0.01"], "--lr 0.002 in the checkpoint, 0.01 now"),
+        (["--lr-decay", "0.9"], "--lr-decay 0.5 in the checkpoint, 0.9 now"),
+        (["--batch-size", "8"], "--batch-size 16 in the checkpoint, 8 now"),
+        (["--seed", "1"], "--seed 7 in the checkpoint, 1 now"),
+        (["--dtype", "float16"], "--dtype float32 in the checkpoint, float16 now"),
+        (["--no-augment"], "--no-augment off in the checkpoint, on now"),
+        (["--reconstruction-weight", "0"], "--reconstruction-weight 0.0005 in the checkpoint, 0.0 now"),
+        (["--holdout", "16"], "--holdout 32 in the checkpoint, 16 now"),
+        (["--limit-train", "32"], "--limit-train 48 in the checkpoint, 32 now"),
+        (["--iterations", "2"], "--iterations 3 in the checkpoint, 2 now"),
+        (["--decoder-hidden", "none"], "--decoder-hidden 16 in the checkpoint, none now"),
+        (["--detach-routing"], "--detach-routing off in the checkpoint, on now"),
+    ],
+    ids=lambda v: " ".join(v) if isinstance(v, list) else None,
+)
+def test_resume_refuses_other_trajectory_options(trained_run, fake_mnist, tmp_path, given, message, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(trained_run, out)
+    before = snapshot(out)
+    # the run's own options, then the changed one (the last of an option's values counts)
+    assert train.main(tiny_argv(fake_mnist, out, *TRAINED_OPTIONS, "--resume", "--epochs", "3", *given)) == 2
+    err = capsys.readouterr().err
+    assert f"--resume: {out / train.CHECKPOINT} was trained with other options" in err and message in err
+    assert snapshot(out) == before
+
+
+@pytest.mark.parametrize("epochs", ["1", "2"])
+def test_resume_to_an_epoch_already_trained_touches_no_file(trained_run, fake_mnist, tmp_path, epochs, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(trained_run, out)
+    before = snapshot(out)
+    assert train.main(tiny_argv(fake_mnist, out, *TRAINED_OPTIONS, "--resume", "--epochs", epochs)) == 2
+    assert f"the checkpoint {out / train.CHECKPOINT} has already trained 2 epochs; pass --epochs > 2" in (
+        capsys.readouterr().err
+    )
+    assert snapshot(out) == before
+    # resuming into another directory does not create it either
+    elsewhere = tmp_path / "elsewhere"
+    assert train.main(resume_argv(fake_mnist, elsewhere, str(out / train.CHECKPOINT), "--epochs", epochs)) == 2
+    assert not elsewhere.exists()
+
+
+# --- other options the CLI reports instead of a traceback
+
+
+@pytest.mark.parametrize("where", ["a file", "under a file"])
+def test_out_that_cannot_be_a_directory_is_a_clear_error(fake_mnist, tmp_path, where, capsys):
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("keep me")
+    out = a_file if where == "a file" else a_file / "run"
+    assert train.main(tiny_argv(fake_mnist, out, "--epochs", "1")) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"capstriton-train: error: --out {out}") and err.count("\n") == 1
+    assert a_file.read_text() == "keep me"
+
+
+def test_every_seed_below_2_to_the_64_trains(fake_mnist, tmp_path):
+    metrics = run_cli(tiny_argv(fake_mnist, tmp_path, "--epochs", "1", "--no-plots", "--seed", str(2**64 - 1)))
+    assert math.isfinite(metrics["history"][0]["train_loss"])
+    # small seeds keep the shuffles and shifts they always had
+    assert train._epoch_generator(3, 2).initial_seed() == 3 * 1_000_003 + 2
+
+
 def test_torchrun_two_processes_match_one(fake_mnist, tmp_path):
     """DDP over 2 gloo processes, 6 steps: ranks identical, and equal to one process on the
     same global batches (each rank takes half of every global batch and the same shifts)."""
@@ -193,13 +613,7 @@ def test_torchrun_two_processes_match_one(fake_mnist, tmp_path):
     run_cli(tiny_argv(fake_mnist, single, *common))
     # The ranks are new processes: a launcher gives them the fake files' md5s.
     launcher = tmp_path / "launch.py"
-    launcher.write_text(
-        "import runpy, sys\n"
-        "from capstriton import data\n"
-        f"data.MD5.update({dict(data.MD5)!r})\n"
-        "sys.argv[0] = 'capstriton.train'\n"
-        "runpy.run_module('capstriton.train', run_name='__main__')\n"
-    )
+    launcher.write_text(LAUNCHER.format(md5=dict(data.MD5)))
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
     result = subprocess.run(
         [*torchrun, "--nproc_per_node", "2", str(launcher), *tiny_argv(fake_mnist, ddp, *common)],
