@@ -9,7 +9,8 @@
 #   tests.log    pytest output
 #   sweep.log    the sweep's output, ending with the speedup summary against DESIGN.md's targets
 #   results.json the sweep's data; throughput.png speedup.png memory.png drawn from it
-#   tune_routing.json  routing kernels' launch parameters against alternatives (sweep.log: table)
+#   tune_routing.json  routing kernels' launch parameters against alternatives (bench/tune.py;
+#                      sweep.log: table)
 #
 # Each step runs under `timeout`; the defaults add up to under 8 minutes and can be changed with
 # CT_INSTALL_S, CT_TESTS_S, CT_TUNE_S, CT_SWEEP_S, CT_HALF_S, CT_PLOT_S (seconds). A step that fails or runs
@@ -79,7 +80,8 @@ else
     # The checks that mean something on a GPU: the kernels against the float64 reference,
     # opcheck and compiled execution, the fullgraph trace, input validation. The rest of the
     # suite is CPU-only and runs in CI.
-    TESTS=(tests/test_cuda.py tests/test_kernels.py tests/test_compile_trace.py tests/test_validation.py)
+    TESTS=(tests/ops tests/test_cuda.py tests/test_compile_trace.py tests/test_validation.py tests/test_transforms.py
+        tests/test_autocast.py)
     IMPLS=(eager triton compile module fused)
 fi
 
@@ -124,11 +126,11 @@ run tests "$TESTS_S" "$OUT/tests.log" "$PY" -m pytest "${PYTEST_ARGS[@]}" "${TES
 
 # --- launch parameters of the routing kernels against alternatives (DigitCaps, fp32)
 if [[ $DRY != 1 ]]; then
-    run tune "$TUNE_S" "$OUT/sweep.log" "$PY" bench/tune_routing.py --out "$OUT"
+    run tune "$TUNE_S" "$OUT/sweep.log" "$PY" bench/tune.py --op routing --out "$OUT"
 else  # the same script and output through the interpreter, on a tiny shape
-    run tune "$TUNE_S" "$OUT/sweep.log" env TRITON_INTERPRET=1 "$PY" bench/tune_routing.py --device cpu \
-        --out "$OUT" --batch-sizes 2 --shape 7 3 5 --tiles 1024 --tiles-bwd 2048 --target-programs 1024 \
-        --target-programs-bwd 8192
+    run tune "$TUNE_S" "$OUT/sweep.log" env TRITON_INTERPRET=1 "$PY" bench/tune.py --op routing --device cpu \
+        --out "$OUT" --batch-sizes 2 --n-in 7 --n-out 3 --d 5 --set tile=1024 tile_bwd=2048 target_programs=1024 \
+        target_programs_bwd=8192
 fi
 
 # --- the sweep: float32 over the full batch list (routing first: its targets matter most),

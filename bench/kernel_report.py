@@ -1,9 +1,10 @@
 """Offline kernel report: compile every capstriton kernel for an NVIDIA target without a GPU.
 
-For a set of representative shapes this script records the kernel launches the library really
-makes (it runs the ``capstriton.ops`` operators on fake CUDA tensors with ``wrap_triton``
-replaced by a recorder, so the kernels, arguments, constexprs and ``num_warps`` are exactly what
-``ops.py`` passes), specialises the integer and pointer arguments as a real launch would (ints
+For the representative shapes the bench specs declare (``kernel_cases`` in ``bench/specs/``)
+this script records the kernel launches the library really makes (it runs the ``capstriton.ops``
+operators on fake CUDA tensors under ``capstriton.ops._launch.recording``, so the kernels,
+arguments, constexprs and ``num_warps`` are exactly what the op modules pass), specialises the
+integer and pointer arguments as a real launch would (ints
 equal to 1 become constexprs, multiples of 16 and fresh allocations get ``tt.divisibility=16``),
 compiles each distinct compilation once with ``triton.compile`` for the target, and reads the
 cubin with the tools shipped in the triton package (``ptxas -v``, ``cuobjdump``):
@@ -78,54 +79,23 @@ ARCHS = {
 }
 
 # ---------------------------------------------------------------------------------------------
-# shapes: what the library is asked to run
+# shapes: what the library is asked to run, as the bench specs declare it (KernelCase)
 
 
-@dataclass(frozen=True)
-class RoutingCase:
-    n_in: int
-    n_out: int
-    dim: int
-    batch: int
-    dtype: str
-    iterations: int = 3
+def _registry():
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import harness
 
-    @property
-    def label(self) -> str:
-        return f"routing {self.n_in}x{self.n_out}x{self.dim} B={self.batch} R={self.iterations} {self.dtype}"
-
-
-@dataclass(frozen=True)
-class SquashCase:
-    shape: tuple
-    dtype: str
-
-    @property
-    def label(self) -> str:
-        return f"squash {'x'.join(map(str, self.shape))} {self.dtype}"
-
-
-DTYPES = ("fp32", "fp16", "bf16")
+    harness.ensure_capstriton()
+    return harness.import_registry()
 
 
 def shape_sets() -> dict[str, list]:
-    """Named sets of cases. ``digitcaps`` is the paper's layer, ``odd`` stresses the masks and
-    the block heuristics with sizes that are not powers of two."""
-    digitcaps = [RoutingCase(1152, 10, 16, b, dt) for dt in DTYPES for b in (1, 64, 1024)]
-    digitcaps += [SquashCase((64, 1152, 8), dt) for dt in DTYPES]  # PrimaryCaps rows, D = 8
-    digitcaps += [SquashCase((64, 10, 16), dt) for dt in DTYPES]  # DigitCaps outputs, D = 16
-    odd = [
-        RoutingCase(37, 3, 33, 5, "fp32"),
-        RoutingCase(7, 2, 5, 3, "fp32"),
-        RoutingCase(37, 3, 33, 5, "bf16"),
-        RoutingCase(1152, 10, 1, 64, "fp32"),
-        RoutingCase(1, 1, 256, 2, "fp32"),
-        RoutingCase(64, 64, 64, 3, "fp32"),  # the largest N_out and D issue 3 asks for
-        SquashCase((1000, 1), "fp32"),
-        SquashCase((999, 256), "fp32"),
-        SquashCase((37, 33), "fp16"),
-    ]
-    return {"digitcaps": digitcaps, "odd": odd, "all": digitcaps + odd}
+    """Named sets of cases from every spec's ``kernel_cases``: ``digitcaps`` is the paper's layer,
+    ``odd`` stresses the masks and the block heuristics with sizes that are not powers of two."""
+    cases = [case for spec in _registry().specs().values() if spec.kernel_cases for case in spec.kernel_cases()]
+    sets = {name: [c for c in cases if c.shape_set == name] for name in sorted({c.shape_set for c in cases})}
+    return {**sets, "all": cases}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -137,25 +107,22 @@ class Launch:
     case: str
     kernel: str
     grid: tuple
-    args: list  # ("tensor", dtype str) or ("int", value) ...
-    kwargs: dict
+    kwargs: dict  # argument name -> ("tensor", dtype) / ("int", value) / ... or a plain constant
 
 
 _TORCH_TO_TRITON = {"torch.float32": "fp32", "torch.float16": "fp16", "torch.bfloat16": "bf16"}
+_CONSTEXPR_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
 
 
 def record_launches(cases, config: dict | None = None) -> list[Launch]:
-    """Run the ops on fake CUDA tensors with ``wrap_triton`` replaced by a recorder; ``config``
-    overrides ``routing_config``'s keyword arguments (a candidate to check before it becomes a
-    default)."""
-    import functools
-
+    """Run each case's ops on fake CUDA tensors, recording every launch instead of running it
+    (``capstriton.ops._launch.recording``); ``config`` overrides the ops' launch parameters (a
+    candidate to check before it becomes a default)."""
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    import capstriton.ops as ops
+    from capstriton.ops._launch import recording
 
-    dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
     launches: list[Launch] = []
     label = [""]
 
@@ -170,47 +137,18 @@ def record_launches(cases, config: dict | None = None) -> list[Launch]:
             return ("float", a)
         raise TypeError(f"unexpected kernel argument {a!r}")
 
-    class Recorder:
-        def __init__(self, kernel):
-            self.kernel = kernel
+    def record(kernel, grid, kwargs):
+        fn = kernel  # a JITFunction: the report never runs under the interpreter
+        params = {p.name: p for p in fn.params}
+        described = {
+            k: (v if k in _CONSTEXPR_OPTIONS or params[k].is_constexpr else describe(v)) for k, v in kwargs.items()
+        }
+        launches.append(Launch(label[0], fn.__name__, tuple(int(g) for g in grid), described))
 
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                launches.append(
-                    Launch(
-                        label[0],
-                        self.kernel.__name__,
-                        tuple(int(g) for g in grid),
-                        [describe(a) for a in args],
-                        dict(kwargs),
-                    )
-                )
-
-            return launch
-
-    saved = ops.wrap_triton, ops.routing_config
-    ops.wrap_triton = Recorder
-    if config:
-        ops.routing_config = functools.partial(ops.routing_config, **config)
-    try:
-        with FakeTensorMode(allow_non_fake_inputs=True):
-            for case in cases:
-                dt = dtypes[case.dtype]
-                if isinstance(case, RoutingCase):
-                    u = torch.empty(case.batch, case.n_in, case.n_out, case.dim, dtype=dt, device="cuda")
-                    for grad_through in (True, False):
-                        label[0] = f"{case.label} grad_through={grad_through}"
-                        v, s_saved, vsum_saved = ops.routing_forward(u, case.iterations, grad_through)
-                        # a contiguous incoming gradient, as from the margin loss
-                        g = torch.empty_like(v)
-                        ops.routing_backward(g, u, s_saved, vsum_saved, case.iterations, grad_through)
-                else:
-                    label[0] = case.label
-                    s = torch.empty(case.shape, dtype=dt, device="cuda")
-                    ops.squash_forward(s)
-                    ops.squash_backward(torch.empty_like(s), s)
-    finally:
-        ops.wrap_triton, ops.routing_config = saved
+    with recording(record), FakeTensorMode(allow_non_fake_inputs=True):
+        for case in cases:
+            label[0] = case.label
+            case.run(dict(config or {}))
     return launches
 
 
@@ -219,10 +157,15 @@ def record_launches(cases, config: dict | None = None) -> list[Launch]:
 
 
 def _kernels() -> dict:
-    from capstriton.kernels import routing, squash
+    """Every ``@triton.jit`` kernel (name ending in ``_kernel``) of every capstriton.kernels module."""
+    import importlib
+    import pkgutil
+
+    import capstriton.kernels as package
 
     found = {}
-    for module in (routing, squash):
+    for info in pkgutil.iter_modules(package.__path__):
+        module = importlib.import_module(f"capstriton.kernels.{info.name}")
         for name in dir(module):
             obj = getattr(module, name)
             if isinstance(obj, triton.runtime.jit.JITFunction) and name.endswith("_kernel"):
@@ -257,25 +200,23 @@ def compilation_of(launch: Launch, kernels: dict, backend_cls) -> dict:
     import torch
 
     fn, _ = kernels[launch.kernel]
-    params = fn.params
     kwargs = dict(launch.kwargs)
     options = {"num_warps": kwargs.pop("num_warps", 4)}
-    for opt in ("num_stages", "num_ctas", "maxnreg"):
+    for opt in _CONSTEXPR_OPTIONS[1:]:
         if opt in kwargs:
             options[opt] = kwargs.pop(opt)
     torch_dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-    values = list(launch.args) + [None] * (len(params) - len(launch.args))
     signature, constexprs, attrs, specialised = {}, {}, {}, []
-    for i, p in enumerate(params):
+    for p in fn.params:
         if p.name in kwargs:
-            value = ("const", kwargs.pop(p.name))
-        elif values[i] is None and p.has_default:
-            value = ("const", p.default)
+            value = kwargs.pop(p.name)
+        elif p.has_default:
+            value = p.default if p.is_constexpr else ("const", p.default)
         else:
-            value = values[i]
+            raise ValueError(f"{launch.kernel}: the launch gives no {p.name}")
         if p.is_constexpr:
             signature[p.name] = "constexpr"
-            constexprs[p.name] = value[1]
+            constexprs[p.name] = value
             continue
         kind, v = value
         arg = triton.runtime.jit.MockTensor(torch_dtypes[v]) if kind == "tensor" else v
@@ -340,13 +281,25 @@ def _parse_ptxas(log: str) -> dict | None:
     return out
 
 
+def _ptxas(arch: str) -> str:
+    """The ptxas triton itself uses for ``arch`` (triton 3.9 compiles sm_90 with the newer
+    ``ptxas-blackwell`` and writes PTX the older one rejects; 3.6 to 3.8 only from sm_100)."""
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        return get_ptxas(ARCHS[arch]["capability"]).path
+    except (ImportError, AttributeError):
+        return _tool("ptxas")
+
+
 def _run_ptxas(ptx: str, arch: str) -> dict:
+    gpu = f"{arch}a" if arch == "sm_90" else arch  # triton compiles sm_90 as the specific sm_90a
     with tempfile.TemporaryDirectory() as tmp:
         src = os.path.join(tmp, "k.ptx")
         with open(src, "w") as f:
             f.write(ptx)
         res = subprocess.run(
-            [_tool("ptxas"), "-v", "-lineinfo", f"--gpu-name={arch}", src, "-o", os.path.join(tmp, "k.o")],
+            [_ptxas(arch), "-v", "-lineinfo", f"--gpu-name={gpu}", src, "-o", os.path.join(tmp, "k.o")],
             capture_output=True,
             text=True,
             check=True,
@@ -454,7 +407,7 @@ def compile_one(comp: dict, arch: str) -> dict:
         kernel = triton.compile(src, target=target, options=dict(comp["options"]))
     ptxas = _parse_ptxas(log.getvalue())
     if ptxas is None:  # a cache hit (no ptxas run): run ptxas -v on the same PTX
-        ptxas = _run_ptxas(kernel.asm["ptx"], "sm_90a" if arch == "sm_90" else arch)
+        ptxas = _run_ptxas(kernel.asm["ptx"], arch)
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "k.cubin")
         with open(path, "wb") as f:
@@ -506,7 +459,7 @@ def _blocks(comp: dict) -> str:
 
 def _variant(comp: dict) -> str:
     c = comp["constexprs"]
-    flags = [f"{k}={int(v)}" for k, v in c.items() if k in ("FIRST", "GRAD_THROUGH")]
+    flags = [f"{k}={int(v)}" for k, v in c.items() if isinstance(v, bool)]
     return ",".join(flags)
 
 
@@ -516,15 +469,9 @@ def _dtype(comp: dict) -> str:
     return narrow[0] if narrow else "fp32"
 
 
-_SHORT = {
-    "routing_forward_kernel": "rt_forward",
-    "routing_finalize_kernel": "rt_finalize",
-    "routing_backward_reduce_kernel": "rt_bwd_reduce",
-    "routing_backward_sum_kernel": "rt_bwd_sum",
-    "routing_backward_final_kernel": "rt_bwd_final",
-    "squash_forward_kernel": "sq_forward",
-    "squash_backward_kernel": "sq_backward",
-}
+def _short(kernel: str) -> str:
+    """A table name: ``dynamic_routing_bwd_final_kernel`` -> ``dynamic_routing_bwd_final``."""
+    return kernel.removesuffix("_kernel")
 
 
 def format_table(rows: list[Row]) -> str:
@@ -556,7 +503,7 @@ def format_table(rows: list[Row]) -> str:
         s = r["sass"]
         lines.append(
             [
-                _SHORT.get(comp["kernel"], comp["kernel"]),
+                _short(comp["kernel"]),
                 _variant(comp),
                 _dtype(comp),
                 _blocks(comp),
@@ -600,12 +547,8 @@ def spill_exceptions() -> dict:
 
 
 def parse_config(parser: argparse.ArgumentParser, items: list[str]) -> dict:
-    """``KEY=VALUE`` overrides of ``routing_config``'s keyword-only integer arguments."""
-    import inspect
-
-    from capstriton.kernels.routing import routing_config
-
-    keys = [k for k, v in inspect.signature(routing_config).parameters.items() if v.kind == v.KEYWORD_ONLY]
+    """``KEY=VALUE`` overrides of the ops' launch parameters (the specs' ``config_keys``)."""
+    keys = sorted({k for spec in _registry().specs().values() for k in spec.config_keys})
     config = {}
     for item in items:
         key, _, value = item.partition("=")
@@ -631,7 +574,7 @@ def main(argv=None) -> int:
         nargs="+",
         default=[],
         metavar="KEY=VALUE",
-        help="override routing_config's keyword arguments (e.g. tile=4096 num_warps=16)",
+        help="override the ops' launch parameters (e.g. tile=4096 num_warps=16 for routing)",
     )
     args = parser.parse_args(argv)
     config = parse_config(parser, args.config)
@@ -693,7 +636,7 @@ def main(argv=None) -> int:
                 "arch": arch,
                 "limits": ARCHS[arch],
                 "versions": {"triton": triton.__version__, "python": platform.python_version()},
-                "config": config,  # routing_config overrides (--config); {} for the defaults
+                "config": config,  # launch parameter overrides (--config); {} for the defaults
                 "shapes": args.shapes,
                 "cases": [c.label for c in cases],
                 "launches": len(launches),

@@ -1,5 +1,6 @@
-"""Plots and summaries drawn from the JSON written by ``bench/routing_sweep.py`` (data only: no
-torch, nothing re-measured).
+"""Plots and summaries drawn from the JSON written by ``bench/routing_sweep.py`` (data only:
+nothing re-measured; the targets come from the JSON, or from the bench specs for files written
+before the sweep recorded them).
 
     python bench/plot_results.py bench/results/amd-epyc/results.json [--out DIR]
 
@@ -16,30 +17,49 @@ import json
 import re
 from pathlib import Path
 
-OPS = ("layer", "routing")
+#: Row and column order of known names; names the JSON holds beyond these follow in the order
+#: they first appear (an op or implementation added to the registry needs no edit here).
+OPS = ("layer", "routing", "squash")
 MODES = ("forward", "forward+backward")
 DTYPES = ("float32", "bfloat16", "float16")
 IMPLEMENTATIONS = ("eager", "compile", "triton", "fused", "module")
-STYLE = {  # one colour and marker per implementation across every figure
+#: one colour and marker per implementation across every figure; others cycle through the rest
+STYLE = {
     "eager": ("tab:gray", "o"),
     "compile": ("tab:blue", "s"),
     "triton": ("tab:orange", "^"),
     "fused": ("tab:red", "D"),
     "module": ("tab:green", "v"),
 }
+_SPARE_STYLES = [("tab:purple", "P"), ("tab:brown", "X"), ("tab:pink", "*"), ("tab:olive", "h"), ("tab:cyan", "<")]
 SUMMARY_BATCH = 1024
 
-# DESIGN.md section 5, and forward+backward >= 3x eager from issue 3; the summary reports each
-# as met or not (never asserted anywhere).
-TARGETS = (
-    # (op, mode, implementation, quantity, threshold)
-    ("routing", "forward", "triton", "speedup_vs_eager", 5.0),
-    ("routing", "forward", "triton", "speedup_vs_compile", 2.0),
-    ("routing", "forward+backward", "triton", "speedup_vs_eager", 3.0),
-    ("layer", "forward", "fused", "examples_per_s", 10e6),
-    ("layer", "forward+backward", "fused", "speedup_vs_eager", 10.0),
-    ("layer", "forward+backward", "fused", "memory_fraction_of_eager", 0.25),
-)
+
+def ordered(names, known) -> list[str]:
+    """``names`` (any iterable) in the order of ``known``, unknown ones after, in first-seen order."""
+    seen = list(dict.fromkeys(names))
+    return [n for n in known if n in seen] + [n for n in seen if n not in known]
+
+
+def style(impl: str, data: dict) -> tuple[str, str]:
+    if impl in STYLE:
+        return STYLE[impl]
+    others = [i for i in ordered((r["implementation"] for r in data["results"]), IMPLEMENTATIONS) if i not in STYLE]
+    return _SPARE_STYLES[others.index(impl) % len(_SPARE_STYLES)]
+
+
+def targets(data: dict) -> list[dict]:
+    """The targets the results are judged against: as the sweep recorded them, or for files
+    written before it did, those of the registry's specs."""
+    if data.get("targets"):
+        return data["targets"]
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import registry
+
+    ops = {r["op"] for r in data["results"]}
+    return [{"op": name, **vars(t)} for name, spec in registry.specs().items() if name in ops for t in spec.targets]
 
 
 def device_slug(name: str) -> str:
@@ -64,7 +84,7 @@ def summarize(data: dict, dtype: str = "float32", batch: int = SUMMARY_BATCH) ->
     throughput, time, speedup over eager and over compile, peak memory relative to eager."""
     rows = [r for r in _ok(data) if r["dtype"] == dtype]
     out = []
-    for op in OPS:
+    for op in ordered((r["op"] for r in data["results"]), OPS):
         for mode in MODES:
             group = [r for r in rows if r["op"] == op and r["mode"] == mode]
             eager_batches = {r["batch_size"] for r in group if r["implementation"] == "eager"}
@@ -73,7 +93,7 @@ def summarize(data: dict, dtype: str = "float32", batch: int = SUMMARY_BATCH) ->
             at_batch = batch if batch in eager_batches else max(eager_batches)
             at = {r["implementation"]: r for r in group if r["batch_size"] == at_batch}
             eager, compiled = at["eager"], at.get("compile")
-            for impl in sorted(at, key=IMPLEMENTATIONS.index):
+            for impl in ordered(at, IMPLEMENTATIONS):
                 r = at[impl]
                 entry = {
                     "op": op,
@@ -119,11 +139,17 @@ def summary_markdown(data: dict, dtype: str = "float32", batch: int = SUMMARY_BA
     return "\n".join(lines)
 
 
-def target_lines(summary: list[dict]) -> list[str]:
+def target_lines(data: dict) -> list[str]:
+    """One line per target: the value measured (at B = 1024, or the largest batch measured in
+    eager) and whether it is met."""
+    summaries = {}
     lines = []
-    for op, mode, impl, quantity, threshold in TARGETS:
-        key = (op, mode, impl)
-        entry = next((e for e in summary if (e["op"], e["mode"], e["implementation"]) == key), None)
+    for t in targets(data):
+        if t["dtype"] not in summaries:
+            summaries[t["dtype"]] = summarize(data, t["dtype"])
+        key = (t["op"], t["mode"], t["implementation"])
+        entry = next((e for e in summaries[t["dtype"]] if (e["op"], e["mode"], e["implementation"]) == key), None)
+        quantity, threshold = t["quantity"], t["threshold"]
         value = entry.get(quantity) if entry else None
         at_most = quantity == "memory_fraction_of_eager"
         want = f"{'<=' if at_most else '>='} {threshold:g}"
@@ -134,13 +160,16 @@ def target_lines(summary: list[dict]) -> list[str]:
             verdict, shown = ("met" if met else "NOT met"), f"{value:.4g}"
             if entry["batch_size"] != SUMMARY_BATCH:
                 verdict += f" (at B={entry['batch_size']})"
-        lines.append(f"  {op:8s} {mode:17s} {impl:8s} {quantity:25s} {want:>9s} {shown:>10s}  {verdict}")
+        lines.append(
+            f"  {t['op']:8s} {t['mode']:17s} {t['implementation']:8s} {t['dtype']:8s} {quantity:25s} "
+            f"{want:>9s} {shown:>10s}  {verdict}  [{t['source']}]"
+        )
     return lines
 
 
 def targets_text(data: dict) -> str:
-    """DESIGN.md's targets met or not (float32 summary), then what was not measured and why."""
-    out = ["Targets (DESIGN.md section 5; routing forward+backward: issue 3):", *target_lines(summarize(data))]
+    """The targets met or not, then what was not measured and why."""
+    out = ["Targets (from the bench specs; DESIGN.md section 5 and the issues):", *target_lines(data)]
     missing = {(r["implementation"], r["reason"]) for r in data["results"] if r["status"] != "ok"}
     out += [f"  not measured: {impl}: {reason}" for impl, reason in sorted(missing)]
     return "\n".join(out)
@@ -172,9 +201,9 @@ def summary_text(data: dict) -> str:
 
 def _panels(data: dict):
     rows_present = {(r["op"], r["mode"]) for r in data["results"]}
-    dtypes_present = {r["dtype"] for r in data["results"]}
-    rows = [(op, mode) for op in OPS for mode in MODES if (op, mode) in rows_present]
-    cols = [d for d in DTYPES if d in dtypes_present]
+    ops = ordered((r["op"] for r in data["results"]), OPS)
+    rows = [(op, mode) for op in ops for mode in MODES if (op, mode) in rows_present]
+    cols = ordered((r["dtype"] for r in data["results"]), DTYPES)
     return rows, cols
 
 
@@ -232,14 +261,14 @@ def _save(fig, path: Path) -> Path:
 
 def _lines(ax, data, op, mode, dtype, key, transform=None, skip=()):
     drawn = False
-    for impl in IMPLEMENTATIONS:
+    for impl in ordered((r["implementation"] for r in data["results"]), IMPLEMENTATIONS):
         if impl in skip:
             continue
         xs, ys = _series(data, op, mode, dtype, impl, key)
         if transform is not None:
             xs, ys = transform(impl, xs, ys)
         if xs:
-            color, marker = STYLE[impl]
+            color, marker = style(impl, data)
             ax.plot(xs, ys, marker=marker, color=color, label=impl, markersize=4)
             drawn = True
     return drawn

@@ -41,11 +41,23 @@ def autocast_inputs(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return tuple(t.to(dtype) if t.dtype != torch.float64 else t for t in tensors)
 
 
-def _ops():
-    # Imported lazily: the triton ops module imports triton, which the torch backend never needs.
+def _implementations(backend: str) -> dict:
+    """The backend table: each algorithm's function on ``backend``, all with the reference's
+    signatures. The triton modules are imported on first use (they import triton, which the
+    torch backend never needs); constant keys, so dynamo traces the lookup."""
+    if backend == "torch":
+        return {
+            "squash": reference.squash,
+            "dynamic_routing": reference.dynamic_routing,
+            "capsule_routing": reference.capsule_routing,
+        }
     from . import ops
 
-    return ops
+    return {
+        "squash": ops.squash.squash,
+        "dynamic_routing": ops.dynamic_routing.dynamic_routing,
+        "capsule_routing": ops.fused_layer.capsule_routing,
+    }
 
 
 def squash(s: torch.Tensor, dim: int = -1, *, backend: str = "auto") -> torch.Tensor:
@@ -65,11 +77,7 @@ def squash(s: torch.Tensor, dim: int = -1, *, backend: str = "auto") -> torch.Te
         )
     if s.shape[dim] == 0:
         raise ValueError(f"s must have a non-empty capsule dimension {dim}, got shape {tuple(s.shape)}")
-    if resolve_backend(backend, s) == "torch":
-        return reference.squash(s, dim)
-    if dim in (-1, s.dim() - 1):
-        return _ops().squash(s)
-    return _ops().squash(s.movedim(dim, -1)).movedim(-1, dim)
+    return _implementations(resolve_backend(backend, s))["squash"](s, dim)
 
 
 def dynamic_routing(
@@ -99,9 +107,8 @@ def dynamic_routing(
     check_positive_sizes("u_hat", u_hat, U_HAT_LAYOUT)
     check_size("iterations", iterations)
     check_bool("grad_through_routing", grad_through_routing)
-    if resolve_backend(backend, u_hat) == "torch":
-        return reference.dynamic_routing(u_hat, iterations, grad_through_routing)
-    return _ops().dynamic_routing(u_hat, iterations, grad_through_routing)
+    implementation = _implementations(resolve_backend(backend, u_hat))["dynamic_routing"]
+    return implementation(u_hat, iterations, grad_through_routing)
 
 
 def capsule_routing(
@@ -138,11 +145,8 @@ def capsule_routing(
     check_size("iterations", iterations)
     check_bool("grad_through_routing", grad_through_routing)
     u, weight = autocast_inputs(u, weight)
-    if resolve_backend(backend, u, weight) == "torch":
-        return reference.capsule_routing(u, weight, iterations, grad_through_routing)
-    # Until a fused kernel exists: PyTorch predictions (one batched matmul), then the routing kernel.
-    u_hat = reference.capsule_predictions(u, weight)
-    return _ops().dynamic_routing(u_hat, iterations, grad_through_routing)
+    implementation = _implementations(resolve_backend(backend, u, weight))["capsule_routing"]
+    return implementation(u, weight, iterations, grad_through_routing)
 
 
 def margin_loss(

@@ -1,1 +1,6 @@
-"""Triton kernels of capstriton (installed as ``capstriton.kernels``): kernels and launch helpers only."""
+"""Triton kernels of capstriton (installed as ``capstriton.kernels``): ``@triton.jit`` code only.
+
+``common`` holds the jitted helpers every algorithm shares; every other module is one algorithm
+(``squash``, ``dynamic_routing``, ...), its kernels named after it. Launch configuration, autograd
+and the ``torch.library`` registration live in ``capstriton.ops``.
+"""

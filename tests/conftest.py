@@ -10,14 +10,8 @@ import os
 import pytest
 import torch
 
-HAS_CUDA = torch.cuda.is_available()
-if not HAS_CUDA:
+if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-
-#: The device kernel tests run on: the GPU when there is one, else CPU tensors under the interpreter.
-KERNEL_DEVICE = "cuda" if HAS_CUDA else "cpu"
-
-requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 
 
 def pytest_report_header(config):

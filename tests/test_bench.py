@@ -3,7 +3,7 @@ summaries drawn from its JSON. Timings are never asserted: only the shape of the
 
 from __future__ import annotations
 
-import inspect
+import dataclasses
 import itertools
 import json
 import os
@@ -135,12 +135,16 @@ def test_skipped_rows_have_reasons(sweep):
         if r["implementation"] == "triton":
             assert "CUDA" in r["reason"]
         if r["implementation"] == "fused" and r["op"] == "routing":
-            assert "layer only" in r["reason"]
+            assert "op routing has no implementation 'fused'" in r["reason"]
 
 
 def test_summary_and_plots_written(sweep):
     out, data, stdout = sweep
-    assert "Targets (DESIGN.md section 5; routing forward+backward: issue 3)" in stdout
+    assert "Targets (from the bench specs" in stdout
+    # the targets of the ops swept are recorded with the data
+    assert {t["op"] for t in data["targets"]} == set(OPS)
+    fields = {"mode", "implementation", "quantity", "threshold", "source", "dtype"}
+    assert all(fields <= t.keys() for t in data["targets"])
     assert {(e["op"], e["mode"]) for e in data["summary"]} == set(itertools.product(OPS, MODES))
     assert all(e["speedup_vs_eager"] == 1.0 for e in data["summary"])
     for name in PNGS:
@@ -203,34 +207,82 @@ def test_sweep_order_float32_first_then_half_types_interleaved():
     ]
 
 
-def test_tune_routing_runs_through_the_interpreter(tmp_path):
-    """bench/tune_routing.py (run by gpu_check.sh) on CPU tensors: every configuration of both
-    grids runs and is recorded (the times mean nothing here)."""
+def test_tune_runs_through_the_interpreter(tmp_path):
+    """bench/tune.py (run by gpu_check.sh) on CPU tensors: every configuration of both grids runs
+    and is recorded with the launch it resolved to (the times mean nothing here)."""
+    from capstriton.ops.dynamic_routing import RoutingTuning, routing_config
+
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    args = ["--device", "cpu", "--batch-sizes", "2", "--shape", "7", "3", "5", "--tiles", "64", "1024"]
-    args += ["--tiles-bwd", "32", "--target-programs", "1", "4", "--target-programs-bwd", "1", "8"]
+    args = ["--op", "routing", "--device", "cpu", "--batch-sizes", "2", "--n-in", "7", "--n-out", "3", "--d", "5"]
+    args += ["--set", "tile=64,1024", "tile_bwd=32", "target_programs=1,4", "target_programs_bwd=1,8"]
     proc = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "tune_routing.py"), *args, "--out", str(tmp_path)],
+        [sys.executable, str(REPO / "bench" / "tune.py"), *args, "--out", str(tmp_path)],
         capture_output=True, text=True, timeout=240, env=env, cwd=REPO,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = json.loads((tmp_path / "tune_routing.json").read_text())["results"]
-    got = {(r["mode"], r["tile"], r["tile_bwd"], r["target_programs"], r["target_programs_bwd"]) for r in rows}
-    from capstriton.kernels.routing import routing_config
-
-    default = {k: v.default for k, v in inspect.signature(routing_config).parameters.items()}
-    fwd = {("forward", t, default["tile_bwd"], p, default["target_programs_bwd"]) for t in (64, 1024) for p in (1, 4)}
-    bwd = {("forward+backward", default["tile"], 32, default["target_programs"], p) for p in (1, 8)}
+    knobs = ("tile", "target_programs", "tile_bwd", "target_programs_bwd")
+    got = {(r["mode"], *(r.get(k) for k in knobs)) for r in rows}
+    fwd = {("forward", t, p, None, None) for t in (64, 1024) for p in (1, 4)}
+    bwd = {("forward+backward", None, None, 32, p) for p in (1, 8)}
     assert len(rows) == len(got) == 6 and got == fwd | bwd
     assert all(r["time_ms"] > 0 and r["batch_size"] == 2 for r in rows)
-    # the ops' launches got the overridden parameters (recorded from inside ops.routing_config)
+    # each row records the launch its parameters resolve to, passed to the op explicitly
     for r in rows:
-        asked = {k: r[k] for k in ("tile", "tile_bwd", "target_programs", "target_programs_bwd")}
-        assert r["launch"] == routing_config(7, 3, 5, 2, **asked)
-    assert {r["launch"]["BLOCK_I"] for r in rows if r["mode"] == "forward"} == {2, 8}
-    assert {r["launch"]["SPLIT_BWD"] for r in rows if r["mode"] != "forward"} == {1, 4}
+        asked = {k: r[k] for k in knobs if r.get(k) is not None}
+        assert r["launch"] == dataclasses.asdict(routing_config(7, 3, 5, 2, RoutingTuning(**asked)))
+    assert {r["launch"]["fwd"]["block_i"] for r in rows if r["mode"] == "forward"} == {2, 8}
+    assert {r["launch"]["bwd"]["split"] for r in rows if r["mode"] != "forward"} == {1, 4}
     # the row whose parameters resolve to the defaults' launch is marked, and only that one
-    assert [r["default"] for r in rows] == [r["launch"] == routing_config(7, 3, 5, 2) for r in rows]
+    default = dataclasses.asdict(routing_config(7, 3, 5, 2))
+    assert [r["default"] for r in rows] == [r["launch"] == default for r in rows]
+
+
+def test_every_spec_runs_its_eager_implementation():
+    """Each op in the registry (bench/specs/) builds inputs and runs eagerly with the declared
+    output shape; its bytes, FLOPs and targets are well formed. Adding an op adds a spec only."""
+    import harness
+    import torch
+
+    registry = harness.import_registry()
+    specs = registry.specs()
+    assert {"routing", "layer", "squash"} <= set(specs)
+    sizes = {"n_in": 7, "n_out": 3, "d_in": 4, "d": 5, "iterations": 2, "grad_through_routing": True}
+    for name, spec in specs.items():
+        fn, params = spec.implementations["eager"](sizes, torch.device("cpu"), torch.float32)
+        inputs = spec.make_inputs(sizes, 2, torch.device("cpu"), torch.float32, False, torch.Generator().manual_seed(0))
+        assert fn(*inputs).shape == spec.output_shape(sizes, 2), name
+        for mode in ("forward", "forward+backward"):
+            assert spec.min_bytes_per_example(sizes, torch.float32, mode, 2) > 0
+            assert spec.flops_per_example(sizes, mode) > 0
+        for target in spec.targets:
+            assert target.implementation in spec.implementations and target.mode in ("forward", "forward+backward")
+
+
+def test_sweep_runs_from_a_checkout_that_is_not_installed(tmp_path):
+    """Without site's .pth files the installed (editable) capstriton is invisible: the bench
+    scripts import the checkout, kernels/ included as capstriton.kernels."""
+    import sysconfig
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = sysconfig.get_paths()["purelib"]  # torch and friends, no .pth processing
+    code = (
+        "import runpy, sys\n"
+        f"sys.argv = ['routing_sweep.py', '--device', 'cpu', '--op', 'routing', '--implementations', 'eager',"
+        f" '--batch-sizes', '1', '--n-in', '3', '--n-out', '2', '--d', '4', '--quick', '--no-plots',"
+        f" '--no-progress', '--out', {str(tmp_path)!r}]\n"
+        f"runpy.run_path({str(SWEEP)!r}, run_name='__main__')\n"
+        "import capstriton, capstriton.kernels\n"
+        "print('FROM', capstriton.__file__, capstriton.kernels.__file__)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-S", "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    where = [Path(p).resolve() for p in proc.stdout.split("FROM", 1)[1].split()]
+    assert where == [REPO / "capstriton" / "__init__.py", REPO / "kernels" / "__init__.py"]
+    rows = json.loads((tmp_path / "results.json").read_text())["results"]
+    assert [r["status"] for r in rows] == ["ok", "ok"]  # forward, forward+backward
 
 
 def _row(impl, op, mode, batch, ms, mem=None, dtype="float32"):
@@ -271,8 +323,8 @@ def test_summarize_ratios_and_targets():
     assert triton["memory_fraction_of_eager"] == pytest.approx(0.25)
     assert summary["layer", "triton"]["batch_size"] == 64
     assert summary["layer", "triton"]["speedup_vs_compile"] is None
-    lines = plot_results.target_lines(list(summary.values()))
-    assert any("speedup_vs_eager" in line and line.rstrip().endswith(" met") for line in lines)
+    lines = plot_results.target_lines(data)  # no targets in the file: the registry's
+    assert any("speedup_vs_eager" in line and "  met  [DESIGN.md section 5]" in line for line in lines)
     assert any("fused" in line and "not measured" in line for line in lines)
     table = plot_results.summary_markdown(data)
     assert table.count("\n") == 1 + len(summary)

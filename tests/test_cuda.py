@@ -1,18 +1,14 @@
-"""Checks that need a real GPU: operator registration (opcheck) and compiled execution.
-
-They skip cleanly without CUDA; tests/test_kernels.py runs its numerical checks on the GPU too.
-"""
+"""Model-level checks that need a real GPU: the compiled CapsNet and the triton CapsNet against
+the torch backend. They skip cleanly without CUDA; each algorithm's opcheck and compiled checks
+are in tests/ops/, whose numerical checks run on the GPU too."""
 
 import pytest
 import torch
-from _helpers import KERNEL_TOL, rel_err
-from conftest import requires_cuda
+from _helpers import KERNEL_TOL, rel_err, requires_cuda
 
 import capstriton as ct
-from capstriton import ops
 
 pytestmark = [pytest.mark.cuda, requires_cuda]
-
 
 
 @pytest.fixture(autouse=True)
@@ -25,35 +21,6 @@ def exact_float32():
 
 
 TOL32 = KERNEL_TOL[torch.float32]
-
-
-@pytest.mark.parametrize("grad_mode", [True, False], ids=["through", "detached"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_opcheck_routing(dtype, grad_mode):
-    u = torch.randn(3, 37, 10, 16, device="cuda", dtype=dtype, requires_grad=True)
-    torch.library.opcheck(ops.routing_forward, (u, 3, grad_mode))
-
-
-def test_opcheck_squash():
-    s = torch.randn(5, 37, 16, device="cuda", requires_grad=True)
-    torch.library.opcheck(ops.squash_forward, (s,))
-
-
-@pytest.mark.parametrize("grad_mode", [True, False], ids=["through", "detached"])
-def test_compiled_routing_matches_eager(grad_mode):
-    torch._dynamo.reset()
-    u = torch.randn(64, 1152, 10, 16, device="cuda", requires_grad=True)
-    g = torch.randn(64, 10, 16, device="cuda")
-
-    def fn(x):
-        return ct.dynamic_routing(x, 3, grad_through_routing=grad_mode, backend="triton")
-
-    v_eager = fn(u)
-    (du_eager,) = torch.autograd.grad(v_eager, u, g)
-    v_comp = torch.compile(fn, fullgraph=True)(u)
-    (du_comp,) = torch.autograd.grad(v_comp, u, g)
-    # the same kernels with the same launch parameters: identical results
-    assert torch.equal(v_eager, v_comp) and torch.equal(du_eager, du_comp)
 
 
 def test_compiled_capsnet_training_step_matches_eager():

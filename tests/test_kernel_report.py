@@ -20,15 +20,20 @@ sys.path.insert(0, str(REPO / "bench"))
 
 import kernel_report  # noqa: E402
 
-KERNELS = {
-    "routing_forward_kernel",
-    "routing_finalize_kernel",
-    "routing_backward_reduce_kernel",
-    "routing_backward_sum_kernel",
-    "routing_backward_final_kernel",
-    "squash_forward_kernel",
-    "squash_backward_kernel",
-}
+
+#: every kernel the library has: the report must compile each of them (an algorithm's spec in
+#: bench/specs/ declares the cases that launch its kernels)
+def _library_kernels() -> set[str]:
+    import importlib
+    import pkgutil
+
+    import capstriton.kernels as package
+
+    modules = [importlib.import_module(f"capstriton.kernels.{m.name}") for m in pkgutil.iter_modules(package.__path__)]
+    return {name for module in modules for name in getattr(module, "__all__", ()) if name.endswith("_kernel")}
+
+
+KERNELS = _library_kernels()
 ENTRY_FIELDS = {
     "arch": str,
     "kernel": str,
@@ -151,7 +156,7 @@ def test_digitcaps_u_hat_loads_are_128_bit(sm90_report):
     (contiguous D = 16 rows, strides divisible by 16): scalar loads would cost bandwidth."""
     _, out = sm90_report
     doc = json.loads((out / "sm_90.json").read_text())
-    streaming = {"routing_forward_kernel", "routing_backward_reduce_kernel", "routing_backward_final_kernel"}
+    streaming = {"dynamic_routing_fwd_kernel", "dynamic_routing_bwd_reduce_kernel", "dynamic_routing_bwd_final_kernel"}
     seen = 0
     for entry in doc["kernels"]:
         if entry["kernel"] in streaming and any("1152x10x16" in c for c in entry["cases"]):
@@ -165,7 +170,7 @@ def test_config_overrides_reach_the_recorded_launches():
     process without the interpreter, under which the ops launch kernels directly)."""
     code = (
         "import json, kernel_report as k\n"
-        "case = [k.RoutingCase(1152, 10, 16, 64, 'fp32')]\n"
+        "case = [c for c in k.shape_sets()['digitcaps'] if c.label == 'routing 1152x10x16 B=64 R=3 float32']\n"
         "print(json.dumps([{l.kernel: l.kwargs.get('BLOCK_I') for l in k.record_launches(case, c)}\n"
         "                  for c in ({}, {'tile': 4096, 'tile_bwd': 512})]))\n"
     )
@@ -175,10 +180,10 @@ def test_config_overrides_reach_the_recorded_launches():
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     default, forced = json.loads(proc.stdout)
-    assert default["routing_forward_kernel"] == 4 and default["routing_backward_final_kernel"] == 8
-    assert forced["routing_forward_kernel"] == 16 and forced["routing_backward_final_kernel"] == 2
+    assert default["dynamic_routing_fwd_kernel"] == 4 and default["dynamic_routing_bwd_final_kernel"] == 8
+    assert forced["dynamic_routing_fwd_kernel"] == 16 and forced["dynamic_routing_bwd_final_kernel"] == 2
     with pytest.raises(SystemExit):
-        kernel_report.main(["--config", "tiles=4096"])  # not a routing_config argument
+        kernel_report.main(["--config", "tiles=4096"])  # not a launch parameter of any op
 
 
 def test_occupancy_arithmetic():

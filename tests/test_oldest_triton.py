@@ -9,10 +9,9 @@ import subprocess
 import sys
 
 import pytest
-from _helpers import OLDEST_TRITON, REPO, oldest_triton_env
-from conftest import HAS_CUDA
+from _helpers import HAS_CUDA, OLDEST_TRITON, REPO, oldest_triton_env
 
-KERNEL_TESTS = ["tests/test_kernels.py"]
+KERNEL_TESTS = ["tests/ops"]
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="the interpreter run is for machines without a GPU")

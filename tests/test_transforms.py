@@ -8,8 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
-from _helpers import KERNEL_TOL, rel_err
-from conftest import KERNEL_DEVICE
+from _helpers import KERNEL_DEVICE, KERNEL_TOL, rel_err
 
 import capstriton as ct
 from capstriton import _checks

@@ -1,4 +1,5 @@
 """Dynamic routing (Sabour et al. 2017, Procedure 1) as Triton kernels, forward and backward.
+Launch configuration: ``capstriton.ops.dynamic_routing``; semantics: DESIGN.md section 1.
 
 Notation (0-based iterations r = 0..R-1): ``u`` = u_hat [B, N_in, N_out, D]; ``V_r = v_0 + ... +
 v_{r-1}`` (``V_0 = 0``), so that the logits are ``b_r[i, j] = u[i, j] . V_r[j]`` and the kernels
@@ -10,22 +11,27 @@ capsules (split ``k`` of ``SPLIT``; the backward launches choose their own tile 
 in tiles of ``BLOCK_I`` capsules held as ``[BLOCK_I, BLOCK_J, BLOCK_D]`` blocks in registers.
 Each launch is one pass over ``u``:
 
-forward, iteration r (``routing_forward_kernel``): reduce the previous iteration's per-split
+forward, iteration r (``dynamic_routing_fwd_kernel``): reduce the previous iteration's per-split
     partial sums ``s_{r-1}`` in a fixed order (deterministic), squash to ``v_{r-1}``, form
     ``V_r``; then accumulate this split's partial ``s_r = sum_i c_r[i, j] u[i, j]``.
-    ``routing_finalize_kernel`` reduces the last partials and writes ``v = v_{R-1}``.
+    ``dynamic_routing_finalize_kernel`` reduces the last partials and writes ``v = v_{R-1}``.
     Saved for the backward: ``s_r`` and ``V_r`` for every r (2 x R x N_out x D per example).
 
-backward (DESIGN.md section 1), gradient through routing: ``routing_backward_reduce_kernel`` for
+backward (DESIGN.md section 1), gradient through routing: ``dynamic_routing_bwd_reduce_kernel`` for
     r = R-1 .. 1 computes ``ds_r = J_squash(s_r)^T dv_r`` with ``dv_r = dv`` (r = R-1) or the sum
     of the later steps' ``dV_q = sum_i g_q[i, j] u[i, j]`` (q > r), and this split's partial of
     ``dV_r``, where ``g_r = c_r (u . ds_r - sum_k c_r u . ds_r)``; after each such launch
-    ``routing_backward_sum_kernel`` adds the partials (in split order) to the running sum
+    ``dynamic_routing_bwd_sum_kernel`` adds the partials (in split order) to the running sum
     ``dv_{r-1}``, once per example, so that no program re-reads all the splits' partials (that
     would be SPLIT^2 blocks per example and step). Then one
-    ``routing_backward_final_kernel`` pass writes ``du = sum_r c_r ds_r + g_r V_r`` with every
+    ``dynamic_routing_bwd_final_kernel`` pass writes ``du = sum_r c_r ds_r + g_r V_r`` with every
     step's terms accumulated in registers, so ``du`` is written once and nothing of u's size is
     stored per iteration. Without gradient through routing only ``du = c_{R-1} ds_{R-1}`` remains.
+
+The gradient block a backward launch reads (the output gradient for the last step, the running
+sum of the later steps' dV for the others) is chosen by the launch, not by a run-time test in the
+kernel: a scalar condition in a block mask is mistyped by triton 3.9's interpreter, and a load on
+each side of a branch failed triton 3.6's coalescing pass.
 
 All arithmetic is float32 whatever the input dtype. Offsets into ``u`` are int64. Arguments that
 change with the batch size (``B``, ``SPLIT``, ``caps_per_split``) or the iteration are excluded
@@ -37,90 +43,41 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .squash import squash_from_parts, squash_parts, squash_vjp
+from .common import (
+    caps_block,
+    load_caps_block,
+    load_prediction_tile,
+    softmax_over_outputs,
+    softmax_over_outputs_vjp,
+    squash_from_parts,
+    squash_parts,
+    squash_vjp,
+    sum_splits,
+)
 
 __all__ = [
-    "routing_forward_kernel",
-    "routing_finalize_kernel",
-    "routing_backward_reduce_kernel",
-    "routing_backward_sum_kernel",
-    "routing_backward_final_kernel",
-    "routing_config",
-    "TARGET_PROGRAMS",
-    "TARGET_PROGRAMS_BWD",
+    "dynamic_routing_fwd_kernel",
+    "dynamic_routing_finalize_kernel",
+    "dynamic_routing_bwd_reduce_kernel",
+    "dynamic_routing_bwd_sum_kernel",
+    "dynamic_routing_bwd_final_kernel",
 ]
-
-#: Programs a launch aims for: enough to fill a 132-SM H100 several times over when the batch
-#: is small (the input capsules are then split across programs).
-TARGET_PROGRAMS = 1024
-#: The backward launches' aim: they do more per capsule (the softmax and its gradient, two tile
-#: accumulators) in fewer resident warps, and measured faster with more, shorter splits (see
-#: ``routing_config``).
-TARGET_PROGRAMS_BWD = 8192
-
-
-@triton.jit
-def _caps_block(N_out, D, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Offsets and masks of one example's [N_out, D] block (v, s, V, ds and their partials):
-    ``o_j``, ``o_d``, ``m_j = j < N_out``, ``m_jd`` and the flat offsets ``o_jd``."""
-    o_j = tl.arange(0, BLOCK_J)
-    o_d = tl.arange(0, BLOCK_D)
-    m_j = o_j < N_out
-    m_jd = m_j[:, None] & (o_d[None, :] < D)
-    return o_j, o_d, m_j, m_jd, o_j[:, None] * D + o_d[None, :]
-
-
-@triton.jit
-def _sum_splits(p_base, SPLIT, stride_split, o_jd, m_jd, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Sum ``SPLIT`` partial [N_out, D] blocks spaced ``stride_split`` apart, in split order."""
-    b_acc = tl.zeros([BLOCK_J, BLOCK_D], dtype=tl.float32)
-    for k in range(0, SPLIT):
-        b_acc += tl.load(p_base + k * stride_split + o_jd, mask=m_jd, other=0.0)
-    return b_acc
-
-
-@triton.jit
-def _load_u_tile(p_ub, o_i, m_u, o_j, o_d, stride_ui, stride_uj, stride_ud):
-    """The [BLOCK_I, BLOCK_J, BLOCK_D] tile of u (one example) at capsules ``o_i``, as float32,
-    zero outside ``m_u``. Offsets and masks are made by the caller and nothing derived from a
-    pointer is returned: torch 2.11's mutation analysis marks every input of a helper call as
-    written when a store address depends on one of its results (it flagged u_hat as mutated,
-    which broke torch.compile on a leaf input)."""
-    o_u = (
-        o_i[:, None, None].to(tl.int64) * stride_ui
-        + o_j[None, :, None].to(tl.int64) * stride_uj
-        + o_d[None, None, :].to(tl.int64) * stride_ud
-    )
-    return tl.load(p_ub + o_u, mask=m_u, other=0.0).to(tl.float32)
 
 
 @triton.jit
 def _coupling(b_u, b_V, m_j):
     """Coupling coefficients ``c = softmax_j(u . V)`` [BLOCK_I, BLOCK_J] for a tile of u."""
-    b_logit = tl.sum(b_u * b_V[None, :, :], axis=2)
-    b_logit = tl.where(m_j[None, :], b_logit, float("-inf"))
-    b_e = tl.exp(b_logit - tl.max(b_logit, axis=1)[:, None])
-    # IEEE reciprocal (Triton's `/` is the 2-ulp div.full.f32): a saturated softmax must give
-    # exactly one-hot coefficients, else the logit gradient c (a - sum c a) is eps * a instead of
-    # 0, which overflows float32 in the backward for inputs of 1e30 (seen on an H200)
-    return b_e * tl.math.div_rn(1.0, tl.sum(b_e, axis=1))[:, None]
+    return softmax_over_outputs(tl.sum(b_u * b_V[None, :, :], axis=2), m_j)
 
 
 @triton.jit
 def _logit_grad(b_u, b_c, b_ds):
     """``g = dL/db`` [BLOCK_I, BLOCK_J] of one step: ``c (u . ds - sum_k c_k u_k . ds_k)``."""
-    b_a = tl.sum(b_u * b_ds[None, :, :], axis=2)
-    b_g = b_c * (b_a - tl.sum(b_c * b_a, axis=1)[:, None])
-    # Where the softmax saturates (c == 1 in float32) the exact g is below float32 rounding of
-    # its terms, but c (a - sum_k c_k a_k) returns the rounding difference of a and the sum: the
-    # copies of a held by different lanes differ by an ulp (shuffle reductions with fused
-    # multiply-adds). For 1e30 inputs that ulp, carried through dV into the earlier steps, grew to
-    # inf in du (seen on an H200; exact under the interpreter).
-    return tl.where(b_c < 1.0, b_g, 0.0)
+    return softmax_over_outputs_vjp(b_c, tl.sum(b_u * b_ds[None, :, :], axis=2))
 
 
 @triton.jit(do_not_specialize=["B", "SPLIT", "caps_per_split", "r"])
-def routing_forward_kernel(
+def dynamic_routing_fwd_kernel(
     u_ptr,  # [B, N_in, N_out, D] predictions u_hat, any float dtype, strides stride_u*
     part_in_ptr,  # [B, SPLIT, N_out, D] f32 partial s of iteration r-1 (unused when FIRST)
     part_out_ptr,  # [B, SPLIT, N_out, D] f32 partial s of iteration r (written)
@@ -144,12 +101,12 @@ def routing_forward_kernel(
 ):
     i_b = tl.program_id(0).to(tl.int64)
     i_k = tl.program_id(1)
-    o_j, o_d, m_j, m_jd, o_jd = _caps_block(N_out, D, BLOCK_J, BLOCK_D)
+    o_j, o_d, m_j, m_jd, o_jd = caps_block(N_out, D, BLOCK_J, BLOCK_D)
     caps_size = N_out * D
     if FIRST:
         b_V = tl.zeros([BLOCK_J, BLOCK_D], dtype=tl.float32)
     else:
-        b_s = _sum_splits(part_in_ptr + i_b * SPLIT * caps_size, SPLIT, caps_size, o_jd, m_jd, BLOCK_J, BLOCK_D)
+        b_s = sum_splits(part_in_ptr + i_b * SPLIT * caps_size, SPLIT, caps_size, o_jd, m_jd, BLOCK_J, BLOCK_D)
         b_unit, b_p, large = squash_parts(b_s)
         b_V = tl.load(vsum_buf_ptr + ((r - 1) * B + i_b) * caps_size + o_jd, mask=m_jd, other=0.0)
         b_V += squash_from_parts(b_unit, b_p, large)
@@ -171,7 +128,7 @@ def routing_forward_kernel(
     for i0 in range(i_start, i_end, BLOCK_I):
         o_i = i0 + tl.arange(0, BLOCK_I)
         m_u = (o_i < i_end)[:, None, None] & m_jd[None, :, :]
-        b_u = _load_u_tile(p_ub, o_i, m_u, o_j, o_d, stride_ui, stride_uj, stride_ud)
+        b_u = load_prediction_tile(p_ub, o_i, m_u, o_j, o_d, stride_ui, stride_uj, stride_ud)
         if FIRST:
             b_acc += b_u  # softmax of zero logits: 1 / N_out, applied once below
         else:
@@ -183,7 +140,7 @@ def routing_forward_kernel(
 
 
 @triton.jit(do_not_specialize=["B", "SPLIT", "last"])
-def routing_finalize_kernel(
+def dynamic_routing_finalize_kernel(
     part_ptr,  # [B, SPLIT, N_out, D] f32 partial s of the last iteration
     s_buf_ptr,  # [R, B, N_out, D] f32 saved s_r (slot R-1 written here)
     v_ptr,  # [B, N_out, D] output v, dtype of u_hat, contiguous
@@ -196,28 +153,17 @@ def routing_finalize_kernel(
     BLOCK_D: tl.constexpr,
 ):
     i_b = tl.program_id(0).to(tl.int64)
-    o_j, o_d, m_j, m_jd, o_jd = _caps_block(N_out, D, BLOCK_J, BLOCK_D)
+    o_j, o_d, m_j, m_jd, o_jd = caps_block(N_out, D, BLOCK_J, BLOCK_D)
     caps_size = N_out * D
-    b_s = _sum_splits(part_ptr + i_b * SPLIT * caps_size, SPLIT, caps_size, o_jd, m_jd, BLOCK_J, BLOCK_D)
+    b_s = sum_splits(part_ptr + i_b * SPLIT * caps_size, SPLIT, caps_size, o_jd, m_jd, BLOCK_J, BLOCK_D)
     b_unit, b_p, large = squash_parts(b_s)
     b_v = squash_from_parts(b_unit, b_p, large)
     tl.store(s_buf_ptr + (last * B + i_b) * caps_size + o_jd, b_s, mask=m_jd)
     tl.store(v_ptr + i_b * caps_size + o_jd, b_v.to(v_ptr.dtype.element_ty), mask=m_jd)
 
 
-@triton.jit
-def _load_caps_grad(p_g, o_j, o_d, m_jd, stride_gj, stride_gd):
-    """One example's [N_out, D] gradient block at ``p_g`` (strides may be 0: expanded), float32.
-    The launches pass the block a step reads, the output gradient or the running sum of the
-    later steps' dV, so the kernels select no pointer at run time (a branch with a load on each
-    side failed in triton 3.6's coalescing pass; a scalar condition in a block mask is mistyped
-    by triton 3.9's interpreter)."""
-    o_g = o_j[:, None].to(tl.int64) * stride_gj + o_d[None, :].to(tl.int64) * stride_gd
-    return tl.load(p_g + o_g, mask=m_jd, other=0.0).to(tl.float32)
-
-
 @triton.jit(do_not_specialize=["B", "SPLIT", "caps_per_split", "r"])
-def routing_backward_reduce_kernel(
+def dynamic_routing_bwd_reduce_kernel(
     u_ptr,  # [B, N_in, N_out, D] predictions, strides stride_u*
     dv_ptr,  # [B, N_out, D] dv_r: the gradient of v (r = R-1, strides may be 0: expanded) or
     # the f32 running sum sum_{q > r} dV_q; strides stride_g*
@@ -245,12 +191,12 @@ def routing_backward_reduce_kernel(
 ):
     i_b = tl.program_id(0).to(tl.int64)
     i_k = tl.program_id(1)
-    o_j, o_d, m_j, m_jd, o_jd = _caps_block(N_out, D, BLOCK_J, BLOCK_D)
+    o_j, o_d, m_j, m_jd, o_jd = caps_block(N_out, D, BLOCK_J, BLOCK_D)
     caps_size = N_out * D
     o_saved = (r * B + i_b) * caps_size + o_jd
-    b_dv = _load_caps_grad(dv_ptr + i_b * stride_gb, o_j, o_d, m_jd, stride_gj, stride_gd)
+    b_dv = load_caps_block(dv_ptr + i_b * stride_gb, o_j, o_d, m_jd, stride_gj, stride_gd)
     b_ds = squash_vjp(tl.load(s_buf_ptr + o_saved, mask=m_jd, other=0.0), b_dv)
-    if i_k == 0:  # one program per example saves ds_r (a branch: see routing_forward_kernel)
+    if i_k == 0:  # one program per example saves ds_r (a branch: see dynamic_routing_fwd_kernel)
         tl.store(ds_buf_ptr + o_saved, b_ds, mask=m_jd)
     b_V = tl.load(vsum_buf_ptr + o_saved, mask=m_jd, other=0.0)
 
@@ -261,7 +207,7 @@ def routing_backward_reduce_kernel(
     for i0 in range(i_start, i_end, BLOCK_I):
         o_i = i0 + tl.arange(0, BLOCK_I)
         m_u = (o_i < i_end)[:, None, None] & m_jd[None, :, :]
-        b_u = _load_u_tile(p_ub, o_i, m_u, o_j, o_d, stride_ui, stride_uj, stride_ud)
+        b_u = load_prediction_tile(p_ub, o_i, m_u, o_j, o_d, stride_ui, stride_uj, stride_ud)
         b_g = _logit_grad(b_u, _coupling(b_u, b_V, m_j), b_ds)
         b_acc += b_g[:, :, None] * b_u
     b_dV = tl.sum(b_acc, axis=0)
@@ -269,7 +215,7 @@ def routing_backward_reduce_kernel(
 
 
 @triton.jit(do_not_specialize=["B", "SPLIT"])
-def routing_backward_sum_kernel(
+def dynamic_routing_bwd_sum_kernel(
     dpart_ptr,  # [B, SPLIT, N_out, D] f32 partials of dV_r from the reduce launch for step r
     dvsum_ptr,  # [B, N_out, D] f32 running sum: dv_r in (unless FIRST), dv_{r-1} = dv_r + dV_r out
     B,
@@ -281,9 +227,9 @@ def routing_backward_sum_kernel(
     FIRST: tl.constexpr,  # r = R-1: dv_r is the output gradient, not in the running sum
 ):
     i_b = tl.program_id(0).to(tl.int64)
-    o_j, o_d, m_j, m_jd, o_jd = _caps_block(N_out, D, BLOCK_J, BLOCK_D)
+    o_j, o_d, m_j, m_jd, o_jd = caps_block(N_out, D, BLOCK_J, BLOCK_D)
     caps_size = N_out * D
-    b_dV = _sum_splits(dpart_ptr + i_b * SPLIT * caps_size, SPLIT, caps_size, o_jd, m_jd, BLOCK_J, BLOCK_D)
+    b_dV = sum_splits(dpart_ptr + i_b * SPLIT * caps_size, SPLIT, caps_size, o_jd, m_jd, BLOCK_J, BLOCK_D)
     p_sum = dvsum_ptr + i_b * caps_size + o_jd
     if not FIRST:
         b_dV += tl.load(p_sum, mask=m_jd, other=0.0)
@@ -291,7 +237,7 @@ def routing_backward_sum_kernel(
 
 
 @triton.jit(do_not_specialize=["B", "caps_per_split"])
-def routing_backward_final_kernel(
+def dynamic_routing_bwd_final_kernel(
     u_ptr,  # [B, N_in, N_out, D] predictions, strides stride_u*
     dv_ptr,  # [B, N_out, D] gradient of the lowest step's v, strides stride_g*: dv_0 =
     # sum_{q >= 1} dV_q (f32) through routing with R > 1, else the gradient of v
@@ -319,7 +265,7 @@ def routing_backward_final_kernel(
 ):
     i_b = tl.program_id(0).to(tl.int64)
     i_k = tl.program_id(1)
-    o_j, o_d, m_j, m_jd, o_jd = _caps_block(N_out, D, BLOCK_J, BLOCK_D)
+    o_j, o_d, m_j, m_jd, o_jd = caps_block(N_out, D, BLOCK_J, BLOCK_D)
     caps_size = N_out * D
     # The lowest step with a gradient: 0 through routing, else only the last one.
     if GRAD_THROUGH:
@@ -327,7 +273,7 @@ def routing_backward_final_kernel(
     else:
         r_lo = R - 1
     o_lo = (r_lo * B + i_b) * caps_size + o_jd
-    b_dv = _load_caps_grad(dv_ptr + i_b * stride_gb, o_j, o_d, m_jd, stride_gj, stride_gd)
+    b_dv = load_caps_block(dv_ptr + i_b * stride_gb, o_j, o_d, m_jd, stride_gj, stride_gd)
     b_ds_lo = squash_vjp(tl.load(s_buf_ptr + o_lo, mask=m_jd, other=0.0), b_dv)
     if GRAD_THROUGH:
         b_ds_lo = b_ds_lo / N_out  # step 0: V_0 = 0, so c_0 = 1 / N_out with no softmax to run
@@ -341,7 +287,7 @@ def routing_backward_final_kernel(
     for i0 in range(i_start, i_end, BLOCK_I):
         o_i = i0 + tl.arange(0, BLOCK_I)
         m_u = (o_i < i_end)[:, None, None] & m_jd[None, :, :]
-        b_u = _load_u_tile(p_ub, o_i, m_u, o_j, o_d, stride_ui, stride_uj, stride_ud)
+        b_u = load_prediction_tile(p_ub, o_i, m_u, o_j, o_d, stride_ui, stride_uj, stride_ud)
         # Step r_lo: 0 through routing (uniform coupling, no logit-gradient term: V_0 = 0), else
         # the last step, whose coupling coefficients are constants.
         if GRAD_THROUGH:
@@ -357,81 +303,3 @@ def routing_backward_final_kernel(
             b_du = _coupling(b_u, b_V_lo, m_j)[:, :, None] * b_ds_lo[None, :, :]
         o_du = o_i[:, None, None].to(tl.int64) * caps_size + o_jd[None, :, :]
         tl.store(p_dub + o_du, b_du.to(du_ptr.dtype.element_ty), mask=m_u)
-
-
-def _input_split(n_in: int, block_i: int, batch: int, target_programs: int) -> tuple[int, int]:
-    """``(SPLIT, caps_per_split)``: the input capsules cut into runs of whole ``block_i`` tiles so
-    that ``batch * SPLIT`` approaches ``target_programs`` (one split per example once the batch
-    alone reaches it); the last split may be shorter (the kernels mask at ``N_in``)."""
-    tiles = triton.cdiv(n_in, block_i)
-    splits = max(1, min(tiles, triton.cdiv(target_programs, max(batch, 1))))
-    caps_per_split = triton.cdiv(tiles, splits) * block_i
-    return triton.cdiv(n_in, caps_per_split), caps_per_split
-
-
-def routing_config(
-    n_in: int,
-    n_out: int,
-    dim: int,
-    batch: int,
-    *,
-    tile: int = 1024,
-    tile_bwd: int = 2048,
-    target_programs: int = TARGET_PROGRAMS,
-    target_programs_bwd: int = TARGET_PROGRAMS_BWD,
-    num_warps: int | None = None,
-) -> dict:
-    """Launch parameters for the routing kernels.
-
-    A tile is ``BLOCK_I`` input capsules x ``BLOCK_J`` x ``BLOCK_D`` (N_out is never split: the
-    softmax couples it); ``tile`` / ``tile_bwd`` are its float32 elements in the forward and
-    backward kernels. Each kernel keeps a second tile-sized accumulator (the forward's and the
-    reduce pass's sum over capsules, the final pass's du): at 4 warps a 2048-element tile is 16
-    registers a thread, 32 with its accumulator.
-
-    Registers from ``bench/kernel_report.py`` (sm_90, DigitCaps fp32; ``--config`` for the
-    alternatives, with the current kernels): the defaults take 56 in the forward, 80 in the
-    reduce pass and 96 in the final pass through routing (61 / 118 / 144 with triton 3.6, the GPU
-    machines' version: ``bench/results/kernel_report/triton-3.6``), no spills. ``tile=4096``:
-    forward 127 (16 warps per SM); ``tile_bwd=4096``: reduce 128, final 158; with triton 3.6
-    ``tile=2048`` spills 4 bytes in the forward for 37 x 3 x 33 capsules.
-    Measured with ``bench/tune_routing.py`` on an H200 (DigitCaps fp32, at commit b59a9d2, when
-    both passes shared one split): the forward at 1024 elements took 0.80 ms at B = 1024 against
-    0.84 ms at 2048 and 0.98 ms at 4096; forward + backward took 2.75 ms with a 2048 backward
-    tile and 8192 target programs against 3.03 ms with 1024 and 1024 (1.00 against 1.11 ms at
-    B = 64), while 8192 programs slowed the forward at 1024 elements (0.82 against 0.80 ms at
-    B = 1024, 0.23 against 0.21 ms at B = 64). Hence each pass has its own tile and split.
-
-    Every program also holds a few [BLOCK_J, BLOCK_D] blocks (the running sum V, s, ds): 4 warps
-    while such a block is at most 512 elements, up to 32 warps for 64 x 64 capsules, where
-    ``num_warps=4`` takes up to 232 registers (8 warps per SM) and the defaults at most 53. The
-    per-example kernels that hold only such blocks (the finalize and the backward's sum) take at
-    most 8 warps, ``num_warps_caps`` (64 x 64: 61 registers at 8 warps, 108 at 4).
-
-    ``SPLIT`` / ``SPLIT_BWD`` (programs per example along the input capsules in the forward and
-    the backward launches) and ``caps_per_split`` / ``caps_per_split_bwd`` are runtime
-    arguments: the batch size changes the grid, never the compiled kernel. The passes share only
-    the saved ``s_r`` and ``V_r``, already reduced over the forward's splits, so the backward's
-    split is free.
-    """
-    block_j = triton.next_power_of_2(n_out)
-    block_d = triton.next_power_of_2(dim)
-    if num_warps is None:
-        num_warps = min(32, max(4, block_j * block_d // 128))
-    cap = triton.next_power_of_2(n_in)
-    block_i = max(1, min(64, tile // (block_j * block_d), cap))
-    block_i_bwd = max(1, min(64, tile_bwd // (block_j * block_d), cap))
-    split, caps_per_split = _input_split(n_in, block_i, batch, target_programs)
-    split_bwd, caps_per_split_bwd = _input_split(n_in, block_i_bwd, batch, target_programs_bwd)
-    return {
-        "BLOCK_I": block_i,
-        "BLOCK_J": block_j,
-        "BLOCK_D": block_d,
-        "num_warps": num_warps,
-        "num_warps_caps": min(8, num_warps),
-        "SPLIT": split,
-        "caps_per_split": caps_per_split,
-        "BLOCK_I_BWD": block_i_bwd,
-        "SPLIT_BWD": split_bwd,
-        "caps_per_split_bwd": caps_per_split_bwd,
-    }

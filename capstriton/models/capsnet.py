@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._checks import check_size, check_tensor
-from .nn import CapsuleDecoder, PrimaryCapsules, RoutingCapsules, capsule_lengths
+from .._checks import check_size, check_tensor
+from ..nn import CapsuleDecoder, PrimaryCapsules, RoutingCapsules, capsule_lengths
 
 __all__ = ["CapsNet"]
 

@@ -1,0 +1,64 @@
+"""Launch helpers shared by every op module: the launcher through which ``torch.compile`` traces a
+kernel launch, the allocator of every output and scratch buffer (which the tests poison with
+NaN), and a recorder of launches for the offline kernel report (``bench/kernel_report.py``)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+
+import torch
+from torch.library import wrap_triton
+from triton.runtime.jit import JITFunction
+
+__all__ = ["launch", "empty", "poisoned", "recording"]
+
+#: Set by :func:`poisoned`: buffers come NaN-filled instead of uninitialised.
+_poison = False
+#: Set by :func:`recording`: launches are handed to it instead of running.
+_recorder: Callable | None = None
+
+
+def launch(kernel, grid: tuple[int, ...], **kwargs) -> None:
+    """Launch ``kernel`` on ``grid`` with keyword arguments only (kernel parameters, constexprs,
+    ``num_warps``), through ``wrap_triton`` so that torch.compile traces the launch. Under
+    TRITON_INTERPRET the kernels are interpreter functions that run eagerly on CPU tensors:
+    torch 2.13's wrap_triton hands them back unchanged, torch 2.11's refuses them, so they are
+    launched directly."""
+    if _recorder is not None:
+        _recorder(kernel, grid, kwargs)
+        return
+    runner = wrap_triton(kernel) if isinstance(kernel, JITFunction) else kernel
+    runner[grid](**kwargs)
+
+
+def empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Every output and scratch buffer of the ops comes from here: uninitialised memory, since
+    each kernel writes every element it owns. Under :func:`poisoned` it is NaN-filled, so that an
+    element a kernel forgot to write, or a buffer read before it was written, fails loudly."""
+    if _poison:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+@contextlib.contextmanager
+def poisoned() -> Iterator[None]:
+    """Within the block the ops' buffers are NaN-filled (tests)."""
+    global _poison
+    saved, _poison = _poison, True
+    try:
+        yield
+    finally:
+        _poison = saved
+
+
+@contextlib.contextmanager
+def recording(record: Callable) -> Iterator[None]:
+    """Within the block no kernel runs: each launch calls ``record(kernel, grid, kwargs)`` instead
+    (the kernel report runs the ops on fake CUDA tensors and compiles what they would launch)."""
+    global _recorder
+    saved, _recorder = _recorder, record
+    try:
+        yield
+    finally:
+        _recorder = saved

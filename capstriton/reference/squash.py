@@ -1,0 +1,46 @@
+"""Squash (Sabour et al. 2017, Eq. 1), the pure-PyTorch reference."""
+
+from __future__ import annotations
+
+import torch
+
+from ._common import compute_dtype, float_arithmetic
+
+__all__ = ["squash"]
+
+
+@float_arithmetic
+def squash(s: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Squash (Eq. 1 of Sabour et al. 2017) over ``dim``: ``v = s * ||s|| / (1 + ||s||^2)``.
+
+    Finite for every finite input and differentiable everywhere, with an exactly zero Jacobian
+    at ``s = 0``:
+
+    - ``s`` is divided by its largest absolute component (a constant for autograd: the function
+      does not depend on that choice, so the gradient stays exact). The scaled vector ``t`` has
+      ``1 <= ||t|| <= sqrt(D)``, so the norm of 1e30 vectors neither overflows nor does a 1e-30
+      one underflow, and the ``sqrt`` never sees 0 (where its derivative is infinite).
+    - The length ``L = n^2 / (1 + n^2)`` with ``n = ||s||`` is evaluated as ``n^2 / (1 + n^2)``
+      below 1 and as ``1 / (1 + (1/n)^2)`` above, each branch fed only values that are safe for
+      it, so no Inf/NaN appears in the forward or in the gradient of the branch not taken.
+    - ``v = (t / ||t||) * L``.
+    """
+    dtype = s.dtype
+    x = s.to(compute_dtype(dtype))
+    with torch.no_grad():
+        amax = x.abs().amax(dim=dim, keepdim=True)
+    nonzero = amax > 0
+    scale = torch.where(nonzero, amax, torch.ones_like(amax))
+    t = x / scale
+    # ||t||^2 >= 1 whenever s != 0 (the largest component is exactly +-1); the clamp only
+    # keeps the sqrt away from 0 for zero vectors, whose length is forced to 0 below.
+    m = (t * t).sum(dim=dim, keepdim=True).clamp_min(0.5).sqrt()
+    n = scale * m  # ||s||; may overflow to inf only in the large branch, which does not use it
+    large = n >= 1
+    inv_scale = torch.where(large, scale, torch.ones_like(scale)).reciprocal()
+    r = torch.where(large, inv_scale / m, torch.zeros_like(m))  # 1/||s|| when large
+    n_small = torch.where(large | ~nonzero, torch.zeros_like(n), n)
+    length = torch.where(
+        large, 1.0 / (1.0 + r * r), n_small * n_small / (1.0 + n_small * n_small)
+    )
+    return (t * (length / m)).to(dtype)
