@@ -1,5 +1,6 @@
-"""What a user installing the package gets: the kernels as capstriton.kernels, the typing marker,
-the license the metadata declares, and lower bounds that CI really tests."""
+"""What a user installing the package gets: the kernels as capstriton.kernels, the training CLI's
+package capstriton.train, the typing marker, the license the metadata declares, and lower bounds
+that CI really tests."""
 
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ def test_wheel_ships_kernels_typing_marker_and_license(wheel):
     names = set(wheel.namelist())
     assert "capstriton/py.typed" in names
     assert {"capstriton/kernels/__init__.py", "capstriton/kernels/squash.py"} <= names
+    assert {"capstriton/train/__init__.py", "capstriton/train/__main__.py", "capstriton/train/runner.py"} <= names
     (license_name,) = [n for n in names if n.endswith("/LICENSE")]
     assert wheel.read(license_name).decode().startswith("MIT License")
     assert (REPO / "LICENSE").read_text().startswith("MIT License")

@@ -7,11 +7,14 @@ never skip; the real-data test uses the 10,000 official test images in ../shared
 
 from __future__ import annotations
 
+import importlib
 import io
 import json
 import math
 import os
+import pkgutil
 import random
+import re
 import shutil
 import stat
 import struct
@@ -28,7 +31,10 @@ import pytest
 import torch
 from _helpers import MNIST_DIR, requires_mnist_test_files
 
+import capstriton.train.runner
 from capstriton import data, train
+from capstriton.models import CapsNet
+from capstriton.train import models
 
 TINY_MODEL = [
     "--conv-channels", "8", "--primary-types", "4", "--primary-dim", "4", "--out-dim", "8",
@@ -122,9 +128,124 @@ def test_help_lists_every_option():
         "--data-dir", "--epochs", "--batch-size", "--lr", "--lr-decay", "--iterations",
         "--backend", "--compile", "--dtype", "--limit-train", "--limit-test", "--out",
         "--resume", "--seed", "--device", "--holdout", "--no-augment", "--conv-channels",
-        "--primary-types", "--no-progress",
+        "--primary-types", "--no-progress", "--model",
     ):  # fmt: skip
         assert option in result.stdout, option
+
+
+def test_the_package_runs_as_a_module_and_as_the_console_script():
+    # python -m capstriton.train (the subprocess above) runs the package's __main__; the console
+    # script names capstriton.train:main.
+    pyproject = (Path(__file__).parents[1] / "pyproject.toml").read_text()
+    module, _, name = re.search(r'^capstriton-train = "(.*)"$', pyproject, re.M).group(1).partition(":")
+    assert module == "capstriton.train" and getattr(train, name) is capstriton.train.runner.main
+    # No attribute of the package hides one of its modules (`import capstriton.train.X as m`).
+    for module in pkgutil.iter_modules(train.__path__):
+        if module.name != "__main__":
+            assert getattr(train, module.name) is importlib.import_module(f"capstriton.train.{module.name}")
+    assert (Path(train.__file__).parent / "__main__.py").is_file()
+
+
+def test_every_trajectory_option_is_an_option_of_the_command_line():
+    actions = {a.dest: a for a in train.build_parser()._actions}
+    for name in train.TRAJECTORY_OPTIONS:
+        assert actions[name].default is train.OMITTED, name
+    for entry in train.MODELS.values():
+        assert set(entry.options) <= set(models.MODEL_OPTIONS), entry.name
+        assert list(entry.defaults) == [*models.TRAINING_OPTIONS, *entry.options], entry.name
+    assert actions["model"].choices == sorted(train.MODELS) and models.DEFAULT_MODEL in train.MODELS
+
+
+def test_a_model_entry_states_the_defaults_of_every_trajectory_option():
+    capsnet = train.MODELS["capsnet"]
+    fields = {"name": "x", "description": "x", "build": capsnet.build, "options": ("conv_channels",)}
+    without_lr = {k: v for k, v in capsnet.defaults.items() if k not in ("lr", *capsnet.options)}
+    with pytest.raises(ValueError, match=r"missing \['lr', 'conv_channels'\], not options of it \[\]"):
+        models.ModelEntry(**fields, defaults=without_lr)
+    with pytest.raises(ValueError, match=r"not options of it \['iterations'\]"):
+        models.ModelEntry(**fields, defaults={**without_lr, "lr": 1, "conv_channels": 8, "iterations": 3})
+
+
+def test_model_capsnet_is_the_default(fake_mnist, tmp_path):
+    for argv in ([], tiny_argv(fake_mnist, tmp_path), ["--lr", "0.01", "--decoder-hidden", "none"]):
+        assert vars(train.parse_args([*argv, "--model", "capsnet"])) == vars(train.parse_args(argv)), argv
+    assert train.parse_args([]).model == "capsnet"
+
+
+def build_tiny_capsnet(args):
+    """A model that takes one option: a CapsNet without a decoder, its other sizes fixed."""
+    return CapsNet(
+        conv_channels=args.conv_channels, primary_types=4, primary_dim=4, out_dim=8, decoder_hidden=None,
+        backend=args.backend,
+    )  # fmt: skip
+
+
+@pytest.fixture
+def fake_model(monkeypatch) -> models.ModelEntry:
+    """A second --model, "fake", in train.MODELS for the duration of the test: it takes only
+    --conv-channels (default 8) and has no decoder."""
+    capsnet = train.MODELS["capsnet"]
+    entry = models.ModelEntry(
+        name="fake",
+        description="a tiny CapsNet without a decoder",
+        build=build_tiny_capsnet,
+        options=("conv_channels",),
+        defaults={**{k: capsnet.defaults[k] for k in models.TRAINING_OPTIONS}, "batch_size": 16, "conv_channels": 8},
+    )
+    monkeypatch.setitem(train.MODELS, "fake", entry)
+    return entry
+
+
+@pytest.mark.parametrize(
+    "given, message",
+    [
+        (["--detach-routing"], "--detach-routing: not an option of --model fake (it takes --conv-channels)"),
+        (
+            ["--decoder-hidden", "none", "--out-dim", "4"],
+            "--out-dim, --decoder-hidden: not options of --model fake (it takes --conv-channels)",
+        ),
+    ],
+    ids=lambda v: " ".join(v) if isinstance(v, list) else None,
+)
+def test_an_option_the_model_does_not_take_is_a_clean_error(fake_model, fake_mnist, tmp_path, given, message, capsys):
+    argv = ["--data-dir", str(fake_mnist), "--out", str(tmp_path / "out"), "--model", "fake", *given]
+    with pytest.raises(SystemExit) as e:
+        train.main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: capstriton-train") and f"capstriton-train: error: argument {message}\n" in err
+    # the same from run() given build_parser's namespace (no parse_args to check it)
+    with pytest.raises(train.SetupError) as e:
+        train.run(train.build_parser().parse_args(argv))
+    assert str(e.value) == message
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_model_entry_is_all_the_loop_checkpoints_and_plots_need(fake_model, fake_mnist, tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = [
+        "--data-dir", str(fake_mnist), "--holdout", "32", "--limit-train", "48", "--out", str(out),
+        "--no-progress", "--no-download", "--model", "fake",
+    ]  # fmt: skip
+    assert train.main([*argv, "--epochs", "1"]) == 0
+    assert "CapsNet: " in capsys.readouterr().out
+    state = load_state(out)
+    assert state["args"]["model"] == "fake" and state["args"]["batch_size"] == 16  # the entry's defaults
+    assert state["model_config"] == {"conv_channels": 8}
+    assert (set(models.MODEL_OPTIONS) - {"conv_channels"}) & set(state["args"]) == set()  # only the options it takes
+    assert strict_json(out / train.METRICS)["config"] == json.loads(json.dumps(state["args"]))
+    assert (out / train.CURVES).is_file() and not (out / train.RECONSTRUCTIONS).exists()  # no decoder
+    # a resumed run takes --model and its options from the checkpoint, and refuses others
+    assert train.main(resume_argv(fake_mnist, out, "--epochs", "2")) == 0
+    assert load_state(out)["epoch"] == 2
+    assert train.main(resume_argv(fake_mnist, out, "--epochs", "3", "--primary-dim", "4")) == 2
+    assert capsys.readouterr().err == (
+        f"capstriton-train: error: --resume: {out / train.CHECKPOINT} holds a --model fake run; "
+        "--primary-dim: not an option of --model fake (it takes --conv-channels)\n"
+    )
+    assert train.main(resume_argv(fake_mnist, out, "--epochs", "3", "--model", "capsnet")) == 2
+    assert "--model fake in the checkpoint, capsnet now" in capsys.readouterr().err
+    assert load_state(out)["epoch"] == 2
 
 
 @pytest.mark.parametrize(
@@ -258,10 +379,14 @@ def test_help_shows_the_defaults_of_a_new_run(capsys):
         assert f"{entry} with --resume: the checkpoint's)" in text, entry
     # a new run's namespace holds the defaults; a resumed one leaves the omitted options to the checkpoint
     args = train.parse_args([])
-    assert {name: getattr(args, name) for name in train.TRAJECTORY_OPTIONS} == train.TRAJECTORY_OPTIONS
+    new_run = {"model": "capsnet", **train.MODELS["capsnet"].defaults}
+    assert {name: getattr(args, name) for name in train.TRAJECTORY_OPTIONS} == new_run
+    assert (args.lr, args.lr_decay, args.batch_size, args.reconstruction_weight) == (1e-3, 0.96, 128, 0.0005)
+    assert (args.conv_channels, args.primary_types, args.iterations, args.decoder_hidden) == (256, 32, 3, (512, 1024))
     resumed = train.parse_args(["--resume", "--lr", "0.01", "--decoder-hidden", "none"])
     assert resumed.lr == 0.01 and resumed.decoder_hidden is None
     assert resumed.batch_size is train.OMITTED and resumed.no_augment is train.OMITTED
+    assert resumed.model is train.OMITTED
 
 
 # --- a non-finite loss or parameter stops training; nothing of that epoch is saved
@@ -271,7 +396,7 @@ def poison_training_loss(monkeypatch, at_call: int) -> list[int]:
     """Make the training loss of the ``at_call``-th training step (counted from 1 over the whole
     run) NaN; the returned list grows by one per training step."""
     calls: list[int] = []
-    real = train._loss
+    real = train.loop.batch_loss
 
     def poisoned(net, *args):
         loss, lengths = real(net, *args)
@@ -281,7 +406,7 @@ def poison_training_loss(monkeypatch, at_call: int) -> list[int]:
                 loss = loss * float("nan")
         return loss, lengths
 
-    monkeypatch.setattr(train, "_loss", poisoned)
+    monkeypatch.setattr(train.loop, "batch_loss", poisoned)
     return calls
 
 
@@ -305,7 +430,7 @@ def test_non_finite_loss_keeps_the_last_good_checkpoint(fake_mnist, tmp_path, mo
     err = capsys.readouterr().err
     assert "non-finite at epoch 2, step 2 of 3" in err
     assert f"{tmp_path / train.CHECKPOINT} (epoch 1) is the last good checkpoint" in err
-    state = train._read_checkpoint(tmp_path / train.CHECKPOINT)
+    state = train.checkpoint.read(tmp_path / train.CHECKPOINT)
     assert state["epoch"] == 1
     assert all(torch.isfinite(t).all() for t in state["model"].values())
     assert [h["epoch"] for h in strict_json(tmp_path / train.METRICS)["history"]] == [1]
@@ -316,11 +441,11 @@ def test_non_finite_loss_is_found_within_the_check_interval(fake_mnist, tmp_path
     calls = poison_training_loss(monkeypatch, at_call=2)
     assert train.main(tiny_argv(fake_mnist, tmp_path, "--epochs", "1", "--batch-size", "1")) == 1
     assert "non-finite at epoch 1, step 2 of 48" in capsys.readouterr().err
-    assert len(calls) == train.FINITE_CHECK_EVERY  # stopped at the first check, not after 48 steps
+    assert len(calls) == train.loop.FINITE_CHECK_EVERY  # stopped at the first check, not after 48 steps
 
 
 def test_non_finite_parameters_are_never_saved(fake_mnist, tmp_path, monkeypatch, capsys):
-    real = train._train_epoch
+    real = train.loop.train_epoch
 
     def breaks_a_weight_in_epoch_2(net, criterion, optimizer, scaler, x_all, y_all, args, epoch, *rest):
         metrics = real(net, criterion, optimizer, scaler, x_all, y_all, args, epoch, *rest)
@@ -329,27 +454,28 @@ def test_non_finite_parameters_are_never_saved(fake_mnist, tmp_path, monkeypatch
                 net.digit.weight[0, 0] = float("inf")
         return metrics
 
-    monkeypatch.setattr(train, "_train_epoch", breaks_a_weight_in_epoch_2)
+    monkeypatch.setattr(train.loop, "train_epoch", breaks_a_weight_in_epoch_2)
     assert train.main(tiny_argv(fake_mnist, tmp_path, "--epochs", "3")) == 1
     assert "parameters digit.weight became non-finite in epoch 2" in capsys.readouterr().err
-    assert train._read_checkpoint(tmp_path / train.CHECKPOINT)["epoch"] == 1
+    assert train.checkpoint.read(tmp_path / train.CHECKPOINT)["epoch"] == 1
 
 
 def test_json_output_turns_non_finite_numbers_into_null(tmp_path):
     path = tmp_path / "m.json"
-    train._write_json(path, {"a": float("nan"), "b": [float("inf"), 1.5], "c": {"d": -float("inf")}, "e": (1, 2)})
+    value = {"a": float("nan"), "b": [float("inf"), 1.5], "c": {"d": -float("inf")}, "e": (1, 2)}
+    train.checkpoint.write_json(path, value)
     assert strict_json(path) == {"a": None, "b": [None, 1.5], "c": {"d": None}, "e": [1, 2]}
 
 
 def test_metrics_are_written_after_every_epoch(fake_mnist, tmp_path, monkeypatch):
-    real = train._train_epoch
+    real = train.loop.train_epoch
 
     def interrupted_in_epoch_2(net, criterion, optimizer, scaler, x_all, y_all, args, epoch, *rest):
         if epoch == 1:
             raise KeyboardInterrupt
         return real(net, criterion, optimizer, scaler, x_all, y_all, args, epoch, *rest)
 
-    monkeypatch.setattr(train, "_train_epoch", interrupted_in_epoch_2)
+    monkeypatch.setattr(train.loop, "train_epoch", interrupted_in_epoch_2)
     with pytest.raises(KeyboardInterrupt):
         run_cli(tiny_argv(fake_mnist, tmp_path, "--epochs", "3"))
     metrics = strict_json(tmp_path / train.METRICS)
@@ -475,7 +601,7 @@ def test_torch_load_warnings_show_only_for_a_good_checkpoint(trained_run, tmp_pa
 
     monkeypatch.setattr(torch, "load", warning_load)
     with pytest.warns(UserWarning, match="a warning from torch.load"):
-        train._read_checkpoint(trained_run / train.CHECKPOINT)
+        train.checkpoint.read(trained_run / train.CHECKPOINT)
     damaged = tmp_path / "damaged.pt"
     state = real_load(trained_run / train.CHECKPOINT, weights_only=True)
     state["epoch"] = 1
@@ -483,7 +609,7 @@ def test_torch_load_warnings_show_only_for_a_good_checkpoint(trained_run, tmp_pa
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a warning would raise here instead of the CheckpointError
         with pytest.raises(train.CheckpointError, match="torch.load fails"):
-            train._read_checkpoint(damaged)
+            train.checkpoint.read(damaged)
 
 
 def test_a_failed_checkpoint_write_leaves_the_previous_one(fake_mnist, tmp_path, monkeypatch):
@@ -568,6 +694,51 @@ def test_resume_refuses_other_trajectory_options(trained_run, fake_mnist, tmp_pa
     assert snapshot(out) == before
 
 
+def rewrite_checkpoint(path: Path, change) -> None:
+    """Apply ``change`` to the state of the checkpoint at ``path`` and save it with a new digest:
+    what another capstriton version could have written."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    del state["sha256"]
+    change(state)
+    state["sha256"] = train.checkpoint.digest(state)
+    torch.save(state, path)
+
+
+def test_a_checkpoint_from_before_model_resumes_as_capsnet(trained_run, fake_mnist, tmp_path):
+    current, legacy, named = tmp_path / "current", tmp_path / "legacy", tmp_path / "named"
+    for out in (current, legacy, named):
+        shutil.copytree(trained_run, out)
+    for out in (legacy, named):
+        rewrite_checkpoint(out / train.CHECKPOINT, lambda state: state["args"].pop("model"))
+        assert "model" not in train.checkpoint.read(out / train.CHECKPOINT)["args"]
+    run_cli(resume_argv(fake_mnist, current, "--epochs", "3"))
+    metrics = run_cli(resume_argv(fake_mnist, legacy, "--epochs", "3"))
+    run_cli(resume_argv(fake_mnist, named, "--epochs", "3", "--model", "capsnet"))  # no conflict
+    assert metrics["config"]["model"] == "capsnet"
+    expected = load_state(current)
+    for out in (legacy, named):
+        state = load_state(out)
+        assert state["epoch"] == 3
+        assert {k: state["args"][k] for k in train.TRAJECTORY_OPTIONS} == {
+            k: expected["args"][k] for k in train.TRAJECTORY_OPTIONS
+        }
+        for name, tensor in expected["model"].items():
+            assert torch.equal(tensor, state["model"][name]), (out.name, name)
+
+
+def test_a_checkpoint_of_an_unknown_model_is_refused_naming_it(trained_run, fake_mnist, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(trained_run, out)
+    rewrite_checkpoint(out / train.CHECKPOINT, lambda state: state["args"].update(model="gone"))
+    before = snapshot(out)
+    assert train.main(resume_argv(fake_mnist, out, "--epochs", "3")) == 2
+    assert capsys.readouterr().err == (
+        f"capstriton-train: error: --resume: {out / train.CHECKPOINT} is not a usable capstriton-train checkpoint: "
+        "it holds a --model gone run, a model this capstriton version lacks\n"
+    )
+    assert snapshot(out) == before
+
+
 @pytest.mark.parametrize("epochs", ["1", "2"])
 def test_resume_to_an_epoch_already_trained_touches_no_file(trained_run, fake_mnist, tmp_path, epochs, capsys):
     out = tmp_path / "run"
@@ -602,7 +773,7 @@ def test_every_seed_below_2_to_the_64_trains(fake_mnist, tmp_path):
     metrics = run_cli(tiny_argv(fake_mnist, tmp_path, "--epochs", "1", "--no-plots", "--seed", str(2**64 - 1)))
     assert math.isfinite(metrics["history"][0]["train_loss"])
     # small seeds keep the shuffles and shifts they always had
-    assert train._epoch_generator(3, 2).initial_seed() == 3 * 1_000_003 + 2
+    assert train.loop.epoch_generator(3, 2).initial_seed() == 3 * 1_000_003 + 2
 
 
 def test_torchrun_two_processes_match_one(fake_mnist, tmp_path):
@@ -629,7 +800,7 @@ def test_torchrun_two_processes_match_one(fake_mnist, tmp_path):
     assert metrics["rank_parameter_max_abs_diff"] == 0.0
     a, b = load_state(single)["model"], load_state(ddp)["model"]
     torch.manual_seed(0)  # the runs' --seed: the parameters both runs started from
-    init = train._build_model(train.parse_args(tiny_argv(fake_mnist, single))).state_dict()
+    init = train.MODELS["capsnet"].build(train.parse_args(tiny_argv(fake_mnist, single))).state_dict()
     for name, p_single in a.items():
         # Float32 gradients summed in another order (two halves, then the all-reduce) differ by
         # ~1e-7 relative; Adam turns them into updates that differ by about as much relative to

@@ -1,0 +1,7 @@
+"""``python -m capstriton.train``."""
+
+import sys
+
+from . import main
+
+sys.exit(main())
