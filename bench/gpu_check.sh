@@ -1,23 +1,25 @@
 #!/usr/bin/env bash
 # One command for a GPU machine with no network: install capstriton from this checkout (no
-# downloads), run the test suite on the GPU, then the benchmark sweep, then the plots.
+# downloads), run the GPU test suite, tune the fused layer's launch parameters, the benchmark
+# sweep of the ops, the whole-model benchmark, then the plots.
 #
 #   bench/gpu_check.sh OUTDIR
 #
-# Everything lands flat in OUTDIR (8 files at most):
+# Lands in OUTDIR:
 #   check.log    nvidia-smi, versions, install, each step's exit status and duration
 #   tests.log    pytest output
-#   sweep.log    the sweep's output, ending with the speedup summary against DESIGN.md's targets
+#   sweep.log    tune, sweep and model bench output, ending with the summaries against the targets
 #   results.json the sweep's data; throughput.png speedup.png memory.png drawn from it
-#   tune_routing.json  routing kernels' launch parameters against alternatives (bench/tune.py;
-#                      sweep.log: table)
+#   tune_layer.json  the fused layer's launch parameters against alternatives (bench/tune.py)
+#   model_bench/ results.json, model_throughput.png, model_memory.png (bench/model_bench.py)
 #
-# Each step runs under `timeout`; the defaults add up to under 8 minutes and can be changed with
-# CT_INSTALL_S, CT_TESTS_S, CT_TUNE_S, CT_SWEEP_S, CT_HALF_S, CT_PLOT_S (seconds). A step that fails or runs
-# out of time is logged and the next one still runs; the sweep rewrites results.json after every
-# point and stops starting points before its limit, so the data so far is always kept.
+# Each step runs under `timeout`; the defaults add up to 8.5 minutes and can be changed with
+# CT_INSTALL_S, CT_TESTS_S, CT_TUNE_S, CT_SWEEP_S, CT_HALF_S, CT_MODEL_S, CT_PLOT_S (seconds). A
+# step that fails or runs out of time is logged and the next one still runs; the sweeps rewrite
+# their JSON after every point and stop starting points before their limit, so the data so far
+# is always kept.
 #
-# CT_GPU_CHECK_DRY=1 rehearses the whole script on a CPU in about a minute: same steps, tiny sizes,
+# CT_GPU_CHECK_DRY=1 rehearses the whole script on a CPU in a few minutes: same steps, tiny sizes,
 # only tests/test_bench.py. PYTHON selects the interpreter (default python3).
 set -u -o pipefail
 
@@ -33,16 +35,17 @@ DRY=${CT_GPU_CHECK_DRY:-0}
 export PYTHONUNBUFFERED=1
 export MPLBACKEND=Agg
 
-# Seen on an H200 (298 s in all): install 12 s, tests 102 s, tune 17 s, float32 sweep 120 s (the
-# layer's compiled forward+backward points cut), half sweep 29 s (bfloat16 routing forward only).
-# The limits add up to 450 s, leaving 30 s of the 8 minutes for what runs outside them (version
-# checks, imports, each step's 10 s kill grace).
-INSTALL_S=${CT_INSTALL_S:-30}
-TESTS_S=${CT_TESTS_S:-135}
-TUNE_S=${CT_TUNE_S:-40}
-SWEEP_S=${CT_SWEEP_S:-150}
-HALF_S=${CT_HALF_S:-75}
-PLOT_S=${CT_PLOT_S:-20}
+# Seen on an H200 at b59a9d2 (298 s in all): install 12 s, tests 102 s, tune 17 s, float32 sweep
+# 120 s, half sweep 29 s. Now the suite holds the fused layer's kernels too (more compilations),
+# and the model bench is added: the limits add up to 505 s, leaving 25 s of the 8.5 minutes for
+# what runs outside them (version checks, imports, each step's 10 s kill grace).
+INSTALL_S=${CT_INSTALL_S:-25}
+TESTS_S=${CT_TESTS_S:-145}
+TUNE_S=${CT_TUNE_S:-45}
+SWEEP_S=${CT_SWEEP_S:-120}
+HALF_S=${CT_HALF_S:-45}
+MODEL_S=${CT_MODEL_S:-110}
+PLOT_S=${CT_PLOT_S:-15}
 
 LOG="$OUT/check.log"
 : >"$LOG"
@@ -69,20 +72,25 @@ if [[ $DRY == 1 ]]; then
     SIZES=(--n-in 8 --n-out 3 --d-in 4 --d 5 --iterations 2 --quick)
     FULL_BATCHES=(1 2)
     HALF_BATCHES=(2)
+    MODEL_BATCHES=(1 2)
+    MODEL_IMPLS=(port eager fused)
     TESTS=(tests/test_bench.py -m "not slow")
     IMPLS=(eager triton fused)
     unset TRITON_INTERPRET
 else
     DEVICE=cuda
     SIZES=()  # the paper's DigitCaps
-    FULL_BATCHES=(1 4 16 64 256 1024 4096)
-    HALF_BATCHES=(64 1024 4096)
-    # The checks that mean something on a GPU: the kernels against the float64 reference,
-    # opcheck and compiled execution, the fullgraph trace, input validation. The rest of the
-    # suite is CPU-only and runs in CI.
-    TESTS=(tests/ops tests/test_cuda.py tests/test_compile_trace.py tests/test_validation.py tests/test_transforms.py
-        tests/test_autocast.py)
-    IMPLS=(eager triton compile module fused)
+    FULL_BATCHES=(1 16 64 256 1024 4096)
+    HALF_BATCHES=(64 1024)
+    MODEL_BATCHES=(1 32 128 1024)
+    MODEL_IMPLS=(port eager fused triton cudagraphs)
+    # The checks that mean something on a GPU: every kernel against the float64 reference,
+    # opcheck and compiled execution, the fullgraph trace, transforms, autocast, validation.
+    # The fused layer's first: they are new. The rest of the suite is CPU-only and runs in CI.
+    TESTS=(tests/ops/test_fused_layer.py tests/ops/test_dynamic_routing.py tests/ops/test_squash.py
+        tests/test_cuda.py tests/test_compile_trace.py tests/test_autocast.py tests/test_transforms.py
+        tests/test_validation.py)
+    IMPLS=(eager triton fused compile module)
 fi
 
 log "gpu_check: repo $REPO, out $OUT, dry=$DRY, $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo 'no git')"
@@ -124,13 +132,14 @@ fi
 run tests "$TESTS_S" "$OUT/tests.log" "$PY" -m pytest "${PYTEST_ARGS[@]}" "${TESTS[@]}"
 { tail -n 3 "$OUT/tests.log"; echo; } | tee -a "$LOG"
 
-# --- launch parameters of the routing kernels against alternatives (DigitCaps, fp32)
+# --- launch parameters of the fused layer against alternatives (DigitCaps, fp32, B = 1024)
 if [[ $DRY != 1 ]]; then
-    run tune "$TUNE_S" "$OUT/sweep.log" "$PY" bench/tune.py --op routing --out "$OUT"
+    run tune "$TUNE_S" "$OUT/sweep.log" "$PY" bench/tune.py --op layer --batch-sizes 1024 --out "$OUT" \
+        --set tile=4096,8192 target_programs=1024,4096 num_warps=None,16 target_programs_bwd=1024,4096 groups=4,16
 else  # the same script and output through the interpreter, on a tiny shape
-    run tune "$TUNE_S" "$OUT/sweep.log" env TRITON_INTERPRET=1 "$PY" bench/tune.py --op routing --device cpu \
-        --out "$OUT" --batch-sizes 2 --n-in 7 --n-out 3 --d 5 --set tile=1024 tile_bwd=2048 target_programs=1024 \
-        target_programs_bwd=8192
+    run tune "$TUNE_S" "$OUT/sweep.log" env TRITON_INTERPRET=1 "$PY" bench/tune.py --op layer --device cpu \
+        --out "$OUT" --batch-sizes 2 --n-in 7 --n-out 3 --d 5 --d-in 4 --set tile=4096 target_programs=8 \
+        num_warps=None target_programs_bwd=8 groups=2
 fi
 
 # --- the sweep: float32 over the full batch list (routing first: its targets matter most),
@@ -143,6 +152,13 @@ run sweep-half "$HALF_S" "$OUT/sweep.log" "${SWEEP[@]}" --append --op routing la
     --modes forward forward+backward --dtypes bfloat16 float16 --implementations eager triton fused \
     --batch-sizes "${HALF_BATCHES[@]}" --time-budget $((HALF_S - 15))
 rm -f "$OUT"/*.tmp
+
+# --- the whole model against the port-style baseline: training step and inference, the bytes
+# saved for backward, and (on CUDA) the largest training batch under 16 GiB
+MODEL=("$PY" bench/model_bench.py --device "$DEVICE" --out "$OUT/model_bench" --no-progress --quick)
+[[ $DRY == 1 ]] || MODEL+=(--max-batch)
+run model-bench "$MODEL_S" "$OUT/sweep.log" "${MODEL[@]}" --implementations "${MODEL_IMPLS[@]}" \
+    --modes train inference --batch-sizes "${MODEL_BATCHES[@]}" --time-budget $((MODEL_S - 35))
 
 # --- plots and the summary, from the JSON alone
 if [[ -f "$OUT/results.json" ]]; then

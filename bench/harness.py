@@ -32,6 +32,9 @@ def ensure_capstriton() -> None:
         module = importlib.util.module_from_spec(spec)
         sys.modules["capstriton.kernels"] = module
         spec.loader.exec_module(module)
+        import capstriton
+
+        capstriton.kernels = module  # as the import system sets a loaded submodule on its package
 
 
 def import_registry():

@@ -45,6 +45,11 @@ if __name__ == "__main__":
     # must precede the first import of triton; a process that imports this module (a test) keeps
     # its own setting, and main() refuses to run under the interpreter
     os.environ.pop("TRITON_INTERPRET", None)
+    # A private, empty cache: every kernel is compiled, so the registers and spills are read from
+    # the log of the ptxas run triton itself made, with its options (triton 3.9 passes
+    # --regAllocOptLevel=2, which changes the allocation).
+    _CACHE = tempfile.TemporaryDirectory(prefix="capstriton-kernel-report-")
+    os.environ["TRITON_CACHE_DIR"] = _CACHE.name
 
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402

@@ -30,6 +30,8 @@ STYLE = {
     "triton": ("tab:orange", "^"),
     "fused": ("tab:red", "D"),
     "module": ("tab:green", "v"),
+    "port": ("black", "x"),
+    "cudagraphs": ("tab:purple", "P"),
 }
 _SPARE_STYLES = [("tab:purple", "P"), ("tab:brown", "X"), ("tab:pink", "*"), ("tab:olive", "h"), ("tab:cyan", "<")]
 SUMMARY_BATCH = 1024

@@ -22,7 +22,10 @@ __all__ = [
     "TuneSpec",
     "KernelCase",
     "OpSpec",
+    "ModelSpec",
     "register",
+    "register_model",
+    "model_specs",
     "specs",
     "get",
     "implementation_names",
@@ -108,7 +111,45 @@ class OpSpec:
     config_keys: tuple[str, ...] = field(default=())
 
 
+@dataclass(frozen=True)
+class ModelSpec:
+    """A whole model benchmarked by ``bench/model_bench.py`` (training step and inference).
+
+    ``implementations``: name -> ``build(device, dtype) -> (model, wrap)``, where ``model`` is an
+    ``nn.Module`` called as ``model(images, target)`` and returning ``(outputs, reconstruction)``,
+    and ``wrap(model) -> callable`` compiles it (identity when not compiled); raise :class:`Skip`
+    where it cannot run. ``modes`` per implementation default to both.
+    """
+
+    name: str
+    description: str
+    input_shape: tuple[int, ...]  # one example, e.g. (1, 28, 28)
+    num_classes: int
+    implementations: dict[str, Callable]
+    #: ``loss(outputs, target, reconstruction, images)`` of a training step
+    loss: Callable
+    #: implementation name -> its own loss, where it differs (a baseline's)
+    losses: dict[str, Callable] = field(default_factory=dict)
+    #: implementation name -> the modes it runs ("train", "inference"); others: both
+    modes: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    targets: tuple[Target, ...] = ()
+
+
 _REGISTRY: dict[str, OpSpec] = {}
+_MODELS: dict[str, ModelSpec] = {}
+
+
+def register_model(spec: ModelSpec) -> ModelSpec:
+    if spec.name in _MODELS:
+        raise ValueError(f"bench model {spec.name!r} is registered twice")
+    _MODELS[spec.name] = spec
+    return spec
+
+
+def model_specs() -> dict[str, ModelSpec]:
+    """Every registered model, after importing the modules of ``bench/specs/``."""
+    specs()
+    return dict(_MODELS)
 
 
 def register(spec: OpSpec) -> OpSpec:

@@ -50,6 +50,7 @@ def _implementations(backend: str) -> dict:
             "squash": reference.squash,
             "dynamic_routing": reference.dynamic_routing,
             "capsule_routing": reference.capsule_routing,
+            "capsule_routing_unfused": reference.capsule_routing,
         }
     from . import ops
 
@@ -57,6 +58,7 @@ def _implementations(backend: str) -> dict:
         "squash": ops.squash.squash,
         "dynamic_routing": ops.dynamic_routing.dynamic_routing,
         "capsule_routing": ops.fused_layer.capsule_routing,
+        "capsule_routing_unfused": ops.fused_layer.capsule_routing_unfused,
     }
 
 
@@ -118,9 +120,17 @@ def capsule_routing(
     *,
     grad_through_routing: bool = True,
     backend: str = "auto",
+    fused: bool = True,
 ) -> torch.Tensor:
     """A fully connected capsule layer: predictions ``u_hat[b,i,j] = weight[i,j] @ u[b,i]``, then
     :func:`dynamic_routing`.
+
+    On the triton backend the layer is fused: the predictions are computed on chip inside the
+    routing kernels and never stored (a training step keeps only u, the weight and per-iteration
+    [B, N_out, D_out] sums for the backward). Float32 products follow
+    ``torch.get_float32_matmul_precision()``: "highest" (the default) multiplies in IEEE float32,
+    "high"/"medium" allow TF32 tensor cores. ``fused=False`` runs the predictions as a PyTorch
+    matmul, then the routing kernels (for comparison); the torch backend ignores it.
 
     Args:
         u: input capsules ``[B, N_in, D_in]``.
@@ -144,8 +154,10 @@ def capsule_routing(
         )
     check_size("iterations", iterations)
     check_bool("grad_through_routing", grad_through_routing)
+    check_bool("fused", fused)
     u, weight = autocast_inputs(u, weight)
-    implementation = _implementations(resolve_backend(backend, u, weight))["capsule_routing"]
+    algorithm = "capsule_routing" if fused else "capsule_routing_unfused"
+    implementation = _implementations(resolve_backend(backend, u, weight))[algorithm]
     return implementation(u, weight, iterations, grad_through_routing)
 
 

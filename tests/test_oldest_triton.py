@@ -19,7 +19,8 @@ def test_interpreter_kernel_tests_pass_with_the_oldest_supported_triton():
     env = oldest_triton_env()
     env["TRITON_INTERPRET"] = "1"
     proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *KERNEL_TESTS],
+        # the slow cases (the paper's 1152 input capsules) run with the current triton only
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-m", "not slow", *KERNEL_TESTS],
         capture_output=True,
         text=True,
         env=env,

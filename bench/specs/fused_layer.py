@@ -3,10 +3,12 @@
 
 from __future__ import annotations
 
-import torch
-from registry import OpSpec, Skip, Target, register
+import dataclasses
 
-from specs._common import dtype_size, public_function, rand
+import torch
+from registry import KernelCase, OpSpec, Target, TuneSpec, register
+
+from specs._common import dtype_size, rand, require_triton
 
 
 def make_inputs(sizes, batch, device, dtype, requires_grad, generator):
@@ -19,11 +21,11 @@ def output_shape(sizes, batch):
     return (batch, sizes["n_out"], sizes["d"])
 
 
-def _layer(sizes, backend):
+def build_eager(sizes, device, dtype):
     import capstriton as ct
 
     iterations, grad = sizes["iterations"], sizes["grad_through_routing"]
-    return lambda u, w: ct.capsule_routing(u, w, iterations, grad_through_routing=grad, backend=backend)
+    return (lambda u, w: ct.capsule_routing(u, w, iterations, grad_through_routing=grad, backend="torch")), []
 
 
 def build_compile(sizes, device, dtype):
@@ -34,7 +36,24 @@ def build_compile(sizes, device, dtype):
 
 
 def build_fused(sizes, device, dtype):
-    raise Skip("not implemented (the fused layer kernels are issue 13)")
+    """``ct.capsule_routing`` on the triton backend: the fused kernels."""
+    import capstriton as ct
+
+    require_triton(device)
+    iterations, grad = sizes["iterations"], sizes["grad_through_routing"]
+    return (lambda u, w: ct.capsule_routing(u, w, iterations, grad_through_routing=grad, backend="triton")), []
+
+
+def build_unfused(sizes, device, dtype):
+    """The predictions as a PyTorch batched matmul (u_hat in memory), then the routing kernels:
+    ``ct.capsule_routing(..., backend="triton", fused=False)``."""
+    import capstriton as ct
+
+    require_triton(device)
+    iterations, grad = sizes["iterations"], sizes["grad_through_routing"]
+    return (
+        lambda u, w: ct.capsule_routing(u, w, iterations, grad_through_routing=grad, backend="triton", fused=False)
+    ), []
 
 
 def build_module(sizes, device, dtype):
@@ -67,6 +86,61 @@ def flops_per_example(sizes, mode):
     return forward * (3 if mode == "forward+backward" else 1)
 
 
+# --- launch parameters (bench/tune.py) and kernel launches (bench/kernel_report.py) ----------
+
+
+def _tuning(overrides):
+    from capstriton.ops.fused_layer import FusedTuning
+
+    return FusedTuning(**overrides)
+
+
+def tuned_call(sizes, overrides):
+    from capstriton.ops import fused_layer as ops
+
+    tuning = _tuning(overrides)
+    return lambda u, w: ops.capsule_routing(u, w, sizes["iterations"], sizes["grad_through_routing"], tuning)
+
+
+def launch(sizes, batch, overrides):
+    from capstriton.ops.fused_layer import fused_config
+
+    config = fused_config(sizes["n_in"], sizes["n_out"], sizes["d"], sizes["d_in"], batch, _tuning(overrides))
+    return dataclasses.asdict(config)
+
+
+def _kernel_case(n_in, n_out, d, d_in, batch, dtype, shape_set, precision="ieee", iterations=3):
+    def run(overrides):
+        from capstriton.ops import fused_layer as ops
+
+        tuning = _tuning(overrides).as_list()
+        u = torch.empty(batch, n_in, d_in, dtype=dtype, device="cuda")
+        w = torch.empty(n_in, n_out, d, d_in, dtype=dtype, device="cuda")
+        for grad_through in (True, False):
+            v, s_saved, vsum_saved = ops.fused_layer_fwd(u, w, iterations, grad_through, precision, tuning)
+            ops.fused_layer_bwd(
+                torch.empty_like(v), u, w, s_saved, vsum_saved, iterations, grad_through, precision, tuning
+            )
+
+    name = str(dtype).removeprefix("torch.")
+    label = f"layer {n_in}x{n_out}x{d}x{d_in} B={batch} R={iterations} {name}"
+    return KernelCase(label + (f" {precision}" if dtype == torch.float32 else ""), shape_set, run)
+
+
+def kernel_cases():
+    cases = [_kernel_case(1152, 10, 16, 8, 1024, dt, "digitcaps") for dt in (torch.float16, torch.bfloat16)]
+    cases += [_kernel_case(1152, 10, 16, 8, 1024, torch.float32, "digitcaps", p) for p in ("ieee", "tf32")]
+    cases += [
+        _kernel_case(2048, 10, 16, 8, 64, torch.bfloat16, "odd"),  # a CIFAR-10 sized layer
+        _kernel_case(37, 3, 33, 9, 5, torch.float32, "odd"),
+        _kernel_case(7, 2, 5, 1, 3, torch.float32, "odd"),
+        _kernel_case(16, 100, 8, 8, 64, torch.float32, "odd"),  # CIFAR-100's classes
+        _kernel_case(16, 10, 64, 16, 64, torch.bfloat16, "odd"),  # 64D capsules
+        _kernel_case(16, 128, 16, 16, 64, torch.float32, "odd"),  # 128 classes of 16D
+    ]
+    return cases
+
+
 register(
     OpSpec(
         name="layer",
@@ -74,11 +148,27 @@ register(
         make_inputs=make_inputs,
         output_shape=output_shape,
         implementations={
-            **public_function(_layer),
+            "eager": build_eager,
             "compile": build_compile,
+            # "triton" is the unfused path, as in the results measured before the fused layer
+            "triton": build_unfused,
             "fused": build_fused,
             "module": build_module,
         },
+        tune=TuneSpec(
+            knobs={
+                "forward": {"tile": (2048, 4096, 8192), "target_programs": (1024, 4096), "num_warps": (None, 4)},
+                "forward+backward": {
+                    "target_programs_bwd": (1024, 2048, 8192),
+                    "groups": (4, 8, 16),
+                    "num_warps": (None,),
+                },
+            },
+            call=tuned_call,
+            launch=launch,
+        ),
+        kernel_cases=kernel_cases,
+        config_keys=("tile", "target_programs", "target_programs_bwd", "groups", "num_warps"),
         min_bytes_per_example=min_bytes_per_example,
         flops_per_example=flops_per_example,
         targets=(

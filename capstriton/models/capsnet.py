@@ -44,6 +44,7 @@ class CapsNet(nn.Module):
         backend: str = "auto",
         init_std: float = 0.01,
         return_lengths: bool = False,
+        fused: bool = True,
     ):
         super().__init__()
         self.in_channels = check_size("in_channels", in_channels)
@@ -63,7 +64,7 @@ class CapsNet(nn.Module):
         )
         in_caps = self.primary.output_caps(conv_size, conv_size)
         self.digit = RoutingCapsules(
-            in_caps, primary_dim, num_classes, out_dim, iterations, grad_through_routing, backend, init_std
+            in_caps, primary_dim, num_classes, out_dim, iterations, grad_through_routing, backend, init_std, fused
         )
         self.decoder = (
             None

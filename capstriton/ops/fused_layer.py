@@ -1,23 +1,345 @@
-"""The fully connected capsule layer (``ct.capsule_routing``) on the triton backend: predictions
-``u_hat[b,i,j] = weight[i,j] @ u[b,i]``, then dynamic routing.
+"""The fully connected capsule layer (``ct.capsule_routing``) on the triton backend.
 
-Today the predictions are one PyTorch batched matmul and the routing kernels read them back from
-memory: u_hat is written once and read once per iteration.
+Fused (the default): the predictions ``u_hat[b,i,j] = weight[i,j] @ u[b,i]`` are computed on chip
+inside the routing passes and never stored (``capstriton.kernels.fused_layer``):
+
+    capstriton::fused_layer_fwd(u [B, N_in, D_in], weight [N_in, N_out, D, D_in], iterations,
+        grad_through_routing, precision, tuning) -> (v [B, N_out, D], s_saved, vsum_saved)
+    capstriton::fused_layer_bwd(grad_v, u, weight, s_saved, vsum_saved, iterations,
+        grad_through_routing, precision, tuning) -> (grad_u, grad_weight)
+
+A training step saves ``u``, ``weight`` and ``s_saved``, ``vsum_saved`` ([R, B, N_out, D] each).
+
+Unfused (``fused=False``, kept for comparison): the predictions as one PyTorch batched matmul,
+then the ``dynamic_routing`` kernels (u_hat written once, read once per iteration).
+
+``precision`` is how float32 products are made, read from
+``torch.get_float32_matmul_precision()`` in Python (:func:`matmul_precision`) and passed as an op
+argument, so torch.compile records it without a graph break: "highest" (PyTorch's default) gives
+IEEE float32 products ("ieee"); "high" and "medium" allow TF32 tensor cores ("tf32"). Half-precision
+inputs always multiply on tensor cores with float32 accumulation.
 """
 
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
+
 import torch
+import triton
+from torch.library import triton_op
 
+from ..kernels.dynamic_routing import dynamic_routing_bwd_sum_kernel, dynamic_routing_finalize_kernel
+from ..kernels.fused_layer import (
+    fused_layer_bwd_ds_kernel,
+    fused_layer_bwd_dw_sum_kernel,
+    fused_layer_bwd_final_kernel,
+    fused_layer_bwd_reduce_kernel,
+    fused_layer_fwd_kernel,
+)
 from ..reference.capsule_routing import capsule_predictions
-from .dynamic_routing import dynamic_routing
+from ._launch import empty, launch
+from ._transforms import no_double_backward
+from .dynamic_routing import PassConfig, dynamic_routing, input_split
 
-__all__ = ["capsule_routing"]
+__all__ = [
+    "FUSED_MAX_OUTPUTS",
+    "FusedTuning",
+    "FusedConfig",
+    "fused_config",
+    "matmul_precision",
+    "capsule_routing",
+    "capsule_routing_unfused",
+    "fused_layer_fwd",
+    "fused_layer_bwd",
+]
+
+_F32 = torch.float32
+#: The largest padded [N_out, D_out] block (next powers of two) the fused kernels take: 128 classes
+#: of 16D, or 32 capsules of 64D. A larger block does not fit a program's registers with the
+#: routing state (the kernel report saw spills at 128 x 64 with 16 and 32 warps); such layers run
+#: unfused (u_hat in memory).
+FUSED_MAX_OUTPUTS = 2048
+_PRECISIONS = {"highest": "ieee", "high": "tf32", "medium": "tf32"}
+
+
+@torch.compiler.assume_constant_result
+def matmul_precision() -> str:
+    """tl.dot's ``input_precision`` for float32 products under PyTorch's float32 matmul setting.
+    Under torch.compile the setting is read when the function is traced and becomes a constant of
+    the graph (dynamo cannot trace the getter), as inductor's own matmuls take it at compile time."""
+    return _PRECISIONS[torch.get_float32_matmul_precision()]
+
+
+@dataclass(frozen=True)
+class FusedTuning:
+    """The knobs of :func:`fused_config` (not yet timed on a GPU: chosen from the kernel report's
+    registers and occupancy, ``bench/results/kernel_report/NOTES.md``)."""
+
+    #: float32 elements of a [BLOCK_B, BLOCK_N] block (examples x flattened outputs) in the passes
+    tile: int = 4096
+    #: programs a forward launch aims for (input capsules split across them)
+    target_programs: int = 1024
+    #: programs a backward launch aims for
+    target_programs_bwd: int = 2048
+    #: most batch groups of the final backward pass: the weight gradient is summed over a group's
+    #: examples on chip, then the groups' parts in order
+    groups: int = 8
+    #: warps per program of the passes; None: from the block size
+    num_warps: int | None = None
+
+    def as_list(self) -> list[int]:
+        """The op argument (0 stands for ``num_warps=None``)."""
+        return [self.tile, self.target_programs, self.target_programs_bwd, self.groups, self.num_warps or 0]
+
+    @classmethod
+    def from_list(cls, values: list[int]) -> FusedTuning:
+        tile, programs, programs_bwd, groups, warps = values
+        return cls(tile, programs, programs_bwd, groups, warps or None)
+
+
+@dataclass(frozen=True)
+class FusedConfig:
+    """Launch parameters of the fused kernels for one shape and batch size."""
+
+    block_b: int  # examples per tile (a batch-independent constant: no recompiles)
+    block_j: int  # next power of two >= N_out
+    block_d: int  # next power of two >= D_out
+    block_k: int  # D_in padded for the product (>= 16 for tl.dot)
+    use_dot: bool  # the products as tl.dot: tiles of at least 16 examples x 16 outputs
+    num_warps: int
+    num_warps_caps: int  # the per-example kernels (finalize, backward sum, ds)
+    tiles: int  # example tiles: ceil(B / block_b)
+    fwd: PassConfig  # split of the input capsules per tile, forward (block_i = 1)
+    bwd: PassConfig  # the backward's reduce passes
+    final: PassConfig  # the final backward pass: input capsules per program along axis 0
+    groups: int  # batch groups of the final pass (axis 1)
+    tiles_per_group: int
+
+
+def fused_config(
+    n_in: int, n_out: int, dim: int, d_in: int, batch: int, tuning: FusedTuning | None = None
+) -> FusedConfig:
+    """Launch parameters for the fused kernels.
+
+    A program's working set is a few [BLOCK_B, BLOCK_J, BLOCK_D] float32 blocks (predictions,
+    the running sum V, the accumulated s or dV, ds): ``BLOCK_B`` is as many examples as fit in
+    ``tuning.tile`` elements with the flattened outputs, a power of two up to 64. The products use
+    ``tl.dot`` when that tile is at least 16 x 16 (16 examples of the paper's 10 x 16 outputs);
+    large capsules (64 x 64 outputs: one example a tile) take D_in rank-one updates.
+    """
+    tuning = tuning or FusedTuning()
+    block_j = triton.next_power_of_2(n_out)
+    block_d = triton.next_power_of_2(dim)
+    block_n = block_j * block_d
+    block_b = max(1, min(64, triton.next_power_of_2(max(tuning.tile // block_n, 1) + 1) // 2))
+    use_dot = block_b >= 16 and block_n >= 16
+    block_k = max(16, triton.next_power_of_2(d_in)) if use_dot else triton.next_power_of_2(d_in)
+    # 8 warps fit every tile without spilling but the widest (2048 outputs), which needs the
+    # register file of 16 (bench/results/kernel_report/NOTES.md)
+    num_warps = tuning.num_warps or (16 if not use_dot and block_n >= 2048 else 8)
+    tiles = triton.cdiv(max(batch, 1), block_b)
+    groups = max(1, min(tuning.groups, tiles))
+    tiles_per_group = triton.cdiv(tiles, groups)
+    groups = triton.cdiv(tiles, tiles_per_group)
+    return FusedConfig(
+        block_b=block_b,
+        block_j=block_j,
+        block_d=block_d,
+        block_k=block_k,
+        use_dot=use_dot,
+        num_warps=num_warps,
+        num_warps_caps=min(8, max(4, block_n // 128)),
+        tiles=tiles,
+        fwd=input_split(n_in, 1, tiles, tuning.target_programs),
+        bwd=input_split(n_in, 1, tiles, tuning.target_programs_bwd),
+        final=input_split(n_in, 1, groups, tuning.target_programs_bwd),
+        groups=groups,
+        tiles_per_group=tiles_per_group,
+    )
+
+
+def _constexprs(cfg: FusedConfig, dtype: torch.dtype, precision: str) -> dict:
+    # Triton's interpreter (3.6 to 3.9) multiplies bfloat16 dot operands as their raw 16-bit
+    # integers: the kernels widen them (exactly) when it runs them.
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    return {
+        "BLOCK_B": cfg.block_b,
+        "BLOCK_J": cfg.block_j,
+        "BLOCK_D": cfg.block_d,
+        "BLOCK_K": cfg.block_k,
+        "USE_DOT": cfg.use_dot,
+        # float32 products only: half types multiply on tensor cores whatever the setting
+        "PRECISION": precision if dtype == torch.float32 else "ieee",
+        "DOT_F32": interpreted and dtype == torch.bfloat16 and cfg.use_dot,
+        "num_warps": cfg.num_warps,
+        # no software pipelining of the capsule loops: its staged copies of the u and W tiles
+        # cost registers and shared memory that the routing blocks need (spills otherwise)
+        "num_stages": 1,
+    }
+
+
+def _strides(u: torch.Tensor, weight: torch.Tensor) -> dict[str, int]:
+    names = ("stride_ub", "stride_ui", "stride_uk", "stride_wi", "stride_wj", "stride_wd", "stride_wk")
+    return dict(zip(names, (*u.stride(), *weight.stride()), strict=True))
+
+
+def _check_precision(precision: str) -> None:
+    if precision not in ("ieee", "tf32", "tf32x3"):
+        raise ValueError(f"precision must be 'ieee', 'tf32' or 'tf32x3', got {precision!r}")
+
+
+@triton_op("capstriton::fused_layer_fwd", mutates_args=())
+def fused_layer_fwd(
+    u: torch.Tensor,
+    weight: torch.Tensor,
+    iterations: int,
+    grad_through_routing: bool,
+    precision: str,
+    tuning: list[int],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    _check_precision(precision)
+    batch, n_in, d_in = u.shape
+    _, n_out, d, _ = weight.shape
+    v = empty((batch, n_out, d), u.dtype, u.device)
+    saved = (iterations, batch, n_out, d)
+    s_saved, vsum_saved = empty(saved, _F32, u.device), empty(saved, _F32, u.device)
+    if batch == 0:
+        return v, s_saved, vsum_saved
+    cfg = fused_config(int(n_in), int(n_out), int(d), int(d_in), batch, FusedTuning.from_list(tuning))
+    split = cfg.fwd.split
+    partials = [empty((batch, split, n_out, d), _F32, u.device) for _ in range(2)]
+    for r in range(iterations):
+        launch(
+            fused_layer_fwd_kernel, (cfg.tiles, split),
+            u_ptr=u, w_ptr=weight, part_in_ptr=partials[(r + 1) % 2], part_out_ptr=partials[r % 2],
+            s_buf_ptr=s_saved, vsum_buf_ptr=vsum_saved,
+            B=batch, N_in=n_in, N_out=n_out, D=d, D_in=d_in, SPLIT=split, caps_per_split=cfg.fwd.caps_per_split,
+            r=r, **_strides(u, weight), **_constexprs(cfg, u.dtype, precision), FIRST=r == 0,
+        )
+    launch(
+        dynamic_routing_finalize_kernel, (batch,),
+        part_ptr=partials[(iterations - 1) % 2], s_buf_ptr=s_saved, v_ptr=v,
+        B=batch, N_out=n_out, D=d, SPLIT=split, last=iterations - 1,
+        BLOCK_J=cfg.block_j, BLOCK_D=cfg.block_d, num_warps=cfg.num_warps_caps,
+    )
+    return v, s_saved, vsum_saved
+
+
+@triton_op("capstriton::fused_layer_bwd", mutates_args=())
+def fused_layer_bwd(
+    grad_v: torch.Tensor,
+    u: torch.Tensor,
+    weight: torch.Tensor,
+    s_saved: torch.Tensor,
+    vsum_saved: torch.Tensor,
+    iterations: int,
+    grad_through_routing: bool,
+    precision: str,
+    tuning: list[int],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_precision(precision)
+    batch, n_in, d_in = u.shape
+    _, n_out, d, _ = weight.shape
+    du = empty(u.shape, u.dtype, u.device)
+    dw = empty(weight.shape, weight.dtype, weight.device)
+    if batch == 0:
+        return du, dw.zero_()  # no example: no gradient
+    cfg = fused_config(int(n_in), int(n_out), int(d), int(d_in), batch, FusedTuning.from_list(tuning))
+    consts = _constexprs(cfg, u.dtype, precision)
+    strides = _strides(u, weight)
+    ds_saved = empty(s_saved.shape, _F32, u.device)
+    split = cfg.bwd.split
+    # dv_r, the gradient reaching v_r: the output gradient for the last step, the running sum of
+    # the later steps' dV for the others (chosen here, so no kernel selects at run time)
+    dv_in = grad_v
+    if grad_through_routing and iterations > 1:
+        dpartials = empty((batch, split, n_out, d), _F32, u.device)
+        dv_sum = empty((batch, n_out, d), _F32, u.device)
+        for r in range(iterations - 1, 0, -1):
+            launch(
+                fused_layer_bwd_reduce_kernel, (cfg.tiles, split),
+                u_ptr=u, w_ptr=weight, dv_ptr=dv_in, s_buf_ptr=s_saved, vsum_buf_ptr=vsum_saved,
+                ds_buf_ptr=ds_saved, dpart_ptr=dpartials,
+                B=batch, N_in=n_in, N_out=n_out, D=d, D_in=d_in, SPLIT=split,
+                caps_per_split=cfg.bwd.caps_per_split, r=r, **strides,
+                stride_gb=dv_in.stride(0), stride_gj=dv_in.stride(1), stride_gd=dv_in.stride(2), **consts,
+            )
+            launch(
+                dynamic_routing_bwd_sum_kernel, (batch,),
+                dpart_ptr=dpartials, dvsum_ptr=dv_sum, B=batch, N_out=n_out, D=d, SPLIT=split,
+                BLOCK_J=cfg.block_j, BLOCK_D=cfg.block_d, FIRST=r == iterations - 1,
+                num_warps=cfg.num_warps_caps,
+            )
+            dv_in = dv_sum
+    r_lo = 0 if grad_through_routing else iterations - 1
+    launch(
+        fused_layer_bwd_ds_kernel, (batch,),
+        dv_ptr=dv_in, s_buf_ptr=s_saved, ds_buf_ptr=ds_saved, B=batch, N_out=n_out, D=d, r=r_lo,
+        stride_gb=dv_in.stride(0), stride_gj=dv_in.stride(1), stride_gd=dv_in.stride(2),
+        BLOCK_J=cfg.block_j, BLOCK_D=cfg.block_d, num_warps=cfg.num_warps_caps,
+    )
+    # the groups' parts of dW: written whole by the tl.dot path, accumulated in place (from zero)
+    # by the rank-one path
+    part_shape = (cfg.groups, *weight.shape)
+    dw_part = empty(part_shape, _F32, u.device) if cfg.use_dot else torch.zeros(part_shape, dtype=_F32, device=u.device)
+    # IEEE float32 gradient products whatever the setting: with TF32 the final pass's dot layouts
+    # did not fit the register file (spills on sm_90); exact products are allowed under any setting
+    consts["PRECISION"] = "ieee"
+    launch(
+        fused_layer_bwd_final_kernel, (cfg.final.split, cfg.groups),
+        u_ptr=u, w_ptr=weight, vsum_buf_ptr=vsum_saved, ds_buf_ptr=ds_saved, du_ptr=du, dw_part_ptr=dw_part,
+        B=batch, N_in=n_in, N_out=n_out, D=d, D_in=d_in, R=iterations,
+        caps_per_split=cfg.final.caps_per_split, tiles_per_group=cfg.tiles_per_group, **strides, **consts,
+        HALF=u.dtype != torch.float32, GRAD_THROUGH=grad_through_routing,
+    )
+    numel = weight.numel()
+    block = 1024
+    launch(
+        fused_layer_bwd_dw_sum_kernel, (triton.cdiv(numel, block),),
+        dw_part_ptr=dw_part, dw_ptr=dw, numel=numel, G=cfg.groups, BLOCK=block, num_warps=4,
+    )
+    return du, dw
+
+
+def _setup_context(ctx, inputs, output):
+    u, weight, iterations, grad_through_routing, precision, tuning = inputs
+    _, s_saved, vsum_saved = output
+    ctx.save_for_backward(u, weight, s_saved, vsum_saved)
+    ctx.args = iterations, grad_through_routing, precision, tuning
+
+
+def _backward(ctx, grad_v, _grad_s_saved, _grad_vsum_saved):
+    u, weight, s_saved, vsum_saved = ctx.saved_tensors
+    if grad_v is None:
+        return None, None, None, None, None, None
+    du, dw = fused_layer_bwd(grad_v, u, weight, s_saved, vsum_saved, *ctx.args)
+    return du, dw, None, None, None, None
+
+
+fused_layer_fwd.register_autograd(_backward, setup_context=_setup_context)
+fused_layer_bwd.register_autograd(no_double_backward("fused capsule layer"))
 
 
 def capsule_routing(
+    u: torch.Tensor,
+    weight: torch.Tensor,
+    iterations: int,
+    grad_through_routing: bool,
+    tuning: FusedTuning | None = None,
+) -> torch.Tensor:
+    """The fused layer: ``u`` [B, N_in, D_in], ``weight`` [N_in, N_out, D_out, D_in] -> ``v``
+    [B, N_out, D_out] (validated by capstriton.functional); ``tuning`` overrides the launch
+    parameters. Capsule blocks beyond :data:`FUSED_MAX_OUTPUTS` run unfused."""
+    _, n_out, d, _ = weight.shape
+    if triton.next_power_of_2(n_out) * triton.next_power_of_2(d) > FUSED_MAX_OUTPUTS:
+        return capsule_routing_unfused(u, weight, iterations, grad_through_routing)
+    tuning = (tuning or FusedTuning()).as_list()
+    return fused_layer_fwd(u, weight, iterations, grad_through_routing, matmul_precision(), tuning)[0]
+
+
+def capsule_routing_unfused(
     u: torch.Tensor, weight: torch.Tensor, iterations: int, grad_through_routing: bool
 ) -> torch.Tensor:
-    """``u`` [B, N_in, D_in], ``weight`` [N_in, N_out, D_out, D_in] -> ``v`` [B, N_out, D_out]
-    (validated by capstriton.functional)."""
+    """The predictions as one PyTorch batched matmul (u_hat in memory), then the routing kernels."""
     return dynamic_routing(capsule_predictions(u, weight), iterations, grad_through_routing)

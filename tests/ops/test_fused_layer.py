@@ -1,33 +1,281 @@
-"""The capsule layer (``ct.capsule_routing``: predictions, then routing): the triton path against
-the float64 reference, the reference against naive loops and gradcheck, and the predictions'
-memory pattern. Tolerances as in tests/ops/test_dynamic_routing.py.
+"""The capsule layer (``ct.capsule_routing``: predictions, then routing): the fused Triton kernels
+(and the unfused path) against the float64 reference over the shape grid, dtypes, gradient modes,
+batch sizes, strides and both product paths (tl.dot tiles and rank-one updates); the memory a
+training step saves; the reference against naive loops and gradcheck; the predictions' memory
+pattern. Tolerances as in tests/ops/test_dynamic_routing.py (``KERNEL_TOL``); every buffer the
+ops allocate is NaN-poisoned (tests/ops/conftest.py).
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-from _helpers import KERNEL_DEVICE, KERNEL_TOL, assert_close, grads, naive_predictions, naive_routing, rel_err
+from _helpers import (
+    DTYPE_IDS,
+    DTYPES,
+    KERNEL_DEVICE,
+    KERNEL_TOL,
+    assert_close,
+    grads,
+    naive_predictions,
+    naive_routing,
+    rel_err,
+    requires_cuda,
+)
 
 import capstriton as ct
 from capstriton import reference
+from capstriton.ops import fused_layer as ops
+from capstriton.ops.fused_layer import FUSED_MAX_OUTPUTS, FusedTuning, fused_config
 
 TOL = KERNEL_TOL
 F64_TOL = 1e-12
+#: Few programs (the interpreter pays per program; they still cover several capsules per split
+#: and two batch groups), with the default tile (tl.dot products where the tile allows) and with
+#: a small one, which forces the rank-one product path on the same shapes.
+DOT = FusedTuning(target_programs=8, target_programs_bwd=8, groups=2)
+RANK_ONE = FusedTuning(tile=64, target_programs=8, target_programs_bwd=8, groups=2)
 
 
-def test_capsule_routing_triton_matches_reference():
-    u = torch.randn(3, 37, 8, device=KERNEL_DEVICE, requires_grad=True)
-    w = (0.1 * torch.randn(37, 10, 16, 8, device=KERNEL_DEVICE)).requires_grad_()
-    v = ct.capsule_routing(u, w, 3, backend="triton")
-    g = torch.randn_like(v)
-    du, dw = torch.autograd.grad(v, (u, w), g)
-    u64, w64 = u.detach().double().cpu().requires_grad_(), w.detach().double().cpu().requires_grad_()
-    ref = ct.capsule_routing(u64, w64, 3, backend="torch")
-    du_ref, dw_ref = torch.autograd.grad(ref, (u64, w64), g.double().cpu())
-    assert_close("v", v, ref, TOL[torch.float32])
+def layer_id(shape) -> str:
+    return "in{}-out{}-D{}-Din{}".format(*shape)
+
+
+def run_layer(u, w, iterations, grad_mode, grad_out, tuning=None, fused=True):
+    """Triton forward and gradients (u and weight) against float64 on the same values."""
+    u_k = u.detach().clone().requires_grad_() if u.is_contiguous() else u.detach().requires_grad_()
+    w_k = w.detach().clone().requires_grad_() if w.is_contiguous() else w.detach().requires_grad_()
+    if tuning is None:
+        v = ct.capsule_routing(u_k, w_k, iterations, grad_through_routing=grad_mode, backend="triton", fused=fused)
+    else:
+        v = ops.capsule_routing(u_k, w_k, iterations, grad_mode, tuning)
+    du, dw = torch.autograd.grad(v, (u_k, w_k), grad_out)
+    u64, w64 = (t.detach().double().cpu().requires_grad_() for t in (u, w))
+    ref = ct.capsule_routing(u64, w64, iterations, grad_through_routing=grad_mode, backend="torch")
+    du_ref, dw_ref = torch.autograd.grad(ref, (u64, w64), grad_out.double().cpu())
+    assert v.dtype == u.dtype and du.dtype == u.dtype and dw.dtype == w.dtype
+    return (v, ref), (du, du_ref), (dw, dw_ref)
+
+
+def check_layer(u, w, iterations, grad_mode, tol, tuning=None, fused=True, grad_out=None):
+    if grad_out is None:
+        grad_out = torch.randn(u.shape[0], w.shape[1], w.shape[2], device=u.device).to(u.dtype)
+    results = run_layer(u, w, iterations, grad_mode, grad_out, tuning, fused)
+    for name, (out, ref) in zip(("v", "du", "dw"), results, strict=True):
+        assert_close(name, out, ref, tol)
+
+
+def layer_inputs(batch, n_in, n_out, d, d_in, dtype=torch.float32):
+    u = torch.randn(batch, n_in, d_in, device=KERNEL_DEVICE).to(dtype)
+    w = (0.5 / d_in**0.5 * torch.randn(n_in, n_out, d, d_in, device=KERNEL_DEVICE)).to(dtype)
+    return u, w
+
+
+# (N_in, N_out, D_out, D_in): every size of DESIGN.md section 4's grid (N_in 1 7 37 1152 below,
+# N_out 1 2 3 10, D 1 5 16 33) and of the fused layer's (D_in 1 4 8 9 16, N_out 1 3 10 100),
+# mixing small, odd and padded tiles
+LAYER_SHAPES = [
+    (1, 1, 1, 1),
+    (7, 2, 5, 4),
+    (37, 3, 16, 8),
+    (37, 10, 33, 9),
+    (7, 10, 1, 16),
+    (37, 1, 5, 1),
+    (7, 3, 33, 4),
+    (7, 100, 5, 8),
+    (1, 10, 16, 9),
+]
+LAYER_CASES = [(shape, 3) for shape in LAYER_SHAPES] + [
+    ((7, 2, 5, 4), 1), ((7, 2, 5, 4), 2), ((7, 2, 5, 4), 5), ((37, 3, 16, 8), 5), ((1, 1, 1, 1), 5),
+]
+
+
+@pytest.mark.parametrize("grad_mode", [True, False], ids=["through", "detached"])
+@pytest.mark.parametrize(("shape", "iterations"), LAYER_CASES, ids=[f"{layer_id(s)}-R{r}" for s, r in LAYER_CASES])
+def test_fused_layer_fp32(shape, iterations, grad_mode):
+    u, w = layer_inputs(3, *shape)
+    check_layer(u, w, iterations, grad_mode, TOL[torch.float32])
+
+
+@pytest.mark.parametrize("grad_mode", [True, False], ids=["through", "detached"])
+@pytest.mark.parametrize("shape", [(7, 10, 16, 8), (7, 3, 5, 9), (3, 100, 5, 8)], ids=layer_id)
+def test_fused_layer_both_product_paths(shape, grad_mode):
+    """The same shapes with the tiles' products as tl.dot and as rank-one updates (a small
+    tile), with 17 examples: a full tile of 16 and a partial one."""
+    u, w = layer_inputs(17, *shape)
+    assert fused_config(*shape, 17, DOT).use_dot != fused_config(*shape, 17, RANK_ONE).use_dot or shape[1] == 100
+    for tuning in (DOT, RANK_ONE):
+        check_layer(u, w, 3, grad_mode, TOL[torch.float32], tuning=tuning)
+
+
+@pytest.mark.parametrize("grad_mode", [True, False], ids=["through", "detached"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("shape", [(37, 10, 16, 8), (7, 3, 5, 9)], ids=layer_id)
+def test_fused_layer_dtypes(shape, dtype, grad_mode):
+    u, w = layer_inputs(5, *shape, dtype=dtype)
+    check_layer(u, w, 3, grad_mode, TOL[dtype])
+
+
+@pytest.mark.parametrize("batch", [0, 1, 5, 33])
+def test_fused_layer_batch_sizes(batch):
+    u, w = layer_inputs(batch, 7, 3, 5, 4)
+    if batch == 0:
+        v = ct.capsule_routing(u.requires_grad_(), w.requires_grad_(), 3, backend="triton")
+        du, dw = torch.autograd.grad(v.sum(), (u, w))
+        assert v.shape == (0, 3, 5) and du.shape == u.shape and (dw == 0).all()  # no example: no gradient
+    else:
+        check_layer(u, w, 3, True, TOL[torch.float32])
+
+
+@pytest.mark.slow
+def test_fused_layer_1152_input_capsules():
+    """The paper's N_in (with fewer programs than the default aims for: the interpreter pays per
+    program): many capsules per program, a short last split, batch groups in the final pass."""
+    u, w = layer_inputs(3, 1152, 3, 5, 4)
+    tuning = FusedTuning(target_programs=5, target_programs_bwd=7, groups=2)
+    check_layer(u, w, 2, True, TOL[torch.float32], tuning=tuning)
+
+
+def test_fused_layer_non_contiguous_inputs_and_expanded_gradient():
+    base_u = torch.randn(9, 5, 4, device=KERNEL_DEVICE)
+    u = base_u.transpose(0, 1)[::2]  # [3, 9, 4], no unit stride on the batch axis
+    w = (0.3 * torch.randn(5, 3, 9, 4, device=KERNEL_DEVICE)).permute(2, 1, 0, 3)[:, :, ::2]  # [9, 3, 3, 4]
+    assert not u.is_contiguous() and not w.is_contiguous()
+    grad_out = torch.ones(1, 1, 1, device=KERNEL_DEVICE).expand(3, 3, 3)  # as from v.sum(): stride 0
+    for tuning in (DOT, RANK_ONE):
+        check_layer(u, w, 3, True, TOL[torch.float32], tuning=tuning, grad_out=grad_out)
+
+
+@pytest.mark.parametrize("scale", [0.0, 1e-30, 1e30], ids=["zero", "tiny", "huge"])
+def test_fused_layer_extreme_magnitudes(scale):
+    u, w = layer_inputs(3, 7, 3, 5, 4)
+    u = scale * u
+    u[1] = 0.0  # one example of exact zeros among the others
+    (v, ref), (du, du_ref), (dw, dw_ref) = run_layer(u, w, 3, True, torch.randn(3, 3, 5, device=KERNEL_DEVICE))
+    assert torch.isfinite(v).all() and torch.isfinite(du).all() and torch.isfinite(dw).all()
+    assert (v[1] == 0).all() and (du[1] == 0).all()  # zero Jacobian of squash at s = 0
+    if scale == 1e-30:
+        # |v| ~ |s|^2 and dW ~ du_hat u ~ 1e-60: below float32's smallest subnormal, exactly 0
+        assert ref.abs().max() < 1e-45 and (v == 0).all()
+        assert dw_ref.abs().max() < 1e-45 and (dw == 0).all()
+    else:
+        assert_close("v", v, ref, TOL[torch.float32])
+        assert_close("dw", dw, dw_ref, TOL[torch.float32])
     assert_close("du", du, du_ref, TOL[torch.float32])
-    assert_close("dw", dw, dw_ref, TOL[torch.float32])
+
+
+def test_fused_layer_deterministic():
+    u, w = layer_inputs(20, 7, 10, 16, 8)
+    u.requires_grad_()
+    w.requires_grad_()
+    runs = []
+    for _ in range(2):
+        v = ct.capsule_routing(u, w, 3, backend="triton")
+        runs.append((v, *torch.autograd.grad(v, (u, w), torch.ones_like(v))))
+    assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
+
+
+def test_capsules_beyond_the_fused_limit_run_unfused():
+    """128 x 64 capsules exceed FUSED_MAX_OUTPUTS: the layer runs the unfused kernels, correctly."""
+    assert 128 * 64 > FUSED_MAX_OUTPUTS >= 128 * 16
+    u, w = layer_inputs(2, 3, 128, 64, 16)
+    check_layer(u, w, 2, True, TOL[torch.float32])
+
+
+def test_unfused_option_matches_reference():
+    u, w = layer_inputs(3, 37, 10, 16, 8)
+    check_layer(u, w, 3, True, TOL[torch.float32], fused=False)
+
+
+def test_float32_matmul_precision_reaches_the_kernels():
+    """torch.get_float32_matmul_precision() is read in Python and passed to the op: IEEE products
+    under "highest" (the default), TF32 under "high" and "medium"; the final backward pass keeps
+    IEEE products (TF32 spilled there). Recorded launches, nothing runs."""
+    from capstriton.ops._launch import recording
+
+    u, w = layer_inputs(2, 7, 10, 16, 8)
+    saved = torch.get_float32_matmul_precision()
+    seen = {}
+    try:
+        for setting in ("highest", "high", "medium"):
+            torch.set_float32_matmul_precision(setting)
+            launches = []
+
+            def record(kernel, grid, kwargs, launches=launches):
+                launches.append((kernel.__name__, kwargs))
+
+            with recording(record):
+                ops.capsule_routing(u, w, 3, True)
+            seen[setting] = {k.removesuffix("_kernel"): kw["PRECISION"] for k, kw in launches if "PRECISION" in kw}
+    finally:
+        torch.set_float32_matmul_precision(saved)
+    assert seen["highest"] == {"fused_layer_fwd": "ieee"}
+    assert seen["high"] == seen["medium"] == {"fused_layer_fwd": "tf32"}
+
+
+def saved_storages(fn) -> dict[int, int]:
+    """What autograd saves for backward in a call of ``fn``: bytes of each distinct storage."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return storages
+
+
+def test_training_step_saves_nothing_of_u_hat_size():
+    """The memory claim, counted exactly on CPU tensors: a training step of the fused layer keeps
+    u, the weight and per-iteration [B, N_out, D] sums, and no tensor of u_hat's size
+    (B x N_in x N_out x D), which the unfused and eager paths save."""
+    batch, n_in, n_out, d, d_in, iterations = 4, 37, 10, 16, 8, 3
+    u, w = layer_inputs(batch, n_in, n_out, d, d_in)
+    u.requires_grad_()
+    w.requires_grad_()
+    u_hat_bytes = batch * n_in * n_out * d * 4
+    paths = {
+        "fused": lambda: ct.capsule_routing(u, w, iterations, backend="triton"),
+        "unfused": lambda: ct.capsule_routing(u, w, iterations, backend="triton", fused=False),
+        "eager": lambda: ct.capsule_routing(u, w, iterations, backend="torch"),
+    }
+    inputs = {u.untyped_storage().data_ptr(), w.untyped_storage().data_ptr()}
+    saved = {name: saved_storages(fn) for name, fn in paths.items()}
+    beyond_inputs = {name: [n for ptr, n in storages.items() if ptr not in inputs] for name, storages in saved.items()}
+    state = iterations * batch * n_out * d * 4  # s_r and V_r, float32, one tensor each
+    assert sum(saved["fused"].values()) == u.numel() * 4 + w.numel() * 4 + 2 * state
+    assert sorted(beyond_inputs["fused"]) == [state, state]
+    assert max(beyond_inputs["unfused"]) >= u_hat_bytes and max(beyond_inputs["eager"]) >= u_hat_bytes
+
+
+@requires_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_opcheck_fused_layer(dtype):
+    u, w = (t.cuda().requires_grad_() for t in layer_inputs(5, 37, 10, 16, 8, dtype=dtype))
+    torch.library.opcheck(ops.fused_layer_fwd, (u, w, 3, True, "ieee", FusedTuning().as_list()))
+
+
+@requires_cuda
+@pytest.mark.cuda
+def test_compiled_fused_layer_matches_eager():
+    torch._dynamo.reset()
+    u, w = (t.cuda().requires_grad_() for t in layer_inputs(64, 1152, 10, 16, 8))
+    g = torch.randn(64, 10, 16, device="cuda")
+
+    def fn(a, b):
+        return ct.capsule_routing(a, b, 3, backend="triton")
+
+    eager = fn(u, w)
+    compiled = torch.compile(fn, fullgraph=True)(u, w)
+    assert torch.equal(eager, compiled)
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(torch.autograd.grad(eager, (u, w), g), torch.autograd.grad(compiled, (u, w), g), strict=True)
+    )
+
+
 
 
 @pytest.mark.parametrize("grad_through_routing", [True, False], ids=["grad-all", "grad-last"])

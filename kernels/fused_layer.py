@@ -1,0 +1,442 @@
+"""The fully connected capsule layer with dynamic routing, fused: the predictions
+``u_hat[b, i, j, :] = W[i, j] @ u[b, i, :]`` are computed on chip, tile by tile, inside the routing
+passes, forward and backward, and never exist in global memory (DESIGN.md sections 1 and 5).
+
+Notation as in ``dynamic_routing``: 0-based iterations r = 0..R-1, ``V_r = v_0 + ... + v_{r-1}``,
+logits ``b_r[i, j] = u_hat[i, j] . V_r[j]``, coupling ``c_r = softmax_j(b_r)``. Shapes: ``u``
+[B, N_in, D_in], ``W`` [N_in, N_out, D_out, D_in]; an example's [N_out, D_out] block is flattened
+to ``n = j * BLOCK_D + d`` (``BLOCK_N = BLOCK_J * BLOCK_D``) for the products.
+
+Work decomposition. A program of the routing passes owns a tile of ``BLOCK_B`` examples and a
+run of input capsules (split ``k`` of ``SPLIT``) and walks it one capsule at a time: the tile's
+predictions of capsule i are one [BLOCK_B, D_in] x [D_in, BLOCK_N] product with W[i] (``tl.dot``
+when the tile is at least 16 x 16 x 16: tensor cores for float16/bfloat16, TF32 when PyTorch's
+float32 matmul precision allows it, IEEE float32 otherwise; D_in padded to 16), or D_in
+rank-one updates for smaller tiles (large capsules leave room for few examples); then the
+routing arithmetic of ``dynamic_routing`` in float32 on [BLOCK_B, BLOCK_J, BLOCK_D] blocks.
+
+forward, iteration r (``fused_layer_fwd_kernel``): reduce the previous iteration's per-split
+    partial sums ``s_{r-1}`` in split order, squash, form ``V_r``; accumulate this split's partial
+    ``s_r``. ``dynamic_routing_finalize_kernel`` reduces the last partials and writes ``v``.
+    Saved for the backward: ``s_r`` and ``V_r`` (2 x R x N_out x D_out per example).
+
+backward through routing (``fused_layer_bwd_reduce_kernel``, r = R-1 .. 1, each followed by
+    ``dynamic_routing_bwd_sum_kernel``): as in ``dynamic_routing``, with the predictions
+    recomputed. ``fused_layer_bwd_ds_kernel`` then forms ``ds`` of the lowest step with a
+    gradient (0 through routing, R-1 detached), and ``fused_layer_bwd_final_kernel`` writes
+    ``du[b, i] = W[i]^T du_hat[b, i]`` and this batch group's ``dW[i] = sum_b du_hat[b, i]
+    u[b, i]^T``, with ``du_hat = sum_r c_r ds_r + g_r V_r`` recomputed tile by tile. Its programs
+    own a run of input capsules and a group of example tiles (outer loop over capsules, inner
+    over tiles), so each weight gradient block is summed over the group's examples on chip and
+    written once; ``fused_layer_bwd_dw_sum_kernel`` adds the groups in order. Deterministic: no
+    atomics, every sum in a fixed order.
+
+All routing arithmetic is float32. Offsets into ``u`` are int64.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .common import (
+    caps_block,
+    load_caps_block,
+    softmax_over_outputs,
+    softmax_over_outputs_vjp,
+    squash_from_parts,
+    squash_parts,
+    squash_vjp,
+    sum_splits,
+)
+
+__all__ = [
+    "fused_layer_fwd_kernel",
+    "fused_layer_bwd_reduce_kernel",
+    "fused_layer_bwd_ds_kernel",
+    "fused_layer_bwd_final_kernel",
+    "fused_layer_bwd_dw_sum_kernel",
+]
+
+
+@triton.jit
+def _tile_block(i_tb, B, N_out, D, BLOCK_B: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr):
+    """A tile of examples and their [N_out, D] blocks: ``o_b``, ``m_b``, ``m_j``, the flat offsets
+    ``o_jd`` [BLOCK_J, BLOCK_D] of one block and the [BLOCK_B, BLOCK_J, BLOCK_D] mask."""
+    o_j, o_d, m_j, m_jd, o_jd = caps_block(N_out, D, BLOCK_J, BLOCK_D)
+    o_b = (i_tb * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
+    m_b = o_b < B
+    return o_b, m_b, m_j, o_jd, m_b[:, None, None] & m_jd[None, :, :]
+
+
+@triton.jit
+def _blocks(o_b, o_jd, first, caps_size):
+    """Offsets of the tile's [N_out, D] blocks at index ``first + b`` of a contiguous buffer of
+    such blocks (``first`` [BLOCK_B]: e.g. ``b`` in [B, ...], ``b * SPLIT + k`` in partials)."""
+    return first[:, None, None] * caps_size + o_jd[None, :, :]
+
+
+@triton.jit
+def _weight_offsets(N_out, D, stride_wj, stride_wd, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr):
+    """For the flattened outputs ``n = j * BLOCK_D + d`` [BLOCK_N]: their offsets within W[i], their
+    index ``j * D + d`` in a contiguous [N_out, D] block, and their mask."""
+    o_n = tl.arange(0, BLOCK_J * BLOCK_D)
+    o_j = o_n // BLOCK_D
+    o_d = o_n % BLOCK_D
+    return o_j * stride_wj + o_d * stride_wd, o_j * D + o_d, (o_j < N_out) & (o_d < D)
+
+
+@triton.jit
+def _load_u(p_u, o_b, m_b, o_k, D_in, stride_ub, stride_uk):
+    """u[b, i, k] for the tile [BLOCK_B, BLOCK_K] (``p_u`` at capsule i), zero padded."""
+    return tl.load(
+        p_u + o_b[:, None] * stride_ub + o_k[None, :].to(tl.int64) * stride_uk,
+        mask=m_b[:, None] & (o_k < D_in)[None, :],
+        other=0.0,
+    )
+
+
+@triton.jit
+def _load_wt(p_w, o_k, o_wn, m_n, D_in, stride_wk):
+    """W[i] transposed, [BLOCK_K, BLOCK_N] (``p_w`` at capsule i), zero padded."""
+    return tl.load(
+        p_w + o_k[:, None] * stride_wk + o_wn[None, :], mask=(o_k < D_in)[:, None] & m_n[None, :], other=0.0
+    )
+
+
+@triton.jit
+def _dot(a, b, PRECISION: tl.constexpr, DOT_F32: tl.constexpr):
+    """``a @ b`` accumulated in float32. ``DOT_F32`` (set under TRITON_INTERPRET for bfloat16):
+    triton's interpreter multiplies bfloat16 operands as their raw 16-bit integers (3.6 to 3.9),
+    so they are widened first, exactly: bfloat16 products are exact in float32, as on tensor cores."""
+    if DOT_F32:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, input_precision=PRECISION)
+
+
+@triton.jit
+def _predictions(
+    p_u, p_w, o_b, m_b, o_wn, m_n, D_in, stride_ub, stride_uk, stride_wk,
+    BLOCK_B: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
+    USE_DOT: tl.constexpr, PRECISION: tl.constexpr, DOT_F32: tl.constexpr,
+):
+    """u_hat of one input capsule for the tile, float32 [BLOCK_B, BLOCK_J, BLOCK_D]."""
+    if USE_DOT:
+        o_k = tl.arange(0, BLOCK_K)
+        b_u = _load_u(p_u, o_b, m_b, o_k, D_in, stride_ub, stride_uk)
+        b_wt = _load_wt(p_w, o_k, o_wn, m_n, D_in, stride_wk)
+        b_uh = _dot(b_u, b_wt, PRECISION, DOT_F32)
+    else:
+        b_uh = tl.zeros([BLOCK_B, BLOCK_J * BLOCK_D], dtype=tl.float32)
+        for k in range(0, D_in):
+            b_uk = tl.load(p_u + o_b * stride_ub + k * stride_uk, mask=m_b, other=0.0).to(tl.float32)
+            b_wk = tl.load(p_w + k * stride_wk + o_wn, mask=m_n, other=0.0).to(tl.float32)
+            b_uh += b_uk[:, None] * b_wk[None, :]
+    return tl.reshape(b_uh, [BLOCK_B, BLOCK_J, BLOCK_D])
+
+
+@triton.jit
+def _squash_rows(b_s, BLOCK_B: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr):
+    """squash of every capsule of a [BLOCK_B, BLOCK_J, BLOCK_D] block."""
+    b_unit, b_p, large = squash_parts(tl.reshape(b_s, [BLOCK_B * BLOCK_J, BLOCK_D]))
+    return tl.reshape(squash_from_parts(b_unit, b_p, large), [BLOCK_B, BLOCK_J, BLOCK_D])
+
+
+@triton.jit
+def _squash_vjp_rows(b_s, b_dv, BLOCK_B: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr):
+    """``J_squash(s)^T dv`` of every capsule of [BLOCK_B, BLOCK_J, BLOCK_D] blocks."""
+    b_ds = squash_vjp(tl.reshape(b_s, [BLOCK_B * BLOCK_J, BLOCK_D]), tl.reshape(b_dv, [BLOCK_B * BLOCK_J, BLOCK_D]))
+    return tl.reshape(b_ds, [BLOCK_B, BLOCK_J, BLOCK_D])
+
+
+@triton.jit
+def _load_tile_grad(p_g, o_b, m_bjd, N_out, D, stride_gb, stride_gj, stride_gd, BLOCK_J: tl.constexpr,
+                    BLOCK_D: tl.constexpr):
+    """The tile's [N_out, D] gradient blocks at ``p_g`` with strides (may be 0: expanded), float32."""
+    o_j = tl.arange(0, BLOCK_J)
+    o_d = tl.arange(0, BLOCK_D)
+    o_g = (
+        o_b[:, None, None] * stride_gb
+        + o_j[None, :, None].to(tl.int64) * stride_gj
+        + o_d[None, None, :].to(tl.int64) * stride_gd
+    )
+    return tl.load(p_g + o_g, mask=m_bjd, other=0.0).to(tl.float32)
+
+
+@triton.jit(do_not_specialize=["B", "SPLIT", "caps_per_split", "r"])
+def fused_layer_fwd_kernel(
+    u_ptr,  # [B, N_in, D_in] input capsules, any float dtype, strides stride_u*
+    w_ptr,  # [N_in, N_out, D, D_in] weight, dtype of u, strides stride_w*
+    part_in_ptr,  # [B, SPLIT, N_out, D] f32 partial s of iteration r-1 (unused when FIRST)
+    part_out_ptr,  # [B, SPLIT, N_out, D] f32 partial s of iteration r (written)
+    s_buf_ptr,  # [R, B, N_out, D] f32 saved s_r (slot r-1 written here)
+    vsum_buf_ptr,  # [R, B, N_out, D] f32 saved V_r (slot r written here, r-1 read)
+    B,  # batch size (runtime: never a constexpr)
+    N_in,
+    N_out,
+    D,
+    D_in,
+    SPLIT,  # programs per example tile along the input capsules
+    caps_per_split,  # input capsules per split
+    r,  # this iteration (0-based)
+    stride_ub,
+    stride_ui,
+    stride_uk,
+    stride_wi,
+    stride_wj,
+    stride_wd,
+    stride_wk,
+    BLOCK_B: tl.constexpr,  # examples per tile
+    BLOCK_J: tl.constexpr,  # next power of two >= N_out (never split: the softmax couples it)
+    BLOCK_D: tl.constexpr,  # next power of two >= D
+    BLOCK_K: tl.constexpr,  # D_in padded for the product (>= 16 with tl.dot)
+    USE_DOT: tl.constexpr,  # the products as tl.dot (tiles of at least 16 x 16 x 16)
+    PRECISION: tl.constexpr,  # tl.dot's input_precision for float32: "ieee", "tf32" or "tf32x3"
+    DOT_F32: tl.constexpr,  # widen the dot operands (the interpreter's bfloat16 dot is wrong)
+    FIRST: tl.constexpr,  # r == 0: V_0 = 0, uniform coupling, no previous partials
+):
+    i_tb = tl.program_id(0)
+    i_k = tl.program_id(1)
+    caps_size = N_out * D
+    o_b, m_b, m_j, o_jd, m_bjd = _tile_block(i_tb, B, N_out, D, BLOCK_B, BLOCK_J, BLOCK_D)
+    o_wn, _, m_n = _weight_offsets(N_out, D, stride_wj, stride_wd, BLOCK_J, BLOCK_D)
+    if FIRST:
+        b_V = tl.zeros([BLOCK_B, BLOCK_J, BLOCK_D], dtype=tl.float32)
+    else:
+        b_s = sum_splits(part_in_ptr, SPLIT, caps_size, _blocks(o_b, o_jd, o_b * SPLIT, caps_size), m_bjd)
+        b_V = tl.load(vsum_buf_ptr + _blocks(o_b, o_jd, (r - 1) * B + o_b, caps_size), mask=m_bjd, other=0.0)
+        b_V += _squash_rows(b_s, BLOCK_B, BLOCK_J, BLOCK_D)
+    if i_k == 0:  # one program per tile writes the saved state (a branch: see dynamic_routing)
+        if not FIRST:
+            tl.store(s_buf_ptr + _blocks(o_b, o_jd, (r - 1) * B + o_b, caps_size), b_s, mask=m_bjd)
+        tl.store(vsum_buf_ptr + _blocks(o_b, o_jd, r * B + o_b, caps_size), b_V, mask=m_bjd)
+
+    i_start = i_k * caps_per_split
+    i_end = tl.minimum(i_start + caps_per_split, N_in)
+    b_acc = tl.zeros([BLOCK_B, BLOCK_J, BLOCK_D], dtype=tl.float32)
+    for i in range(i_start, i_end):
+        b_uh = _predictions(
+            u_ptr + i * tl.cast(stride_ui, tl.int64), w_ptr + i * tl.cast(stride_wi, tl.int64), o_b, m_b, o_wn, m_n,
+            D_in, stride_ub, stride_uk,
+            stride_wk, BLOCK_B, BLOCK_J, BLOCK_D, BLOCK_K, USE_DOT, PRECISION, DOT_F32,
+        )
+        if FIRST:
+            b_acc += b_uh  # softmax of zero logits: 1 / N_out, applied once below
+        else:
+            b_c = softmax_over_outputs(tl.sum(b_uh * b_V, axis=2), m_j)
+            b_acc += b_c[:, :, None] * b_uh
+    if FIRST:
+        b_acc = b_acc / N_out
+    tl.store(part_out_ptr + _blocks(o_b, o_jd, o_b * SPLIT + i_k, caps_size), b_acc, mask=m_bjd)
+
+
+@triton.jit(do_not_specialize=["B", "SPLIT", "caps_per_split", "r"])
+def fused_layer_bwd_reduce_kernel(
+    u_ptr,  # [B, N_in, D_in] input capsules, strides stride_u*
+    w_ptr,  # [N_in, N_out, D, D_in] weight, strides stride_w*
+    dv_ptr,  # [B, N_out, D] dv_r: the gradient of v (r = R-1, strides may be 0: expanded) or
+    # the f32 running sum sum_{q > r} dV_q; strides stride_g*
+    s_buf_ptr,  # [R, B, N_out, D] f32 saved s_r
+    vsum_buf_ptr,  # [R, B, N_out, D] f32 saved V_r
+    ds_buf_ptr,  # [R, B, N_out, D] f32 ds_r (slot r written here)
+    dpart_ptr,  # [B, SPLIT, N_out, D] f32 this step's partials of dV_r (written)
+    B,
+    N_in,
+    N_out,
+    D,
+    D_in,
+    SPLIT,
+    caps_per_split,
+    r,  # the step this launch reverses, 1 <= r <= R-1
+    stride_ub,
+    stride_ui,
+    stride_uk,
+    stride_wi,
+    stride_wj,
+    stride_wd,
+    stride_wk,
+    stride_gb,
+    stride_gj,
+    stride_gd,
+    BLOCK_B: tl.constexpr,
+    BLOCK_J: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    USE_DOT: tl.constexpr,
+    PRECISION: tl.constexpr,
+    DOT_F32: tl.constexpr,
+):
+    i_tb = tl.program_id(0)
+    i_k = tl.program_id(1)
+    caps_size = N_out * D
+    o_b, m_b, m_j, o_jd, m_bjd = _tile_block(i_tb, B, N_out, D, BLOCK_B, BLOCK_J, BLOCK_D)
+    o_wn, _, m_n = _weight_offsets(N_out, D, stride_wj, stride_wd, BLOCK_J, BLOCK_D)
+    o_saved = _blocks(o_b, o_jd, r * B + o_b, caps_size)
+    b_dv = _load_tile_grad(dv_ptr, o_b, m_bjd, N_out, D, stride_gb, stride_gj, stride_gd, BLOCK_J, BLOCK_D)
+    b_ds = _squash_vjp_rows(tl.load(s_buf_ptr + o_saved, mask=m_bjd, other=0.0), b_dv, BLOCK_B, BLOCK_J, BLOCK_D)
+    if i_k == 0:  # one program per tile saves ds_r
+        tl.store(ds_buf_ptr + o_saved, b_ds, mask=m_bjd)
+    b_V = tl.load(vsum_buf_ptr + o_saved, mask=m_bjd, other=0.0)
+
+    i_start = i_k * caps_per_split
+    i_end = tl.minimum(i_start + caps_per_split, N_in)
+    b_acc = tl.zeros([BLOCK_B, BLOCK_J, BLOCK_D], dtype=tl.float32)
+    for i in range(i_start, i_end):
+        b_uh = _predictions(
+            u_ptr + i * tl.cast(stride_ui, tl.int64), w_ptr + i * tl.cast(stride_wi, tl.int64), o_b, m_b, o_wn, m_n,
+            D_in, stride_ub, stride_uk,
+            stride_wk, BLOCK_B, BLOCK_J, BLOCK_D, BLOCK_K, USE_DOT, PRECISION, DOT_F32,
+        )
+        b_c = softmax_over_outputs(tl.sum(b_uh * b_V, axis=2), m_j)
+        b_g = softmax_over_outputs_vjp(b_c, tl.sum(b_uh * b_ds, axis=2))
+        b_acc += b_g[:, :, None] * b_uh
+    tl.store(dpart_ptr + _blocks(o_b, o_jd, o_b * SPLIT + i_k, caps_size), b_acc, mask=m_bjd)
+
+
+@triton.jit(do_not_specialize=["B", "r"])
+def fused_layer_bwd_ds_kernel(
+    dv_ptr,  # [B, N_out, D] gradient of the lowest step's v (see the final kernel), strides stride_g*
+    s_buf_ptr,  # [R, B, N_out, D] f32 saved s_r
+    ds_buf_ptr,  # [R, B, N_out, D] f32 ds_r (slot r written here)
+    B,
+    N_out,
+    D,
+    r,  # the lowest step with a gradient: 0 through routing, R-1 detached
+    stride_gb,
+    stride_gj,
+    stride_gd,
+    BLOCK_J: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """``ds_r = J_squash(s_r)^T dv_r`` for one example, once, instead of in every capsule's
+    iteration of the final pass."""
+    i_b = tl.program_id(0).to(tl.int64)
+    o_j, o_d, m_j, m_jd, o_jd = caps_block(N_out, D, BLOCK_J, BLOCK_D)
+    o_saved = (r * B + i_b) * N_out * D + o_jd
+    b_dv = load_caps_block(dv_ptr + i_b * stride_gb, o_j, o_d, m_jd, stride_gj, stride_gd)
+    b_ds = squash_vjp(tl.load(s_buf_ptr + o_saved, mask=m_jd, other=0.0), b_dv)
+    tl.store(ds_buf_ptr + o_saved, b_ds, mask=m_jd)
+
+
+@triton.jit(do_not_specialize=["B", "caps_per_split", "tiles_per_group"])
+def fused_layer_bwd_final_kernel(
+    u_ptr,  # [B, N_in, D_in] input capsules, strides stride_u*
+    w_ptr,  # [N_in, N_out, D, D_in] weight, strides stride_w*
+    vsum_buf_ptr,  # [R, B, N_out, D] f32 saved V_r
+    ds_buf_ptr,  # [R, B, N_out, D] f32 ds_r (every step through routing, else the last)
+    du_ptr,  # [B, N_in, D_in] gradient of u, dtype of u, contiguous
+    dw_part_ptr,  # [G, N_in, N_out, D, D_in] f32 this group's part of the weight gradient (written)
+    B,
+    N_in,
+    N_out,
+    D,
+    D_in,
+    R,
+    caps_per_split,  # input capsules per program along axis 0
+    tiles_per_group,  # example tiles per program along axis 1 (group g)
+    stride_ub,
+    stride_ui,
+    stride_uk,
+    stride_wi,
+    stride_wj,
+    stride_wd,
+    stride_wk,
+    BLOCK_B: tl.constexpr,
+    BLOCK_J: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    USE_DOT: tl.constexpr,
+    PRECISION: tl.constexpr,
+    DOT_F32: tl.constexpr,
+    HALF: tl.constexpr,  # float16/bfloat16 inputs: du_hat enters the products as two half parts
+    GRAD_THROUGH: tl.constexpr,  # gradient through every iteration, else only the last s
+):
+    i_s = tl.program_id(0)
+    i_g = tl.program_id(1)
+    caps_size = N_out * D
+    o_wn, o_n, m_n = _weight_offsets(N_out, D, stride_wj, stride_wd, BLOCK_J, BLOCK_D)
+    o_k = tl.arange(0, BLOCK_K)
+    m_k = o_k < D_in
+    if GRAD_THROUGH:
+        r_lo = 0
+    else:
+        r_lo = R - 1
+    tb_start = i_g * tiles_per_group
+    tb_end = tl.minimum(tb_start + tiles_per_group, tl.cdiv(B, BLOCK_B))
+    i_start = i_s * caps_per_split
+    i_end = tl.minimum(i_start + caps_per_split, N_in)
+    for i in range(i_start, i_end):
+        p_u = u_ptr + i * tl.cast(stride_ui, tl.int64)
+        p_w = w_ptr + i * tl.cast(stride_wi, tl.int64)
+        p_dw = dw_part_ptr + (i_g * N_in + i) * tl.cast(caps_size * D_in, tl.int64)
+        if USE_DOT:
+            b_wt = _load_wt(p_w, o_k, o_wn, m_n, D_in, stride_wk)
+            b_dw = tl.zeros([BLOCK_J * BLOCK_D, BLOCK_K], dtype=tl.float32)
+        for tb in range(tb_start, tb_end):
+            o_b, m_b, m_j, o_jd, m_bjd = _tile_block(tb, B, N_out, D, BLOCK_B, BLOCK_J, BLOCK_D)
+            if USE_DOT:
+                b_u = _load_u(p_u, o_b, m_b, o_k, D_in, stride_ub, stride_uk)
+                b_uh = tl.reshape(_dot(b_u, b_wt, PRECISION, DOT_F32), [BLOCK_B, BLOCK_J, BLOCK_D])
+            else:
+                b_uh = _predictions(
+                    p_u, p_w, o_b, m_b, o_wn, m_n, D_in, stride_ub, stride_uk, stride_wk,
+                    BLOCK_B, BLOCK_J, BLOCK_D, BLOCK_K, USE_DOT, PRECISION, DOT_F32,
+                )
+            b_ds = tl.load(ds_buf_ptr + _blocks(o_b, o_jd, r_lo * B + o_b, caps_size), mask=m_bjd, other=0.0)
+            if GRAD_THROUGH:
+                # step 0: V_0 = 0, so c_0 = 1 / N_out and no logit-gradient term
+                b_duh = b_ds / N_out
+                for r in range(1, R):
+                    o_r = _blocks(o_b, o_jd, r * B + o_b, caps_size)
+                    b_V = tl.load(vsum_buf_ptr + o_r, mask=m_bjd, other=0.0)
+                    b_ds = tl.load(ds_buf_ptr + o_r, mask=m_bjd, other=0.0)
+                    b_c = softmax_over_outputs(tl.sum(b_uh * b_V, axis=2), m_j)
+                    b_g = softmax_over_outputs_vjp(b_c, tl.sum(b_uh * b_ds, axis=2))
+                    b_duh += b_c[:, :, None] * b_ds + b_g[:, :, None] * b_V
+            else:
+                b_V = tl.load(vsum_buf_ptr + _blocks(o_b, o_jd, r_lo * B + o_b, caps_size), mask=m_bjd, other=0.0)
+                b_duh = softmax_over_outputs(tl.sum(b_uh * b_V, axis=2), m_j)[:, :, None] * b_ds
+            b_duh = tl.reshape(b_duh, [BLOCK_B, BLOCK_J * BLOCK_D])
+            o_du = o_b * (N_in * D_in) + i * D_in  # du[b, i, 0]
+            if USE_DOT:
+                # Half-precision inputs: du_hat (float32) as the sum of two numbers of the input
+                # dtype, each multiplied on tensor cores (products of half types are exact in
+                # float32), so the gradients lose nothing to rounding du_hat to the input dtype
+                b_hi = b_duh.to(b_wt.dtype)
+                b_du = _dot(b_hi, tl.trans(b_wt), PRECISION, DOT_F32)
+                b_dw += _dot(tl.trans(b_hi), b_u, PRECISION, DOT_F32)
+                if HALF:
+                    b_lo = (b_duh - b_hi.to(tl.float32)).to(b_wt.dtype)
+                    b_du += _dot(b_lo, tl.trans(b_wt), PRECISION, DOT_F32)
+                    b_dw += _dot(tl.trans(b_lo), b_u, PRECISION, DOT_F32)
+                p_du = du_ptr + o_du[:, None] + o_k[None, :]
+                tl.store(p_du, b_du.to(du_ptr.dtype.element_ty), mask=m_b[:, None] & m_k[None, :])
+            else:
+                for k in range(0, D_in):
+                    b_wk = tl.load(p_w + k * stride_wk + o_wn, mask=m_n, other=0.0).to(tl.float32)
+                    b_du_k = tl.sum(b_duh * b_wk[None, :], axis=1)
+                    tl.store(du_ptr + o_du + k, b_du_k.to(du_ptr.dtype.element_ty), mask=m_b)
+                    b_uk = tl.load(p_u + o_b * stride_ub + k * stride_uk, mask=m_b, other=0.0).to(tl.float32)
+                    # this program owns its group's slice (zeroed by the launch): a read-modify-
+                    # write without a race, in tile order
+                    p_dw_k = p_dw + o_n * D_in + k
+                    b_dw_k = tl.load(p_dw_k, mask=m_n, other=0.0) + tl.sum(b_duh * b_uk[:, None], axis=0)
+                    tl.store(p_dw_k, b_dw_k, mask=m_n)
+        if USE_DOT:
+            tl.store(p_dw + o_n[:, None] * D_in + o_k[None, :], b_dw, mask=m_n[:, None] & m_k[None, :])
+
+
+@triton.jit(do_not_specialize=["numel", "G"])
+def fused_layer_bwd_dw_sum_kernel(
+    dw_part_ptr,  # [G, numel] f32 the batch groups' parts of the weight gradient
+    dw_ptr,  # [numel] the weight gradient, dtype of the weight, contiguous
+    numel,
+    G,
+    BLOCK: tl.constexpr,
+):
+    """``dW = sum_g dW_part[g]``, in group order (deterministic)."""
+    o = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = o < numel
+    b_acc = sum_splits(dw_part_ptr, G, numel, o, m)
+    tl.store(dw_ptr + o, b_acc.to(dw_ptr.dtype.element_ty), mask=m)
