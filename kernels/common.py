@@ -29,12 +29,25 @@ __all__ = [
     "squash_parts",
     "squash_from_parts",
     "squash_vjp",
+    "efficient_squash_parts",
+    "efficient_squash_vjp",
     "caps_block",
     "sum_splits",
     "load_caps_block",
     "load_prediction_tile",
     "softmax_over_outputs",
     "softmax_over_outputs_vjp",
+    "tile_block",
+    "tile_offsets",
+    "weight_offsets",
+    "load_u_tile",
+    "load_weight_t",
+    "dot_f32",
+    "predictions",
+    "load_tile_grad",
+    "layer_weight_tile",
+    "layer_predictions",
+    "layer_input_grads",
 ]
 
 # ---------------------------------------------------------------------------------------------
@@ -83,6 +96,44 @@ def squash_vjp(b_x, b_dv):
     b_g2 = tl.where(large, -b_g1, b_g1) * (1.0 - b_p2) * b_q  # n (1 - n^2) / (1 + n^2)^2
     b_dot = tl.sum(b_unit * b_dv, axis=1)
     return b_g1[:, None] * b_dv + b_unit * (b_dot * b_g2)[:, None]
+
+
+# ---------------------------------------------------------------------------------------------
+# Efficient-CapsNet's squash: v = (1 - e^-n) s / n, written v = unit * g(n) with g = 1 - e^-n, and
+# its Jacobian J = f(n) I + h(n) unit unit^T with f = g / n and h = n f'(n). Below n = 1/4 (where
+# the direct forms cancel) f and h are their Taylor polynomials (truncation below 1e-8 relative);
+# at n = 0, f = 1 and h = 0: v = 0 with the identity Jacobian, exactly.
+
+
+@triton.jit
+def efficient_squash_parts(b_x):
+    """For zero-padded rows ``b_x`` [ROWS, COLS] (float32): the unit vector (0 for a zero row),
+    ``g = 1 - e^-n``, ``f = g / n`` and ``h = n f'(n)`` [ROWS], with ``n = ||s||`` (inf past
+    float32's range, where g = 1 and f = h = 0)."""
+    b_unit, b_p, large = squash_parts(b_x)
+    b_n = tl.where(large, tl.math.div_rn(1.0, tl.where(large, b_p, 1.0)), b_p)
+    small = b_n < 0.25
+    b_m = tl.where(small, b_n, 0.0)
+    # f(n) = sum_k (-n)^k / (k + 1)!, by Horner's rule
+    b_fs = 1 / 720 - b_m / 5040
+    b_fs = 1.0 + b_m * (-1 / 2 + b_m * (1 / 6 + b_m * (-1 / 24 + b_m * (1 / 120 - b_m * b_fs))))
+    # h(n) = sum_{k>=2} (-1)^k (1 - k) n^(k-1) / k!
+    b_hs = -1 / 144 + b_m * (1 / 840 + b_m * (-1 / 5760 + b_m / 45360))
+    b_hs = b_m * (-1 / 2 + b_m * (1 / 3 + b_m * (-1 / 8 + b_m * (1 / 30 + b_m * b_hs))))
+    b_nl = tl.where(small, 1.0, b_n)  # the direct forms see only n >= 1/4 (and inf)
+    b_e = tl.exp(-b_nl)
+    b_g = tl.where(small, b_n * b_fs, 1.0 - b_e)
+    b_f = tl.where(small, b_fs, (1.0 - b_e) / b_nl)
+    # past n = 80, e^-n (1 + n) is below float32's range (and inf * 0 at n = inf): h = -1 / n
+    b_hl = tl.where(b_nl < 80.0, (b_e * (1.0 + b_nl) - 1.0) / b_nl, -1.0 / b_nl)
+    return b_unit, b_g, b_f, tl.where(small, b_hs, b_hl)
+
+
+@triton.jit
+def efficient_squash_vjp(b_x, b_dv):
+    """``J(s)^T dv`` of Efficient-CapsNet's squash for rows ``b_x`` = s and ``b_dv`` (float32)."""
+    b_unit, b_g, b_f, b_h = efficient_squash_parts(b_x)
+    return b_f[:, None] * b_dv + b_unit * (b_h * tl.sum(b_unit * b_dv, axis=1))[:, None]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -156,3 +207,169 @@ def softmax_over_outputs_vjp(b_c, b_a):
     # inputs that ulp, carried through the backward's running sums, grew to inf (seen on an H200;
     # exact under the interpreter).
     return tl.where(b_c < 1.0, b_g, 0.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# the capsule layers' tiles: BLOCK_B examples x one input capsule, the predictions made on chip
+# (u [B, N_in, D_in], W [N_in, N_out, D, D_in]; outputs flattened to n = j * BLOCK_D + d)
+
+
+@triton.jit
+def tile_block(i_tb, B, N_out, D, BLOCK_B: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr):
+    """A tile of examples and their [N_out, D] blocks: ``o_b``, ``m_b``, ``m_j``, the flat offsets
+    ``o_jd`` [BLOCK_J, BLOCK_D] of one block and the [BLOCK_B, BLOCK_J, BLOCK_D] mask."""
+    o_j, o_d, m_j, m_jd, o_jd = caps_block(N_out, D, BLOCK_J, BLOCK_D)
+    o_b = (i_tb * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
+    m_b = o_b < B
+    return o_b, m_b, m_j, o_jd, m_b[:, None, None] & m_jd[None, :, :]
+
+
+@triton.jit
+def tile_offsets(o_b, o_jd, first, caps_size):
+    """Offsets of the tile's [N_out, D] blocks at index ``first + b`` of a contiguous buffer of
+    such blocks (``first`` [BLOCK_B]: e.g. ``b`` in [B, ...], ``b * SPLIT + k`` in partials)."""
+    return first[:, None, None] * caps_size + o_jd[None, :, :]
+
+
+@triton.jit
+def weight_offsets(N_out, D, stride_wj, stride_wd, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr):
+    """For the flattened outputs ``n = j * BLOCK_D + d`` [BLOCK_N]: their offsets within W[i], their
+    index ``j * D + d`` in a contiguous [N_out, D] block, and their mask."""
+    o_n = tl.arange(0, BLOCK_J * BLOCK_D)
+    o_j = o_n // BLOCK_D
+    o_d = o_n % BLOCK_D
+    return o_j * stride_wj + o_d * stride_wd, o_j * D + o_d, (o_j < N_out) & (o_d < D)
+
+
+@triton.jit
+def load_u_tile(p_u, o_b, m_b, o_k, D_in, stride_ub, stride_uk):
+    """u[b, i, k] for the tile [BLOCK_B, BLOCK_K] (``p_u`` at capsule i), zero padded."""
+    return tl.load(
+        p_u + o_b[:, None] * stride_ub + o_k[None, :].to(tl.int64) * stride_uk,
+        mask=m_b[:, None] & (o_k < D_in)[None, :],
+        other=0.0,
+    )
+
+
+@triton.jit
+def load_weight_t(p_w, o_k, o_wn, m_n, D_in, stride_wk):
+    """W[i] transposed, [BLOCK_K, BLOCK_N] (``p_w`` at capsule i), zero padded."""
+    return tl.load(
+        p_w + o_k[:, None] * stride_wk + o_wn[None, :], mask=(o_k < D_in)[:, None] & m_n[None, :], other=0.0
+    )
+
+
+@triton.jit
+def dot_f32(a, b, PRECISION: tl.constexpr, DOT_F32: tl.constexpr):
+    """``a @ b`` accumulated in float32. ``DOT_F32`` (set under TRITON_INTERPRET for bfloat16):
+    triton's interpreter multiplies bfloat16 operands as their raw 16-bit integers (3.6 to 3.9),
+    so they are widened first, exactly: bfloat16 products are exact in float32, as on tensor cores."""
+    if DOT_F32:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, input_precision=PRECISION)
+
+
+@triton.jit
+def predictions(
+    p_u, p_w, o_b, m_b, o_wn, m_n, D_in, stride_ub, stride_uk, stride_wk,
+    BLOCK_B: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
+    USE_DOT: tl.constexpr, PRECISION: tl.constexpr, DOT_F32: tl.constexpr,
+):
+    """u_hat of one input capsule for the tile, float32 [BLOCK_B, BLOCK_J, BLOCK_D]."""
+    if USE_DOT:
+        o_k = tl.arange(0, BLOCK_K)
+        b_u = load_u_tile(p_u, o_b, m_b, o_k, D_in, stride_ub, stride_uk)
+        b_wt = load_weight_t(p_w, o_k, o_wn, m_n, D_in, stride_wk)
+        b_uh = dot_f32(b_u, b_wt, PRECISION, DOT_F32)
+    else:
+        b_uh = tl.zeros([BLOCK_B, BLOCK_J * BLOCK_D], dtype=tl.float32)
+        for k in range(0, D_in):
+            b_uk = tl.load(p_u + o_b * stride_ub + k * stride_uk, mask=m_b, other=0.0).to(tl.float32)
+            b_wk = tl.load(p_w + k * stride_wk + o_wn, mask=m_n, other=0.0).to(tl.float32)
+            b_uh += b_uk[:, None] * b_wk[None, :]
+    return tl.reshape(b_uh, [BLOCK_B, BLOCK_J, BLOCK_D])
+
+
+@triton.jit
+def load_tile_grad(p_g, o_b, m_bjd, N_out, D, stride_gb, stride_gj, stride_gd, BLOCK_J: tl.constexpr,
+                    BLOCK_D: tl.constexpr):
+    """The tile's [N_out, D] gradient blocks at ``p_g`` with strides (may be 0: expanded), float32."""
+    o_j = tl.arange(0, BLOCK_J)
+    o_d = tl.arange(0, BLOCK_D)
+    o_g = (
+        o_b[:, None, None] * stride_gb
+        + o_j[None, :, None].to(tl.int64) * stride_gj
+        + o_d[None, None, :].to(tl.int64) * stride_gd
+    )
+    return tl.load(p_g + o_g, mask=m_bjd, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def layer_weight_tile(
+    p_w, o_k, o_wn, m_n, D_in, stride_wk,
+    BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr,
+):
+    """For a backward pass over one input capsule: W[i] transposed [BLOCK_K, BLOCK_N] (the tl.dot
+    path keeps it across the example tiles) and the zeroed accumulator of dW[i] [BLOCK_N, BLOCK_K]
+    (scalar placeholders on the rank-one path, which works from memory)."""
+    if USE_DOT:
+        b_wt = load_weight_t(p_w, o_k, o_wn, m_n, D_in, stride_wk)
+        b_dw = tl.zeros([BLOCK_J * BLOCK_D, BLOCK_K], dtype=tl.float32)
+    else:
+        b_wt = 0.0
+        b_dw = 0.0
+    return b_wt, b_dw
+
+
+@triton.jit
+def layer_predictions(
+    p_u, p_w, b_wt, o_b, m_b, o_k, o_wn, m_n, D_in, stride_ub, stride_uk, stride_wk,
+    BLOCK_B: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
+    USE_DOT: tl.constexpr, PRECISION: tl.constexpr, DOT_F32: tl.constexpr,
+):
+    """The tile's u_hat of one capsule [BLOCK_B, BLOCK_J, BLOCK_D] and, on the tl.dot path, its u
+    tile [BLOCK_B, BLOCK_K] (for dW), with the weight tile of :func:`layer_weight_tile`."""
+    if USE_DOT:
+        b_u = load_u_tile(p_u, o_b, m_b, o_k, D_in, stride_ub, stride_uk)
+        b_uh = tl.reshape(dot_f32(b_u, b_wt, PRECISION, DOT_F32), [BLOCK_B, BLOCK_J, BLOCK_D])
+    else:
+        b_u = 0.0
+        b_uh = predictions(
+            p_u, p_w, o_b, m_b, o_wn, m_n, D_in, stride_ub, stride_uk, stride_wk,
+            BLOCK_B, BLOCK_J, BLOCK_D, BLOCK_K, USE_DOT, PRECISION, DOT_F32,
+        )
+    return b_uh, b_u
+
+
+@triton.jit
+def layer_input_grads(
+    b_duh, b_u, b_wt, b_dw, p_u, p_w, p_dw, p_du, o_b, m_b, o_k, m_k, o_wn, o_n, m_n, D_in,
+    stride_ub, stride_uk, stride_wk,
+    USE_DOT: tl.constexpr, HALF: tl.constexpr, PRECISION: tl.constexpr, DOT_F32: tl.constexpr,
+):
+    """From ``du_hat`` [BLOCK_B, BLOCK_N] (float32) of one capsule i and the tile: stores
+    ``du[b, i] = W[i]^T du_hat[b]`` (``p_du`` [BLOCK_B] at du[b, i, 0], contiguous in k) and adds
+    ``du_hat^T u`` to dW[i]: returned, in registers, on the tl.dot path; read-modify-written at
+    ``p_dw`` (dW[i] of the program's own batch group, zeroed by the launch: no race, in tile
+    order) on the rank-one path."""
+    if USE_DOT:
+        # Half-precision inputs: du_hat as the sum of two numbers of the input dtype, each
+        # multiplied on tensor cores (products of half types are exact in float32), so the
+        # gradients lose nothing to rounding du_hat to the input dtype
+        b_hi = b_duh.to(b_wt.dtype)
+        b_du = dot_f32(b_hi, tl.trans(b_wt), PRECISION, DOT_F32)
+        b_dw += dot_f32(tl.trans(b_hi), b_u, PRECISION, DOT_F32)
+        if HALF:
+            b_lo = (b_duh - b_hi.to(tl.float32)).to(b_wt.dtype)
+            b_du += dot_f32(b_lo, tl.trans(b_wt), PRECISION, DOT_F32)
+            b_dw += dot_f32(tl.trans(b_lo), b_u, PRECISION, DOT_F32)
+        tl.store(p_du[:, None] + o_k[None, :], b_du.to(p_du.dtype.element_ty), mask=m_b[:, None] & m_k[None, :])
+    else:
+        for k in range(0, D_in):
+            b_wk = tl.load(p_w + k * stride_wk + o_wn, mask=m_n, other=0.0).to(tl.float32)
+            tl.store(p_du + k, tl.sum(b_duh * b_wk[None, :], axis=1).to(p_du.dtype.element_ty), mask=m_b)
+            b_uk = tl.load(p_u + o_b * stride_ub + k * stride_uk, mask=m_b, other=0.0).to(tl.float32)
+            p_dw_k = p_dw + o_n * D_in + k
+            tl.store(p_dw_k, tl.load(p_dw_k, mask=m_n, other=0.0) + tl.sum(b_duh * b_uk[:, None], axis=0), mask=m_n)
+    return b_dw

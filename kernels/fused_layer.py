@@ -41,13 +41,21 @@ import triton.language as tl
 
 from .common import (
     caps_block,
+    layer_input_grads,
+    layer_predictions,
+    layer_weight_tile,
     load_caps_block,
+    load_tile_grad,
+    predictions,
     softmax_over_outputs,
     softmax_over_outputs_vjp,
     squash_from_parts,
     squash_parts,
     squash_vjp,
     sum_splits,
+    tile_block,
+    tile_offsets,
+    weight_offsets,
 )
 
 __all__ = [
@@ -57,83 +65,6 @@ __all__ = [
     "fused_layer_bwd_final_kernel",
     "fused_layer_bwd_dw_sum_kernel",
 ]
-
-
-@triton.jit
-def _tile_block(i_tb, B, N_out, D, BLOCK_B: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr):
-    """A tile of examples and their [N_out, D] blocks: ``o_b``, ``m_b``, ``m_j``, the flat offsets
-    ``o_jd`` [BLOCK_J, BLOCK_D] of one block and the [BLOCK_B, BLOCK_J, BLOCK_D] mask."""
-    o_j, o_d, m_j, m_jd, o_jd = caps_block(N_out, D, BLOCK_J, BLOCK_D)
-    o_b = (i_tb * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
-    m_b = o_b < B
-    return o_b, m_b, m_j, o_jd, m_b[:, None, None] & m_jd[None, :, :]
-
-
-@triton.jit
-def _blocks(o_b, o_jd, first, caps_size):
-    """Offsets of the tile's [N_out, D] blocks at index ``first + b`` of a contiguous buffer of
-    such blocks (``first`` [BLOCK_B]: e.g. ``b`` in [B, ...], ``b * SPLIT + k`` in partials)."""
-    return first[:, None, None] * caps_size + o_jd[None, :, :]
-
-
-@triton.jit
-def _weight_offsets(N_out, D, stride_wj, stride_wd, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr):
-    """For the flattened outputs ``n = j * BLOCK_D + d`` [BLOCK_N]: their offsets within W[i], their
-    index ``j * D + d`` in a contiguous [N_out, D] block, and their mask."""
-    o_n = tl.arange(0, BLOCK_J * BLOCK_D)
-    o_j = o_n // BLOCK_D
-    o_d = o_n % BLOCK_D
-    return o_j * stride_wj + o_d * stride_wd, o_j * D + o_d, (o_j < N_out) & (o_d < D)
-
-
-@triton.jit
-def _load_u(p_u, o_b, m_b, o_k, D_in, stride_ub, stride_uk):
-    """u[b, i, k] for the tile [BLOCK_B, BLOCK_K] (``p_u`` at capsule i), zero padded."""
-    return tl.load(
-        p_u + o_b[:, None] * stride_ub + o_k[None, :].to(tl.int64) * stride_uk,
-        mask=m_b[:, None] & (o_k < D_in)[None, :],
-        other=0.0,
-    )
-
-
-@triton.jit
-def _load_wt(p_w, o_k, o_wn, m_n, D_in, stride_wk):
-    """W[i] transposed, [BLOCK_K, BLOCK_N] (``p_w`` at capsule i), zero padded."""
-    return tl.load(
-        p_w + o_k[:, None] * stride_wk + o_wn[None, :], mask=(o_k < D_in)[:, None] & m_n[None, :], other=0.0
-    )
-
-
-@triton.jit
-def _dot(a, b, PRECISION: tl.constexpr, DOT_F32: tl.constexpr):
-    """``a @ b`` accumulated in float32. ``DOT_F32`` (set under TRITON_INTERPRET for bfloat16):
-    triton's interpreter multiplies bfloat16 operands as their raw 16-bit integers (3.6 to 3.9),
-    so they are widened first, exactly: bfloat16 products are exact in float32, as on tensor cores."""
-    if DOT_F32:
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
-    return tl.dot(a, b, input_precision=PRECISION)
-
-
-@triton.jit
-def _predictions(
-    p_u, p_w, o_b, m_b, o_wn, m_n, D_in, stride_ub, stride_uk, stride_wk,
-    BLOCK_B: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
-    USE_DOT: tl.constexpr, PRECISION: tl.constexpr, DOT_F32: tl.constexpr,
-):
-    """u_hat of one input capsule for the tile, float32 [BLOCK_B, BLOCK_J, BLOCK_D]."""
-    if USE_DOT:
-        o_k = tl.arange(0, BLOCK_K)
-        b_u = _load_u(p_u, o_b, m_b, o_k, D_in, stride_ub, stride_uk)
-        b_wt = _load_wt(p_w, o_k, o_wn, m_n, D_in, stride_wk)
-        b_uh = _dot(b_u, b_wt, PRECISION, DOT_F32)
-    else:
-        b_uh = tl.zeros([BLOCK_B, BLOCK_J * BLOCK_D], dtype=tl.float32)
-        for k in range(0, D_in):
-            b_uk = tl.load(p_u + o_b * stride_ub + k * stride_uk, mask=m_b, other=0.0).to(tl.float32)
-            b_wk = tl.load(p_w + k * stride_wk + o_wn, mask=m_n, other=0.0).to(tl.float32)
-            b_uh += b_uk[:, None] * b_wk[None, :]
-    return tl.reshape(b_uh, [BLOCK_B, BLOCK_J, BLOCK_D])
 
 
 @triton.jit
@@ -148,20 +79,6 @@ def _squash_vjp_rows(b_s, b_dv, BLOCK_B: tl.constexpr, BLOCK_J: tl.constexpr, BL
     """``J_squash(s)^T dv`` of every capsule of [BLOCK_B, BLOCK_J, BLOCK_D] blocks."""
     b_ds = squash_vjp(tl.reshape(b_s, [BLOCK_B * BLOCK_J, BLOCK_D]), tl.reshape(b_dv, [BLOCK_B * BLOCK_J, BLOCK_D]))
     return tl.reshape(b_ds, [BLOCK_B, BLOCK_J, BLOCK_D])
-
-
-@triton.jit
-def _load_tile_grad(p_g, o_b, m_bjd, N_out, D, stride_gb, stride_gj, stride_gd, BLOCK_J: tl.constexpr,
-                    BLOCK_D: tl.constexpr):
-    """The tile's [N_out, D] gradient blocks at ``p_g`` with strides (may be 0: expanded), float32."""
-    o_j = tl.arange(0, BLOCK_J)
-    o_d = tl.arange(0, BLOCK_D)
-    o_g = (
-        o_b[:, None, None] * stride_gb
-        + o_j[None, :, None].to(tl.int64) * stride_gj
-        + o_d[None, None, :].to(tl.int64) * stride_gd
-    )
-    return tl.load(p_g + o_g, mask=m_bjd, other=0.0).to(tl.float32)
 
 
 @triton.jit(do_not_specialize=["B", "SPLIT", "caps_per_split", "r"])
@@ -199,24 +116,24 @@ def fused_layer_fwd_kernel(
     i_tb = tl.program_id(0)
     i_k = tl.program_id(1)
     caps_size = N_out * D
-    o_b, m_b, m_j, o_jd, m_bjd = _tile_block(i_tb, B, N_out, D, BLOCK_B, BLOCK_J, BLOCK_D)
-    o_wn, _, m_n = _weight_offsets(N_out, D, stride_wj, stride_wd, BLOCK_J, BLOCK_D)
+    o_b, m_b, m_j, o_jd, m_bjd = tile_block(i_tb, B, N_out, D, BLOCK_B, BLOCK_J, BLOCK_D)
+    o_wn, _, m_n = weight_offsets(N_out, D, stride_wj, stride_wd, BLOCK_J, BLOCK_D)
     if FIRST:
         b_V = tl.zeros([BLOCK_B, BLOCK_J, BLOCK_D], dtype=tl.float32)
     else:
-        b_s = sum_splits(part_in_ptr, SPLIT, caps_size, _blocks(o_b, o_jd, o_b * SPLIT, caps_size), m_bjd)
-        b_V = tl.load(vsum_buf_ptr + _blocks(o_b, o_jd, (r - 1) * B + o_b, caps_size), mask=m_bjd, other=0.0)
+        b_s = sum_splits(part_in_ptr, SPLIT, caps_size, tile_offsets(o_b, o_jd, o_b * SPLIT, caps_size), m_bjd)
+        b_V = tl.load(vsum_buf_ptr + tile_offsets(o_b, o_jd, (r - 1) * B + o_b, caps_size), mask=m_bjd, other=0.0)
         b_V += _squash_rows(b_s, BLOCK_B, BLOCK_J, BLOCK_D)
     if i_k == 0:  # one program per tile writes the saved state (a branch: see dynamic_routing)
         if not FIRST:
-            tl.store(s_buf_ptr + _blocks(o_b, o_jd, (r - 1) * B + o_b, caps_size), b_s, mask=m_bjd)
-        tl.store(vsum_buf_ptr + _blocks(o_b, o_jd, r * B + o_b, caps_size), b_V, mask=m_bjd)
+            tl.store(s_buf_ptr + tile_offsets(o_b, o_jd, (r - 1) * B + o_b, caps_size), b_s, mask=m_bjd)
+        tl.store(vsum_buf_ptr + tile_offsets(o_b, o_jd, r * B + o_b, caps_size), b_V, mask=m_bjd)
 
     i_start = i_k * caps_per_split
     i_end = tl.minimum(i_start + caps_per_split, N_in)
     b_acc = tl.zeros([BLOCK_B, BLOCK_J, BLOCK_D], dtype=tl.float32)
     for i in range(i_start, i_end):
-        b_uh = _predictions(
+        b_uh = predictions(
             u_ptr + i * tl.cast(stride_ui, tl.int64), w_ptr + i * tl.cast(stride_wi, tl.int64), o_b, m_b, o_wn, m_n,
             D_in, stride_ub, stride_uk,
             stride_wk, BLOCK_B, BLOCK_J, BLOCK_D, BLOCK_K, USE_DOT, PRECISION, DOT_F32,
@@ -228,7 +145,7 @@ def fused_layer_fwd_kernel(
             b_acc += b_c[:, :, None] * b_uh
     if FIRST:
         b_acc = b_acc / N_out
-    tl.store(part_out_ptr + _blocks(o_b, o_jd, o_b * SPLIT + i_k, caps_size), b_acc, mask=m_bjd)
+    tl.store(part_out_ptr + tile_offsets(o_b, o_jd, o_b * SPLIT + i_k, caps_size), b_acc, mask=m_bjd)
 
 
 @triton.jit(do_not_specialize=["B", "SPLIT", "caps_per_split", "r"])
@@ -270,10 +187,10 @@ def fused_layer_bwd_reduce_kernel(
     i_tb = tl.program_id(0)
     i_k = tl.program_id(1)
     caps_size = N_out * D
-    o_b, m_b, m_j, o_jd, m_bjd = _tile_block(i_tb, B, N_out, D, BLOCK_B, BLOCK_J, BLOCK_D)
-    o_wn, _, m_n = _weight_offsets(N_out, D, stride_wj, stride_wd, BLOCK_J, BLOCK_D)
-    o_saved = _blocks(o_b, o_jd, r * B + o_b, caps_size)
-    b_dv = _load_tile_grad(dv_ptr, o_b, m_bjd, N_out, D, stride_gb, stride_gj, stride_gd, BLOCK_J, BLOCK_D)
+    o_b, m_b, m_j, o_jd, m_bjd = tile_block(i_tb, B, N_out, D, BLOCK_B, BLOCK_J, BLOCK_D)
+    o_wn, _, m_n = weight_offsets(N_out, D, stride_wj, stride_wd, BLOCK_J, BLOCK_D)
+    o_saved = tile_offsets(o_b, o_jd, r * B + o_b, caps_size)
+    b_dv = load_tile_grad(dv_ptr, o_b, m_bjd, N_out, D, stride_gb, stride_gj, stride_gd, BLOCK_J, BLOCK_D)
     b_ds = _squash_vjp_rows(tl.load(s_buf_ptr + o_saved, mask=m_bjd, other=0.0), b_dv, BLOCK_B, BLOCK_J, BLOCK_D)
     if i_k == 0:  # one program per tile saves ds_r
         tl.store(ds_buf_ptr + o_saved, b_ds, mask=m_bjd)
@@ -283,7 +200,7 @@ def fused_layer_bwd_reduce_kernel(
     i_end = tl.minimum(i_start + caps_per_split, N_in)
     b_acc = tl.zeros([BLOCK_B, BLOCK_J, BLOCK_D], dtype=tl.float32)
     for i in range(i_start, i_end):
-        b_uh = _predictions(
+        b_uh = predictions(
             u_ptr + i * tl.cast(stride_ui, tl.int64), w_ptr + i * tl.cast(stride_wi, tl.int64), o_b, m_b, o_wn, m_n,
             D_in, stride_ub, stride_uk,
             stride_wk, BLOCK_B, BLOCK_J, BLOCK_D, BLOCK_K, USE_DOT, PRECISION, DOT_F32,
@@ -291,7 +208,7 @@ def fused_layer_bwd_reduce_kernel(
         b_c = softmax_over_outputs(tl.sum(b_uh * b_V, axis=2), m_j)
         b_g = softmax_over_outputs_vjp(b_c, tl.sum(b_uh * b_ds, axis=2))
         b_acc += b_g[:, :, None] * b_uh
-    tl.store(dpart_ptr + _blocks(o_b, o_jd, o_b * SPLIT + i_k, caps_size), b_acc, mask=m_bjd)
+    tl.store(dpart_ptr + tile_offsets(o_b, o_jd, o_b * SPLIT + i_k, caps_size), b_acc, mask=m_bjd)
 
 
 @triton.jit(do_not_specialize=["B", "r"])
@@ -355,7 +272,7 @@ def fused_layer_bwd_final_kernel(
     i_s = tl.program_id(0)
     i_g = tl.program_id(1)
     caps_size = N_out * D
-    o_wn, o_n, m_n = _weight_offsets(N_out, D, stride_wj, stride_wd, BLOCK_J, BLOCK_D)
+    o_wn, o_n, m_n = weight_offsets(N_out, D, stride_wj, stride_wd, BLOCK_J, BLOCK_D)
     o_k = tl.arange(0, BLOCK_K)
     m_k = o_k < D_in
     if GRAD_THROUGH:
@@ -370,59 +287,32 @@ def fused_layer_bwd_final_kernel(
         p_u = u_ptr + i * tl.cast(stride_ui, tl.int64)
         p_w = w_ptr + i * tl.cast(stride_wi, tl.int64)
         p_dw = dw_part_ptr + (i_g * N_in + i) * tl.cast(caps_size * D_in, tl.int64)
-        if USE_DOT:
-            b_wt = _load_wt(p_w, o_k, o_wn, m_n, D_in, stride_wk)
-            b_dw = tl.zeros([BLOCK_J * BLOCK_D, BLOCK_K], dtype=tl.float32)
+        b_wt, b_dw = layer_weight_tile(p_w, o_k, o_wn, m_n, D_in, stride_wk, BLOCK_J, BLOCK_D, BLOCK_K, USE_DOT)
         for tb in range(tb_start, tb_end):
-            o_b, m_b, m_j, o_jd, m_bjd = _tile_block(tb, B, N_out, D, BLOCK_B, BLOCK_J, BLOCK_D)
-            if USE_DOT:
-                b_u = _load_u(p_u, o_b, m_b, o_k, D_in, stride_ub, stride_uk)
-                b_uh = tl.reshape(_dot(b_u, b_wt, PRECISION, DOT_F32), [BLOCK_B, BLOCK_J, BLOCK_D])
-            else:
-                b_uh = _predictions(
-                    p_u, p_w, o_b, m_b, o_wn, m_n, D_in, stride_ub, stride_uk, stride_wk,
-                    BLOCK_B, BLOCK_J, BLOCK_D, BLOCK_K, USE_DOT, PRECISION, DOT_F32,
-                )
-            b_ds = tl.load(ds_buf_ptr + _blocks(o_b, o_jd, r_lo * B + o_b, caps_size), mask=m_bjd, other=0.0)
+            o_b, m_b, m_j, o_jd, m_bjd = tile_block(tb, B, N_out, D, BLOCK_B, BLOCK_J, BLOCK_D)
+            b_uh, b_u = layer_predictions(
+                p_u, p_w, b_wt, o_b, m_b, o_k, o_wn, m_n, D_in, stride_ub, stride_uk, stride_wk,
+                BLOCK_B, BLOCK_J, BLOCK_D, BLOCK_K, USE_DOT, PRECISION, DOT_F32,
+            )
+            b_ds = tl.load(ds_buf_ptr + tile_offsets(o_b, o_jd, r_lo * B + o_b, caps_size), mask=m_bjd, other=0.0)
             if GRAD_THROUGH:
                 # step 0: V_0 = 0, so c_0 = 1 / N_out and no logit-gradient term
                 b_duh = b_ds / N_out
                 for r in range(1, R):
-                    o_r = _blocks(o_b, o_jd, r * B + o_b, caps_size)
+                    o_r = tile_offsets(o_b, o_jd, r * B + o_b, caps_size)
                     b_V = tl.load(vsum_buf_ptr + o_r, mask=m_bjd, other=0.0)
                     b_ds = tl.load(ds_buf_ptr + o_r, mask=m_bjd, other=0.0)
                     b_c = softmax_over_outputs(tl.sum(b_uh * b_V, axis=2), m_j)
                     b_g = softmax_over_outputs_vjp(b_c, tl.sum(b_uh * b_ds, axis=2))
                     b_duh += b_c[:, :, None] * b_ds + b_g[:, :, None] * b_V
             else:
-                b_V = tl.load(vsum_buf_ptr + _blocks(o_b, o_jd, r_lo * B + o_b, caps_size), mask=m_bjd, other=0.0)
+                b_V = tl.load(vsum_buf_ptr + tile_offsets(o_b, o_jd, r_lo * B + o_b, caps_size), mask=m_bjd, other=0.0)
                 b_duh = softmax_over_outputs(tl.sum(b_uh * b_V, axis=2), m_j)[:, :, None] * b_ds
-            b_duh = tl.reshape(b_duh, [BLOCK_B, BLOCK_J * BLOCK_D])
-            o_du = o_b * (N_in * D_in) + i * D_in  # du[b, i, 0]
-            if USE_DOT:
-                # Half-precision inputs: du_hat (float32) as the sum of two numbers of the input
-                # dtype, each multiplied on tensor cores (products of half types are exact in
-                # float32), so the gradients lose nothing to rounding du_hat to the input dtype
-                b_hi = b_duh.to(b_wt.dtype)
-                b_du = _dot(b_hi, tl.trans(b_wt), PRECISION, DOT_F32)
-                b_dw += _dot(tl.trans(b_hi), b_u, PRECISION, DOT_F32)
-                if HALF:
-                    b_lo = (b_duh - b_hi.to(tl.float32)).to(b_wt.dtype)
-                    b_du += _dot(b_lo, tl.trans(b_wt), PRECISION, DOT_F32)
-                    b_dw += _dot(tl.trans(b_lo), b_u, PRECISION, DOT_F32)
-                p_du = du_ptr + o_du[:, None] + o_k[None, :]
-                tl.store(p_du, b_du.to(du_ptr.dtype.element_ty), mask=m_b[:, None] & m_k[None, :])
-            else:
-                for k in range(0, D_in):
-                    b_wk = tl.load(p_w + k * stride_wk + o_wn, mask=m_n, other=0.0).to(tl.float32)
-                    b_du_k = tl.sum(b_duh * b_wk[None, :], axis=1)
-                    tl.store(du_ptr + o_du + k, b_du_k.to(du_ptr.dtype.element_ty), mask=m_b)
-                    b_uk = tl.load(p_u + o_b * stride_ub + k * stride_uk, mask=m_b, other=0.0).to(tl.float32)
-                    # this program owns its group's slice (zeroed by the launch): a read-modify-
-                    # write without a race, in tile order
-                    p_dw_k = p_dw + o_n * D_in + k
-                    b_dw_k = tl.load(p_dw_k, mask=m_n, other=0.0) + tl.sum(b_duh * b_uk[:, None], axis=0)
-                    tl.store(p_dw_k, b_dw_k, mask=m_n)
+            b_dw = layer_input_grads(
+                tl.reshape(b_duh, [BLOCK_B, BLOCK_J * BLOCK_D]), b_u, b_wt, b_dw, p_u, p_w, p_dw,
+                du_ptr + o_b * (N_in * D_in) + i * D_in, o_b, m_b, o_k, m_k, o_wn, o_n, m_n, D_in,
+                stride_ub, stride_uk, stride_wk, USE_DOT, HALF, PRECISION, DOT_F32,
+            )
         if USE_DOT:
             tl.store(p_dw + o_n[:, None] * D_in + o_k[None, :], b_dw, mask=m_n[:, None] & m_k[None, :])
 

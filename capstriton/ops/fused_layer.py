@@ -47,6 +47,7 @@ __all__ = [
     "FusedTuning",
     "FusedConfig",
     "fused_config",
+    "fused_constexprs",
     "matmul_precision",
     "capsule_routing",
     "capsule_routing_unfused",
@@ -118,26 +119,34 @@ class FusedConfig:
 
 
 def fused_config(
-    n_in: int, n_out: int, dim: int, d_in: int, batch: int, tuning: FusedTuning | None = None
+    n_in: int,
+    n_out: int,
+    dim: int,
+    d_in: int,
+    batch: int,
+    tuning: FusedTuning | None = None,
+    tensor_cores: bool = True,
 ) -> FusedConfig:
     """Launch parameters for the fused kernels.
 
     A program's working set is a few [BLOCK_B, BLOCK_J, BLOCK_D] float32 blocks (predictions,
     the running sum V, the accumulated s or dV, ds): ``BLOCK_B`` is as many examples as fit in
     ``tuning.tile`` elements with the flattened outputs, a power of two up to 64. The products use
-    ``tl.dot`` when that tile is at least 16 x 16 (16 examples of the paper's 10 x 16 outputs);
-    large capsules (64 x 64 outputs: one example a tile) take D_in rank-one updates.
+    ``tl.dot`` where ``tensor_cores`` multiply them (half-precision inputs, or float32 with TF32
+    allowed) and the tile is at least 16 x 16 (16 examples of the paper's 10 x 16 outputs);
+    otherwise D_in rank-one updates on the CUDA cores (IEEE float32 products, the same FMAs a
+    float32 tl.dot would make, in fewer registers; large capsules, whose tiles hold few examples).
     """
     tuning = tuning or FusedTuning()
     block_j = triton.next_power_of_2(n_out)
     block_d = triton.next_power_of_2(dim)
     block_n = block_j * block_d
     block_b = max(1, min(64, triton.next_power_of_2(max(tuning.tile // block_n, 1) + 1) // 2))
-    use_dot = block_b >= 16 and block_n >= 16
+    use_dot = tensor_cores and block_b >= 16 and block_n >= 16
     block_k = max(16, triton.next_power_of_2(d_in)) if use_dot else triton.next_power_of_2(d_in)
-    # 8 warps fit every tile without spilling but the widest (2048 outputs), which needs the
-    # register file of 16 (bench/results/kernel_report/NOTES.md)
-    num_warps = tuning.num_warps or (16 if not use_dot and block_n >= 2048 else 8)
+    # 8 warps with the whole register file (maxnreg) compile every case of the kernel report
+    # without spilling, on both paths (bench/results/kernel_report/NOTES.md)
+    num_warps = tuning.num_warps or 8
     tiles = triton.cdiv(max(batch, 1), block_b)
     groups = max(1, min(tuning.groups, tiles))
     tiles_per_group = triton.cdiv(tiles, groups)
@@ -159,7 +168,8 @@ def fused_config(
     )
 
 
-def _constexprs(cfg: FusedConfig, dtype: torch.dtype, precision: str) -> dict:
+def fused_constexprs(cfg: FusedConfig, dtype: torch.dtype, precision: str) -> dict:
+    """The constexprs and launch options every fused-layer-style pass takes."""
     # Triton's interpreter (3.6 to 3.9) multiplies bfloat16 dot operands as their raw 16-bit
     # integers: the kernels widen them (exactly) when it runs them.
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"
@@ -176,7 +186,17 @@ def _constexprs(cfg: FusedConfig, dtype: torch.dtype, precision: str) -> dict:
         # no software pipelining of the capsule loops: its staged copies of the u and W tiles
         # cost registers and shared memory that the routing blocks need (spills otherwise)
         "num_stages": 1,
+        # The whole register file for a program (at most 255 a thread): left to itself ptxas 13
+        # (triton 3.9) kept some variants at 40 to 128 registers and spilled a few bytes (the
+        # kernel report). torch.compile's launches of user kernels keep num_warps and num_stages
+        # and drop this option: correct, possibly with those few bytes of spill.
+        "maxnreg": min(255, 65536 // (32 * cfg.num_warps)),
     }
+
+
+def _tensor_cores(u: torch.Tensor, precision: str) -> bool:
+    """The routing passes' products run on tensor cores: half-precision inputs, or TF32 allowed."""
+    return u.dtype != torch.float32 or precision != "ieee"
 
 
 def _strides(u: torch.Tensor, weight: torch.Tensor) -> dict[str, int]:
@@ -206,7 +226,9 @@ def fused_layer_fwd(
     s_saved, vsum_saved = empty(saved, _F32, u.device), empty(saved, _F32, u.device)
     if batch == 0:
         return v, s_saved, vsum_saved
-    cfg = fused_config(int(n_in), int(n_out), int(d), int(d_in), batch, FusedTuning.from_list(tuning))
+    cfg = fused_config(
+        int(n_in), int(n_out), int(d), int(d_in), batch, FusedTuning.from_list(tuning), _tensor_cores(u, precision)
+    )
     split = cfg.fwd.split
     partials = [empty((batch, split, n_out, d), _F32, u.device) for _ in range(2)]
     for r in range(iterations):
@@ -215,7 +237,7 @@ def fused_layer_fwd(
             u_ptr=u, w_ptr=weight, part_in_ptr=partials[(r + 1) % 2], part_out_ptr=partials[r % 2],
             s_buf_ptr=s_saved, vsum_buf_ptr=vsum_saved,
             B=batch, N_in=n_in, N_out=n_out, D=d, D_in=d_in, SPLIT=split, caps_per_split=cfg.fwd.caps_per_split,
-            r=r, **_strides(u, weight), **_constexprs(cfg, u.dtype, precision), FIRST=r == 0,
+            r=r, **_strides(u, weight), **fused_constexprs(cfg, u.dtype, precision), FIRST=r == 0,
         )
     launch(
         dynamic_routing_finalize_kernel, (batch,),
@@ -245,8 +267,9 @@ def fused_layer_bwd(
     dw = empty(weight.shape, weight.dtype, weight.device)
     if batch == 0:
         return du, dw.zero_()  # no example: no gradient
-    cfg = fused_config(int(n_in), int(n_out), int(d), int(d_in), batch, FusedTuning.from_list(tuning))
-    consts = _constexprs(cfg, u.dtype, precision)
+    tuned = FusedTuning.from_list(tuning)
+    cfg = fused_config(int(n_in), int(n_out), int(d), int(d_in), batch, tuned, _tensor_cores(u, precision))
+    consts = fused_constexprs(cfg, u.dtype, precision)
     strides = _strides(u, weight)
     ds_saved = empty(s_saved.shape, _F32, u.device)
     split = cfg.bwd.split
@@ -279,13 +302,14 @@ def fused_layer_bwd(
         stride_gb=dv_in.stride(0), stride_gj=dv_in.stride(1), stride_gd=dv_in.stride(2),
         BLOCK_J=cfg.block_j, BLOCK_D=cfg.block_d, num_warps=cfg.num_warps_caps,
     )
-    # the groups' parts of dW: written whole by the tl.dot path, accumulated in place (from zero)
-    # by the rank-one path
+    # The final pass multiplies float32 in IEEE float32 whatever the setting (rank-one updates:
+    # with TF32 its dot layouts did not fit the register file, spills on sm_90), half types on
+    # tensor cores. Its groups' parts of dW are written whole by the tl.dot path, accumulated in
+    # place (from zero) by the rank-one path.
+    cfg = fused_config(int(n_in), int(n_out), int(d), int(d_in), batch, tuned, u.dtype != torch.float32)
+    consts = fused_constexprs(cfg, u.dtype, "ieee")
     part_shape = (cfg.groups, *weight.shape)
     dw_part = empty(part_shape, _F32, u.device) if cfg.use_dot else torch.zeros(part_shape, dtype=_F32, device=u.device)
-    # IEEE float32 gradient products whatever the setting: with TF32 the final pass's dot layouts
-    # did not fit the register file (spills on sm_90); exact products are allowed under any setting
-    consts["PRECISION"] = "ieee"
     launch(
         fused_layer_bwd_final_kernel, (cfg.final.split, cfg.groups),
         u_ptr=u, w_ptr=weight, vsum_buf_ptr=vsum_saved, ds_buf_ptr=ds_saved, du_ptr=du, dw_part_ptr=dw_part,
