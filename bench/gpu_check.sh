@@ -145,10 +145,10 @@ fi
 # --- the sweep: float32 over the full batch list (routing first: its targets matter most),
 # then half precision on a few sizes without the compiled implementations (compiles are slow).
 SWEEP=("$PY" bench/routing_sweep.py --device "$DEVICE" --out "$OUT" --no-plots "${SIZES[@]}")
-run sweep-float32 "$SWEEP_S" "$OUT/sweep.log" "${SWEEP[@]}" --op routing layer \
+run sweep-float32 "$SWEEP_S" "$OUT/sweep.log" "${SWEEP[@]}" --op routing layer attention fccaps \
     --modes forward forward+backward --dtypes float32 --implementations "${IMPLS[@]}" \
     --batch-sizes "${FULL_BATCHES[@]}" --time-budget $((SWEEP_S - 45))
-run sweep-half "$HALF_S" "$OUT/sweep.log" "${SWEEP[@]}" --append --op routing layer \
+run sweep-half "$HALF_S" "$OUT/sweep.log" "${SWEEP[@]}" --append --op routing layer attention fccaps \
     --modes forward forward+backward --dtypes bfloat16 float16 --implementations eager triton fused \
     --batch-sizes "${HALF_BATCHES[@]}" --time-budget $((HALF_S - 15))
 rm -f "$OUT"/*.tmp

@@ -109,6 +109,13 @@ class OpSpec:
     kernel_cases: Callable | None = None
     #: parameters of ``--config KEY=VALUE`` in the kernel report (the op's launch knobs)
     config_keys: tuple[str, ...] = field(default=())
+    #: sizes the op always takes, over the drivers' options (the paper's FCCaps layer is
+    #: 16 x 10 x 16 x 8 whatever ``--n-in`` says); see :func:`op_sizes`
+    fixed_sizes: dict = field(default_factory=dict)
+
+    def op_sizes(self, sizes: dict) -> dict:
+        """The drivers' common ``sizes`` with this op's fixed ones over them."""
+        return {**sizes, **self.fixed_sizes}
 
 
 @dataclass(frozen=True)

@@ -159,6 +159,7 @@ def sweep_points(args, batches):
 
 def run_group(op, impl, mode, dtype_name, batches, sizes, device, args, deadline, on_row) -> None:
     spec, dtype = SPECS[op], DTYPES[dtype_name]
+    sizes = spec.op_sizes(sizes)
     base = {"op": op, "implementation": impl, "mode": mode, "dtype": dtype_name}
 
     def row(batch, **fields):
@@ -278,10 +279,11 @@ def main(argv=None) -> dict:
         def on_row(r):
             if r["status"] == "ok" and r["examples_per_s"]:
                 spec = SPECS[r["op"]]
+                op_sizes = spec.op_sizes(sizes)
                 r["min_bytes_per_example"] = spec.min_bytes_per_example(
-                    sizes, DTYPES[r["dtype"]], r["mode"], r["batch_size"]
+                    op_sizes, DTYPES[r["dtype"]], r["mode"], r["batch_size"]
                 )
-                r["flops_per_example"] = spec.flops_per_example(sizes, r["mode"])
+                r["flops_per_example"] = spec.flops_per_example(op_sizes, r["mode"])
             data["results"].append(r)
             harness.write_json(path, data)
             bar.set_postfix_str(

@@ -96,10 +96,10 @@ def main(argv=None) -> int:
 
     spec = registry.get(args.op)
     dtype = getattr(torch, args.dtype)
-    sizes = {
+    sizes = spec.op_sizes({
         "n_in": args.n_in, "n_out": args.n_out, "d_in": args.d_in, "d": args.d,
         "iterations": args.iterations, "grad_through_routing": True,
-    }
+    })  # fmt: skip
     device = torch.device(args.device)
     env = {
         "device": harness.device_name(device) + ("" if device.type == "cuda" else " (interpreter)"),

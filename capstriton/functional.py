@@ -22,7 +22,16 @@ from ._checks import (
     resolve_backend,
 )
 
-__all__ = ["squash", "dynamic_routing", "capsule_routing", "margin_loss", "reconstruction_loss"]
+__all__ = [
+    "squash",
+    "dynamic_routing",
+    "capsule_routing",
+    "efficient_squash",
+    "self_attention_routing",
+    "self_attention_capsule_routing",
+    "margin_loss",
+    "reconstruction_loss",
+]
 
 U_HAT_LAYOUT = "[B, N_in, N_out, D]"
 U_LAYOUT = "[B, N_in, D_in]"
@@ -51,6 +60,9 @@ def _implementations(backend: str) -> dict:
             "dynamic_routing": reference.dynamic_routing,
             "capsule_routing": reference.capsule_routing,
             "capsule_routing_unfused": reference.capsule_routing,
+            "efficient_squash": reference.efficient_squash,
+            "self_attention_routing": reference.self_attention_routing,
+            "self_attention_capsule_routing": reference.self_attention_capsule_routing,
         }
     from . import ops
 
@@ -59,6 +71,9 @@ def _implementations(backend: str) -> dict:
         "dynamic_routing": ops.dynamic_routing.dynamic_routing,
         "capsule_routing": ops.fused_layer.capsule_routing,
         "capsule_routing_unfused": ops.fused_layer.capsule_routing_unfused,
+        "efficient_squash": ops.squash.efficient_squash,
+        "self_attention_routing": ops.self_attention_routing.self_attention_routing,
+        "self_attention_capsule_routing": ops.self_attention_routing.self_attention_capsule_routing,
     }
 
 
@@ -71,6 +86,12 @@ def squash(s: torch.Tensor, dim: int = -1, *, backend: str = "auto") -> torch.Te
         >>> v = squash(torch.randn(32, 1152, 8))  # [B, N, D] -> [B, N, D]
     """
     check_tensor("s", s)
+    _check_capsules(s, dim)
+    return _implementations(resolve_backend(backend, s))["squash"](s, dim)
+
+
+def _check_capsules(s: torch.Tensor, dim) -> None:
+    """``s`` holds capsule vectors along a valid, non-empty ``dim``."""
     if s.dim() == 0:
         raise ValueError("s must have at least 1 dimension (the capsule vector), got a scalar")
     if isinstance(dim, bool) or not isinstance(dim, int) or not -s.dim() <= dim < s.dim():
@@ -79,7 +100,83 @@ def squash(s: torch.Tensor, dim: int = -1, *, backend: str = "auto") -> torch.Te
         )
     if s.shape[dim] == 0:
         raise ValueError(f"s must have a non-empty capsule dimension {dim}, got shape {tuple(s.shape)}")
-    return _implementations(resolve_backend(backend, s))["squash"](s, dim)
+
+
+def efficient_squash(s: torch.Tensor, dim: int = -1, *, backend: str = "auto") -> torch.Tensor:
+    """Efficient-CapsNet's squash along ``dim``: ``v = (1 - exp(-||s||)) s / ||s||``.
+
+    Same shape and dtype as ``s``; ``||v|| < 1``; exact limits without an epsilon: 0 with the
+    identity Jacobian at ``s = 0``, the unit vector for huge ``s``.
+
+    Example:
+        >>> v = efficient_squash(torch.randn(32, 16, 8))  # [B, N, D] -> [B, N, D]
+    """
+    check_tensor("s", s)
+    _check_capsules(s, dim)
+    return _implementations(resolve_backend(backend, s))["efficient_squash"](s, dim)
+
+
+def _check_bias(bias, like: torch.Tensor, n_in: int, n_out: int) -> None:
+    if bias is None:
+        return
+    check_tensor("bias", bias, 2, "[N_in, N_out]")
+    check_same("bias", bias, "u_hat" if like.dim() == 4 else "u", like)
+    if tuple(bias.shape) != (n_in, n_out):
+        raise ValueError(f"bias must have shape [N_in, N_out] = [{n_in}, {n_out}], got {tuple(bias.shape)}")
+
+
+def self_attention_routing(
+    u_hat: torch.Tensor, bias: torch.Tensor | None = None, *, backend: str = "auto"
+) -> torch.Tensor:
+    """Self-attention routing (Efficient-CapsNet, Mazzia et al. 2021): one step, no iterations.
+
+    ``S_j = sum_k u_hat_kj``; ``c_ij = softmax_j(u_hat_ij . S_j / sqrt(D)) + bias_ij``;
+    ``v_j = efficient_squash(sum_i c_ij u_hat_ij)``.
+
+    Args:
+        u_hat: predictions ``[B, N_in, N_out, D]``.
+        bias: ``[N_in, N_out]``, added to the coupling coefficients after the softmax (the
+            official code's learned bias), or None.
+
+    Returns:
+        ``v`` ``[B, N_out, D]``, dtype of ``u_hat``.
+
+    Example:
+        >>> v = self_attention_routing(torch.randn(8, 16, 10, 16), torch.zeros(16, 10))  # -> [8, 10, 16]
+    """
+    check_tensor("u_hat", u_hat, 4, U_HAT_LAYOUT)
+    check_positive_sizes("u_hat", u_hat, U_HAT_LAYOUT)
+    _check_bias(bias, u_hat, u_hat.shape[1], u_hat.shape[2])
+    tensors = (u_hat,) if bias is None else (u_hat, bias)
+    return _implementations(resolve_backend(backend, *tensors))["self_attention_routing"](u_hat, bias)
+
+
+def self_attention_capsule_routing(
+    u: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, backend: str = "auto"
+) -> torch.Tensor:
+    """A fully connected capsule layer with self-attention routing (Efficient-CapsNet's FCCaps):
+    predictions ``u_hat[b,i,j] = weight[i,j] @ u[b,i]``, then :func:`self_attention_routing`. On the
+    triton backend the predictions are computed on chip and never stored, as in the fused
+    :func:`capsule_routing`; matmul-like under autocast, as it is.
+
+    Args:
+        u: input capsules ``[B, N_in, D_in]``.
+        weight: ``[N_in, N_out, D_out, D_in]``.
+        bias: ``[N_in, N_out]`` or None.
+
+    Returns:
+        ``v`` ``[B, N_out, D_out]``, dtype of ``u``.
+
+    Example:
+        >>> w = 0.1 * torch.randn(16, 10, 16, 8)
+        >>> v = self_attention_capsule_routing(torch.randn(4, 16, 8), w, torch.zeros(16, 10))  # -> [4, 10, 16]
+    """
+    _check_layer_inputs(u, weight)
+    _check_bias(bias, u, weight.shape[0], weight.shape[1])
+    tensors = autocast_inputs(u, weight) if bias is None else autocast_inputs(u, weight, bias)
+    u, weight, bias = (*tensors, None) if bias is None else tensors
+    implementation = _implementations(resolve_backend(backend, *tensors))["self_attention_capsule_routing"]
+    return implementation(u, weight, bias)
 
 
 def dynamic_routing(
@@ -143,6 +240,17 @@ def capsule_routing(
         >>> w = 0.01 * torch.randn(1152, 10, 16, 8)
         >>> v = capsule_routing(torch.randn(4, 1152, 8), w)  # -> [4, 10, 16]
     """
+    _check_layer_inputs(u, weight)
+    check_size("iterations", iterations)
+    check_bool("grad_through_routing", grad_through_routing)
+    check_bool("fused", fused)
+    u, weight = autocast_inputs(u, weight)
+    algorithm = "capsule_routing" if fused else "capsule_routing_unfused"
+    implementation = _implementations(resolve_backend(backend, u, weight))[algorithm]
+    return implementation(u, weight, iterations, grad_through_routing)
+
+
+def _check_layer_inputs(u: torch.Tensor, weight: torch.Tensor) -> None:
     check_tensor("u", u, 3, U_LAYOUT)
     check_tensor("weight", weight, 4, WEIGHT_LAYOUT)
     check_same("u", u, "weight", weight)
@@ -152,13 +260,6 @@ def capsule_routing(
             f"u {U_LAYOUT} and weight {WEIGHT_LAYOUT} disagree: u has shape {tuple(u.shape)}, "
             f"weight {tuple(weight.shape)} (N_in and D_in must match)"
         )
-    check_size("iterations", iterations)
-    check_bool("grad_through_routing", grad_through_routing)
-    check_bool("fused", fused)
-    u, weight = autocast_inputs(u, weight)
-    algorithm = "capsule_routing" if fused else "capsule_routing_unfused"
-    implementation = _implementations(resolve_backend(backend, u, weight))[algorithm]
-    return implementation(u, weight, iterations, grad_through_routing)
 
 
 def margin_loss(

@@ -12,6 +12,8 @@ __all__ = [
     "Squash",
     "PrimaryCapsules",
     "RoutingCapsules",
+    "EfficientPrimaryCapsules",
+    "SelfAttentionCapsules",
     "CapsuleDecoder",
     "MarginLoss",
     "CapsuleLoss",
@@ -143,6 +145,91 @@ class RoutingCapsules(nn.Module):
             f"in_caps={self.in_caps}, in_dim={self.in_dim}, out_caps={self.out_caps}, "
             f"out_dim={self.out_dim}, iterations={self.iterations}, "
             f"grad_through_routing={self.grad_through_routing}, backend={self.backend!r}, fused={self.fused}"
+        )
+
+
+class EfficientPrimaryCapsules(nn.Module):
+    """Efficient-CapsNet's primary capsules: a depthwise convolution (one ``kernel_size`` filter per
+    channel), its ``in_channels`` outputs grouped into capsules of ``caps_dim`` and squashed with
+    :func:`capstriton.efficient_squash`.
+
+    Input ``[B, in_channels, H, W]``; output ``[B, H' * W' * in_channels / caps_dim, caps_dim]``,
+    the capsules in channels-last order (row, column, group): channel ``c`` at a position is
+    component ``c % caps_dim`` of capsule ``c // caps_dim`` there (the official Keras reshape of
+    ``[H', W', C]``). The paper: 128 channels of a 9 x 9 map and a 9 x 9 kernel give 16
+    capsules of 8D.
+    """
+
+    def __init__(self, in_channels: int = 128, caps_dim: int = 8, kernel_size: int = 9, backend: str = "auto"):
+        super().__init__()
+        check_size("in_channels", in_channels)
+        self.caps_dim = check_size("caps_dim", caps_dim)
+        if in_channels % caps_dim:
+            raise ValueError(f"in_channels={in_channels} must be a multiple of caps_dim={caps_dim}")
+        self.backend = check_backend(backend)
+        self.conv = nn.Conv2d(in_channels, in_channels, check_size("kernel_size", kernel_size), groups=in_channels)
+
+    def output_caps(self, height: int, width: int) -> int:
+        """Number of capsules produced for an input of ``height x width``."""
+        k = self.conv.kernel_size
+        return (height - k[0] + 1) * (width - k[1] + 1) * self.conv.out_channels // self.caps_dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_tensor("x", x, 4, "[B, in_channels, H, W]")
+        y = self.conv(x).permute(0, 2, 3, 1)  # channels last, as the official reshape reads them
+        u = y.reshape(y.shape[0], -1, self.caps_dim)
+        return F.efficient_squash(u, backend=self.backend)
+
+
+class SelfAttentionCapsules(nn.Module):
+    """Fully connected capsule layer with self-attention routing (Efficient-CapsNet's FCCaps).
+
+    ``weight`` ``[in_caps, out_caps, out_dim, in_dim]`` is initialised He-normal as in the
+    official code (standard deviation ``sqrt(2 / (out_caps * in_caps * in_dim))``, its Keras
+    fan-in), ``bias`` ``[in_caps, out_caps]`` with zeros (``bias=False``: none). On the triton
+    backend the predictions are computed on chip (see
+    :func:`capstriton.self_attention_capsule_routing`).
+
+    Input ``u`` ``[B, in_caps, in_dim]``, output ``v`` ``[B, out_caps, out_dim]``.
+    """
+
+    def __init__(
+        self,
+        in_caps: int = 16,
+        in_dim: int = 8,
+        out_caps: int = 10,
+        out_dim: int = 16,
+        bias: bool = True,
+        backend: str = "auto",
+    ):
+        super().__init__()
+        self.in_caps = check_size("in_caps", in_caps)
+        self.in_dim = check_size("in_dim", in_dim)
+        self.out_caps = check_size("out_caps", out_caps)
+        self.out_dim = check_size("out_dim", out_dim)
+        self.backend = check_backend(backend)
+        self.weight = nn.Parameter(torch.empty(in_caps, out_caps, out_dim, in_dim))
+        self.bias = nn.Parameter(torch.zeros(in_caps, out_caps)) if check_bool("bias", bias) else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.weight, std=(2.0 / (self.out_caps * self.in_caps * self.in_dim)) ** 0.5)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
+        check_tensor("u", u, 3, "[B, in_caps, in_dim]")
+        if u.shape[1:] != (self.in_caps, self.in_dim):
+            raise ValueError(
+                f"u must have shape [B, in_caps={self.in_caps}, in_dim={self.in_dim}], got {tuple(u.shape)}"
+            )
+        bias = None if self.bias is None else self.bias.to(u.dtype)
+        return F.self_attention_capsule_routing(u, self.weight.to(u.dtype), bias, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_caps={self.in_caps}, in_dim={self.in_dim}, out_caps={self.out_caps}, out_dim={self.out_dim}, "
+            f"bias={self.bias is not None}, backend={self.backend!r}"
         )
 
 

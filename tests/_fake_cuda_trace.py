@@ -93,6 +93,21 @@ def main():
         params = {k: torch.empty(p.shape, device="cuda") for k, p in model.named_parameters()}
         x = torch.empty(2, 1, 28, 28, device="cuda")
         results["CapsNet"] = capture(lambda p, x: torch.func.functional_call(model, p, (x,)), params, x)
+
+        bias = torch.empty(1152, 10, device="cuda")
+        results["self_attention_routing"] = capture(
+            lambda u, b: ct.self_attention_routing(u, b, backend="auto"), u_hat, bias
+        )
+        layer = ct.nn.SelfAttentionCapsules(37, 8, 10, 16, backend="auto")
+        params = {k: torch.empty(p.shape, device="cuda") for k, p in layer.named_parameters()}
+        results["SelfAttentionCapsules"] = capture(lambda p, x: torch.func.functional_call(layer, p, (x,)), params, u)
+
+        model = ct.models.EfficientCapsNet(backend="auto").eval()
+        params = {k: torch.empty(p.shape, device="cuda") for k, p in model.named_parameters()}
+        buffers = {k: torch.empty(b.shape, dtype=b.dtype, device="cuda") for k, b in model.named_buffers()}
+        results["EfficientCapsNet"] = capture(
+            lambda p, x: torch.func.functional_call(model, {**p, **buffers}, (x,)), params, x
+        )
     for name, result in results.items():
         print(json.dumps({"case": name, **result}))
 

@@ -28,8 +28,16 @@ def traced():
 @pytest.mark.parametrize(
     ("case", "kernel_launches"),
     # routing and the fused layer: one launch per iteration plus the finalize; CapsNet adds
-    # PrimaryCapsules' squash
-    [("dynamic_routing", 4), ("RoutingCapsules", 4), ("CapsNet", 5)],
+    # PrimaryCapsules' squash. Self-attention routing: the sum S, the sum s, the finalize;
+    # Efficient-CapsNet adds the primary capsules' efficient squash
+    [
+        ("dynamic_routing", 4),
+        ("RoutingCapsules", 4),
+        ("CapsNet", 5),
+        ("self_attention_routing", 3),
+        ("SelfAttentionCapsules", 3),
+        ("EfficientCapsNet", 4),
+    ],
 )
 def test_one_graph_with_triton_kernels(traced, case, kernel_launches):
     result = traced[case]
@@ -39,6 +47,6 @@ def test_one_graph_with_triton_kernels(traced, case, kernel_launches):
     # functional wrappers: the ones whose clone list the mutation check below reads
     assert all("triton_kernel_wrapper_functional" in t for t in wrappers), wrappers
     assert result["inputs_written"] == []
-    if case != "dynamic_routing":
+    if case not in ("dynamic_routing", "self_attention_routing"):
         # the fused layer: the predictions are computed inside the kernels, never by a matmul
         assert not [t for t in result["targets"] if "bmm" in t or "matmul" in t], result["targets"]

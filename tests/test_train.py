@@ -371,8 +371,11 @@ def test_help_shows_the_defaults_of_a_new_run(capsys):
         train.parse_args(["--help"])
     text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
     for entry in (
-        "--lr LR initial learning rate (default: 0.001;",
-        "--batch-size BATCH_SIZE global batch (over all processes) (default: 128;",
+        "--lr LR initial learning rate (default: 0.001 for capsnet, 0.0005 for efficient-capsnet;",
+        "--batch-size BATCH_SIZE global batch (over all processes) "
+        "(default: 128 for capsnet, 16 for efficient-capsnet;",
+        "--seed SEED seeds the initial weights, shuffles and shifts (default: 0;",
+        "--iterations ITERATIONS routing iterations (default: 3;",  # capsnet's alone
         "--decoder-hidden SIZES decoder hidden layers, comma-separated, or 'none' for no decoder (default: 512,1024;",
         "--no-augment no random shifts of up to 2 pixels (default: off;",
     ):
@@ -840,3 +843,62 @@ def test_real_mnist_reduced_capsnet_learns(tmp_path):
     print(f"held-out accuracy {final['test_accuracy']:.4f} after {seconds:.0f} s")
     assert final["test_examples"] == 1000
     assert final["test_accuracy"] >= 0.95, final
+
+
+# --- Efficient-CapsNet ------------------------------------------------------------------------------
+
+
+def test_efficient_capsnet_takes_the_papers_recipe_as_its_defaults(fake_mnist, tmp_path):
+    """``--model efficient-capsnet`` with no other option: Adam 5e-4 decaying by 0.97 per epoch,
+    batch 16, reconstruction weight 0.0005 x the per-image sum (0.392 x the per-pixel mean), the
+    decoder 512, 1024; the run writes what a CapsNet run writes."""
+    argv = [
+        "--model", "efficient-capsnet", "--data-dir", str(fake_mnist), "--holdout", "32", "--limit-train", "32",
+        "--epochs", "2", "--out", str(tmp_path), "--no-progress", "--no-download",
+    ]  # fmt: skip
+    args = train.parse_args(argv)
+    assert (args.lr, args.lr_decay, args.batch_size, args.reconstruction_weight) == (5e-4, 0.97, 16, 0.0005)
+    assert tuple(args.decoder_hidden) == (512, 1024)
+    metrics = run_cli(argv)
+    history = metrics["history"]
+    assert [h["epoch"] for h in history] == [1, 2]
+    assert history[1]["lr"] == pytest.approx(0.97 * 5e-4)
+    assert metrics["parameters"] == 1_573_168  # trainable: batch norm's running statistics are buffers
+    assert {k for k in load_state(tmp_path)["model"] if "running_mean" in k}  # ... saved in the checkpoint
+    assert all(math.isfinite(h["train_loss"]) and math.isfinite(h["test_loss"]) for h in history)
+    assert (tmp_path / train.RECONSTRUCTIONS).exists() and (tmp_path / train.CURVES).exists()
+
+
+def test_efficient_capsnet_refuses_capsnet_options(fake_mnist, tmp_path, capsys):
+    argv = ["--model", "efficient-capsnet", "--data-dir", str(fake_mnist), "--out", str(tmp_path), "--iterations", "2"]
+    with pytest.raises(SystemExit) as e:
+        train.main(argv)
+    assert e.value.code == 2
+    message = "--iterations: not an option of --model efficient-capsnet (it takes --decoder-hidden)"
+    assert f"capstriton-train: error: argument {message}\n" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@requires_mnist_test_files
+def test_real_mnist_efficient_capsnet_learns(tmp_path):
+    """Efficient-CapsNet (161,824 parameters, no decoder) with the paper's recipe, 2 epochs on the
+    first 9,000 real test images, classifies the 1,000 held-out ones. Measured: 98.2% after the
+    first epoch and 98.8% after the second, 26 s of CPU time an epoch on one thread. The issue's
+    bar is 97% (chance is 10%)."""
+    argv = [
+        "--model", "efficient-capsnet", "--data-dir", str(MNIST_DIR), "--holdout", "1000", "--epochs", "2",
+        "--decoder-hidden", "none", "--out", str(tmp_path), "--no-progress", "--no-download", "--no-plots",
+    ]  # fmt: skip
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the CapsNet test above
+    try:
+        start = time.perf_counter()
+        metrics = run_cli(argv)
+        seconds = time.perf_counter() - start
+    finally:
+        torch.set_num_threads(threads)
+    final = metrics["history"][-1]
+    print(f"held-out accuracy {final['test_accuracy']:.4f} after {seconds:.0f} s")
+    assert metrics["parameters"] == 161_824
+    assert final["test_examples"] == 1000
+    assert final["test_accuracy"] >= 0.97, final

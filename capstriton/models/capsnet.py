@@ -5,13 +5,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .._checks import check_size, check_tensor
-from ..nn import CapsuleDecoder, PrimaryCapsules, RoutingCapsules, capsule_lengths
+from .._checks import check_size
+from ..nn import PrimaryCapsules, RoutingCapsules
+from ._base import CapsuleClassifier
 
 __all__ = ["CapsNet"]
 
 
-class CapsNet(nn.Module):
+class CapsNet(CapsuleClassifier):
     """Conv1 -> PrimaryCaps -> DigitCaps (dynamic routing) -> decoder.
 
     The defaults are the paper's MNIST model (8,215,568 parameters; 6,804,224 without the
@@ -46,10 +47,7 @@ class CapsNet(nn.Module):
         return_lengths: bool = False,
         fused: bool = True,
     ):
-        super().__init__()
-        self.in_channels = check_size("in_channels", in_channels)
-        self.image_size = check_size("image_size", image_size)
-        self.return_lengths = return_lengths
+        super().__init__(in_channels, image_size, return_lengths)
         self.conv = nn.Conv2d(
             in_channels, check_size("conv_channels", conv_channels), check_size("conv_kernel", conv_kernel)
         )
@@ -66,25 +64,7 @@ class CapsNet(nn.Module):
         self.digit = RoutingCapsules(
             in_caps, primary_dim, num_classes, out_dim, iterations, grad_through_routing, backend, init_std, fused
         )
-        self.decoder = (
-            None
-            if decoder_hidden is None
-            else CapsuleDecoder(num_classes, out_dim, tuple(decoder_hidden), in_channels * image_size * image_size)
-        )
+        self._add_decoder(num_classes, out_dim, decoder_hidden)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        target: torch.Tensor | None = None,
-        mask: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        check_tensor("x", x, 4, "[B, in_channels, H, W]")
-        expected = (self.in_channels, self.image_size, self.image_size)
-        if x.shape[1:] != expected:
-            raise ValueError(
-                f"x must have shape [B, {expected[0]}, {expected[1]}, {expected[2]}], got {tuple(x.shape)}"
-            )
-        u = self.primary(torch.relu(self.conv(x)))
-        v = self.digit(u)
-        reconstruction = None if self.decoder is None else self.decoder(v, target, mask)
-        return (capsule_lengths(v) if self.return_lengths else v), reconstruction
+    def capsules(self, x: torch.Tensor) -> torch.Tensor:
+        return self.digit(self.primary(torch.relu(self.conv(x))))

@@ -9,6 +9,6 @@ Each module's public function has the signature of its ``capstriton.reference`` 
 they are the two columns of ``capstriton.functional``'s backend table.
 """
 
-from . import dynamic_routing, fused_layer, squash
+from . import dynamic_routing, fused_layer, self_attention_routing, squash
 
-__all__ = ["squash", "dynamic_routing", "fused_layer"]
+__all__ = ["squash", "dynamic_routing", "fused_layer", "self_attention_routing"]

@@ -1,7 +1,10 @@
-"""Squash over the last dimension as ``torch.library.triton_op`` s, with autograd.
+"""Squash over the last dimension as ``torch.library.triton_op`` s, with autograd: Sabour et al.'s
+(``squash``) and Efficient-CapsNet's (``efficient_squash``), one row kernel pair for both.
 
     capstriton::squash_fwd(s [..., D]) -> v
     capstriton::squash_bwd(grad [..., D], s [..., D]) -> ds
+    capstriton::efficient_squash_fwd(s [..., D]) -> v
+    capstriton::efficient_squash_bwd(grad [..., D], s [..., D]) -> ds
 """
 
 from __future__ import annotations
@@ -16,7 +19,15 @@ from ..kernels.squash import squash_bwd_kernel, squash_fwd_kernel
 from ._launch import empty, launch
 from ._transforms import no_double_backward
 
-__all__ = ["SquashConfig", "squash", "squash_fwd", "squash_bwd"]
+__all__ = [
+    "SquashConfig",
+    "squash",
+    "squash_fwd",
+    "squash_bwd",
+    "efficient_squash",
+    "efficient_squash_fwd",
+    "efficient_squash_bwd",
+]
 
 
 @dataclass(frozen=True)
@@ -47,8 +58,7 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return rows
 
 
-@triton_op("capstriton::squash_fwd", mutates_args=())
-def squash_fwd(s: torch.Tensor) -> torch.Tensor:
+def _forward(s: torch.Tensor, efficient: bool) -> torch.Tensor:
     x = _rows(s)
     v = empty(x.shape, s.dtype, s.device)
     rows, dim = x.shape
@@ -57,13 +67,12 @@ def squash_fwd(s: torch.Tensor) -> torch.Tensor:
         launch(
             squash_fwd_kernel, (triton.cdiv(rows, cfg.block_r),),
             x_ptr=x, v_ptr=v, R=rows, D=dim, stride_xr=x.stride(0), stride_xd=x.stride(1),
-            BLOCK_R=cfg.block_r, BLOCK_D=cfg.block_d, num_warps=cfg.num_warps,
+            BLOCK_R=cfg.block_r, BLOCK_D=cfg.block_d, EFFICIENT=efficient, num_warps=cfg.num_warps,
         )
     return v.view(s.shape)
 
 
-@triton_op("capstriton::squash_bwd", mutates_args=())
-def squash_bwd(grad: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+def _backward_rows(grad: torch.Tensor, s: torch.Tensor, efficient: bool) -> torch.Tensor:
     x = _rows(s)
     g = _rows(grad)  # stays a stride-0 view for expanded gradients
     ds = empty(x.shape, s.dtype, s.device)
@@ -74,9 +83,29 @@ def squash_bwd(grad: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
             squash_bwd_kernel, (triton.cdiv(rows, cfg.block_r),),
             x_ptr=x, dv_ptr=g, dx_ptr=ds, R=rows, D=dim,
             stride_xr=x.stride(0), stride_xd=x.stride(1), stride_gr=g.stride(0), stride_gd=g.stride(1),
-            BLOCK_R=cfg.block_r, BLOCK_D=cfg.block_d, num_warps=cfg.num_warps,
+            BLOCK_R=cfg.block_r, BLOCK_D=cfg.block_d, EFFICIENT=efficient, num_warps=cfg.num_warps,
         )
     return ds.view(s.shape)
+
+
+@triton_op("capstriton::squash_fwd", mutates_args=())
+def squash_fwd(s: torch.Tensor) -> torch.Tensor:
+    return _forward(s, False)
+
+
+@triton_op("capstriton::squash_bwd", mutates_args=())
+def squash_bwd(grad: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    return _backward_rows(grad, s, False)
+
+
+@triton_op("capstriton::efficient_squash_fwd", mutates_args=())
+def efficient_squash_fwd(s: torch.Tensor) -> torch.Tensor:
+    return _forward(s, True)
+
+
+@triton_op("capstriton::efficient_squash_bwd", mutates_args=())
+def efficient_squash_bwd(grad: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    return _backward_rows(grad, s, True)
 
 
 def _setup_context(ctx, inputs, output):
@@ -89,12 +118,28 @@ def _backward(ctx, grad):
     return squash_bwd(grad, s)
 
 
+def _efficient_backward(ctx, grad):
+    (s,) = ctx.saved_tensors
+    return efficient_squash_bwd(grad, s)
+
+
 squash_fwd.register_autograd(_backward, setup_context=_setup_context)
 squash_bwd.register_autograd(no_double_backward("squash"))
+efficient_squash_fwd.register_autograd(_efficient_backward, setup_context=_setup_context)
+efficient_squash_bwd.register_autograd(no_double_backward("efficient squash"))
+
+
+def _along(op, s: torch.Tensor, dim: int) -> torch.Tensor:
+    if dim in (-1, s.dim() - 1):
+        return op(s)
+    return op(s.movedim(dim, -1)).movedim(-1, dim)
 
 
 def squash(s: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """Squash over ``dim`` of ``s`` with the Triton kernels (validated by capstriton.functional)."""
-    if dim in (-1, s.dim() - 1):
-        return squash_fwd(s)
-    return squash_fwd(s.movedim(dim, -1)).movedim(-1, dim)
+    return _along(squash_fwd, s, dim)
+
+
+def efficient_squash(s: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Efficient-CapsNet's squash over ``dim`` with the Triton kernels (validated by functional)."""
+    return _along(efficient_squash_fwd, s, dim)

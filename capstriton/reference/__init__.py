@@ -1,6 +1,6 @@
 """The pure-PyTorch reference (``backend="torch"``): the oracle of every test and the CPU path, one
-module per algorithm (``squash``, ``dynamic_routing``, ``capsule_routing``), the losses in
-``losses``.
+module per algorithm (``squash``, ``dynamic_routing``, ``capsule_routing``, ``efficient_squash``,
+``self_attention_routing``), the losses in ``losses``.
 
 Everything here is plain differentiable PyTorch (no custom autograd), so its gradients come from
 autograd and are independent of the hand-written backward kernels, and it compiles with
@@ -14,7 +14,9 @@ use it as the exact reference). No argument checking here: the public functions 
 from ._common import compute_dtype, float_arithmetic
 from .capsule_routing import capsule_predictions, capsule_routing
 from .dynamic_routing import dynamic_routing
+from .efficient_squash import efficient_squash
 from .losses import margin_loss, reconstruction_loss
+from .self_attention_routing import self_attention_capsule_routing, self_attention_routing
 from .squash import squash
 
 __all__ = [
@@ -22,6 +24,9 @@ __all__ = [
     "dynamic_routing",
     "capsule_predictions",
     "capsule_routing",
+    "efficient_squash",
+    "self_attention_routing",
+    "self_attention_capsule_routing",
     "margin_loss",
     "reconstruction_loss",
     "compute_dtype",

@@ -115,12 +115,18 @@ def flag(name: str) -> str:
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    # The trajectory options' argparse default is OMITTED: show the default model's default for a
-    # new run instead.
+    # The trajectory options' argparse default is OMITTED: show a new run's default instead, per
+    # model where the models that take the option differ ("0.001 for capsnet, 0.0005 for
+    # efficient-capsnet").
     def _get_help_string(self, action: argparse.Action) -> str | None:
         if action.dest in TRAJECTORY_OPTIONS:
-            defaults = {"model": DEFAULT_MODEL, **MODELS[DEFAULT_MODEL].defaults}
-            default = show(defaults[action.dest]).replace("%", "%%") if action.dest in defaults else "the model's"
+            if action.dest == "model":
+                default = DEFAULT_MODEL
+            else:
+                given = {name: show(e.defaults[action.dest]) for name, e in MODELS.items() if action.dest in e.defaults}
+                values = list(dict.fromkeys(given.values()))
+                default = values[0] if len(values) == 1 else ", ".join(f"{v} for {n}" for n, v in given.items())
+            default = default.replace("%", "%%")
             return f"{action.help or ''} (default: {default}; with --resume: the checkpoint's)".lstrip()
         return super()._get_help_string(action)
 
@@ -131,7 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
     checkpoint's)."""
     p = argparse.ArgumentParser(
         prog="capstriton-train",
-        description="Train a CapsNet (Sabour et al. 2017) on MNIST, evaluate it on the test set.",
+        description=(
+            "Train a capsule network on MNIST, evaluate it on the test set: the CapsNet of Sabour et al. "
+            "2017 (the default) or Efficient-CapsNet of Mazzia et al. 2021 (--model efficient-capsnet)."
+        ),
         formatter_class=_HelpFormatter,
     )
     g = p.add_argument_group("data")
@@ -168,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     # The options of every entry of MODELS (models.MODEL_OPTIONS); each model takes some of them.
-    g = p.add_argument_group("model (defaults: the paper's)")
+    g = p.add_argument_group("model (defaults: the papers')")
     g.add_argument(
         "--model",
         choices=sorted(MODELS),
