@@ -38,6 +38,24 @@ requires_mnist_test_files = pytest.mark.skipif(
 OLDEST_TRITON = re.search(r"^triton==(\S+)", (REPO / ".ci" / "oldest-triton.txt").read_text(), re.M).group(1)
 
 
+#: Marks the further shapes of a kernel test's shape grid: the rerun with the oldest supported
+#: triton (tests/test_oldest_triton.py) deselects them and keeps a few cases per test that still
+#: reach every kernel and every compile-time path (dtypes, gradient modes, product paths, the
+#: first iteration, tails); the whole grid runs with the current triton.
+shape_grid = pytest.mark.shape_grid
+
+
+def grid_params(cases, ids, keep) -> list:
+    """``cases`` (each a tuple of the test's arguments) as ``pytest.param``s named by ``ids``; those
+    whose id is not in ``keep`` carry the ``shape_grid`` marker."""
+    missing = set(keep) - set(ids)
+    assert not missing, f"kept cases {sorted(missing)} are not in the grid"
+    return [
+        pytest.param(*case, id=case_id, marks=() if case_id in keep else shape_grid)
+        for case, case_id in zip(cases, ids, strict=True)
+    ]
+
+
 def oldest_triton_env() -> dict[str, str]:
     """The environment of a subprocess that imports the oldest supported triton: this one's with
     CT_OLDEST_TRITON_PATH first on PYTHONPATH and without TRITON_INTERPRET. Skips the test when
@@ -108,9 +126,7 @@ def naive_squash(s: torch.Tensor) -> torch.Tensor:
     return s * torch.sqrt(n2) / (1.0 + n2)
 
 
-def naive_routing(
-    u_hat: torch.Tensor, iterations: int, grad_through_routing: bool = True
-) -> torch.Tensor:
+def naive_routing(u_hat: torch.Tensor, iterations: int, grad_through_routing: bool = True) -> torch.Tensor:
     """Procedure 1 with explicit loops over examples, input capsules and output capsules.
 
     ``u_hat`` ``[B, N_in, N_out, D]`` -> ``v`` ``[B, N_out, D]``. With
@@ -147,9 +163,7 @@ def naive_predictions(u: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     n_out = weight.shape[1]
     return torch.stack(
         [
-            torch.stack(
-                [torch.stack([weight[i, j] @ u[b, i] for j in range(n_out)]) for i in range(n_in)]
-            )
+            torch.stack([torch.stack([weight[i, j] @ u[b, i] for j in range(n_out)]) for i in range(n_in)])
             for b in range(batch)
         ]
     )
