@@ -225,9 +225,10 @@ def capsule_routing(
     On the triton backend the layer is fused: the predictions are computed on chip inside the
     routing kernels and never stored (a training step keeps only u, the weight and per-iteration
     [B, N_out, D_out] sums for the backward). Float32 products follow
-    ``torch.get_float32_matmul_precision()``: "highest" (the default) multiplies in IEEE float32,
-    "high"/"medium" allow TF32 tensor cores. ``fused=False`` runs the predictions as a PyTorch
-    matmul, then the routing kernels (for comparison); the torch backend ignores it.
+    ``torch.get_float32_matmul_precision()``: "highest" (the default) multiplies as 3xTF32 on
+    tensor cores (float32 accuracy) or IEEE float32, "high"/"medium" allow TF32. ``fused=False``
+    runs the predictions as a PyTorch matmul, then the routing kernels (for comparison); the torch
+    backend ignores it.
 
     Args:
         u: input capsules ``[B, N_in, D_in]``.

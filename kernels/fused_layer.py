@@ -10,8 +10,9 @@ to ``n = j * BLOCK_D + d`` (``BLOCK_N = BLOCK_J * BLOCK_D``) for the products.
 Work decomposition. A program of the routing passes owns a tile of ``BLOCK_B`` examples and a
 run of input capsules (split ``k`` of ``SPLIT``) and walks it one capsule at a time: the tile's
 predictions of capsule i are one [BLOCK_B, D_in] x [D_in, BLOCK_N] product with W[i] (``tl.dot``
-when the tile is at least 16 x 16 x 16: tensor cores for float16/bfloat16, TF32 when PyTorch's
-float32 matmul precision allows it, IEEE float32 otherwise; D_in padded to 16), or D_in
+when the tile is at least 16 x 16 x 16: tensor cores for float16/bfloat16, and for float32 TF32
+when PyTorch's float32 matmul precision allows it, else 3xTF32 (``PRECISION``); D_in padded to
+16), or D_in
 rank-one updates for smaller tiles (large capsules leave room for few examples); then the
 routing arithmetic of ``dynamic_routing`` in float32 on [BLOCK_B, BLOCK_J, BLOCK_D] blocks.
 

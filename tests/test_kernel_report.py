@@ -166,8 +166,9 @@ def test_digitcaps_u_hat_loads_are_128_bit(sm90_report):
 
 def test_fused_layer_products_run_on_tensor_cores(sm90_report):
     """The fused layer's prediction products on the paper's layer: tensor-core instructions
-    (HMMA/HGMMA) in the forward and backward passes for float16/bfloat16 and, with TF32 allowed,
-    float32; IEEE float32 on the CUDA cores (no MMA: its products are FMAs)."""
+    (HMMA/HGMMA) in the forward and backward passes for float16/bfloat16 and for float32 as TF32
+    or 3xTF32 ("highest"); IEEE float32 on the CUDA cores (no MMA: its products are FMAs), as the
+    final backward pass always multiplies float32."""
     _, out = sm90_report
     doc = json.loads((out / "sm_90.json").read_text())
     passes = {"fused_layer_fwd_kernel", "fused_layer_bwd_reduce_kernel", "fused_layer_bwd_final_kernel"}
@@ -176,12 +177,13 @@ def test_fused_layer_products_run_on_tensor_cores(sm90_report):
         if entry["kernel"] not in passes or not any("1152x10x16x8" in c for c in entry["cases"]):
             continue
         precision = entry["constexprs"]["PRECISION"]
-        tensor_cores = entry["dtype"] != "fp32" or precision == "tf32"
+        tensor_cores = entry["dtype"] != "fp32" or precision != "ieee"
         assert (entry["sass"]["MMA"] > 0) == tensor_cores, (entry["kernel"], entry["dtype"], precision, entry["sass"])
         seen.add((entry["kernel"], entry["dtype"], precision))
-    # forward and reduce passes in fp16, bf16, fp32 (IEEE and TF32); the final pass in IEEE float32
+    # forward and reduce passes in fp16, bf16, fp32 (IEEE, TF32, 3xTF32); the final pass in IEEE float32
     assert {(k, d) for k, d, _ in seen} >= {(k, d) for k in passes for d in ("fp16", "bf16", "fp32")}
-    assert ("fused_layer_fwd_kernel", "fp32", "tf32") in seen
+    for kernel in ("fused_layer_fwd_kernel", "fused_layer_bwd_reduce_kernel"):
+        assert {(kernel, "fp32", p) for p in ("ieee", "tf32", "tf32x3")} <= seen, sorted(seen)
 
 
 def test_config_overrides_reach_the_recorded_launches():

@@ -129,7 +129,7 @@ def _kernel_case(n_in, n_out, d, d_in, batch, dtype, shape_set, precision="ieee"
 
 def kernel_cases():
     cases = [_kernel_case(1152, 10, 16, 8, 1024, dt, "digitcaps") for dt in (torch.float16, torch.bfloat16)]
-    cases += [_kernel_case(1152, 10, 16, 8, 1024, torch.float32, "digitcaps", p) for p in ("ieee", "tf32")]
+    cases += [_kernel_case(1152, 10, 16, 8, 1024, torch.float32, "digitcaps", p) for p in ("ieee", "tf32", "tf32x3")]
     cases += [
         _kernel_case(2048, 10, 16, 8, 64, torch.bfloat16, "odd"),  # a CIFAR-10 sized layer
         _kernel_case(37, 3, 33, 9, 5, torch.float32, "odd"),

@@ -119,7 +119,8 @@ def kernel_cases():
     cases = []
     for n_in in (1152, 16):  # the large layer and the paper's FCCaps
         cases += [_kernel_case(n_in, 10, 16, 8, 1024, dt, "digitcaps") for dt in (torch.float16, torch.bfloat16)]
-        cases += [_kernel_case(n_in, 10, 16, 8, 1024, torch.float32, "digitcaps", p) for p in ("ieee", "tf32")]
+        precisions = ("ieee", "tf32", "tf32x3")
+        cases += [_kernel_case(n_in, 10, 16, 8, 1024, torch.float32, "digitcaps", p) for p in precisions]
     cases += [
         _kernel_case(1152, 10, 16, 1, 1024, torch.float32, "digitcaps", form="routing"),
         _kernel_case(1152, 10, 16, 1, 1024, torch.bfloat16, "digitcaps", form="routing"),

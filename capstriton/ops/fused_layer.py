@@ -16,8 +16,11 @@ then the ``dynamic_routing`` kernels (u_hat written once, read once per iteratio
 ``precision`` is how float32 products are made, read from
 ``torch.get_float32_matmul_precision()`` in Python (:func:`matmul_precision`) and passed as an op
 argument, so torch.compile records it without a graph break: "highest" (PyTorch's default) gives
-IEEE float32 products ("ieee"); "high" and "medium" allow TF32 tensor cores ("tf32"). Half-precision
-inputs always multiply on tensor cores with float32 accumulation.
+3xTF32 products on tensor cores ("tf32x3": each operand split into a TF32 part and a TF32 remainder,
+three products, float32 accumulation) where a tile uses tl.dot, and IEEE float32 FMAs where it uses
+rank-one updates; "high" and "medium" allow plain TF32 ("tf32"). The op also takes "ieee" (IEEE
+float32 on every path). Half-precision inputs always multiply on tensor cores with float32
+accumulation.
 """
 
 from __future__ import annotations
@@ -61,7 +64,15 @@ _F32 = torch.float32
 #: routing state (the kernel report saw spills at 128 x 64 with 16 and 32 warps); such layers run
 #: unfused (u_hat in memory).
 FUSED_MAX_OUTPUTS = 2048
-_PRECISIONS = {"highest": "ieee", "high": "tf32", "medium": "tf32"}
+#: "highest" as 3xTF32: its products drop only the product of the two remainders and truncate the
+#: remainders to TF32, a relative error of at most about 2^-20 per product against IEEE's 2^-24,
+#: which the routing's own float32 rounding hides: routing an emulation of its predictions
+#: (tests/ops/test_fused_layer.py) lands as close to float64 as routing IEEE predictions (paper's
+#: layer: 6.9e-7 against 6.7e-7; plain TF32 3.4e-4). Limits of the trick: operands above the
+#: largest TF32 (3.40e38) round to infinity, and remainders below float32's normal range (operands
+#: under about 2e-35) may be flushed, leaving TF32 accuracy there. The static model predicts the
+#: float32 forward 2.2x faster than with IEEE FMAs (bench/results/kernel_report/NOTES.md).
+_PRECISIONS = {"highest": "tf32x3", "high": "tf32", "medium": "tf32"}
 
 
 @torch.compiler.assume_constant_result
@@ -132,8 +143,8 @@ def fused_config(
     A program's working set is a few [BLOCK_B, BLOCK_J, BLOCK_D] float32 blocks (predictions,
     the running sum V, the accumulated s or dV, ds): ``BLOCK_B`` is as many examples as fit in
     ``tuning.tile`` elements with the flattened outputs, a power of two up to 64. The products use
-    ``tl.dot`` where ``tensor_cores`` multiply them (half-precision inputs, or float32 with TF32
-    allowed) and the tile is at least 16 x 16 (16 examples of the paper's 10 x 16 outputs);
+    ``tl.dot`` where ``tensor_cores`` multiply them (half-precision inputs, or float32 as TF32 or
+    3xTF32) and the tile is at least 16 x 16 (16 examples of the paper's 10 x 16 outputs);
     otherwise D_in rank-one updates on the CUDA cores (IEEE float32 products, the same FMAs a
     float32 tl.dot would make, in fewer registers; large capsules, whose tiles hold few examples).
     """
@@ -195,7 +206,8 @@ def fused_constexprs(cfg: FusedConfig, dtype: torch.dtype, precision: str) -> di
 
 
 def _tensor_cores(u: torch.Tensor, precision: str) -> bool:
-    """The routing passes' products run on tensor cores: half-precision inputs, or TF32 allowed."""
+    """The routing passes' products run on tensor cores: half-precision inputs, or float32 as TF32
+    or 3xTF32."""
     return u.dtype != torch.float32 or precision != "ieee"
 
 

@@ -212,9 +212,9 @@ def test_unfused_option_matches_reference():
 
 
 def test_float32_matmul_precision_reaches_the_kernels():
-    """torch.get_float32_matmul_precision() is read in Python and passed to the op: IEEE products
-    under "highest" (the default), TF32 under "high" and "medium"; the final backward pass keeps
-    IEEE products (TF32 spilled there). Recorded launches, nothing runs."""
+    """torch.get_float32_matmul_precision() is read in Python and passed to the op: 3xTF32
+    products under "highest" (the default), TF32 under "high" and "medium"; the final backward
+    pass keeps IEEE products (TF32 spilled there). Recorded launches, nothing runs."""
     from capstriton.ops._launch import recording
 
     u, w = layer_inputs(2, 7, 10, 16, 8)
@@ -233,8 +233,53 @@ def test_float32_matmul_precision_reaches_the_kernels():
             seen[setting] = {k.removesuffix("_kernel"): kw["PRECISION"] for k, kw in launches if "PRECISION" in kw}
     finally:
         torch.set_float32_matmul_precision(saved)
-    assert seen["highest"] == {"fused_layer_fwd": "ieee"}
+    assert seen["highest"] == {"fused_layer_fwd": "tf32x3"}
     assert seen["high"] == seen["medium"] == {"fused_layer_fwd": "tf32"}
+
+
+def _tf32_nearest(x: torch.Tensor) -> torch.Tensor:
+    """float32 -> TF32 as ``cvt.rna.tf32.f32`` rounds: 10 mantissa bits, ties away from zero."""
+    return ((x.view(torch.int32) + 0x1000) & ~0x1FFF).view(torch.float32)
+
+
+def _tf32_operand(x: torch.Tensor) -> torch.Tensor:
+    """What a TF32 tensor-core product reads of a float32 operand: its top 19 bits."""
+    return (x.view(torch.int32) & ~0x1FFF).view(torch.float32)
+
+
+def _predictions_3xtf32(u: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Triton's ``input_precision="tf32x3"`` on the CPU: big = TF32(a), small = a - big, and
+    small*big + big*small + big*big as TF32 products (exact in float32) with float32 sums."""
+    def product(a, b):
+        return torch.einsum("bik,ijdk->bijd", _tf32_operand(a), _tf32_operand(b))
+
+    u_big, w_big = _tf32_nearest(u), _tf32_nearest(w)
+    return product(u - u_big, w_big) + product(u_big, w - w_big) + product(u_big, w_big)
+
+
+@pytest.mark.parametrize("shape", [(1152, 10, 16, 8), (37, 3, 16, 9), (16, 100, 8, 16)], ids=layer_id)
+def test_3xtf32_products_route_as_accurately_as_ieee_products(shape):
+    """Why "highest" may multiply as 3xTF32: on an emulation of Triton's decomposition (the
+    interpreter multiplies every dot in IEEE float32, so the kernels' CPU runs cannot show it),
+    routing its predictions in float32 lands as close to float64 as routing IEEE float32
+    predictions does: the products' extra error (about 2^-20 relative against 2^-24) is below the
+    routing's own float32 rounding. Plain TF32 misses the float32 tolerance by far, so the
+    comparison can tell them apart."""
+    u, w = layer_inputs(4, *shape)
+    u64, w64 = u.double(), w.double()
+    v64 = reference.dynamic_routing(torch.einsum("bik,ijdk->bijd", u64, w64), 3)
+    errors = {
+        name: rel_err(reference.dynamic_routing(u_hat, 3), v64)
+        for name, u_hat in (
+            ("ieee", torch.einsum("bik,ijdk->bijd", u, w)),
+            ("tf32x3", _predictions_3xtf32(u, w)),
+            ("tf32", torch.einsum("bik,ijdk->bijd", _tf32_nearest(u), _tf32_nearest(w))),
+        )
+    }
+    assert errors["tf32x3"] < TOL[torch.float32], errors
+    # "as tightly as the float32 path": within twice its error (seen: 1.0x to 1.2x)
+    assert errors["tf32x3"] < 2 * errors["ieee"], errors
+    assert errors["tf32"] > 10 * TOL[torch.float32], errors
 
 
 def saved_storages(fn) -> dict[int, int]:
