@@ -157,7 +157,8 @@ def self_attention_capsule_routing(
     """A fully connected capsule layer with self-attention routing (Efficient-CapsNet's FCCaps):
     predictions ``u_hat[b,i,j] = weight[i,j] @ u[b,i]``, then :func:`self_attention_routing`. On the
     triton backend the predictions are computed on chip and never stored, as in the fused
-    :func:`capsule_routing`; matmul-like under autocast, as it is.
+    :func:`capsule_routing`, with its float32 precision rule (3xTF32 or IEEE products at
+    "highest", TF32 allowed at "high"/"medium"); matmul-like under autocast, as it is.
 
     Args:
         u: input capsules ``[B, N_in, D_in]``.

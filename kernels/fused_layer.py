@@ -10,11 +10,11 @@ to ``n = j * BLOCK_D + d`` (``BLOCK_N = BLOCK_J * BLOCK_D``) for the products.
 Work decomposition. A program of the routing passes owns a tile of ``BLOCK_B`` examples and a
 run of input capsules (split ``k`` of ``SPLIT``) and walks it one capsule at a time: the tile's
 predictions of capsule i are one [BLOCK_B, D_in] x [D_in, BLOCK_N] product with W[i] (``tl.dot``
-when the tile is at least 16 x 16 x 16: tensor cores for float16/bfloat16, and for float32 TF32
-when PyTorch's float32 matmul precision allows it, else 3xTF32 (``PRECISION``); D_in padded to
-16), or D_in
-rank-one updates for smaller tiles (large capsules leave room for few examples); then the
-routing arithmetic of ``dynamic_routing`` in float32 on [BLOCK_B, BLOCK_J, BLOCK_D] blocks.
+when the tile is at least 16 x 16 x 16 and on tensor cores: float16/bfloat16, and float32 as
+TF32 or 3xTF32 (``PRECISION``, from PyTorch's float32 matmul precision); D_in padded to 16), or
+D_in rank-one updates (IEEE float32) for smaller tiles (large capsules leave room for few
+examples) and float32 at the "ieee" precision; then the routing arithmetic of
+``dynamic_routing`` in float32 on [BLOCK_B, BLOCK_J, BLOCK_D] blocks.
 
 forward, iteration r (``fused_layer_fwd_kernel``): reduce the previous iteration's per-split
     partial sums ``s_{r-1}`` in split order, squash, form ``V_r``; accumulate this split's partial

@@ -164,26 +164,38 @@ def test_digitcaps_u_hat_loads_are_128_bit(sm90_report):
     assert seen >= 3 * 5  # forward (2 variants), reduce, final (2 variants) in three dtypes
 
 
-def test_fused_layer_products_run_on_tensor_cores(sm90_report):
-    """The fused layer's prediction products on the paper's layer: tensor-core instructions
-    (HMMA/HGMMA) in the forward and backward passes for float16/bfloat16 and for float32 as TF32
-    or 3xTF32 ("highest"); IEEE float32 on the CUDA cores (no MMA: its products are FMAs), as the
-    final backward pass always multiplies float32."""
+def test_layer_products_run_on_tensor_cores(sm90_report):
+    """The prediction products of the fused layer and of self-attention routing's layer form on
+    the paper's layer size: tensor-core instructions (HMMA/HGMMA) in the forward and backward
+    passes for float16/bfloat16 and for float32 as TF32 or 3xTF32 ("highest"); IEEE float32 on
+    the CUDA cores (no MMA: its products are FMAs), as the final backward passes always multiply
+    float32."""
     _, out = sm90_report
     doc = json.loads((out / "sm_90.json").read_text())
-    passes = {"fused_layer_fwd_kernel", "fused_layer_bwd_reduce_kernel", "fused_layer_bwd_final_kernel"}
+    layers = {
+        "fused_layer": ("fused_layer_fwd_kernel", "fused_layer_bwd_reduce_kernel", "fused_layer_bwd_final_kernel"),
+        "self_attention": (
+            "self_attention_routing_fwd_kernel",
+            "self_attention_routing_bwd_reduce_kernel",
+            "self_attention_routing_bwd_final_kernel",
+        ),
+    }
+    passes = {k for names in layers.values() for k in names}
     seen = set()
     for entry in doc["kernels"]:
-        if entry["kernel"] not in passes or not any("1152x10x16x8" in c for c in entry["cases"]):
+        products = entry["constexprs"].get("FROM_U", True)  # self-attention on u_hat has none
+        if entry["kernel"] not in passes or not products or not any("1152x10x16x8" in c for c in entry["cases"]):
             continue
         precision = entry["constexprs"]["PRECISION"]
         tensor_cores = entry["dtype"] != "fp32" or precision != "ieee"
         assert (entry["sass"]["MMA"] > 0) == tensor_cores, (entry["kernel"], entry["dtype"], precision, entry["sass"])
         seen.add((entry["kernel"], entry["dtype"], precision))
-    # forward and reduce passes in fp16, bf16, fp32 (IEEE, TF32, 3xTF32); the final pass in IEEE float32
+    # every pass in fp16, bf16, fp32; forward and reduce passes in fp32 at every precision (the
+    # final passes multiply float32 in IEEE whatever the setting)
     assert {(k, d) for k, d, _ in seen} >= {(k, d) for k in passes for d in ("fp16", "bf16", "fp32")}
-    for kernel in ("fused_layer_fwd_kernel", "fused_layer_bwd_reduce_kernel"):
-        assert {(kernel, "fp32", p) for p in ("ieee", "tf32", "tf32x3")} <= seen, sorted(seen)
+    for fwd, reduce, _ in layers.values():
+        for kernel in (fwd, reduce):
+            assert {(kernel, "fp32", p) for p in ("ieee", "tf32", "tf32x3")} <= seen, sorted(seen)
 
 
 def test_config_overrides_reach_the_recorded_launches():

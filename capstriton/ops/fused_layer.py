@@ -145,8 +145,9 @@ def fused_config(
     ``tuning.tile`` elements with the flattened outputs, a power of two up to 64. The products use
     ``tl.dot`` where ``tensor_cores`` multiply them (half-precision inputs, or float32 as TF32 or
     3xTF32) and the tile is at least 16 x 16 (16 examples of the paper's 10 x 16 outputs);
-    otherwise D_in rank-one updates on the CUDA cores (IEEE float32 products, the same FMAs a
-    float32 tl.dot would make, in fewer registers; large capsules, whose tiles hold few examples).
+    otherwise D_in rank-one updates on the CUDA cores (IEEE float32 products, the same FMAs an
+    IEEE float32 tl.dot would make, in fewer registers; large capsules, whose tiles hold few
+    examples, and float32 at the op's "ieee" precision).
     """
     tuning = tuning or FusedTuning()
     block_j = triton.next_power_of_2(n_out)

@@ -11,8 +11,9 @@
 The layer form computes the predictions on chip and never stores them, with the fused layer's
 launch configuration (:func:`capstriton.ops.fused_layer.fused_config`: tiles, splits, batch
 groups, tensor cores) and precision rule (``precision`` from
-``torch.get_float32_matmul_precision()``). A training step saves the inputs and the two
-[B, N_out, D] float32 sums S and s. ``dbias`` of a call without a bias is an empty tensor.
+``torch.get_float32_matmul_precision()``: "tf32x3" at "highest", "tf32" at "high"/"medium"). A
+training step saves the inputs and the two [B, N_out, D] float32 sums S and s. ``dbias`` of a
+call without a bias is an empty tensor.
 """
 
 from __future__ import annotations
