@@ -163,6 +163,19 @@ def test_fused_layer_1152_input_capsules():
     check_layer(u, w, 2, True, TOL[torch.float32], tuning=tuning)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_weight_gradient_summed_over_the_tiles_of_a_group(dtype):
+    """One batch group of three example tiles (16 + 16 + 1): the final pass sums dW over the
+    group's tiles on chip, in registers on the tl.dot path (half types), in its group's part in
+    memory on the rank-one path (float32)."""
+    shape, batch = (7, 10, 16, 8), 33
+    tuning = FusedTuning(target_programs=8, target_programs_bwd=8, groups=1)
+    cfg = fused_config(*shape, batch, tuning, tensor_cores=dtype != torch.float32)
+    assert cfg.groups == 1 and cfg.tiles_per_group == 3 and cfg.use_dot == (dtype != torch.float32)
+    u, w = layer_inputs(batch, *shape, dtype=dtype)
+    check_layer(u, w, 3, True, TOL[dtype], tuning=tuning)
+
+
 def test_fused_layer_non_contiguous_inputs_and_expanded_gradient():
     base_u = torch.randn(9, 5, 4, device=KERNEL_DEVICE)
     u = base_u.transpose(0, 1)[::2]  # [3, 9, 4], no unit stride on the batch axis
