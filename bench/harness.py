@@ -213,7 +213,7 @@ def environment(device, config: dict) -> dict:
         # Other processes skew CPU timings: the 1-minute load average says how busy it was.
         "load_average_start": load_average(),
         "capstriton_git": git_revision(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
         "config": config,
         "timing": TIMING_NOTE[device.type],
