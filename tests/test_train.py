@@ -33,7 +33,7 @@ from _helpers import MNIST_DIR, requires_mnist_test_files
 
 import capstriton.train.runner
 from capstriton import data, train
-from capstriton.models import CapsNet
+from capstriton.models import CapsNet, EfficientCapsNet
 from capstriton.train import models
 
 TINY_MODEL = [
@@ -777,6 +777,25 @@ def test_every_seed_below_2_to_the_64_trains(fake_mnist, tmp_path):
     assert math.isfinite(metrics["history"][0]["train_loss"])
     # small seeds keep the shuffles and shifts they always had
     assert train.loop.epoch_generator(3, 2).initial_seed() == 3 * 1_000_003 + 2
+
+
+def test_multi_process_batch_norm_is_synchronised_or_refused():
+    """Efficient-CapsNet's batch norm: on CUDA converted in place to SyncBatchNorm (the same
+    parameter objects, so the optimizer and checkpoints are unaffected); on a CPU, where PyTorch's
+    SyncBatchNorm does not run, refused with an error that names the reason (each process would
+    normalise over its own slice of the batch). A model without batch norm passes unchanged."""
+    from capstriton.train import distributed
+
+    model = EfficientCapsNet()
+    params = dict(model.named_parameters())
+    synced = distributed.sync_batch_norm(model, torch.device("cuda"))
+    norms = [m for m in synced.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert norms and all(isinstance(m, torch.nn.SyncBatchNorm) for m in norms)
+    assert all(p is params[name] for name, p in synced.named_parameters())
+    with pytest.raises(train.SetupError, match="batch norm.*SyncBatchNorm needs CUDA"):
+        distributed.sync_batch_norm(EfficientCapsNet(), torch.device("cpu"))
+    capsnet = CapsNet()
+    assert distributed.sync_batch_norm(capsnet, torch.device("cpu")) is capsnet
 
 
 def test_torchrun_two_processes_match_one(fake_mnist, tmp_path):

@@ -148,33 +148,30 @@ DESCRIPTION = (
     " -> v [B, N_out, D]"
 )
 
+# the two ops differ in their sizes only: the same layer at the drivers' sizes, and at the paper's
+_SHARED = dict(
+    make_inputs=make_inputs,
+    output_shape=output_shape,
+    implementations=IMPLEMENTATIONS,
+    tune=TUNE,
+    config_keys=CONFIG_KEYS,
+    min_bytes_per_example=min_bytes_per_example,
+    flops_per_example=flops_per_example,
+)
 register(
     OpSpec(
         name="attention",
         description=DESCRIPTION + " (the drivers' sizes: 1152 x 10 x 16 x 8 by default)",
-        make_inputs=make_inputs,
-        output_shape=output_shape,
-        implementations=IMPLEMENTATIONS,
-        tune=TUNE,
         kernel_cases=kernel_cases,
-        config_keys=CONFIG_KEYS,
-        min_bytes_per_example=min_bytes_per_example,
-        flops_per_example=flops_per_example,
         targets=(Target("forward", "triton", "speedup_vs_eager", 5.0, "issue 15 (the large layer, B = 1024)"),),
+        **_SHARED,
     )
 )
-
 register(
     OpSpec(
         name="fccaps",
         description=DESCRIPTION + " (Efficient-CapsNet's MNIST layer, always 16 x 10 x 16 x 8)",
-        make_inputs=make_inputs,
-        output_shape=output_shape,
-        implementations=IMPLEMENTATIONS,
-        tune=TUNE,
-        config_keys=CONFIG_KEYS,
-        min_bytes_per_example=min_bytes_per_example,
-        flops_per_example=flops_per_example,
         fixed_sizes={"n_in": 16, "n_out": 10, "d": 16, "d_in": 8},
+        **_SHARED,
     )
 )

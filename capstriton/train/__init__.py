@@ -1,4 +1,4 @@
-"""Train the paper's CapsNet on MNIST: ``python -m capstriton.train`` or ``capstriton-train``.
+"""Train a capsule network (the paper's CapsNet, Efficient-CapsNet) on MNIST: ``capstriton-train``.
 
     capstriton-train --data-dir data/mnist --epochs 50 --out runs/capsnet      # the paper's model
     capstriton-train --data-dir data/mnist --holdout 1000 --conv-channels 64 \\
@@ -26,8 +26,10 @@ Under ``torchrun`` (RANK / WORLD_SIZE / LOCAL_RANK set) the model is wrapped in
 DistributedDataParallel (NCCL on CUDA, gloo on CPU). ``--batch-size`` is the *global* batch:
 every rank draws the same shuffled order and shifts and takes its slice of each global batch,
 and each rank's mean loss is weighted by its share of the batch, so the averaged gradient is
-the gradient of the global batch's mean loss: a run on W processes follows the single-process
-run up to floating-point reduction order. Only rank 0 writes files and shows progress.
+the gradient of the global batch's mean loss, and batch norm layers normalise over the global
+batch (SyncBatchNorm, CUDA only: a model with batch norm is refused for multi-process runs on a
+CPU): a run on W processes follows the single-process run up to floating-point reduction order.
+Only rank 0 writes files and shows progress.
 
 One module per concern: ``options`` (the command line), ``models`` (the model table),
 ``splits`` (the data the options select), ``distributed`` (process group, device, all-reduces),

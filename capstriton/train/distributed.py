@@ -12,7 +12,19 @@ import os
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistInfo", "select_device", "setup", "wrap", "totals", "rank_divergence", "barrier", "teardown"]
+from .errors import SetupError
+
+__all__ = [
+    "DistInfo",
+    "select_device",
+    "setup",
+    "sync_batch_norm",
+    "wrap",
+    "totals",
+    "rank_divergence",
+    "barrier",
+    "teardown",
+]
 
 
 @dataclasses.dataclass
@@ -55,12 +67,29 @@ def setup(device_arg: str) -> tuple[DistInfo, torch.device]:
     return info, device
 
 
+def sync_batch_norm(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """``model`` with its batch norm layers normalising over the global batch, as one process
+    would (``SyncBatchNorm``, in place: the same parameters and buffers, so the optimizer and
+    checkpoints are unaffected). PyTorch's SyncBatchNorm runs on GPUs only: on a CPU a model with
+    batch norm (Efficient-CapsNet) is refused, since each process would normalise over its own
+    slice of the batch and the run would silently differ from the single-process one."""
+    if not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        return model
+    if device.type != "cuda":
+        raise SetupError(
+            f"{type(model).__name__} has batch norm layers, which multi-process training keeps in step "
+            "with SyncBatchNorm, and PyTorch's SyncBatchNorm needs CUDA: train it in one process on a CPU"
+        )
+    return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+
+
 def wrap(model: torch.nn.Module, device: torch.device, info: DistInfo) -> torch.nn.Module:
-    """``model`` in DistributedDataParallel across the process group (itself in a single process)."""
+    """``model`` in DistributedDataParallel across the process group, batch norm synchronised
+    (:func:`sync_batch_norm`); itself in a single process."""
     if not info.distributed:
         return model
     return torch.nn.parallel.DistributedDataParallel(
-        model, device_ids=[device.index] if device.type == "cuda" else None
+        sync_batch_norm(model, device), device_ids=[device.index] if device.type == "cuda" else None
     )
 
 
