@@ -13,7 +13,7 @@
 #   tune_layer.json  the fused layer's launch parameters against alternatives (bench/tune.py)
 #   model_bench/ results.json, model_throughput.png, model_memory.png (bench/model_bench.py)
 #
-# Each step runs under `timeout`; the defaults add up to 8.5 minutes and can be changed with
+# Each step runs under `timeout`; the defaults add up to 8 minutes and can be changed with
 # CT_INSTALL_S, CT_TESTS_S, CT_TUNE_S, CT_SWEEP_S, CT_HALF_S, CT_MODEL_S, CT_PLOT_S (seconds). A
 # step that fails or runs out of time is logged and the next one still runs; the sweeps rewrite
 # their JSON after every point and stop starting points before their limit, so the data so far
@@ -37,14 +37,14 @@ export MPLBACKEND=Agg
 
 # Seen on an H200 at b59a9d2 (298 s in all): install 12 s, tests 102 s, tune 17 s, float32 sweep
 # 120 s, half sweep 29 s. Now the suite holds the fused layer's kernels too (more compilations),
-# and the model bench is added: the limits add up to 505 s, leaving 25 s of the 8.5 minutes for
+# and the model bench is added: the limits add up to 480 s, leaving 30 s of the 8.5 minutes for
 # what runs outside them (version checks, imports, each step's 10 s kill grace).
 INSTALL_S=${CT_INSTALL_S:-25}
-TESTS_S=${CT_TESTS_S:-145}
-TUNE_S=${CT_TUNE_S:-45}
-SWEEP_S=${CT_SWEEP_S:-120}
-HALF_S=${CT_HALF_S:-45}
-MODEL_S=${CT_MODEL_S:-110}
+TESTS_S=${CT_TESTS_S:-160}
+TUNE_S=${CT_TUNE_S:-40}
+SWEEP_S=${CT_SWEEP_S:-110}
+HALF_S=${CT_HALF_S:-40}
+MODEL_S=${CT_MODEL_S:-90}
 PLOT_S=${CT_PLOT_S:-15}
 
 LOG="$OUT/check.log"
@@ -86,9 +86,9 @@ else
     MODEL_IMPLS=(port eager fused triton cudagraphs)
     # The checks that mean something on a GPU: every kernel against the float64 reference,
     # opcheck and compiled execution, the fullgraph trace, transforms, autocast, validation.
-    # The fused layer's first: they are new. The rest of the suite is CPU-only and runs in CI.
-    TESTS=(tests/ops/test_fused_layer.py tests/ops/test_dynamic_routing.py tests/ops/test_squash.py
-        tests/test_cuda.py tests/test_compile_trace.py tests/test_autocast.py tests/test_transforms.py
+    # The newest kernels first. The rest of the suite is CPU-only and runs in CI.
+    TESTS=(tests/ops/test_fused_layer.py tests/ops/test_self_attention_routing.py
+        tests/ops/test_dynamic_routing.py tests/ops/test_squash.py tests/test_cuda.py tests/test_compile_trace.py tests/test_autocast.py tests/test_transforms.py
         tests/test_validation.py)
     IMPLS=(eager triton fused compile module)
 fi

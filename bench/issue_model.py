@@ -129,6 +129,7 @@ DEFAULT_CASES = (
     "layer 1152x10x16x8 B=1024 R=3 float32 ieee",  # IEEE FMAs, the default before 3xTF32
     "layer 1152x10x16x8 B=1024 R=3 bfloat16",
     "attention-layer 1152x10x16x8 B=1024 float32 tf32x3",
+    "attention-layer 1152x10x16x8 B=1024 float32 ieee",
     "attention-layer 16x10x16x8 B=1024 bfloat16",
 )
 MODES = ("forward", "forward+backward")

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _helpers import rel_err
+from _helpers import KERNEL_TOL, rel_err
 
 import capstriton as ct
 from capstriton.models import EfficientCapsNet
@@ -175,4 +175,4 @@ def test_inductor_forward_of_the_reference_equals_eager(fresh_dynamo):
     for scale in (1.0, 1e30):
         v = compiled(scale * u, w, b)
         ref = ct.self_attention_capsule_routing((scale * u).double(), w.double(), b.double())
-        assert torch.isfinite(v).all() and rel_err(v, ref) < 1e-5  # float32, sums of 16 x 8 terms
+        assert torch.isfinite(v).all() and rel_err(v, ref) < KERNEL_TOL[torch.float32]  # float32, sums of 16 x 8 terms

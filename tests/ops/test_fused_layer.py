@@ -8,8 +8,11 @@ ops allocate is NaN-poisoned (tests/ops/conftest.py).
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
+import triton
 from _helpers import (
     DTYPE_IDS,
     DTYPES,
@@ -124,11 +127,14 @@ DTYPE_SHAPES = [(37, 10, 16, 8), (7, 3, 5, 9)]
 )
 def test_fused_layer_both_product_paths(shape, grad_mode):
     """The same shapes with the tiles' products as tl.dot and as rank-one updates (a small
-    tile), with 17 examples: for 7 x 10 x 16 x 8 a full tile of 16 and a partial one on both
-    paths, for the others one tile of tl.dot and several rank-one tiles."""
+    tile), with 17 examples: for 7 x 10 x 16 x 8 and 3 x 100 x 5 x 8 a full tile of 16 and a
+    partial one on both paths, for 7 x 3 x 5 x 9 one tile of tl.dot and several rank-one tiles.
+    The tl.dot tuning's tile holds at least 16 examples of the shape's outputs."""
     u, w = layer_inputs(17, *shape)
-    assert fused_config(*shape, 17, DOT).use_dot != fused_config(*shape, 17, RANK_ONE).use_dot or shape[1] == 100
-    for tuning in (DOT, RANK_ONE):
+    n_out_padded = triton.next_power_of_2(shape[1]) * triton.next_power_of_2(shape[2])
+    dot = dataclasses.replace(DOT, tile=max(DOT.tile, 16 * n_out_padded))
+    assert fused_config(*shape, 17, dot).use_dot and not fused_config(*shape, 17, RANK_ONE).use_dot
+    for tuning in (dot, RANK_ONE):
         check_layer(u, w, 3, grad_mode, TOL[torch.float32], tuning=tuning)
 
 
