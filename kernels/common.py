@@ -44,7 +44,6 @@ __all__ = [
     "load_weight_t",
     "dot_f32",
     "predictions",
-    "load_tile_grad",
     "layer_weight_tile",
     "layer_predictions",
     "layer_input_grads",
@@ -124,7 +123,8 @@ def efficient_squash_parts(b_x):
     b_e = tl.exp(-b_nl)
     b_g = tl.where(small, b_n * b_fs, 1.0 - b_e)
     b_f = tl.where(small, b_fs, (1.0 - b_e) / b_nl)
-    # past n = 80, e^-n (1 + n) is below float32's range (and inf * 0 at n = inf): h = -1 / n
+    # past n = 80, e^-n (1 + n) (< 1e-33) vanishes next to 1 in float32, so h rounds to -1 / n,
+    # which also avoids inf * 0 at n = inf
     b_hl = tl.where(b_nl < 80.0, (b_e * (1.0 + b_nl) - 1.0) / b_nl, -1.0 / b_nl)
     return b_unit, b_g, b_f, tl.where(small, b_hs, b_hl)
 
@@ -171,8 +171,10 @@ def load_caps_block(p_x, o_j, o_d, m_jd, stride_xj, stride_xd):
 
 @triton.jit
 def load_prediction_tile(p_ub, o_i, m_u, o_j, o_d, stride_ui, stride_uj, stride_ud):
-    """The [BLOCK_I, BLOCK_J, BLOCK_D] tile of predictions u_hat (one example, base ``p_ub``) at
-    input capsules ``o_i``, as float32, zero outside ``m_u``. Offsets are int64."""
+    """A tile of [N_out, D] blocks with strides (may be 0: expanded) at rows ``o_i``, as float32,
+    zero outside ``m_u``: predictions u_hat of one example (base ``p_ub``) at input capsules
+    ``o_i``, or of one capsule at examples ``o_i``, or a gradient [B, N_out, D] at examples. Offsets
+    are int64."""
     o_u = (
         o_i[:, None, None].to(tl.int64) * stride_ui
         + o_j[None, :, None].to(tl.int64) * stride_uj
@@ -225,7 +227,7 @@ def tile_block(i_tb, B, N_out, D, BLOCK_B: tl.constexpr, BLOCK_J: tl.constexpr, 
 
 
 @triton.jit
-def tile_offsets(o_b, o_jd, first, caps_size):
+def tile_offsets(o_jd, first, caps_size):
     """Offsets of the tile's [N_out, D] blocks at index ``first + b`` of a contiguous buffer of
     such blocks (``first`` [BLOCK_B]: e.g. ``b`` in [B, ...], ``b * SPLIT + k`` in partials)."""
     return first[:, None, None] * caps_size + o_jd[None, :, :]
@@ -289,20 +291,6 @@ def predictions(
             b_wk = tl.load(p_w + k * stride_wk + o_wn, mask=m_n, other=0.0).to(tl.float32)
             b_uh += b_uk[:, None] * b_wk[None, :]
     return tl.reshape(b_uh, [BLOCK_B, BLOCK_J, BLOCK_D])
-
-
-@triton.jit
-def load_tile_grad(p_g, o_b, m_bjd, N_out, D, stride_gb, stride_gj, stride_gd, BLOCK_J: tl.constexpr,
-                    BLOCK_D: tl.constexpr):
-    """The tile's [N_out, D] gradient blocks at ``p_g`` with strides (may be 0: expanded), float32."""
-    o_j = tl.arange(0, BLOCK_J)
-    o_d = tl.arange(0, BLOCK_D)
-    o_g = (
-        o_b[:, None, None] * stride_gb
-        + o_j[None, :, None].to(tl.int64) * stride_gj
-        + o_d[None, None, :].to(tl.int64) * stride_gd
-    )
-    return tl.load(p_g + o_g, mask=m_bjd, other=0.0).to(tl.float32)
 
 
 @triton.jit

@@ -46,7 +46,7 @@ from .common import (
     layer_predictions,
     layer_weight_tile,
     load_caps_block,
-    load_tile_grad,
+    load_prediction_tile,
     predictions,
     softmax_over_outputs,
     softmax_over_outputs_vjp,
@@ -122,13 +122,13 @@ def fused_layer_fwd_kernel(
     if FIRST:
         b_V = tl.zeros([BLOCK_B, BLOCK_J, BLOCK_D], dtype=tl.float32)
     else:
-        b_s = sum_splits(part_in_ptr, SPLIT, caps_size, tile_offsets(o_b, o_jd, o_b * SPLIT, caps_size), m_bjd)
-        b_V = tl.load(vsum_buf_ptr + tile_offsets(o_b, o_jd, (r - 1) * B + o_b, caps_size), mask=m_bjd, other=0.0)
+        b_s = sum_splits(part_in_ptr, SPLIT, caps_size, tile_offsets(o_jd, o_b * SPLIT, caps_size), m_bjd)
+        b_V = tl.load(vsum_buf_ptr + tile_offsets(o_jd, (r - 1) * B + o_b, caps_size), mask=m_bjd, other=0.0)
         b_V += _squash_rows(b_s, BLOCK_B, BLOCK_J, BLOCK_D)
     if i_k == 0:  # one program per tile writes the saved state (a branch: see dynamic_routing)
         if not FIRST:
-            tl.store(s_buf_ptr + tile_offsets(o_b, o_jd, (r - 1) * B + o_b, caps_size), b_s, mask=m_bjd)
-        tl.store(vsum_buf_ptr + tile_offsets(o_b, o_jd, r * B + o_b, caps_size), b_V, mask=m_bjd)
+            tl.store(s_buf_ptr + tile_offsets(o_jd, (r - 1) * B + o_b, caps_size), b_s, mask=m_bjd)
+        tl.store(vsum_buf_ptr + tile_offsets(o_jd, r * B + o_b, caps_size), b_V, mask=m_bjd)
 
     i_start = i_k * caps_per_split
     i_end = tl.minimum(i_start + caps_per_split, N_in)
@@ -146,7 +146,7 @@ def fused_layer_fwd_kernel(
             b_acc += b_c[:, :, None] * b_uh
     if FIRST:
         b_acc = b_acc / N_out
-    tl.store(part_out_ptr + tile_offsets(o_b, o_jd, o_b * SPLIT + i_k, caps_size), b_acc, mask=m_bjd)
+    tl.store(part_out_ptr + tile_offsets(o_jd, o_b * SPLIT + i_k, caps_size), b_acc, mask=m_bjd)
 
 
 @triton.jit(do_not_specialize=["B", "SPLIT", "caps_per_split", "r"])
@@ -190,8 +190,10 @@ def fused_layer_bwd_reduce_kernel(
     caps_size = N_out * D
     o_b, m_b, m_j, o_jd, m_bjd = tile_block(i_tb, B, N_out, D, BLOCK_B, BLOCK_J, BLOCK_D)
     o_wn, _, m_n = weight_offsets(N_out, D, stride_wj, stride_wd, BLOCK_J, BLOCK_D)
-    o_saved = tile_offsets(o_b, o_jd, r * B + o_b, caps_size)
-    b_dv = load_tile_grad(dv_ptr, o_b, m_bjd, N_out, D, stride_gb, stride_gj, stride_gd, BLOCK_J, BLOCK_D)
+    o_saved = tile_offsets(o_jd, r * B + o_b, caps_size)
+    o_j = tl.arange(0, BLOCK_J)
+    o_d = tl.arange(0, BLOCK_D)
+    b_dv = load_prediction_tile(dv_ptr, o_b, m_bjd, o_j, o_d, stride_gb, stride_gj, stride_gd)  # [B, N_out, D] block
     b_ds = _squash_vjp_rows(tl.load(s_buf_ptr + o_saved, mask=m_bjd, other=0.0), b_dv, BLOCK_B, BLOCK_J, BLOCK_D)
     if i_k == 0:  # one program per tile saves ds_r
         tl.store(ds_buf_ptr + o_saved, b_ds, mask=m_bjd)
@@ -209,7 +211,7 @@ def fused_layer_bwd_reduce_kernel(
         b_c = softmax_over_outputs(tl.sum(b_uh * b_V, axis=2), m_j)
         b_g = softmax_over_outputs_vjp(b_c, tl.sum(b_uh * b_ds, axis=2))
         b_acc += b_g[:, :, None] * b_uh
-    tl.store(dpart_ptr + tile_offsets(o_b, o_jd, o_b * SPLIT + i_k, caps_size), b_acc, mask=m_bjd)
+    tl.store(dpart_ptr + tile_offsets(o_jd, o_b * SPLIT + i_k, caps_size), b_acc, mask=m_bjd)
 
 
 @triton.jit(do_not_specialize=["B", "r"])
@@ -295,19 +297,19 @@ def fused_layer_bwd_final_kernel(
                 p_u, p_w, b_wt, o_b, m_b, o_k, o_wn, m_n, D_in, stride_ub, stride_uk, stride_wk,
                 BLOCK_B, BLOCK_J, BLOCK_D, BLOCK_K, USE_DOT, PRECISION, DOT_F32,
             )
-            b_ds = tl.load(ds_buf_ptr + tile_offsets(o_b, o_jd, r_lo * B + o_b, caps_size), mask=m_bjd, other=0.0)
+            b_ds = tl.load(ds_buf_ptr + tile_offsets(o_jd, r_lo * B + o_b, caps_size), mask=m_bjd, other=0.0)
             if GRAD_THROUGH:
                 # step 0: V_0 = 0, so c_0 = 1 / N_out and no logit-gradient term
                 b_duh = b_ds / N_out
                 for r in range(1, R):
-                    o_r = tile_offsets(o_b, o_jd, r * B + o_b, caps_size)
+                    o_r = tile_offsets(o_jd, r * B + o_b, caps_size)
                     b_V = tl.load(vsum_buf_ptr + o_r, mask=m_bjd, other=0.0)
                     b_ds = tl.load(ds_buf_ptr + o_r, mask=m_bjd, other=0.0)
                     b_c = softmax_over_outputs(tl.sum(b_uh * b_V, axis=2), m_j)
                     b_g = softmax_over_outputs_vjp(b_c, tl.sum(b_uh * b_ds, axis=2))
                     b_duh += b_c[:, :, None] * b_ds + b_g[:, :, None] * b_V
             else:
-                b_V = tl.load(vsum_buf_ptr + tile_offsets(o_b, o_jd, r_lo * B + o_b, caps_size), mask=m_bjd, other=0.0)
+                b_V = tl.load(vsum_buf_ptr + tile_offsets(o_jd, r_lo * B + o_b, caps_size), mask=m_bjd, other=0.0)
                 b_duh = softmax_over_outputs(tl.sum(b_uh * b_V, axis=2), m_j)[:, :, None] * b_ds
             b_dw = layer_input_grads(
                 tl.reshape(b_duh, [BLOCK_B, BLOCK_J * BLOCK_D]), b_u, b_wt, b_dw, p_u, p_w, p_dw,

@@ -37,6 +37,7 @@ from .common import (
     layer_predictions,
     layer_weight_tile,
     load_caps_block,
+    load_prediction_tile,
     predictions,
     softmax_over_outputs,
     softmax_over_outputs_vjp,
@@ -70,12 +71,7 @@ def _prediction_tile(
             BLOCK_B, BLOCK_J, BLOCK_D, BLOCK_K, USE_DOT, PRECISION, DOT_F32,
         )
     else:
-        o_h = (
-            o_b[:, None, None] * stride_hb
-            + o_j[None, :, None].to(tl.int64) * stride_hj
-            + o_d[None, None, :].to(tl.int64) * stride_hd
-        )
-        b_uh = tl.load(p_h + o_h, mask=m_bjd, other=0.0).to(tl.float32)
+        b_uh = load_prediction_tile(p_h, o_b, m_bjd, o_j, o_d, stride_hb, stride_hj, stride_hd)
     return b_uh
 
 
@@ -152,9 +148,9 @@ def self_attention_routing_fwd_kernel(
     o_d = tl.arange(0, BLOCK_D)
     o_wn, _, m_n = weight_offsets(N_out, D, stride_wj, stride_wd, BLOCK_J, BLOCK_D)
     if PHASE == 1:
-        b_S = sum_splits(part_in_ptr, SPLIT, caps_size, tile_offsets(o_b, o_jd, o_b * SPLIT, caps_size), m_bjd)
+        b_S = sum_splits(part_in_ptr, SPLIT, caps_size, tile_offsets(o_jd, o_b * SPLIT, caps_size), m_bjd)
         if i_k == 0:  # one program per tile saves S (a branch: see dynamic_routing)
-            tl.store(total_ptr + tile_offsets(o_b, o_jd, o_b, caps_size), b_S, mask=m_bjd)
+            tl.store(total_ptr + tile_offsets(o_jd, o_b, caps_size), b_S, mask=m_bjd)
         b_Sn, b_sig = _logit_scale(b_S)
     i_start = i_k * caps_per_split
     i_end = tl.minimum(i_start + caps_per_split, N_in)
@@ -171,7 +167,7 @@ def self_attention_routing_fwd_kernel(
         else:
             _p, b_c = _coupling(b_uh, b_Sn, b_sig, bias_ptr, i, o_j, m_j, stride_bi, stride_bj, inv_sqrt_d, HAS_BIAS)
             b_acc += b_c[:, :, None] * b_uh
-    tl.store(part_out_ptr + tile_offsets(o_b, o_jd, o_b * SPLIT + i_k, caps_size), b_acc, mask=m_bjd)
+    tl.store(part_out_ptr + tile_offsets(o_jd, o_b * SPLIT + i_k, caps_size), b_acc, mask=m_bjd)
 
 
 @triton.jit(do_not_specialize=["B", "SPLIT"])
@@ -264,7 +260,7 @@ def self_attention_routing_bwd_reduce_kernel(
     o_j = tl.arange(0, BLOCK_J)
     o_d = tl.arange(0, BLOCK_D)
     o_wn, _, m_n = weight_offsets(N_out, D, stride_wj, stride_wd, BLOCK_J, BLOCK_D)
-    o_x = tile_offsets(o_b, o_jd, o_b, caps_size)
+    o_x = tile_offsets(o_jd, o_b, caps_size)
     b_S = tl.load(total_ptr + o_x, mask=m_bjd, other=0.0)
     b_Sn, b_sig = _logit_scale(b_S)
     b_ds = tl.load(ds_ptr + o_x, mask=m_bjd, other=0.0)
@@ -282,7 +278,7 @@ def self_attention_routing_bwd_reduce_kernel(
         b_da = softmax_over_outputs_vjp(b_p, tl.sum(b_uh * b_ds, axis=2))
         b_acc += b_da[:, :, None] * b_uh
     b_acc = b_acc * inv_sqrt_d
-    tl.store(dpart_ptr + tile_offsets(o_b, o_jd, o_b * SPLIT + i_k, caps_size), b_acc, mask=m_bjd)
+    tl.store(dpart_ptr + tile_offsets(o_jd, o_b * SPLIT + i_k, caps_size), b_acc, mask=m_bjd)
 
 
 @triton.jit(do_not_specialize=["B", "caps_per_split", "tiles_per_group"])
@@ -363,7 +359,7 @@ def self_attention_routing_bwd_final_kernel(
                     stride_ub, stride_uk, stride_wk, stride_hb, stride_hj, stride_hd,
                     BLOCK_B, BLOCK_J, BLOCK_D, BLOCK_K, FROM_U, USE_DOT, PRECISION, DOT_F32,
                 )
-            o_x = tile_offsets(o_b, o_jd, o_b, caps_size)
+            o_x = tile_offsets(o_jd, o_b, caps_size)
             b_S = tl.load(total_ptr + o_x, mask=m_bjd, other=0.0)
             b_ds = tl.load(ds_ptr + o_x, mask=m_bjd, other=0.0)
             b_Sn, b_sig = _logit_scale(b_S)

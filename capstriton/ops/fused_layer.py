@@ -52,6 +52,7 @@ __all__ = [
     "fused_config",
     "fused_constexprs",
     "matmul_precision",
+    "uses_tensor_cores",
     "capsule_routing",
     "capsule_routing_unfused",
     "fused_layer_fwd",
@@ -97,7 +98,7 @@ class FusedTuning:
     #: most batch groups of the final backward pass: the weight gradient is summed over a group's
     #: examples on chip, then the groups' parts in order
     groups: int = 8
-    #: warps per program of the passes; None: from the block size
+    #: warps per program of the passes; None: 8 (the kernel report's choice, see fused_config)
     num_warps: int | None = None
 
     def as_list(self) -> list[int]:
@@ -206,7 +207,7 @@ def fused_constexprs(cfg: FusedConfig, dtype: torch.dtype, precision: str) -> di
     }
 
 
-def _tensor_cores(u: torch.Tensor, precision: str) -> bool:
+def uses_tensor_cores(u: torch.Tensor, precision: str) -> bool:
     """The routing passes' products run on tensor cores: half-precision inputs, or float32 as TF32
     or 3xTF32."""
     return u.dtype != torch.float32 or precision != "ieee"
@@ -240,17 +241,18 @@ def fused_layer_fwd(
     if batch == 0:
         return v, s_saved, vsum_saved
     cfg = fused_config(
-        int(n_in), int(n_out), int(d), int(d_in), batch, FusedTuning.from_list(tuning), _tensor_cores(u, precision)
+        int(n_in), int(n_out), int(d), int(d_in), batch, FusedTuning.from_list(tuning), uses_tensor_cores(u, precision)
     )
     split = cfg.fwd.split
     partials = [empty((batch, split, n_out, d), _F32, u.device) for _ in range(2)]
+    strides, consts = _strides(u, weight), fused_constexprs(cfg, u.dtype, precision)
     for r in range(iterations):
         launch(
             fused_layer_fwd_kernel, (cfg.tiles, split),
             u_ptr=u, w_ptr=weight, part_in_ptr=partials[(r + 1) % 2], part_out_ptr=partials[r % 2],
             s_buf_ptr=s_saved, vsum_buf_ptr=vsum_saved,
             B=batch, N_in=n_in, N_out=n_out, D=d, D_in=d_in, SPLIT=split, caps_per_split=cfg.fwd.caps_per_split,
-            r=r, **_strides(u, weight), **fused_constexprs(cfg, u.dtype, precision), FIRST=r == 0,
+            r=r, **strides, **consts, FIRST=r == 0,
         )
     launch(
         dynamic_routing_finalize_kernel, (batch,),
@@ -281,7 +283,7 @@ def fused_layer_bwd(
     if batch == 0:
         return du, dw.zero_()  # no example: no gradient
     tuned = FusedTuning.from_list(tuning)
-    cfg = fused_config(int(n_in), int(n_out), int(d), int(d_in), batch, tuned, _tensor_cores(u, precision))
+    cfg = fused_config(int(n_in), int(n_out), int(d), int(d_in), batch, tuned, uses_tensor_cores(u, precision))
     consts = fused_constexprs(cfg, u.dtype, precision)
     strides = _strides(u, weight)
     ds_saved = empty(s_saved.shape, _F32, u.device)

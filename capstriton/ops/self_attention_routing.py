@@ -36,7 +36,7 @@ from ..kernels.self_attention_routing import (
 )
 from ._launch import empty, launch
 from ._transforms import no_double_backward
-from .fused_layer import FusedConfig, FusedTuning, fused_config, fused_constexprs, matmul_precision
+from .fused_layer import FusedConfig, FusedTuning, fused_config, fused_constexprs, matmul_precision, uses_tensor_cores
 
 __all__ = [
     "self_attention_routing",
@@ -59,8 +59,7 @@ def _config(u: torch.Tensor, weight: torch.Tensor | None, u_hat: torch.Tensor | 
         cfg = fused_config(n_in, n_out, d, 1, batch, FusedTuning.from_list(tuning), tensor_cores=False)
         return cfg, u_hat, u_hat, u_hat
     n_in, n_out, d, d_in = weight.shape
-    tensor_cores = u.dtype != _F32 or precision != "ieee"
-    cfg = fused_config(n_in, n_out, d, d_in, u.shape[0], FusedTuning.from_list(tuning), tensor_cores)
+    cfg = fused_config(n_in, n_out, d, d_in, u.shape[0], FusedTuning.from_list(tuning), uses_tensor_cores(u, precision))
     return cfg, u, weight, u
 
 
@@ -78,10 +77,8 @@ def _strides(u, weight, u_hat, bias) -> dict[str, int]:
 
 
 def _constexprs(cfg: FusedConfig, x: torch.Tensor, precision: str, from_u: bool, has_bias: bool) -> dict:
-    consts = fused_constexprs(cfg, x.dtype, precision)
-    if not from_u:
-        consts.update(BLOCK_K=1, USE_DOT=False, DOT_F32=False)
-    return {**consts, "FROM_U": from_u, "HAS_BIAS": has_bias}
+    # the u_hat form's configuration (D_in 1, no tensor cores) already gives BLOCK_K 1, no tl.dot
+    return {**fused_constexprs(cfg, x.dtype, precision), "FROM_U": from_u, "HAS_BIAS": has_bias}
 
 
 def _forward(x, weight, bias, precision: str, tuning: list[int]):
