@@ -18,7 +18,7 @@ class EfficientCapsNet(CapsuleClassifier):
     The defaults are the paper's MNIST model (161,824 trainable parameters without the decoder,
     the paper's count; 1,573,168 with it): convolutions of 32 5x5, 64 3x3, 64 3x3 and 128 3x3
     stride 2 filters, each followed by ReLU then batch normalisation as in the official code
-(28 -> 24 -> 22 -> 20 -> 9);
+    (28 -> 24 -> 22 -> 20 -> 9);
     primary capsules 16 x 8D from a 9x9 depthwise convolution; 10 class capsules of 16D by
     self-attention routing (weight [16, 10, 16, 8], bias [16, 10]); decoder 160 -> 512 -> 1024
     -> 784 fed the class capsules masked by the label in training, by the longest capsule in

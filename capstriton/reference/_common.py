@@ -6,7 +6,7 @@ import functools
 
 import torch
 
-__all__ = ["compute_dtype", "float_arithmetic"]
+__all__ = ["compute_dtype", "float_arithmetic", "scaled_norm"]
 
 
 def float_arithmetic(fn):
@@ -25,3 +25,19 @@ def float_arithmetic(fn):
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype the arithmetic runs in: float64 stays, everything else accumulates in float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def scaled_norm(s: torch.Tensor, dim: int):
+    """The squashes' exact-range norm: ``s`` in the compute dtype (``x``), divided by its largest
+    absolute component along ``dim`` (``scale``, 1 for zero vectors; a constant for autograd: the
+    squashes do not depend on it, so gradients stay exact), the scaled vector ``t`` (largest
+    component +-1, so 1 <= ||t|| <= sqrt(D) for s != 0: no overflow at 1e30, no underflow at
+    1e-30) and ``m = ||t||`` kept away from 0 for zero vectors (``nonzero`` marks the others)."""
+    x = s.to(compute_dtype(s.dtype))
+    with torch.no_grad():
+        amax = x.abs().amax(dim=dim, keepdim=True)
+    nonzero = amax > 0
+    scale = torch.where(nonzero, amax, torch.ones_like(amax))
+    t = x / scale
+    m = (t * t).sum(dim=dim, keepdim=True).clamp_min(0.5).sqrt()
+    return x, t, m, scale, nonzero

@@ -16,7 +16,7 @@ import math
 
 import torch
 
-from ._common import compute_dtype, float_arithmetic
+from ._common import float_arithmetic, scaled_norm
 
 __all__ = ["efficient_squash", "SERIES_BELOW", "F_COEFFS"]
 
@@ -39,13 +39,7 @@ def _f_series(n: torch.Tensor) -> torch.Tensor:
 def efficient_squash(s: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """``(1 - exp(-||s||)) s / ||s||`` over ``dim``; finite and exact for every finite input."""
     dtype = s.dtype
-    x = s.to(compute_dtype(dtype))
-    with torch.no_grad():
-        amax = x.abs().amax(dim=dim, keepdim=True)
-    nonzero = amax > 0
-    scale = torch.where(nonzero, amax, torch.ones_like(amax))
-    t = x / scale  # largest component +-1: ||t|| in [1, sqrt(D)] for s != 0
-    m = (t * t).sum(dim=dim, keepdim=True).clamp_min(0.5).sqrt()
+    x, t, m, scale, nonzero = scaled_norm(s, dim)  # ||t|| in [1, sqrt(D)] for s != 0
     n = torch.where(nonzero, scale * m, torch.zeros_like(m))  # ||s||, inf past the float range
     # Each branch sees only inputs safe for it, so no inf or NaN reaches the other's gradient.
     small = n < SERIES_BELOW

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import compute_dtype, float_arithmetic
+from ._common import float_arithmetic, scaled_norm
 
 __all__ = ["squash"]
 
@@ -26,15 +26,9 @@ def squash(s: torch.Tensor, dim: int = -1) -> torch.Tensor:
     - ``v = (t / ||t||) * L``.
     """
     dtype = s.dtype
-    x = s.to(compute_dtype(dtype))
-    with torch.no_grad():
-        amax = x.abs().amax(dim=dim, keepdim=True)
-    nonzero = amax > 0
-    scale = torch.where(nonzero, amax, torch.ones_like(amax))
-    t = x / scale
-    # ||t||^2 >= 1 whenever s != 0 (the largest component is exactly +-1); the clamp only
+    # ||t||^2 >= 1 whenever s != 0 (the largest component is exactly +-1); the clamp in m only
     # keeps the sqrt away from 0 for zero vectors, whose length is forced to 0 below.
-    m = (t * t).sum(dim=dim, keepdim=True).clamp_min(0.5).sqrt()
+    _, t, m, scale, nonzero = scaled_norm(s, dim)
     n = scale * m  # ||s||; may overflow to inf only in the large branch, which does not use it
     large = n >= 1
     inv_scale = torch.where(large, scale, torch.ones_like(scale)).reciprocal()

@@ -135,8 +135,10 @@ def _describe(error: BaseException) -> str:
 
 
 def saved_model(state: dict) -> str:
-    """The ``--model`` the checkpoint ``state`` was trained with."""
-    return state["args"].get("model", LEGACY_MODEL)
+    """The ``--model`` the checkpoint ``state`` was trained with (``capsnet`` for checkpoints from
+    before ``--model`` existed, or without readable options)."""
+    saved = state.get("args")
+    return saved.get("model", LEGACY_MODEL) if isinstance(saved, dict) else LEGACY_MODEL
 
 
 def read(path: Path) -> dict:
@@ -166,7 +168,7 @@ def read(path: Path) -> dict:
         raise CheckpointError(f"{unusable}: it is damaged, its content does not match the sha256 digest it holds")
     missing = sorted(_CHECKPOINT_KEYS - state.keys())
     saved = state["args"] if isinstance(state.get("args"), dict) else {}
-    model = saved.get("model", LEGACY_MODEL)
+    model = saved_model(state)
     if model not in models.MODELS:
         raise CheckpointError(f"{unusable}: it holds a --model {model} run, a model this capstriton version lacks")
     missing += [f"args[{k!r}]" for k in (*models.TRAINING_OPTIONS, *models.MODELS[model].options) if k not in saved]

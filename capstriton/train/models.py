@@ -133,7 +133,7 @@ def _build_efficient_capsnet(args: argparse.Namespace) -> EfficientCapsNet:
 #: 0.0005 x the per-image sum of squared errors (784 pixels), this library's convention.
 EFFICIENT_CAPSNET = ModelEntry(
     name="efficient-capsnet",
-    description="Efficient-CapsNet of Mazzia et al. 2021: self-attention routing, 161,824 parameters",
+    description="Efficient-CapsNet (Mazzia et al. 2021): self-attention routing, 161,824 parameters without decoder",
     build=_build_efficient_capsnet,
     options=("decoder_hidden",),
     defaults={

@@ -10,7 +10,7 @@ import os
 
 import torch
 
-from .._checks import triton_unavailable_reason
+from .._checks import BACKENDS, triton_unavailable_reason
 from . import distributed
 from .errors import SetupError
 from .loop import DTYPES
@@ -171,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument(
         "--backend",
-        choices=("auto", "torch", "triton"),
+        choices=BACKENDS,
         default="auto",
         help="routing implementation: auto is triton on CUDA, torch on CPU",
     )
