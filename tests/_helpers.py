@@ -174,3 +174,16 @@ def grads(fn, inputs: list[torch.Tensor], upstream: torch.Tensor) -> list[torch.
     leaves = [x.detach().clone().requires_grad_(True) for x in inputs]
     out = fn(*leaves)
     return list(torch.autograd.grad((out * upstream).sum(), leaves))
+
+
+def saved_storages(fn) -> dict[int, int]:
+    """What autograd saves for backward in a call of ``fn``: bytes of each distinct storage."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return storages

@@ -6,12 +6,11 @@ sizes (a large layer, 1152 x 10 x 16 x 8, by default); ``fccaps`` is the paper's
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 from registry import KernelCase, OpSpec, Target, TuneSpec, register
 
 from specs._common import dtype_size, public_function, rand
+from specs.fused_layer import _tuning, launch  # the same launch configuration (fused_config)
 
 
 def make_inputs(sizes, batch, device, dtype, requires_grad, generator):
@@ -69,24 +68,11 @@ def flops_per_example(sizes, mode):
 # --- launch parameters (bench/tune.py) and kernel launches (bench/kernel_report.py) ----------
 
 
-def _tuning(overrides):
-    from capstriton.ops.fused_layer import FusedTuning
-
-    return FusedTuning(**overrides)
-
-
 def tuned_call(sizes, overrides):
     from capstriton.ops import self_attention_routing as ops
 
     tuning = _tuning(overrides)
     return lambda u, w, b: ops.self_attention_capsule_routing(u, w, b, tuning)
-
-
-def launch(sizes, batch, overrides):
-    from capstriton.ops.fused_layer import fused_config
-
-    config = fused_config(sizes["n_in"], sizes["n_out"], sizes["d"], sizes["d_in"], batch, _tuning(overrides))
-    return dataclasses.asdict(config)
 
 
 # float32 cases at the library's default, "highest" (3xTF32 products), unless named

@@ -25,6 +25,7 @@ from _helpers import (
     naive_routing,
     rel_err,
     requires_cuda,
+    saved_storages,
 )
 
 import capstriton as ct
@@ -307,19 +308,6 @@ def test_3xtf32_products_route_as_accurately_as_ieee_products(shape):
     # "as tightly as the float32 path": within twice its error (seen: 0.9x to 1.2x)
     assert errors["tf32x3"] < 2 * errors["ieee"], errors
     assert errors["tf32"] > 10 * TOL[torch.float32], errors
-
-
-def saved_storages(fn) -> dict[int, int]:
-    """What autograd saves for backward in a call of ``fn``: bytes of each distinct storage."""
-    storages = {}
-
-    def pack(t):
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return storages
 
 
 def test_training_step_saves_nothing_of_u_hat_size():

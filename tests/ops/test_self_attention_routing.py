@@ -21,6 +21,7 @@ from _helpers import (
     assert_float32_close,
     naive_predictions,
     requires_cuda,
+    saved_storages,
     shape_id,
 )
 
@@ -227,14 +228,7 @@ def test_layer_through_the_public_function_and_module():
 def test_saved_for_backward_is_nothing_of_u_hat_size():
     """The layer's training step keeps u, the weight, the bias and two [B, N_out, D] sums."""
     u, w, bias = (t.requires_grad_() for t in inputs_for(4, 16, 10, 16, 8))
-    storages = {}
-
-    def pack(t):
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        ct.self_attention_capsule_routing(u, w, bias, backend="triton")
+    storages = saved_storages(lambda: ct.self_attention_capsule_routing(u, w, bias, backend="triton"))
     sums = 2 * 4 * 10 * 16 * 4
     assert sum(storages.values()) == (u.numel() + w.numel() + bias.numel()) * 4 + sums
 
