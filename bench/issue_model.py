@@ -94,7 +94,6 @@ import json
 import math
 import os
 import re
-import subprocess
 import sys
 import tempfile
 import time
@@ -527,9 +526,7 @@ def _vanishes(launch, arg: str) -> bool:
     or removed at compile time, and leaves no loop."""
     if _ints(launch).get(arg) != 1:
         return False
-    if "kernels" not in kernel_report._WORKER_STATE:
-        kernel_report._WORKER_STATE["kernels"] = kernel_report._kernels()
-    fn, _ = kernel_report._WORKER_STATE["kernels"][launch.kernel]
+    fn, _ = kernel_report.process_kernels()[launch.kernel]
     return not next(p for p in fn.params if p.name == arg).do_not_specialize
 
 
@@ -672,25 +669,10 @@ def compile_sass(comp: dict, arch: str = "sm_90") -> dict:
     """Compile one configuration (``kernel_report.compilation_of``) for ``arch``: its SASS text,
     warps, registers, shared memory and occupancy."""
     import triton
-    from triton.backends.compiler import GPUTarget
 
-    if "kernels" not in kernel_report._WORKER_STATE:
-        kernel_report._WORKER_STATE["kernels"] = kernel_report._kernels()
-    fn, _ = kernel_report._WORKER_STATE["kernels"][comp["kernel"]]
-    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", d]] for n, d in comp["divisibility"].items()}
-    src = triton.compiler.ASTSource(
-        fn=fn, signature=dict(comp["signature"]), constexprs=dict(comp["constexprs"]), attrs=attrs
-    )
-    target = GPUTarget("cuda", kernel_report.ARCHS[arch]["capability"], 32)
+    src, target = kernel_report.compiler_input(comp, arch)
     kernel = triton.compile(src, target=target, options=dict(comp["options"]))
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "k.cubin")
-        with open(path, "wb") as f:
-            f.write(kernel.asm["cubin"])
-        usage = kernel_report._resource_usage(path)
-        sass = subprocess.run(
-            [kernel_report._tool("cuobjdump"), "-sass", path], capture_output=True, text=True, check=True
-        ).stdout
+    usage, sass = kernel_report.cubin_usage_and_sass(kernel)
     num_warps = int(kernel.metadata.num_warps)
     shared = int(kernel.metadata.shared or 0) + usage["static_shared"]
     return {
@@ -702,13 +684,6 @@ def compile_sass(comp: dict, arch: str = "sm_90") -> dict:
         "shared": shared,
         **kernel_report.occupancy(arch, usage["registers"], num_warps, shared),
     }
-
-
-def _backend_cls():
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler.compiler import make_backend
-
-    return type(make_backend(GPUTarget("cuda", 90, 32)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -851,13 +826,15 @@ def model_cases(labels: list[str], bandwidth: float, jobs: int = 1, log=print) -
     if missing:
         raise ValueError(f"unknown cases {missing}")
     kernels = kernel_report._kernels()
-    backend = _backend_cls()
+    backend = kernel_report.backend_cls()
     per_case = {c.label: first_training_step(kernel_report.record_launches([c])) for c in cases}
     comps: dict[str, dict] = {}
+    launch_keys: dict[int, str] = {}  # id of each recorded launch -> its compilation's key
     for steps in per_case.values():
         for _, lc in steps:
             comp = kernel_report.compilation_of(lc, kernels, backend)
-            comps.setdefault(kernel_report._key(comp), comp)
+            launch_keys[id(lc)] = kernel_report._key(comp)
+            comps.setdefault(launch_keys[id(lc)], comp)
     t0 = time.perf_counter()
     keys = list(comps)
     if jobs > 1:
@@ -874,7 +851,7 @@ def model_cases(labels: list[str], bandwidth: float, jobs: int = 1, log=print) -
     for label, steps in per_case.items():
         rows = []
         for mode, lc in steps:
-            info = compiled[kernel_report._key(kernel_report.compilation_of(lc, kernels, backend))]
+            info = compiled[launch_keys[id(lc)]]
             rows.append(model_launch(lc, info, bandwidth, mode))
         out[label] = {"meta": parse_label(label), "launches": rows}
     return out

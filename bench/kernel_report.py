@@ -391,17 +391,46 @@ def occupancy(arch: str, registers: int, num_warps: int, shared_bytes: int) -> d
 _WORKER_STATE: dict = {}
 
 
-def compile_one(comp: dict, arch: str) -> dict:
-    """Compile one configuration for ``arch`` and read its resources and SASS."""
+def backend_cls():
+    """The NVIDIA compiler backend's class (its specialisation rules for ``compilation_of``)."""
+    from triton.compiler.compiler import make_backend
+
+    return type(make_backend(GPUTarget("cuda", 90, 32)))
+
+
+def process_kernels() -> dict:
+    """:func:`_kernels`, loaded once per process (pool workers too)."""
     if "kernels" not in _WORKER_STATE:
         _WORKER_STATE["kernels"] = _kernels()
-    fn, _ = _WORKER_STATE["kernels"][comp["kernel"]]
-    t0 = time.perf_counter()
+    return _WORKER_STATE["kernels"]
+
+
+def compiler_input(comp: dict, arch: str):
+    """One configuration's ``triton.compile`` source (the kernel with its signature, constexprs and
+    divisibility) and target."""
+    fn, _ = process_kernels()[comp["kernel"]]
     attrs = {(fn.arg_names.index(n),): [["tt.divisibility", d]] for n, d in comp["divisibility"].items()}
     src = triton.compiler.ASTSource(
         fn=fn, signature=dict(comp["signature"]), constexprs=dict(comp["constexprs"]), attrs=attrs
     )
-    target = GPUTarget("cuda", ARCHS[arch]["capability"], 32)
+    return src, GPUTarget("cuda", ARCHS[arch]["capability"], 32)
+
+
+def cubin_usage_and_sass(kernel) -> tuple[dict, str]:
+    """Resource usage (``cuobjdump -res-usage``) and the SASS text of a compiled kernel's cubin."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(kernel.asm["cubin"])
+        usage = _resource_usage(path)
+        sass = subprocess.run([_tool("cuobjdump"), "-sass", path], capture_output=True, text=True, check=True).stdout
+    return usage, sass
+
+
+def compile_one(comp: dict, arch: str) -> dict:
+    """Compile one configuration for ``arch`` and read its resources and SASS."""
+    t0 = time.perf_counter()
+    src, target = compiler_input(comp, arch)
     log = io.StringIO()
     knobs = getattr(triton, "knobs", None)
     nv = getattr(knobs, "nvidia", None) if knobs is not None else None
@@ -413,12 +442,7 @@ def compile_one(comp: dict, arch: str) -> dict:
     ptxas = _parse_ptxas(log.getvalue())
     if ptxas is None:  # a cache hit (no ptxas run): run ptxas -v on the same PTX
         ptxas = _run_ptxas(kernel.asm["ptx"], arch)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "k.cubin")
-        with open(path, "wb") as f:
-            f.write(kernel.asm["cubin"])
-        usage = _resource_usage(path)
-        sass = subprocess.run([_tool("cuobjdump"), "-sass", path], capture_output=True, text=True, check=True).stdout
+    usage, sass = cubin_usage_and_sass(kernel)
     md = kernel.metadata
     num_warps = int(md.num_warps)
     dynamic_shared = int(md.shared or 0)
@@ -590,12 +614,10 @@ def main(argv=None) -> int:
     cases = shape_sets()[args.shapes]
     launches = record_launches(cases, config)
     kernels = _kernels()
-    from triton.compiler.compiler import make_backend
-
+    backend = backend_cls()
     rows: dict[str, Row] = {}
     for launch in launches:
-        backend_cls = type(make_backend(GPUTarget("cuda", 90, 32)))
-        comp = compilation_of(launch, kernels, backend_cls)
+        comp = compilation_of(launch, kernels, backend)
         row = rows.setdefault(_key(comp), Row(comp))
         row.cases.append(launch.case)
     missing = sorted(set(kernels) - {r.comp["kernel"] for r in rows.values()})

@@ -130,7 +130,7 @@ import issue_model as m, kernel_report as k
 case = [c for c in k.shape_sets()["all"] if c.label == "layer 1152x10x16x8 B=1024 R=3 float32 ieee"]
 launch = next(lc for _, lc in m.first_training_step(k.record_launches(case))
               if lc.kernel == "fused_layer_fwd_kernel" and not lc.kwargs["FIRST"])
-info = m.compile_sass(k.compilation_of(launch, k._kernels(), m._backend_cls()))
+info = m.compile_sass(k.compilation_of(launch, k._kernels(), k.backend_cls()))
 program = m.analyse(m.parse_sass(info["sass"], info["name"]))
 why = m.match_rule(program, m.ptx_loops(info["ptx"]), m.RULES[launch.kernel](launch).shape)
 per_program = [program.count({"splits": 15, "caps": c, "D_in": 8})["total"] for c in range(5)]
