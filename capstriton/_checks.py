@@ -147,13 +147,14 @@ def _wrapped(t: torch.Tensor) -> bool:
     return not torch.compiler.is_compiling() and torch._C._functorch.is_functorch_wrapped_tensor(t)
 
 
-def resolve_backend(backend, *tensors: torch.Tensor) -> str:
+def resolve_backend(backend, *tensors: torch.Tensor | None) -> str:
     """Map ``backend`` to ``"torch"`` or ``"triton"`` for the inputs ``tensors`` (the first one
-    decides device and dtype), or raise.
+    decides device and dtype; None, an absent optional input, is skipped), or raise.
 
     ``"auto"`` takes triton for CUDA tensors, except under torch.func transforms or forward-mode
     AD, which the reference supports natively; ``"triton"`` there is an error naming the transform.
     """
+    tensors = tuple(t for t in tensors if t is not None)
     x = tensors[0]
     if check_backend(backend) == "torch":
         return "torch"

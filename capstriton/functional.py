@@ -38,16 +38,17 @@ U_LAYOUT = "[B, N_in, D_in]"
 WEIGHT_LAYOUT = "[N_in, N_out, D_out, D_in]"
 
 
-def autocast_inputs(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+def autocast_inputs(*tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
     """The inputs of a matmul-like op under autocast: float16/bfloat16/float32 tensors cast to the
     autocast dtype of their device, as ``torch.matmul`` does (float64 is left alone, also as
-    autocast does). The capsule layers follow that rule, so both backends return the autocast
-    dtype; squash and routing on predictions are not matmul-like and keep their input dtype."""
+    autocast does; None, an absent bias, passes through). The capsule layers follow that rule, so
+    both backends return the autocast dtype; squash and routing on predictions are not
+    matmul-like and keep their input dtype."""
     device_type = tensors[0].device.type
     if not torch.is_autocast_enabled(device_type):
         return tensors
     dtype = torch.get_autocast_dtype(device_type)
-    return tuple(t.to(dtype) if t.dtype != torch.float64 else t for t in tensors)
+    return tuple(t if t is None or t.dtype == torch.float64 else t.to(dtype) for t in tensors)
 
 
 def _implementations(backend: str) -> dict:
@@ -147,8 +148,7 @@ def self_attention_routing(
     check_tensor("u_hat", u_hat, 4, U_HAT_LAYOUT)
     check_positive_sizes("u_hat", u_hat, U_HAT_LAYOUT)
     _check_bias(bias, u_hat, u_hat.shape[1], u_hat.shape[2])
-    tensors = (u_hat,) if bias is None else (u_hat, bias)
-    return _implementations(resolve_backend(backend, *tensors))["self_attention_routing"](u_hat, bias)
+    return _implementations(resolve_backend(backend, u_hat, bias))["self_attention_routing"](u_hat, bias)
 
 
 def self_attention_capsule_routing(
@@ -174,9 +174,8 @@ def self_attention_capsule_routing(
     """
     _check_layer_inputs(u, weight)
     _check_bias(bias, u, weight.shape[0], weight.shape[1])
-    tensors = autocast_inputs(u, weight) if bias is None else autocast_inputs(u, weight, bias)
-    u, weight, bias = (*tensors, None) if bias is None else tensors
-    implementation = _implementations(resolve_backend(backend, *tensors))["self_attention_capsule_routing"]
+    u, weight, bias = autocast_inputs(u, weight, bias)
+    implementation = _implementations(resolve_backend(backend, u, weight, bias))["self_attention_capsule_routing"]
     return implementation(u, weight, bias)
 
 
