@@ -547,7 +547,8 @@ def rule_fused_pass(launch) -> RuleResult:
     v, c = _ints(launch), _consts(launch)
     name = launch.kernel
     from_u = c.get("FROM_U", True)
-    inner = [("D_in", [])] if from_u and not c["USE_DOT"] and not _vanishes(launch, "D_in") else []
+    rank_one = not c.get("USE_DOT", False)  # the fused layer's forward pass: rank-one only
+    inner = [("D_in", [])] if from_u and rank_one and not _vanishes(launch, "D_in") else []
     if name == "fused_layer_fwd_kernel":
         has_sum = not c["FIRST"]
     elif name == "self_attention_routing_fwd_kernel":
@@ -566,6 +567,30 @@ def rule_fused_pass(launch) -> RuleResult:
     partials = B * v["SPLIT"] * caps * 4 * (2 if has_sum else 1)  # written, and read when reduced
     saved = B * caps * 4 * 3  # saved states read and written (V, s, ds: at most a few blocks)
     return RuleResult(shape, programs, streamed + partials + saved)
+
+
+def rule_chunked_pass(launch) -> RuleResult:
+    """fused_layer_logits / fused_layer_sums (the forward on tensor cores): grid (example tiles,
+    SPLIT[, N_out]); split k owns a run of caps_per_split input capsules walked in BLOCK_IC-capsule
+    chunks, each containing (logits) two loops over the output capsules: the logits, then their
+    exponentials."""
+    v, c = _ints(launch), _consts(launch)
+    logits = launch.kernel == "fused_layer_logits_kernel"
+    outputs = [] if _vanishes(launch, "N_out") else [("outputs", []), ("outputs", [])]
+    shape = [("chunks", outputs if logits else [])]
+    tiles, splits, *per_output = launch.grid
+    runs = _runs(v["N_in"], v["caps_per_split"], splits)
+    rows = tiles * math.prod(per_output)
+    programs = _grouped((rows, {"chunks": _cdiv(n, c["BLOCK_IC"]), "outputs": v["N_out"]}) for n in runs)
+    B, n_in, n_out = v["B"], v["N_in"], v["N_out"]
+    caps = n_out * v["D"]
+    streamed = B * n_in * v["D_in"] * _elt(launch, "u_ptr") + n_in * caps * v["D_in"] * _elt(launch, "w_ptr")
+    coupling = B * n_out * n_in * 4 + B * n_in * 4  # exp(logit - max) [B, N_out, N_in], 1 / sum [B, N_in]
+    if logits:  # V read; the logits written, read back and overwritten by their exponentials
+        moved = streamed + B * caps * 4 + 3 * coupling
+    else:  # the coupling read (r > 0), this split's partial sums written
+        moved = streamed + (0 if c["FIRST"] else coupling) + B * v["SPLIT"] * caps * 4
+    return RuleResult(shape, programs, moved)
 
 
 def rule_routing_pass(launch) -> RuleResult:
@@ -644,6 +669,9 @@ def rule_no_loop(launch) -> RuleResult:
 RULES = {
     "fused_layer_fwd_kernel": rule_fused_pass,
     "fused_layer_bwd_reduce_kernel": rule_fused_pass,
+    "fused_layer_logits_kernel": rule_chunked_pass,
+    "fused_layer_sums_kernel": rule_chunked_pass,
+    "fused_layer_state_kernel": rule_sum_splits,
     "self_attention_routing_fwd_kernel": rule_fused_pass,
     "self_attention_routing_bwd_reduce_kernel": rule_fused_pass,
     "dynamic_routing_fwd_kernel": rule_routing_pass,

@@ -42,6 +42,7 @@ import triton.language as tl
 
 from .common import (
     caps_block,
+    dot_f32,
     layer_input_grads,
     layer_predictions,
     layer_weight_tile,
@@ -65,6 +66,9 @@ __all__ = [
     "fused_layer_bwd_ds_kernel",
     "fused_layer_bwd_final_kernel",
     "fused_layer_bwd_dw_sum_kernel",
+    "fused_layer_state_kernel",
+    "fused_layer_logits_kernel",
+    "fused_layer_sums_kernel",
 ]
 
 
@@ -108,10 +112,6 @@ def fused_layer_fwd_kernel(
     BLOCK_B: tl.constexpr,  # examples per tile
     BLOCK_J: tl.constexpr,  # next power of two >= N_out (never split: the softmax couples it)
     BLOCK_D: tl.constexpr,  # next power of two >= D
-    BLOCK_K: tl.constexpr,  # D_in padded for the product (>= 16 with tl.dot)
-    USE_DOT: tl.constexpr,  # the products as tl.dot (tiles of at least 16 x 16 x 16)
-    PRECISION: tl.constexpr,  # tl.dot's input_precision for float32: "ieee", "tf32" or "tf32x3"
-    DOT_F32: tl.constexpr,  # widen the dot operands (the interpreter's bfloat16 dot is wrong)
     FIRST: tl.constexpr,  # r == 0: V_0 = 0, uniform coupling, no previous partials
 ):
     i_tb = tl.program_id(0)
@@ -134,10 +134,9 @@ def fused_layer_fwd_kernel(
     i_end = tl.minimum(i_start + caps_per_split, N_in)
     b_acc = tl.zeros([BLOCK_B, BLOCK_J, BLOCK_D], dtype=tl.float32)
     for i in range(i_start, i_end):
-        b_uh = predictions(
+        b_uh = predictions(  # rank-one updates: IEEE float32 products
             u_ptr + i * tl.cast(stride_ui, tl.int64), w_ptr + i * tl.cast(stride_wi, tl.int64), o_b, m_b, o_wn, m_n,
-            D_in, stride_ub, stride_uk,
-            stride_wk, BLOCK_B, BLOCK_J, BLOCK_D, BLOCK_K, USE_DOT, PRECISION, DOT_F32,
+            D_in, stride_ub, stride_uk, stride_wk, BLOCK_B, BLOCK_J, BLOCK_D, 1, False, "ieee", False,
         )
         if FIRST:
             b_acc += b_uh  # softmax of zero logits: 1 / N_out, applied once below
@@ -333,3 +332,254 @@ def fused_layer_bwd_dw_sum_kernel(
     m = o < numel
     b_acc = sum_splits(dw_part_ptr, G, numel, o, m)
     tl.store(dw_ptr + o, b_acc.to(dw_ptr.dtype.element_ty), mask=m)
+
+
+# ---------------------------------------------------------------------------------------------
+# The forward on tensor cores, in input-capsule space: the routing arithmetic on [examples x
+# (input capsule, D_in)] tiles, one output capsule j at a time, never on [examples x N_out x D]
+# blocks of predictions. For one output capsule j and a run of input capsules:
+#
+#     logits   b[b, i, j] = u_hat[b, i, j] . V[b, j] = u[b, i] . (W[i, j]^T V[b, j])
+#              Z_j = V_j @ W_j            [BLOCK_B, D] x [D, (i, k)]   (tensor cores)
+#              b[:, i, j] = sum_k u[:, i, k] Z_j[:, i, k]
+#     sums     s[b, j] = sum_i c[b, i, j] W[i, j] u[b, i] = X_j @ W_j^T,
+#              X_j[b, (i, k)] = c[b, i, j] u[b, i, k]   [BLOCK_B, (i, k)] x [(i, k), D]  (tensor cores)
+#
+# so the elementwise work is on D_in numbers per (example, input capsule, output capsule) instead
+# of D_out, the products run on tensor cores with K = D_out and K = (input capsules x D_in), and
+# no tile of predictions or padded output capsules is held in registers. The softmax over j
+# couples the output capsules: ``fused_layer_logits_kernel`` writes the logits of a run of input
+# capsules for every j with their softmax statistics (max, 1 / sum of exponentials, an online
+# softmax over j), then ``fused_layer_sums_kernel`` forms the coupling coefficients and this
+# run's partial sums of one output capsule. ``fused_layer_state_kernel`` reduces the partials of
+# the previous iteration per example (in split order), squashes and writes the saved s and V.
+# Half-precision inputs: the float32 factors (V, X) enter the products as two half parts (hi +
+# lo), each multiplied exactly on tensor cores, so nothing is rounded to the input dtype.
+
+
+@triton.jit
+def _caps_chunk(i0, i_end, D_in, BLOCK_IC: tl.constexpr, BLOCK_KIN: tl.constexpr, FLAT: tl.constexpr):
+    """A chunk of ``BLOCK_IC`` input capsules from ``i0`` flattened with their D_in components
+    (``c = i * BLOCK_KIN + k``): capsule index ``o_i`` [BLOCK_IC * BLOCK_KIN], ``o_k`` and the mask.
+    ``FLAT`` (D_in == BLOCK_KIN): the mask as a bound on ``c``, constant over each capsule's
+    components, so that the loads of contiguous capsules are vectorised."""
+    o_c = tl.arange(0, BLOCK_IC * BLOCK_KIN)
+    o_i = i0 + o_c // BLOCK_KIN
+    o_k = o_c % BLOCK_KIN
+    if FLAT:
+        m_c = o_c < (i_end - i0) * BLOCK_KIN
+    else:
+        m_c = (o_i < i_end) & (o_k < D_in)
+    return o_i, o_k, m_c
+
+
+@triton.jit
+def _u_chunk(u_ptr, o_b, m_b, i0, o_i, o_k, m_c, stride_ub, stride_ui, stride_uk, BLOCK_KIN: tl.constexpr,
+             FLAT: tl.constexpr):
+    """u[b, i, k] of the tile and the chunk, [BLOCK_B, BLOCK_IC * BLOCK_KIN], zero padded. ``FLAT``:
+    the capsules' components are contiguous (stride_uk = 1, stride_ui = D_in = BLOCK_KIN)."""
+    if FLAT:
+        o_c = tl.cast(i0, tl.int64) * BLOCK_KIN + tl.arange(0, o_i.shape[0])
+    else:
+        o_c = o_i.to(tl.int64) * stride_ui + o_k * stride_uk
+    return tl.load(u_ptr + o_b[:, None] * stride_ub + o_c[None, :], mask=m_b[:, None] & m_c[None, :], other=0.0)
+
+
+@triton.jit
+def _w_chunk(w_ptr, j, o_i, o_k, m_c, D, stride_wi, stride_wj, stride_wd, stride_wk, BLOCK_DK: tl.constexpr,
+             BLOCK_KIN: tl.constexpr, FLAT: tl.constexpr):
+    """W[i, j, d, k] of the chunk for one output capsule j, [BLOCK_DK, BLOCK_IC * BLOCK_KIN]. ``FLAT``:
+    each [D, D_in] block contiguous (stride_wk = 1, stride_wd = D_in = BLOCK_KIN)."""
+    o_d = tl.arange(0, BLOCK_DK)
+    if FLAT:
+        o_w = j * stride_wj + o_d[:, None] * BLOCK_KIN + (o_i.to(tl.int64) * stride_wi + o_k)[None, :]
+    else:
+        o_w = j * stride_wj + o_d[:, None] * stride_wd + (o_i.to(tl.int64) * stride_wi + o_k * stride_wk)[None, :]
+    return tl.load(w_ptr + o_w, mask=(o_d < D)[:, None] & m_c[None, :], other=0.0)
+
+
+@triton.jit
+def _dot_split(b_a, b_w, HALF: tl.constexpr, PRECISION: tl.constexpr, DOT_F32: tl.constexpr):
+    """``a @ w`` in float32 for a float32 ``a`` and ``w`` of the input dtype: with half inputs ``a``
+    enters as hi + lo parts of that dtype (two exact tensor-core products), else as float32 at
+    ``PRECISION``."""
+    if HALF:
+        b_hi = b_a.to(b_w.dtype)
+        b_lo = (b_a - b_hi.to(tl.float32)).to(b_w.dtype)
+        b_out = dot_f32(b_hi, b_w, PRECISION, DOT_F32) + dot_f32(b_lo, b_w, PRECISION, DOT_F32)
+    else:
+        b_out = dot_f32(b_a, b_w, PRECISION, DOT_F32)
+    return b_out
+
+
+@triton.jit
+def _chunk_logits(
+    b_u, b_w, p_V, o_b, m_b, D, stride_vb, HALF: tl.constexpr, PRECISION: tl.constexpr, DOT_F32: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_IC: tl.constexpr, BLOCK_KIN: tl.constexpr, BLOCK_DK: tl.constexpr,
+):
+    """Logits [BLOCK_B, BLOCK_IC] of one output capsule j for the chunk: ``u . (W^T V_j)``, from the
+    u chunk, the W chunk of j and ``p_V`` at V[0, j, 0] (rows ``stride_vb`` apart)."""
+    o_d = tl.arange(0, BLOCK_DK)
+    b_V = tl.load(p_V + o_b[:, None] * stride_vb + o_d[None, :], mask=m_b[:, None] & (o_d < D)[None, :], other=0.0)
+    b_z = _dot_split(b_V, b_w, HALF, PRECISION, DOT_F32)
+    b_p = b_u.to(tl.float32) * b_z
+    if BLOCK_KIN > 1:
+        b_p = tl.sum(tl.reshape(b_p, [BLOCK_B, BLOCK_IC, BLOCK_KIN]), axis=2)
+    return b_p
+
+
+@triton.jit(do_not_specialize=["B", "SPLIT", "r"])
+def fused_layer_state_kernel(
+    part_ptr,  # [B, SPLIT, N_out, D] f32 partial s of iteration r-1
+    s_buf_ptr,  # [R, B, N_out, D] f32 saved s_r (slot r-1 written here)
+    vsum_buf_ptr,  # [R, B, N_out, D] f32 saved V_r (slot r written, r-1 read)
+    B,
+    N_out,
+    D,
+    SPLIT,
+    r,  # 1 <= r <= R-1
+    BLOCK_J: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """Per example: ``s_{r-1}`` = the partials in split order, ``V_r = V_{r-1} + squash(s_{r-1})``."""
+    i_b = tl.program_id(0).to(tl.int64)
+    o_j, o_d, m_j, m_jd, o_jd = caps_block(N_out, D, BLOCK_J, BLOCK_D)
+    caps_size = N_out * D
+    b_s = sum_splits(part_ptr + i_b * SPLIT * caps_size, SPLIT, caps_size, o_jd, m_jd)
+    b_unit, b_p, large = squash_parts(b_s)
+    o_prev = ((r - 1) * B + i_b) * caps_size + o_jd
+    b_V = tl.load(vsum_buf_ptr + o_prev, mask=m_jd, other=0.0) + squash_from_parts(b_unit, b_p, large)
+    tl.store(s_buf_ptr + o_prev, b_s, mask=m_jd)
+    tl.store(vsum_buf_ptr + o_prev + B * caps_size, b_V, mask=m_jd)
+
+
+@triton.jit(do_not_specialize=["B", "caps_per_split", "r"])
+def fused_layer_logits_kernel(
+    u_ptr,  # [B, N_in, D_in] input capsules, strides stride_u*
+    w_ptr,  # [N_in, N_out, D, D_in] weight, dtype of u, strides stride_w*
+    vsum_buf_ptr,  # [R, B, N_out, D] f32 saved V_r (slot r read)
+    exp_ptr,  # [B, N_out, N_in] f32 exp(logit - max_j logit) of iteration r (written)
+    inv_ptr,  # [B, N_in] f32 1 / sum_j exp(logit - max_j logit) (written)
+    B,
+    N_in,
+    N_out,
+    D,
+    D_in,
+    caps_per_split,
+    r,
+    stride_ub,
+    stride_ui,
+    stride_uk,
+    stride_wi,
+    stride_wj,
+    stride_wd,
+    stride_wk,
+    BLOCK_B: tl.constexpr,
+    BLOCK_IC: tl.constexpr,  # input capsules a chunk
+    BLOCK_KIN: tl.constexpr,  # next power of two >= D_in
+    BLOCK_DK: tl.constexpr,  # next power of two >= D, at least 16 (the logits product's K)
+    HALF: tl.constexpr,
+    PRECISION: tl.constexpr,
+    DOT_F32: tl.constexpr,
+    FLAT: tl.constexpr,  # D_in = BLOCK_KIN, u and W contiguous in their last two dimensions
+):
+    """The coupling coefficients of iteration r for the tile and a run of input capsules, as
+    ``c[b, i, j] = e[b, j, i] * inv[b, i]``: per chunk, the logits of every output capsule (stored,
+    with their running maximum), then ``e = exp(logit - max)`` over them again and ``inv = 1 / sum_j e``.
+    Where the softmax saturates e is exactly 1 for the largest logit and 0 elsewhere, so c is
+    exactly one-hot."""
+    i_tb = tl.program_id(0)
+    i_k = tl.program_id(1)
+    o_b = (i_tb * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
+    m_b = o_b < B
+    p_V = vsum_buf_ptr + r * B * N_out * D
+    i_start = i_k * caps_per_split
+    i_end = tl.minimum(i_start + caps_per_split, N_in)
+    for i0 in range(i_start, i_end, BLOCK_IC):
+        o_i, o_k, m_c = _caps_chunk(i0, i_end, D_in, BLOCK_IC, BLOCK_KIN, FLAT)
+        b_u = _u_chunk(u_ptr, o_b, m_b, i0, o_i, o_k, m_c, stride_ub, stride_ui, stride_uk, BLOCK_KIN, FLAT)
+        o_ic = i0 + tl.arange(0, BLOCK_IC)
+        m_bi = m_b[:, None] & (o_ic < i_end)[None, :]
+        o_e = o_b[:, None] * N_out * N_in + o_ic[None, :]  # e[b, 0, i]
+        b_max = tl.full([BLOCK_B, BLOCK_IC], float("-inf"), tl.float32)
+        for j in range(0, N_out):
+            b_w = _w_chunk(w_ptr, j, o_i, o_k, m_c, D, stride_wi, stride_wj, stride_wd, stride_wk, BLOCK_DK,
+                           BLOCK_KIN, FLAT)
+            b_logit = _chunk_logits(b_u, b_w, p_V + j * D, o_b, m_b, D, N_out * D, HALF, PRECISION, DOT_F32,
+                                    BLOCK_B, BLOCK_IC, BLOCK_KIN, BLOCK_DK)
+            tl.store(exp_ptr + o_e + j * N_in, b_logit, mask=m_bi)
+            b_max = tl.maximum(b_max, b_logit)
+        tl.debug_barrier()  # the logits stored above are read back by other threads of the program
+        b_sum = tl.zeros([BLOCK_B, BLOCK_IC], dtype=tl.float32)
+        for j in range(0, N_out):
+            b_e = tl.exp(tl.load(exp_ptr + o_e + j * N_in, mask=m_bi, other=0.0) - b_max)
+            tl.store(exp_ptr + o_e + j * N_in, b_e, mask=m_bi)
+            b_sum += b_e
+        tl.store(inv_ptr + o_b[:, None] * N_in + o_ic[None, :], tl.math.div_rn(1.0, b_sum), mask=m_bi)
+
+
+@triton.jit(do_not_specialize=["B", "SPLIT", "caps_per_split"])
+def fused_layer_sums_kernel(
+    u_ptr,  # [B, N_in, D_in] input capsules, strides stride_u*
+    w_ptr,  # [N_in, N_out, D, D_in] weight, dtype of u, strides stride_w*
+    exp_ptr,  # [B, N_out, N_in] f32 exp(logit - max) (unused when FIRST)
+    inv_ptr,  # [B, N_in] f32 1 / sum_j exp(logit - max) (unused when FIRST)
+    part_ptr,  # [B, SPLIT, N_out, D] f32 partial s (written)
+    vsum_buf_ptr,  # [R, B, N_out, D] f32 saved V_r (slot 0, V_0 = 0, written when FIRST)
+    B,
+    N_in,
+    N_out,
+    D,
+    D_in,
+    SPLIT,
+    caps_per_split,
+    stride_ub,
+    stride_ui,
+    stride_uk,
+    stride_wi,
+    stride_wj,
+    stride_wd,
+    stride_wk,
+    BLOCK_B: tl.constexpr,
+    BLOCK_IC: tl.constexpr,
+    BLOCK_KIN: tl.constexpr,
+    BLOCK_DK: tl.constexpr,
+    HALF: tl.constexpr,
+    PRECISION: tl.constexpr,
+    DOT_F32: tl.constexpr,
+    FLAT: tl.constexpr,
+    FIRST: tl.constexpr,  # r == 0: uniform coupling 1 / N_out
+):
+    i_tb = tl.program_id(0)
+    i_k = tl.program_id(1)
+    j = tl.program_id(2)
+    o_b = (i_tb * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
+    m_b = o_b < B
+    i_start = i_k * caps_per_split
+    i_end = tl.minimum(i_start + caps_per_split, N_in)
+    b_acc = tl.zeros([BLOCK_B, BLOCK_DK], dtype=tl.float32)
+    for i0 in range(i_start, i_end, BLOCK_IC):
+        o_i, o_k, m_c = _caps_chunk(i0, i_end, D_in, BLOCK_IC, BLOCK_KIN, FLAT)
+        b_u = _u_chunk(u_ptr, o_b, m_b, i0, o_i, o_k, m_c, stride_ub, stride_ui, stride_uk, BLOCK_KIN, FLAT)
+        b_w = _w_chunk(
+            w_ptr, j, o_i, o_k, m_c, D, stride_wi, stride_wj, stride_wd, stride_wk, BLOCK_DK, BLOCK_KIN, FLAT
+        )
+        if FIRST:
+            b_acc += dot_f32(b_u, tl.trans(b_w), PRECISION, DOT_F32)
+        else:
+            o_ic = i0 + tl.arange(0, BLOCK_IC)
+            m_bi = m_b[:, None] & (o_ic < i_end)[None, :]
+            b_e = tl.load(exp_ptr + (o_b[:, None] * N_out + j) * N_in + o_ic[None, :], mask=m_bi, other=0.0)
+            b_c = b_e * tl.load(inv_ptr + o_b[:, None] * N_in + o_ic[None, :], mask=m_bi, other=0.0)
+            if BLOCK_KIN > 1:
+                b_c = tl.reshape(tl.broadcast_to(b_c[:, :, None], [BLOCK_B, BLOCK_IC, BLOCK_KIN]),
+                                 [BLOCK_B, BLOCK_IC * BLOCK_KIN])
+            b_x = b_c * b_u.to(tl.float32)
+            b_acc += _dot_split(b_x, tl.trans(b_w), HALF, PRECISION, DOT_F32)
+    o_d = tl.arange(0, BLOCK_DK)
+    m_bd = m_b[:, None] & (o_d < D)[None, :]
+    if FIRST:
+        b_acc = b_acc / N_out
+        if i_k == 0:  # one program per tile and output capsule saves V_0 = 0
+            tl.store(vsum_buf_ptr + (o_b[:, None] * N_out + j) * D + o_d[None, :], tl.zeros_like(b_acc), mask=m_bd)
+    tl.store(part_ptr + ((o_b[:, None] * SPLIT + i_k) * N_out + j) * D + o_d[None, :], b_acc, mask=m_bd)

@@ -172,30 +172,41 @@ def test_layer_products_run_on_tensor_cores(sm90_report):
     float32."""
     _, out = sm90_report
     doc = json.loads((out / "sm_90.json").read_text())
+    # (forward passes, reduce pass, final pass); the fused layer's forward runs on tensor cores as
+    # the logits and sums passes, with IEEE products as the rank-one pass (no PRECISION argument)
     layers = {
-        "fused_layer": ("fused_layer_fwd_kernel", "fused_layer_bwd_reduce_kernel", "fused_layer_bwd_final_kernel"),
+        "fused_layer": (
+            ("fused_layer_fwd_kernel", "fused_layer_logits_kernel", "fused_layer_sums_kernel"),
+            "fused_layer_bwd_reduce_kernel",
+            "fused_layer_bwd_final_kernel",
+        ),
         "self_attention": (
-            "self_attention_routing_fwd_kernel",
+            ("self_attention_routing_fwd_kernel",),
             "self_attention_routing_bwd_reduce_kernel",
             "self_attention_routing_bwd_final_kernel",
         ),
     }
-    passes = {k for names in layers.values() for k in names}
+    passes = {k for forward, reduce, final in layers.values() for k in (*forward, reduce, final)}
     seen = set()
     for entry in doc["kernels"]:
         products = entry["constexprs"].get("FROM_U", True)  # self-attention on u_hat has none
         if entry["kernel"] not in passes or not products or not any("1152x10x16x8" in c for c in entry["cases"]):
             continue
-        precision = entry["constexprs"]["PRECISION"]
+        precision = entry["constexprs"].get("PRECISION", "ieee")
         tensor_cores = entry["dtype"] != "fp32" or precision != "ieee"
         assert (entry["sass"]["MMA"] > 0) == tensor_cores, (entry["kernel"], entry["dtype"], precision, entry["sass"])
         seen.add((entry["kernel"], entry["dtype"], precision))
-    # every pass in fp16, bf16, fp32; forward and reduce passes in fp32 at every precision (the
-    # final passes multiply float32 in IEEE whatever the setting)
-    assert {(k, d) for k, d, _ in seen} >= {(k, d) for k in passes for d in ("fp16", "bf16", "fp32")}
-    for fwd, reduce, _ in layers.values():
-        for kernel in (fwd, reduce):
-            assert {(kernel, "fp32", p) for p in ("ieee", "tf32", "tf32x3")} <= seen, sorted(seen)
+    # forward and reduce passes: both half types, and float32 at every precision; final passes
+    # every dtype (they multiply float32 in IEEE whatever the setting)
+    every = {("fp16", "ieee"), ("bf16", "ieee")} | {("fp32", p) for p in ("ieee", "tf32", "tf32x3")}
+    for forward, reduce, final in layers.values():
+        assert {(d, p) for k, d, p in seen if k in forward} == every, sorted(seen)
+        assert {(d, p) for k, d, p in seen if k == reduce} == every, sorted(seen)
+        assert {d for k, d, _ in seen if k == final} == {"fp16", "bf16", "fp32"}, sorted(seen)
+    # the fused layer's products on tensor cores run in its logits and sums passes
+    assert ("fused_layer_fwd_kernel", "fp32", "ieee") in seen
+    for kernel in ("fused_layer_logits_kernel", "fused_layer_sums_kernel"):
+        assert {(d, p) for k, d, p in seen if k == kernel} == every - {("fp32", "ieee")}, sorted(seen)
 
 
 def test_config_overrides_reach_the_recorded_launches():

@@ -39,6 +39,9 @@ from ..kernels.fused_layer import (
     fused_layer_bwd_final_kernel,
     fused_layer_bwd_reduce_kernel,
     fused_layer_fwd_kernel,
+    fused_layer_logits_kernel,
+    fused_layer_state_kernel,
+    fused_layer_sums_kernel,
 )
 from ..reference.capsule_routing import capsule_predictions
 from ._launch import empty, launch
@@ -100,15 +103,23 @@ class FusedTuning:
     groups: int = 8
     #: warps per program of the passes; None: 8 (the kernel report's choice, see fused_config)
     num_warps: int | None = None
+    #: the forward on tensor cores (:func:`chunked_config`): examples a program (at least 16, the
+    #: products' M), (input capsule, D_in) elements a chunk, warps a program
+    fwd_examples: int = 64
+    fwd_chunk: int = 64
+    fwd_warps: int = 4
 
     def as_list(self) -> list[int]:
         """The op argument (0 stands for ``num_warps=None``)."""
-        return [self.tile, self.target_programs, self.target_programs_bwd, self.groups, self.num_warps or 0]
+        return [
+            self.tile, self.target_programs, self.target_programs_bwd, self.groups, self.num_warps or 0,
+            self.fwd_examples, self.fwd_chunk, self.fwd_warps,
+        ]
 
     @classmethod
     def from_list(cls, values: list[int]) -> FusedTuning:
-        tile, programs, programs_bwd, groups, warps = values
-        return cls(tile, programs, programs_bwd, groups, warps or None)
+        tile, programs, programs_bwd, groups, warps, fwd_examples, fwd_chunk, fwd_warps = values
+        return cls(tile, programs, programs_bwd, groups, warps or None, fwd_examples, fwd_chunk, fwd_warps)
 
 
 @dataclass(frozen=True)
@@ -128,6 +139,11 @@ class FusedConfig:
     final: PassConfig  # the final backward pass: input capsules per program along axis 0
     groups: int  # batch groups of the final pass (axis 1)
     tiles_per_group: int
+
+
+def caps_warps(block_j: int, block_d: int) -> int:
+    """Warps of the per-example kernels (a [block_j, block_d] block each: finalize, sums, ds)."""
+    return min(8, max(4, block_j * block_d // 128))
 
 
 def fused_config(
@@ -171,7 +187,7 @@ def fused_config(
         block_k=block_k,
         use_dot=use_dot,
         num_warps=num_warps,
-        num_warps_caps=min(8, max(4, block_n // 128)),
+        num_warps_caps=caps_warps(block_j, block_d),
         tiles=tiles,
         fwd=input_split(n_in, 1, tiles, tuning.target_programs),
         bwd=input_split(n_in, 1, tiles, tuning.target_programs_bwd),
@@ -179,6 +195,79 @@ def fused_config(
         groups=groups,
         tiles_per_group=tiles_per_group,
     )
+
+
+@dataclass(frozen=True)
+class ChunkedConfig:
+    """Launch parameters of the forward on tensor cores (``fused_layer_logits_kernel`` and
+    ``fused_layer_sums_kernel``): a program owns ``block_b`` examples and a run of input capsules
+    (``split``), walked in chunks of ``block_ic`` capsules x ``block_kin`` components."""
+
+    block_b: int  # examples a program (the products' M)
+    block_ic: int  # input capsules a chunk
+    block_kin: int  # next power of two >= D_in
+    block_dk: int  # next power of two >= D_out, at least 16 (the logits product's K)
+    num_warps: int
+    tiles: int  # example tiles: ceil(B / block_b)
+    split: PassConfig  # the input capsules cut into runs of whole chunks (block_i = block_ic)
+
+
+def chunked_config(
+    n_in: int, dim: int, d_in: int, batch: int, tuning: FusedTuning | None = None, flat: bool = True
+) -> ChunkedConfig:
+    """Launch parameters of the forward on tensor cores. Its registers do not grow with the number
+    of output capsules (one at a time): per program a [block_b, chunk] tile of u and of the
+    products, [block_b, D_out] blocks of V and of the sums (chosen from the kernel report and the
+    issue model: 64 examples, chunks of 64 elements, 4 warps, no spills on sm_90 or sm_80)."""
+    tuning = tuning or FusedTuning()
+    block_kin = triton.next_power_of_2(d_in)
+    block_dk = max(16, triton.next_power_of_2(dim))
+    chunk = triton.next_power_of_2(tuning.fwd_chunk)
+    # the W block of a chunk, [D_out x chunk]: at most 2048 elements, 1024 where it is loaded
+    # element by element (a 64-bit address each); beyond, some shapes spilled (kernel report)
+    chunk = min(chunk, max(16, (2048 if flat else 1024) // block_dk))
+    # at most 16 capsules a chunk: the per-(example, capsule) softmax state grows with them
+    block_ic = max(1, min(16, chunk // block_kin))
+    block_b = max(16, triton.next_power_of_2(tuning.fwd_examples))
+    tiles = triton.cdiv(max(batch, 1), block_b)
+    return ChunkedConfig(
+        block_b=block_b,
+        block_ic=block_ic,
+        block_kin=block_kin,
+        block_dk=block_dk,
+        num_warps=tuning.fwd_warps,
+        tiles=tiles,
+        split=input_split(n_in, block_ic, tiles, tuning.target_programs),
+    )
+
+
+def is_flat(u: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Capsules of a power-of-two D_in contiguous in u and W (their last dimension unit-strided, the
+    one before it D_in apart): the forward's loads of them are vectorised."""
+    d_in = u.shape[2]
+    return (
+        d_in == triton.next_power_of_2(d_in)
+        and u.stride(2) == 1
+        and u.stride(1) == d_in
+        and weight.stride(3) == 1
+        and weight.stride(2) == d_in
+    )
+
+
+def chunked_constexprs(cfg: ChunkedConfig, u: torch.Tensor, weight: torch.Tensor, precision: str) -> dict:
+    """The constexprs and launch options of the forward on tensor cores."""
+    return {
+        "BLOCK_B": cfg.block_b,
+        "BLOCK_IC": cfg.block_ic,
+        "BLOCK_KIN": cfg.block_kin,
+        "BLOCK_DK": cfg.block_dk,
+        "HALF": u.dtype != torch.float32,
+        "PRECISION": precision if u.dtype == torch.float32 else "ieee",
+        "DOT_F32": os.environ.get("TRITON_INTERPRET") == "1" and u.dtype == torch.bfloat16,
+        "FLAT": is_flat(u, weight),
+        "num_warps": cfg.num_warps,
+        "num_stages": 1,
+    }
 
 
 def fused_constexprs(cfg: FusedConfig, dtype: torch.dtype, precision: str) -> dict:
@@ -240,12 +329,16 @@ def fused_layer_fwd(
     s_saved, vsum_saved = empty(saved, _F32, u.device), empty(saved, _F32, u.device)
     if batch == 0:
         return v, s_saved, vsum_saved
-    cfg = fused_config(
-        int(n_in), int(n_out), int(d), int(d_in), batch, FusedTuning.from_list(tuning), uses_tensor_cores(u, precision)
-    )
+    tuned = FusedTuning.from_list(tuning)
+    if uses_tensor_cores(u, precision):
+        _forward_on_tensor_cores(u, weight, iterations, precision, tuned, v, s_saved, vsum_saved)
+        return v, s_saved, vsum_saved
+    cfg = fused_config(int(n_in), int(n_out), int(d), int(d_in), batch, tuned, tensor_cores=False)
     split = cfg.fwd.split
     partials = [empty((batch, split, n_out, d), _F32, u.device) for _ in range(2)]
-    strides, consts = _strides(u, weight), fused_constexprs(cfg, u.dtype, precision)
+    consts = fused_constexprs(cfg, u.dtype, precision)
+    consts = {k: consts[k] for k in ("BLOCK_B", "BLOCK_J", "BLOCK_D", "num_warps", "num_stages", "maxnreg")}
+    strides = _strides(u, weight)
     for r in range(iterations):
         launch(
             fused_layer_fwd_kernel, (cfg.tiles, split),
@@ -261,6 +354,54 @@ def fused_layer_fwd(
         BLOCK_J=cfg.block_j, BLOCK_D=cfg.block_d, num_warps=cfg.num_warps_caps,
     )
     return v, s_saved, vsum_saved
+
+
+def _forward_on_tensor_cores(
+    u: torch.Tensor,
+    weight: torch.Tensor,
+    iterations: int,
+    precision: str,
+    tuning: FusedTuning,
+    v: torch.Tensor,
+    s_saved: torch.Tensor,
+    vsum_saved: torch.Tensor,
+) -> None:
+    """The forward in input-capsule space (``capstriton.kernels.fused_layer``): iteration 0 the sums
+    with uniform coupling, then per iteration the saved state from the previous partials, the
+    coupling coefficients, the sums; the same outputs and saved state as the rank-one forward."""
+    batch, n_in, d_in = u.shape
+    _, n_out, d, _ = weight.shape
+    cfg = chunked_config(int(n_in), int(d), int(d_in), batch, tuning, is_flat(u, weight))
+    split = cfg.split
+    block_j, block_d = triton.next_power_of_2(n_out), triton.next_power_of_2(d)
+    partials = empty((batch, split.split, n_out, d), _F32, u.device)
+    exps = empty((batch, n_out, n_in), _F32, u.device)
+    inv = empty((batch, n_in), _F32, u.device)
+    passes = dict(
+        u_ptr=u, w_ptr=weight, B=batch, N_in=n_in, N_out=n_out, D=d, D_in=d_in,
+        caps_per_split=split.caps_per_split, **_strides(u, weight), **chunked_constexprs(cfg, u, weight, precision),
+    )
+    per_example = dict(B=batch, N_out=n_out, D=d, SPLIT=split.split, BLOCK_J=block_j, BLOCK_D=block_d,
+                       num_warps=caps_warps(block_j, block_d))
+    for r in range(iterations):
+        if r > 0:
+            launch(
+                fused_layer_state_kernel, (batch,),
+                part_ptr=partials, s_buf_ptr=s_saved, vsum_buf_ptr=vsum_saved, r=r, **per_example,
+            )
+            launch(
+                fused_layer_logits_kernel, (cfg.tiles, split.split),
+                vsum_buf_ptr=vsum_saved, exp_ptr=exps, inv_ptr=inv, r=r, **passes,
+            )
+        launch(
+            fused_layer_sums_kernel, (cfg.tiles, split.split, n_out),
+            exp_ptr=exps, inv_ptr=inv, part_ptr=partials, vsum_buf_ptr=vsum_saved, SPLIT=split.split,
+            FIRST=r == 0, **passes,
+        )
+    launch(
+        dynamic_routing_finalize_kernel, (batch,),
+        part_ptr=partials, s_buf_ptr=s_saved, v_ptr=v, last=iterations - 1, **per_example,
+    )
 
 
 @triton_op("capstriton::fused_layer_bwd", mutates_args=())

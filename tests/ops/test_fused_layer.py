@@ -46,11 +46,14 @@ def layer_id(shape) -> str:
     return "in{}-out{}-D{}-Din{}".format(*shape)
 
 
-def run_layer(u, w, iterations, grad_mode, grad_out, tuning=None, fused=True):
-    """Triton forward and gradients (u and weight) against float64 on the same values."""
+def run_layer(u, w, iterations, grad_mode, grad_out, tuning=None, fused=True, precision=None):
+    """Triton forward and gradients (u and weight) against float64 on the same values; ``precision``
+    calls the fused op with that product precision (else PyTorch's setting decides)."""
     u_k = u.detach().clone().requires_grad_() if u.is_contiguous() else u.detach().requires_grad_()
     w_k = w.detach().clone().requires_grad_() if w.is_contiguous() else w.detach().requires_grad_()
-    if tuning is None:
+    if precision is not None:
+        v = ops.fused_layer_fwd(u_k, w_k, iterations, grad_mode, precision, (tuning or FusedTuning()).as_list())[0]
+    elif tuning is None:
         v = ct.capsule_routing(u_k, w_k, iterations, grad_through_routing=grad_mode, backend="triton", fused=fused)
     else:
         v = ops.capsule_routing(u_k, w_k, iterations, grad_mode, tuning)
@@ -62,10 +65,10 @@ def run_layer(u, w, iterations, grad_mode, grad_out, tuning=None, fused=True):
     return (v, ref), (du, du_ref), (dw, dw_ref)
 
 
-def check_layer(u, w, iterations, grad_mode, tol, tuning=None, fused=True, grad_out=None):
+def check_layer(u, w, iterations, grad_mode, tol, tuning=None, fused=True, grad_out=None, precision=None):
     if grad_out is None:
         grad_out = torch.randn(u.shape[0], w.shape[1], w.shape[2], device=u.device).to(u.dtype)
-    results = run_layer(u, w, iterations, grad_mode, grad_out, tuning, fused)
+    results = run_layer(u, w, iterations, grad_mode, grad_out, tuning, fused, precision)
     for name, (out, ref) in zip(("v", "du", "dw"), results, strict=True):
         assert_close(name, out, ref, tol)
 
@@ -137,6 +140,47 @@ def test_fused_layer_both_product_paths(shape, grad_mode):
     assert fused_config(*shape, 17, dot).use_dot and not fused_config(*shape, 17, RANK_ONE).use_dot
     for tuning in (dot, RANK_ONE):
         check_layer(u, w, 3, grad_mode, TOL[torch.float32], tuning=tuning)
+
+
+#: the forward on tensor cores with small programs: 16 examples (33 examples: three tiles, the
+#: last one partial), two programs per tile (runs of several chunks, the last one shorter)
+CHUNKED = FusedTuning(target_programs=6, target_programs_bwd=8, groups=2, fwd_examples=16, fwd_chunk=16)
+FORWARD_CASES = [((37, 10, 16, 8), True), ((37, 10, 16, 8), False), ((7, 3, 5, 9), True), ((37, 2, 5, 1), True),
+                 ((9, 3, 33, 4), False)]
+
+
+@pytest.mark.parametrize(
+    ("shape", "grad_mode"),
+    grid_params(
+        FORWARD_CASES,
+        [f"{layer_id(s)}-{'through' if g else 'detached'}" for s, g in FORWARD_CASES],
+        keep={"in37-out10-D16-Din8-through"},
+    ),
+)
+def test_fused_layer_both_forward_passes(shape, grad_mode):
+    """Float32 products on tensor cores (here "tf32x3": the logits and sums passes, chunks of input
+    capsules in u's space) and in IEEE float32 (the rank-one pass over predictions tiles) give
+    the same routing, with several example tiles and chunks: contiguous capsules of a power-of-two
+    D_in (vector loads), D_in = 9 and D_in = 1, D_out = 33 (a padded D_out product)."""
+    u, w = layer_inputs(33, *shape)
+    cfg = ops.chunked_config(*shape[:1], *shape[2:], 33, CHUNKED, ops.is_flat(u, w))
+    assert cfg.tiles == 3 and cfg.split.split == 2
+    assert triton.cdiv(cfg.split.caps_per_split, cfg.block_ic) >= 2 or shape[0] <= 2 * cfg.block_ic
+    for precision in ("tf32x3", "ieee"):
+        check_layer(u, w, 3, grad_mode, TOL[torch.float32], tuning=CHUNKED, precision=precision)
+
+
+def test_chunked_config_bounds_the_working_set():
+    """The forward's chunks: at most 16 input capsules (the per-(example, capsule) softmax state),
+    at most 2048 W elements (1024 loaded element by element), products at least 16 deep."""
+    for n_in, d, d_in in [(1152, 16, 8), (16, 64, 16), (37, 33, 9), (7, 5, 1), (16, 8, 8), (3, 1, 16)]:
+        for flat in (True, False):
+            cfg = ops.chunked_config(n_in, d, d_in, 100, flat=flat)
+            chunk = cfg.block_ic * cfg.block_kin
+            assert cfg.block_ic <= 16 and cfg.block_kin == triton.next_power_of_2(d_in)
+            assert cfg.block_dk >= max(16, d) and cfg.block_b >= 16
+            assert cfg.block_dk * chunk <= (2048 if flat else 1024) or cfg.block_ic == 1
+            assert cfg.split.caps_per_split % cfg.block_ic == 0 and cfg.tiles == triton.cdiv(100, cfg.block_b)
 
 
 @pytest.mark.parametrize("grad_mode", [True, False], ids=["through", "detached"])
@@ -259,8 +303,9 @@ def test_float32_matmul_precision_reaches_the_kernels():
             seen[setting] = {k.removesuffix("_kernel"): kw["PRECISION"] for k, kw in launches if "PRECISION" in kw}
     finally:
         torch.set_float32_matmul_precision(saved)
-    assert seen["highest"] == {"fused_layer_fwd": "tf32x3", "self_attention_routing_fwd": "tf32x3"}
-    assert seen["high"] == seen["medium"] == {"fused_layer_fwd": "tf32", "self_attention_routing_fwd": "tf32"}
+    passes = ("fused_layer_logits", "fused_layer_sums", "self_attention_routing_fwd")
+    assert seen["highest"] == dict.fromkeys(passes, "tf32x3")
+    assert seen["high"] == seen["medium"] == dict.fromkeys(passes, "tf32")
 
 
 def _tf32_nearest(x: torch.Tensor) -> torch.Tensor:
