@@ -7,8 +7,8 @@ logits ``b_r[i, j] = u_hat[i, j] . V_r[j]``, coupling ``c_r = softmax_j(b_r)``. 
 [B, N_in, D_in], ``W`` [N_in, N_out, D_out, D_in]; an example's [N_out, D_out] block is flattened
 to ``n = j * BLOCK_D + d`` (``BLOCK_N = BLOCK_J * BLOCK_D``) for the products.
 
-Work decomposition. A program of the routing passes owns a tile of ``BLOCK_B`` examples and a
-run of input capsules (split ``k`` of ``SPLIT``) and walks it one capsule at a time: the tile's
+Work decomposition of the passes over tiles of predictions (the backward, and the forward with
+IEEE products). A program owns a tile of ``BLOCK_B`` examples and a run of input capsules (split ``k`` of ``SPLIT``) and walks it one capsule at a time: the tile's
 predictions of capsule i are one [BLOCK_B, D_in] x [D_in, BLOCK_N] product with W[i] (``tl.dot``
 when the tile is at least 16 x 16 x 16 and on tensor cores: float16/bfloat16, and float32 as
 TF32 or 3xTF32 (``PRECISION``, from PyTorch's float32 matmul precision); D_in padded to 16), or
@@ -16,10 +16,13 @@ D_in rank-one updates (IEEE float32) for smaller tiles (large capsules leave roo
 examples) and float32 at the "ieee" precision; then the routing arithmetic of
 ``dynamic_routing`` in float32 on [BLOCK_B, BLOCK_J, BLOCK_D] blocks.
 
-forward, iteration r (``fused_layer_fwd_kernel``): reduce the previous iteration's per-split
-    partial sums ``s_{r-1}`` in split order, squash, form ``V_r``; accumulate this split's partial
-    ``s_r``. ``dynamic_routing_finalize_kernel`` reduces the last partials and writes ``v``.
-    Saved for the backward: ``s_r`` and ``V_r`` (2 x R x N_out x D_out per example).
+forward with products on tensor cores (half inputs, float32 as TF32 or 3xTF32): in input-capsule
+    space, see the section before ``fused_layer_state_kernel`` below (no tile of predictions at
+    all). With IEEE float32 products, iteration r (``fused_layer_fwd_kernel``, rank-one updates):
+    reduce the previous iteration's per-split partial sums ``s_{r-1}`` in split order, squash,
+    form ``V_r``; accumulate this split's partial ``s_r``. Both end with
+    ``dynamic_routing_finalize_kernel``, which reduces the last partials and writes ``v``. Saved
+    for the backward: ``s_r`` and ``V_r`` (2 x R x N_out x D_out per example).
 
 backward through routing (``fused_layer_bwd_reduce_kernel``, r = R-1 .. 1, each followed by
     ``dynamic_routing_bwd_sum_kernel``): as in ``dynamic_routing``, with the predictions

@@ -9,6 +9,10 @@ inside the routing passes and never stored (``capstriton.kernels.fused_layer``):
         grad_through_routing, precision, tuning) -> (grad_u, grad_weight)
 
 A training step saves ``u``, ``weight`` and ``s_saved``, ``vsum_saved`` ([R, B, N_out, D] each).
+The forward with products on tensor cores works in input-capsule space (:func:`chunked_config`:
+logits ``u . (W^T V)`` and sums ``(c u) W^T`` as tensor-core products, the coupling coefficients
+of an iteration in a temporary [B, N_out, N_in] buffer); with IEEE float32 products it walks
+tiles of predictions (:func:`fused_config`), as the backward passes do.
 
 Unfused (``fused=False``, kept for comparison): the predictions as one PyTorch batched matmul,
 then the ``dynamic_routing`` kernels (u_hat written once, read once per iteration).
