@@ -787,8 +787,9 @@ def model_launch(launch, info: dict, bandwidth: float, mode: str) -> LaunchModel
     return out
 
 
-def _mode_of(kernel: str) -> str:
-    return "backward" if "_bwd_" in kernel else "forward"
+def _mode_of(launch) -> str:
+    """A backward kernel, or a pass shared by both directions launched for the backward (GRAD)."""
+    return "backward" if "_bwd_" in launch.kernel or launch.kwargs.get("GRAD") is True else "forward"
 
 
 def first_training_step(launches: list) -> list[tuple[str, object]]:
@@ -796,7 +797,7 @@ def first_training_step(launches: list) -> list[tuple[str, object]]:
     spec cases run grad_through_routing=True first (then False, which the bench does not time)."""
     out, seen_bwd = [], False
     for lc in launches:
-        mode = _mode_of(lc.kernel)
+        mode = _mode_of(lc)
         if mode == "forward" and seen_bwd:
             break
         seen_bwd |= mode == "backward"

@@ -7,8 +7,9 @@ logits ``b_r[i, j] = u_hat[i, j] . V_r[j]``, coupling ``c_r = softmax_j(b_r)``. 
 [B, N_in, D_in], ``W`` [N_in, N_out, D_out, D_in]; an example's [N_out, D_out] block is flattened
 to ``n = j * BLOCK_D + d`` (``BLOCK_N = BLOCK_J * BLOCK_D``) for the products.
 
-Work decomposition of the passes over tiles of predictions (the backward, and the forward with
-IEEE products). A program owns a tile of ``BLOCK_B`` examples and a run of input capsules (split ``k`` of ``SPLIT``) and walks it one capsule at a time: the tile's
+Work decomposition of the passes over tiles of predictions (with IEEE float32 products, and the
+final backward pass). A program owns a tile of ``BLOCK_B`` examples and a run of input capsules
+(split ``k`` of ``SPLIT``) and walks it one capsule at a time: the tile's
 predictions of capsule i are one [BLOCK_B, D_in] x [D_in, BLOCK_N] product with W[i] (``tl.dot``
 when the tile is at least 16 x 16 x 16 and on tensor cores: float16/bfloat16, and float32 as
 TF32 or 3xTF32 (``PRECISION``, from PyTorch's float32 matmul precision); D_in padded to 16), or
@@ -361,43 +362,28 @@ def fused_layer_bwd_dw_sum_kernel(
 
 
 @triton.jit
-def _caps_chunk(i0, i_end, D_in, BLOCK_IC: tl.constexpr, BLOCK_KIN: tl.constexpr, FLAT: tl.constexpr):
-    """A chunk of ``BLOCK_IC`` input capsules from ``i0`` flattened with their D_in components
-    (``c = i * BLOCK_KIN + k``): capsule index ``o_i`` [BLOCK_IC * BLOCK_KIN], ``o_k`` and the mask.
-    ``FLAT`` (D_in == BLOCK_KIN): the mask as a bound on ``c``, constant over each capsule's
-    components, so that the loads of contiguous capsules are vectorised."""
+def _caps_chunk(i0, i_end, BLOCK_IC: tl.constexpr, BLOCK_KIN: tl.constexpr):
+    """A chunk of ``BLOCK_IC`` input capsules from ``i0`` flattened with their components
+    (``c = i * BLOCK_KIN + k``): capsule index ``o_i`` [BLOCK_IC * BLOCK_KIN], ``o_k`` and the mask,
+    a bound on ``c`` (constant over each capsule's components: the loads are vectorised)."""
     o_c = tl.arange(0, BLOCK_IC * BLOCK_KIN)
-    o_i = i0 + o_c // BLOCK_KIN
-    o_k = o_c % BLOCK_KIN
-    if FLAT:
-        m_c = o_c < (i_end - i0) * BLOCK_KIN
-    else:
-        m_c = (o_i < i_end) & (o_k < D_in)
-    return o_i, o_k, m_c
+    return i0 + o_c // BLOCK_KIN, o_c % BLOCK_KIN, o_c < (i_end - i0) * BLOCK_KIN
 
 
 @triton.jit
-def _u_chunk(u_ptr, o_b, m_b, i0, o_i, o_k, m_c, stride_ub, stride_ui, stride_uk, BLOCK_KIN: tl.constexpr,
-             FLAT: tl.constexpr):
-    """u[b, i, k] of the tile and the chunk, [BLOCK_B, BLOCK_IC * BLOCK_KIN], zero padded. ``FLAT``:
-    the capsules' components are contiguous (stride_uk = 1, stride_ui = D_in = BLOCK_KIN)."""
-    if FLAT:
-        o_c = tl.cast(i0, tl.int64) * BLOCK_KIN + tl.arange(0, o_i.shape[0])
-    else:
-        o_c = o_i.to(tl.int64) * stride_ui + o_k * stride_uk
+def _u_chunk(u_ptr, o_b, m_b, i0, m_c, stride_ub, BLOCK_IC: tl.constexpr, BLOCK_KIN: tl.constexpr):
+    """u[b, i, k] of the tile and the chunk, [BLOCK_B, BLOCK_IC * BLOCK_KIN], zero padded (u's
+    capsules contiguous, BLOCK_KIN components each)."""
+    o_c = tl.cast(i0, tl.int64) * BLOCK_KIN + tl.arange(0, BLOCK_IC * BLOCK_KIN)
     return tl.load(u_ptr + o_b[:, None] * stride_ub + o_c[None, :], mask=m_b[:, None] & m_c[None, :], other=0.0)
 
 
 @triton.jit
-def _w_chunk(w_ptr, j, o_i, o_k, m_c, D, stride_wi, stride_wj, stride_wd, stride_wk, BLOCK_DK: tl.constexpr,
-             BLOCK_KIN: tl.constexpr, FLAT: tl.constexpr):
-    """W[i, j, d, k] of the chunk for one output capsule j, [BLOCK_DK, BLOCK_IC * BLOCK_KIN]. ``FLAT``:
-    each [D, D_in] block contiguous (stride_wk = 1, stride_wd = D_in = BLOCK_KIN)."""
+def _w_chunk(w_ptr, j, o_i, o_k, m_c, D, stride_wi, stride_wj, BLOCK_DK: tl.constexpr, BLOCK_KIN: tl.constexpr):
+    """W[i, j, d, k] of the chunk for output capsule j, [BLOCK_DK, BLOCK_IC * BLOCK_KIN] (each [D,
+    BLOCK_KIN] block of W contiguous)."""
     o_d = tl.arange(0, BLOCK_DK)
-    if FLAT:
-        o_w = j * stride_wj + o_d[:, None] * BLOCK_KIN + (o_i.to(tl.int64) * stride_wi + o_k)[None, :]
-    else:
-        o_w = j * stride_wj + o_d[:, None] * stride_wd + (o_i.to(tl.int64) * stride_wi + o_k * stride_wk)[None, :]
+    o_w = j * stride_wj + o_d[:, None] * BLOCK_KIN + (o_i.to(tl.int64) * stride_wi + o_k)[None, :]
     return tl.load(w_ptr + o_w, mask=(o_d < D)[:, None] & m_c[None, :], other=0.0)
 
 
@@ -458,25 +444,23 @@ def fused_layer_state_kernel(
 
 @triton.jit(do_not_specialize=["B", "caps_per_split", "r"])
 def fused_layer_logits_kernel(
-    u_ptr,  # [B, N_in, D_in] input capsules, strides stride_u*
-    w_ptr,  # [N_in, N_out, D, D_in] weight, dtype of u, strides stride_w*
+    u_ptr,  # [B, N_in, BLOCK_KIN] input capsules (D_in zero padded), capsules contiguous
+    w_ptr,  # [N_in, N_out, D, BLOCK_KIN] weight (D_in zero padded), dtype of u, [D, BLOCK_KIN] blocks contiguous
     vsum_buf_ptr,  # [R, B, N_out, D] f32 saved V_r (slot r read)
     exp_ptr,  # [B, N_out, N_in] f32 exp(logit - max_j logit) of iteration r (written)
     inv_ptr,  # [B, N_in] f32 1 / sum_j exp(logit - max_j logit) (written)
+    ds_buf_ptr,  # [R, B, N_out, D] f32 ds_r (slot r read; GRAD only)
+    agree_ptr,  # [B, N_out, N_in] f32 a = u_hat . ds_r (written; GRAD only)
+    mean_ptr,  # [B, N_in] f32 sum_j c a (written; GRAD only)
     B,
     N_in,
     N_out,
     D,
-    D_in,
     caps_per_split,
     r,
     stride_ub,
-    stride_ui,
-    stride_uk,
     stride_wi,
     stride_wj,
-    stride_wd,
-    stride_wk,
     BLOCK_B: tl.constexpr,
     BLOCK_IC: tl.constexpr,  # input capsules a chunk
     BLOCK_KIN: tl.constexpr,  # next power of two >= D_in
@@ -484,65 +468,75 @@ def fused_layer_logits_kernel(
     HALF: tl.constexpr,
     PRECISION: tl.constexpr,
     DOT_F32: tl.constexpr,
-    FLAT: tl.constexpr,  # D_in = BLOCK_KIN, u and W contiguous in their last two dimensions
+    GRAD: tl.constexpr,  # the backward through step r: also a = u_hat . ds_r and sum_j c a
 ):
     """The coupling coefficients of iteration r for the tile and a run of input capsules, as
     ``c[b, i, j] = e[b, j, i] * inv[b, i]``: per chunk, the logits of every output capsule (stored,
     with their running maximum), then ``e = exp(logit - max)`` over them again and ``inv = 1 / sum_j e``.
     Where the softmax saturates e is exactly 1 for the largest logit and 0 elsewhere, so c is
-    exactly one-hot."""
+    exactly one-hot. ``GRAD``: also the agreements with the gradient of s, ``a = u . (W^T ds_r)``,
+    and ``sum_j c a``, from which ``fused_layer_sums_kernel`` forms the logit gradient
+    ``g = c (a - sum_j c a)``."""
     i_tb = tl.program_id(0)
     i_k = tl.program_id(1)
     o_b = (i_tb * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
     m_b = o_b < B
     p_V = vsum_buf_ptr + r * B * N_out * D
+    p_ds = ds_buf_ptr + r * B * N_out * D
     i_start = i_k * caps_per_split
     i_end = tl.minimum(i_start + caps_per_split, N_in)
     for i0 in range(i_start, i_end, BLOCK_IC):
-        o_i, o_k, m_c = _caps_chunk(i0, i_end, D_in, BLOCK_IC, BLOCK_KIN, FLAT)
-        b_u = _u_chunk(u_ptr, o_b, m_b, i0, o_i, o_k, m_c, stride_ub, stride_ui, stride_uk, BLOCK_KIN, FLAT)
+        o_i, o_k, m_c = _caps_chunk(i0, i_end, BLOCK_IC, BLOCK_KIN)
+        b_u = _u_chunk(u_ptr, o_b, m_b, i0, m_c, stride_ub, BLOCK_IC, BLOCK_KIN)
         o_ic = i0 + tl.arange(0, BLOCK_IC)
         m_bi = m_b[:, None] & (o_ic < i_end)[None, :]
         o_e = o_b[:, None] * N_out * N_in + o_ic[None, :]  # e[b, 0, i]
         b_max = tl.full([BLOCK_B, BLOCK_IC], float("-inf"), tl.float32)
         for j in range(0, N_out):
-            b_w = _w_chunk(w_ptr, j, o_i, o_k, m_c, D, stride_wi, stride_wj, stride_wd, stride_wk, BLOCK_DK,
-                           BLOCK_KIN, FLAT)
+            b_w = _w_chunk(w_ptr, j, o_i, o_k, m_c, D, stride_wi, stride_wj, BLOCK_DK, BLOCK_KIN)
             b_logit = _chunk_logits(b_u, b_w, p_V + j * D, o_b, m_b, D, N_out * D, HALF, PRECISION, DOT_F32,
                                     BLOCK_B, BLOCK_IC, BLOCK_KIN, BLOCK_DK)
             tl.store(exp_ptr + o_e + j * N_in, b_logit, mask=m_bi)
             b_max = tl.maximum(b_max, b_logit)
+            if GRAD:
+                b_a = _chunk_logits(b_u, b_w, p_ds + j * D, o_b, m_b, D, N_out * D, HALF, PRECISION, DOT_F32,
+                                    BLOCK_B, BLOCK_IC, BLOCK_KIN, BLOCK_DK)
+                tl.store(agree_ptr + o_e + j * N_in, b_a, mask=m_bi)
         tl.debug_barrier()  # the logits stored above are read back by other threads of the program
         b_sum = tl.zeros([BLOCK_B, BLOCK_IC], dtype=tl.float32)
+        b_ca = tl.zeros([BLOCK_B, BLOCK_IC], dtype=tl.float32)
         for j in range(0, N_out):
             b_e = tl.exp(tl.load(exp_ptr + o_e + j * N_in, mask=m_bi, other=0.0) - b_max)
             tl.store(exp_ptr + o_e + j * N_in, b_e, mask=m_bi)
             b_sum += b_e
-        tl.store(inv_ptr + o_b[:, None] * N_in + o_ic[None, :], tl.math.div_rn(1.0, b_sum), mask=m_bi)
+            if GRAD:
+                b_ca += b_e * tl.load(agree_ptr + o_e + j * N_in, mask=m_bi, other=0.0)
+        b_inv = tl.math.div_rn(1.0, b_sum)
+        o_bi = o_b[:, None] * N_in + o_ic[None, :]
+        tl.store(inv_ptr + o_bi, b_inv, mask=m_bi)
+        if GRAD:
+            tl.store(mean_ptr + o_bi, b_ca * b_inv, mask=m_bi)
 
 
 @triton.jit(do_not_specialize=["B", "SPLIT", "caps_per_split"])
 def fused_layer_sums_kernel(
-    u_ptr,  # [B, N_in, D_in] input capsules, strides stride_u*
-    w_ptr,  # [N_in, N_out, D, D_in] weight, dtype of u, strides stride_w*
+    u_ptr,  # [B, N_in, BLOCK_KIN] input capsules (D_in zero padded), capsules contiguous
+    w_ptr,  # [N_in, N_out, D, BLOCK_KIN] weight (D_in zero padded), dtype of u, [D, BLOCK_KIN] blocks contiguous
     exp_ptr,  # [B, N_out, N_in] f32 exp(logit - max) (unused when FIRST)
     inv_ptr,  # [B, N_in] f32 1 / sum_j exp(logit - max) (unused when FIRST)
-    part_ptr,  # [B, SPLIT, N_out, D] f32 partial s (written)
+    agree_ptr,  # [B, N_out, N_in] f32 a = u_hat . ds (GRAD only)
+    mean_ptr,  # [B, N_in] f32 sum_j c a (GRAD only)
+    part_ptr,  # [B, SPLIT, N_out, D] f32 partial s, or of dV (GRAD) (written)
     vsum_buf_ptr,  # [R, B, N_out, D] f32 saved V_r (slot 0, V_0 = 0, written when FIRST)
     B,
     N_in,
     N_out,
     D,
-    D_in,
     SPLIT,
     caps_per_split,
     stride_ub,
-    stride_ui,
-    stride_uk,
     stride_wi,
     stride_wj,
-    stride_wd,
-    stride_wk,
     BLOCK_B: tl.constexpr,
     BLOCK_IC: tl.constexpr,
     BLOCK_KIN: tl.constexpr,
@@ -550,9 +544,12 @@ def fused_layer_sums_kernel(
     HALF: tl.constexpr,
     PRECISION: tl.constexpr,
     DOT_F32: tl.constexpr,
-    FLAT: tl.constexpr,
     FIRST: tl.constexpr,  # r == 0: uniform coupling 1 / N_out
+    GRAD: tl.constexpr,  # the backward: partial dV = sum_i g u_hat with g = c (a - sum_j c a)
 ):
+    """This split's partial ``sum_i c[b, i, j] u_hat[b, i, j]`` of output capsule j (program axis 2)
+    as the tensor-core product ``(c u) W_j^T`` chunk by chunk; ``GRAD``: the same with the logit
+    gradient ``g`` in place of c (the backward's dV)."""
     i_tb = tl.program_id(0)
     i_k = tl.program_id(1)
     j = tl.program_id(2)
@@ -562,18 +559,20 @@ def fused_layer_sums_kernel(
     i_end = tl.minimum(i_start + caps_per_split, N_in)
     b_acc = tl.zeros([BLOCK_B, BLOCK_DK], dtype=tl.float32)
     for i0 in range(i_start, i_end, BLOCK_IC):
-        o_i, o_k, m_c = _caps_chunk(i0, i_end, D_in, BLOCK_IC, BLOCK_KIN, FLAT)
-        b_u = _u_chunk(u_ptr, o_b, m_b, i0, o_i, o_k, m_c, stride_ub, stride_ui, stride_uk, BLOCK_KIN, FLAT)
-        b_w = _w_chunk(
-            w_ptr, j, o_i, o_k, m_c, D, stride_wi, stride_wj, stride_wd, stride_wk, BLOCK_DK, BLOCK_KIN, FLAT
-        )
+        o_i, o_k, m_c = _caps_chunk(i0, i_end, BLOCK_IC, BLOCK_KIN)
+        b_u = _u_chunk(u_ptr, o_b, m_b, i0, m_c, stride_ub, BLOCK_IC, BLOCK_KIN)
+        b_w = _w_chunk(w_ptr, j, o_i, o_k, m_c, D, stride_wi, stride_wj, BLOCK_DK, BLOCK_KIN)
         if FIRST:
             b_acc += dot_f32(b_u, tl.trans(b_w), PRECISION, DOT_F32)
         else:
             o_ic = i0 + tl.arange(0, BLOCK_IC)
             m_bi = m_b[:, None] & (o_ic < i_end)[None, :]
-            b_e = tl.load(exp_ptr + (o_b[:, None] * N_out + j) * N_in + o_ic[None, :], mask=m_bi, other=0.0)
-            b_c = b_e * tl.load(inv_ptr + o_b[:, None] * N_in + o_ic[None, :], mask=m_bi, other=0.0)
+            o_e = (o_b[:, None] * N_out + j) * N_in + o_ic[None, :]
+            o_bi = o_b[:, None] * N_in + o_ic[None, :]
+            b_c = tl.load(exp_ptr + o_e, mask=m_bi, other=0.0) * tl.load(inv_ptr + o_bi, mask=m_bi, other=0.0)
+            if GRAD:  # as softmax_over_outputs_vjp: exactly 0 where the softmax saturates
+                b_a = tl.load(agree_ptr + o_e, mask=m_bi, other=0.0) - tl.load(mean_ptr + o_bi, mask=m_bi, other=0.0)
+                b_c = tl.where(b_c < 1.0, b_c * b_a, 0.0)
             if BLOCK_KIN > 1:
                 b_c = tl.reshape(tl.broadcast_to(b_c[:, :, None], [BLOCK_B, BLOCK_IC, BLOCK_KIN]),
                                  [BLOCK_B, BLOCK_IC * BLOCK_KIN])

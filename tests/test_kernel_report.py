@@ -172,40 +172,43 @@ def test_layer_products_run_on_tensor_cores(sm90_report):
     float32."""
     _, out = sm90_report
     doc = json.loads((out / "sm_90.json").read_text())
-    # (forward passes, reduce pass, final pass); the fused layer's forward runs on tensor cores as
-    # the logits and sums passes, with IEEE products as the rank-one pass (no PRECISION argument)
+    # (forward passes, reduce passes, final pass): the fused layer's forward and reduce passes run
+    # on tensor cores as its logits and sums kernels (":grad" in the backward), with IEEE products
+    # over tiles of predictions (rank-one, no PRECISION argument)
+    logits, sums = "fused_layer_logits_kernel", "fused_layer_sums_kernel"
     layers = {
         "fused_layer": (
-            ("fused_layer_fwd_kernel", "fused_layer_logits_kernel", "fused_layer_sums_kernel"),
-            "fused_layer_bwd_reduce_kernel",
+            ("fused_layer_fwd_kernel", logits, sums),
+            ("fused_layer_bwd_reduce_kernel", f"{logits}:grad", f"{sums}:grad"),
             "fused_layer_bwd_final_kernel",
         ),
         "self_attention": (
             ("self_attention_routing_fwd_kernel",),
-            "self_attention_routing_bwd_reduce_kernel",
+            ("self_attention_routing_bwd_reduce_kernel",),
             "self_attention_routing_bwd_final_kernel",
         ),
     }
-    passes = {k for forward, reduce, final in layers.values() for k in (*forward, reduce, final)}
+    passes = {k for forward, reduce, final in layers.values() for k in (*forward, *reduce, final)}
     seen = set()
     for entry in doc["kernels"]:
         products = entry["constexprs"].get("FROM_U", True)  # self-attention on u_hat has none
-        if entry["kernel"] not in passes or not products or not any("1152x10x16x8" in c for c in entry["cases"]):
+        name = entry["kernel"] + (":grad" if entry["constexprs"].get("GRAD") else "")
+        if name not in passes or not products or not any("1152x10x16x8" in c for c in entry["cases"]):
             continue
         precision = entry["constexprs"].get("PRECISION", "ieee")
         tensor_cores = entry["dtype"] != "fp32" or precision != "ieee"
-        assert (entry["sass"]["MMA"] > 0) == tensor_cores, (entry["kernel"], entry["dtype"], precision, entry["sass"])
-        seen.add((entry["kernel"], entry["dtype"], precision))
+        assert (entry["sass"]["MMA"] > 0) == tensor_cores, (name, entry["dtype"], precision, entry["sass"])
+        seen.add((name, entry["dtype"], precision))
     # forward and reduce passes: both half types, and float32 at every precision; final passes
     # every dtype (they multiply float32 in IEEE whatever the setting)
     every = {("fp16", "ieee"), ("bf16", "ieee")} | {("fp32", p) for p in ("ieee", "tf32", "tf32x3")}
     for forward, reduce, final in layers.values():
         assert {(d, p) for k, d, p in seen if k in forward} == every, sorted(seen)
-        assert {(d, p) for k, d, p in seen if k == reduce} == every, sorted(seen)
+        assert {(d, p) for k, d, p in seen if k in reduce} == every, sorted(seen)
         assert {d for k, d, _ in seen if k == final} == {"fp16", "bf16", "fp32"}, sorted(seen)
-    # the fused layer's products on tensor cores run in its logits and sums passes
-    assert ("fused_layer_fwd_kernel", "fp32", "ieee") in seen
-    for kernel in ("fused_layer_logits_kernel", "fused_layer_sums_kernel"):
+    # the fused layer's tensor-core products run in its logits and sums kernels, both directions
+    assert {("fused_layer_fwd_kernel", "fp32", "ieee"), ("fused_layer_bwd_reduce_kernel", "fp32", "ieee")} <= seen
+    for kernel in (logits, sums, f"{logits}:grad", f"{sums}:grad"):
         assert {(d, p) for k, d, p in seen if k == kernel} == every - {("fp32", "ieee")}, sorted(seen)
 
 

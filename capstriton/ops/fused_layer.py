@@ -217,7 +217,7 @@ class ChunkedConfig:
 
 
 def chunked_config(
-    n_in: int, dim: int, d_in: int, batch: int, tuning: FusedTuning | None = None, flat: bool = True
+    n_in: int, dim: int, d_in: int, batch: int, tuning: FusedTuning | None = None, float32: bool = True
 ) -> ChunkedConfig:
     """Launch parameters of the forward on tensor cores. Its registers do not grow with the number
     of output capsules (one at a time): per program a [block_b, chunk] tile of u and of the
@@ -227,12 +227,16 @@ def chunked_config(
     block_kin = triton.next_power_of_2(d_in)
     block_dk = max(16, triton.next_power_of_2(dim))
     chunk = triton.next_power_of_2(tuning.fwd_chunk)
-    # the W block of a chunk, [D_out x chunk]: at most 2048 elements, 1024 where it is loaded
-    # element by element (a 64-bit address each); beyond, some shapes spilled (kernel report)
-    chunk = min(chunk, max(16, (2048 if flat else 1024) // block_dk))
+    # the W block of a chunk, [D_out x chunk]: at most 2048 elements (beyond, 64 x 16 x 16 capsules
+    # spilled on sm_80 with triton 3.6: the kernel report)
+    chunk = min(chunk, max(16, 2048 // block_dk))
     # at most 16 capsules a chunk: the per-(example, capsule) softmax state grows with them
     block_ic = max(1, min(16, chunk // block_kin))
-    block_b = max(16, triton.next_power_of_2(tuning.fwd_examples))
+    # [examples x D_out] blocks of V and ds (and the sums): at most 1024 elements with float32
+    # inputs, whose 3xTF32 operands take three times the registers (64 examples of 64D capsules
+    # spilled), 4096 with half inputs
+    block_b = min(triton.next_power_of_2(tuning.fwd_examples), (1024 if float32 else 4096) // block_dk)
+    block_b = max(16, block_b)
     tiles = triton.cdiv(max(batch, 1), block_b)
     return ChunkedConfig(
         block_b=block_b,
@@ -245,21 +249,20 @@ def chunked_config(
     )
 
 
-def is_flat(u: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Capsules of a power-of-two D_in contiguous in u and W (their last dimension unit-strided, the
-    one before it D_in apart): the forward's loads of them are vectorised."""
-    d_in = u.shape[2]
-    return (
-        d_in == triton.next_power_of_2(d_in)
-        and u.stride(2) == 1
-        and u.stride(1) == d_in
-        and weight.stride(3) == 1
-        and weight.stride(2) == d_in
-    )
+def flat_capsules(x: torch.Tensor) -> torch.Tensor:
+    """``x`` (u [B, N_in, D_in] or the weight [N_in, N_out, D, D_in]) with D_in zero padded to a power
+    of two and every capsule's components contiguous, as the passes in input-capsule space load
+    them (vector loads); ``x`` itself when it is so already (the common case: a contiguous layer
+    with D_in = 8), else a copy (of the size of u or of the weight, never of u_hat's)."""
+    d_in = x.shape[-1]
+    pad = triton.next_power_of_2(d_in) - d_in
+    if pad == 0 and x.stride(-1) == 1 and x.stride(-2) == d_in:
+        return x
+    return torch.nn.functional.pad(x, (0, pad)).contiguous()
 
 
-def chunked_constexprs(cfg: ChunkedConfig, u: torch.Tensor, weight: torch.Tensor, precision: str) -> dict:
-    """The constexprs and launch options of the forward on tensor cores."""
+def chunked_constexprs(cfg: ChunkedConfig, u: torch.Tensor, precision: str) -> dict:
+    """The constexprs and launch options of the passes in input-capsule space."""
     return {
         "BLOCK_B": cfg.block_b,
         "BLOCK_IC": cfg.block_ic,
@@ -268,7 +271,6 @@ def chunked_constexprs(cfg: ChunkedConfig, u: torch.Tensor, weight: torch.Tensor
         "HALF": u.dtype != torch.float32,
         "PRECISION": precision if u.dtype == torch.float32 else "ieee",
         "DOT_F32": os.environ.get("TRITON_INTERPRET") == "1" and u.dtype == torch.bfloat16,
-        "FLAT": is_flat(u, weight),
         "num_warps": cfg.num_warps,
         "num_stages": 1,
     }
@@ -360,6 +362,46 @@ def fused_layer_fwd(
     return v, s_saved, vsum_saved
 
 
+class _CouplingPasses:
+    """The passes in input-capsule space for one call (``capstriton.kernels.fused_layer``): the
+    coupling coefficients of a step (and in the backward the agreements with ds), then per output
+    capsule the split's partial sums of ``c u_hat`` (or ``g u_hat``); with their buffers."""
+
+    def __init__(self, u: torch.Tensor, weight: torch.Tensor, precision: str, tuning: FusedTuning, grad: bool):
+        batch, n_in, d_in = u.shape
+        _, n_out, d, _ = weight.shape
+        self.cfg = cfg = chunked_config(int(n_in), int(d), int(d_in), batch, tuning, u.dtype == torch.float32)
+        u, weight = flat_capsules(u), flat_capsules(weight)
+        self.split = cfg.split.split
+        self.exps = empty((batch, n_out, n_in), _F32, u.device)
+        self.inv = empty((batch, n_in), _F32, u.device)
+        # the agreements with ds and their means (the backward; the forward passes the exponentials
+        # and the sums again, which its kernels never touch)
+        self.agree = empty((batch, n_out, n_in), _F32, u.device) if grad else self.exps
+        self.mean = empty((batch, n_in), _F32, u.device) if grad else self.inv
+        self.partials = empty((batch, self.split, n_out, d), _F32, u.device)
+        self.grad = grad
+        self.n_out = n_out
+        self.args = dict(
+            u_ptr=u, w_ptr=weight, exp_ptr=self.exps, inv_ptr=self.inv, agree_ptr=self.agree, mean_ptr=self.mean,
+            B=batch, N_in=n_in, N_out=n_out, D=d, caps_per_split=cfg.split.caps_per_split,
+            stride_ub=u.stride(0), stride_wi=weight.stride(0), stride_wj=weight.stride(1),
+            **chunked_constexprs(cfg, u, precision), GRAD=grad,
+        )
+
+    def coupling(self, r: int, vsum_saved: torch.Tensor, ds_saved: torch.Tensor) -> None:
+        launch(
+            fused_layer_logits_kernel, (self.cfg.tiles, self.split),
+            vsum_buf_ptr=vsum_saved, ds_buf_ptr=ds_saved, r=r, **self.args,
+        )
+
+    def sums(self, vsum_saved: torch.Tensor, first: bool = False) -> None:
+        launch(
+            fused_layer_sums_kernel, (self.cfg.tiles, self.split, self.n_out),
+            part_ptr=self.partials, vsum_buf_ptr=vsum_saved, SPLIT=self.split, FIRST=first, **self.args,
+        )
+
+
 def _forward_on_tensor_cores(
     u: torch.Tensor,
     weight: torch.Tensor,
@@ -370,42 +412,109 @@ def _forward_on_tensor_cores(
     s_saved: torch.Tensor,
     vsum_saved: torch.Tensor,
 ) -> None:
-    """The forward in input-capsule space (``capstriton.kernels.fused_layer``): iteration 0 the sums
-    with uniform coupling, then per iteration the saved state from the previous partials, the
-    coupling coefficients, the sums; the same outputs and saved state as the rank-one forward."""
-    batch, n_in, d_in = u.shape
+    """The forward in input-capsule space: iteration 0 the sums with uniform coupling, then per
+    iteration the saved state from the previous partials, the coupling coefficients, the sums; the
+    same outputs and saved state as the rank-one forward."""
+    batch, _, _ = u.shape
     _, n_out, d, _ = weight.shape
-    cfg = chunked_config(int(n_in), int(d), int(d_in), batch, tuning, is_flat(u, weight))
-    split = cfg.split
+    passes = _CouplingPasses(u, weight, precision, tuning, grad=False)
     block_j, block_d = triton.next_power_of_2(n_out), triton.next_power_of_2(d)
-    partials = empty((batch, split.split, n_out, d), _F32, u.device)
-    exps = empty((batch, n_out, n_in), _F32, u.device)
-    inv = empty((batch, n_in), _F32, u.device)
-    passes = dict(
-        u_ptr=u, w_ptr=weight, B=batch, N_in=n_in, N_out=n_out, D=d, D_in=d_in,
-        caps_per_split=split.caps_per_split, **_strides(u, weight), **chunked_constexprs(cfg, u, weight, precision),
+    per_example = dict(
+        part_ptr=passes.partials, s_buf_ptr=s_saved, B=batch, N_out=n_out, D=d, SPLIT=passes.split,
+        BLOCK_J=block_j, BLOCK_D=block_d, num_warps=caps_warps(block_j, block_d),
     )
-    per_example = dict(B=batch, N_out=n_out, D=d, SPLIT=split.split, BLOCK_J=block_j, BLOCK_D=block_d,
-                       num_warps=caps_warps(block_j, block_d))
     for r in range(iterations):
         if r > 0:
-            launch(
-                fused_layer_state_kernel, (batch,),
-                part_ptr=partials, s_buf_ptr=s_saved, vsum_buf_ptr=vsum_saved, r=r, **per_example,
-            )
-            launch(
-                fused_layer_logits_kernel, (cfg.tiles, split.split),
-                vsum_buf_ptr=vsum_saved, exp_ptr=exps, inv_ptr=inv, r=r, **passes,
-            )
-        launch(
-            fused_layer_sums_kernel, (cfg.tiles, split.split, n_out),
-            exp_ptr=exps, inv_ptr=inv, part_ptr=partials, vsum_buf_ptr=vsum_saved, SPLIT=split.split,
-            FIRST=r == 0, **passes,
-        )
+            launch(fused_layer_state_kernel, (batch,), vsum_buf_ptr=vsum_saved, r=r, **per_example)
+            passes.coupling(r, vsum_saved, vsum_saved)  # (no ds in the forward)
+        passes.sums(vsum_saved, first=r == 0)
+    launch(dynamic_routing_finalize_kernel, (batch,), v_ptr=v, last=iterations - 1, **per_example)
+
+
+def _ds_step(dv: torch.Tensor, s_saved: torch.Tensor, ds_saved: torch.Tensor, r: int) -> None:
+    """``ds_r = J_squash(s_r)^T dv`` per example, into slot r of ``ds_saved``."""
+    batch, n_out, d = dv.shape
+    block_j, block_d = triton.next_power_of_2(n_out), triton.next_power_of_2(d)
     launch(
-        dynamic_routing_finalize_kernel, (batch,),
-        part_ptr=partials, s_buf_ptr=s_saved, v_ptr=v, last=iterations - 1, **per_example,
+        fused_layer_bwd_ds_kernel, (batch,),
+        dv_ptr=dv, s_buf_ptr=s_saved, ds_buf_ptr=ds_saved, B=batch, N_out=n_out, D=d, r=r,
+        stride_gb=dv.stride(0), stride_gj=dv.stride(1), stride_gd=dv.stride(2),
+        BLOCK_J=block_j, BLOCK_D=block_d, num_warps=caps_warps(block_j, block_d),
     )
+
+
+def _reduce_over_predictions(
+    grad_v: torch.Tensor,
+    u: torch.Tensor,
+    weight: torch.Tensor,
+    s_saved: torch.Tensor,
+    vsum_saved: torch.Tensor,
+    ds_saved: torch.Tensor,
+    iterations: int,
+    precision: str,
+    tuning: FusedTuning,
+) -> torch.Tensor:
+    """The backward through routing, steps R-1 .. 1, over tiles of predictions with IEEE float32
+    products (``fused_layer_bwd_reduce_kernel``: ds_r, stored, and the partials of dV_r), each
+    step followed by the running sum of the dV. Returns the gradient reaching v_0."""
+    batch, n_in, d_in = u.shape
+    _, n_out, d, _ = weight.shape
+    cfg = fused_config(int(n_in), int(n_out), int(d), int(d_in), batch, tuning, tensor_cores=False)
+    split = cfg.bwd.split
+    dpartials = empty((batch, split, n_out, d), _F32, u.device)
+    dv_sum = empty((batch, n_out, d), _F32, u.device)
+    dv = grad_v
+    for r in range(iterations - 1, 0, -1):
+        launch(
+            fused_layer_bwd_reduce_kernel, (cfg.tiles, split),
+            u_ptr=u, w_ptr=weight, dv_ptr=dv, s_buf_ptr=s_saved, vsum_buf_ptr=vsum_saved,
+            ds_buf_ptr=ds_saved, dpart_ptr=dpartials,
+            B=batch, N_in=n_in, N_out=n_out, D=d, D_in=d_in, SPLIT=split,
+            caps_per_split=cfg.bwd.caps_per_split, r=r, **_strides(u, weight),
+            stride_gb=dv.stride(0), stride_gj=dv.stride(1), stride_gd=dv.stride(2),
+            **fused_constexprs(cfg, u.dtype, precision),
+        )
+        launch(
+            dynamic_routing_bwd_sum_kernel, (batch,),
+            dpart_ptr=dpartials, dvsum_ptr=dv_sum, B=batch, N_out=n_out, D=d, SPLIT=split,
+            BLOCK_J=cfg.block_j, BLOCK_D=cfg.block_d, FIRST=r == iterations - 1,
+            num_warps=cfg.num_warps_caps,
+        )
+        dv = dv_sum
+    return dv_sum
+
+
+def _reduce_on_tensor_cores(
+    grad_v: torch.Tensor,
+    u: torch.Tensor,
+    weight: torch.Tensor,
+    s_saved: torch.Tensor,
+    vsum_saved: torch.Tensor,
+    ds_saved: torch.Tensor,
+    iterations: int,
+    precision: str,
+    tuning: FusedTuning,
+) -> torch.Tensor:
+    """The backward through routing, steps R-1 .. 1, in input-capsule space: per step ``ds_r``, the
+    coupling and agreements, the partials of ``dV_r = sum_i g u_hat``, their running sum. Returns
+    the gradient reaching v_0 (the running sum of every dV)."""
+    batch, _, _ = u.shape
+    _, n_out, d, _ = weight.shape
+    passes = _CouplingPasses(u, weight, precision, tuning, grad=True)
+    block_j, block_d = triton.next_power_of_2(n_out), triton.next_power_of_2(d)
+    dv_sum = empty((batch, n_out, d), _F32, u.device)
+    dv = grad_v
+    for r in range(iterations - 1, 0, -1):
+        _ds_step(dv, s_saved, ds_saved, r)
+        passes.coupling(r, vsum_saved, ds_saved)
+        passes.sums(vsum_saved)
+        launch(
+            dynamic_routing_bwd_sum_kernel, (batch,),
+            dpart_ptr=passes.partials, dvsum_ptr=dv_sum, B=batch, N_out=n_out, D=d, SPLIT=passes.split,
+            BLOCK_J=block_j, BLOCK_D=block_d, FIRST=r == iterations - 1, num_warps=caps_warps(block_j, block_d),
+        )
+        dv = dv_sum
+    return dv_sum
 
 
 @triton_op("capstriton::fused_layer_bwd", mutates_args=())
@@ -428,40 +537,14 @@ def fused_layer_bwd(
     if batch == 0:
         return du, dw.zero_()  # no example: no gradient
     tuned = FusedTuning.from_list(tuning)
-    cfg = fused_config(int(n_in), int(n_out), int(d), int(d_in), batch, tuned, uses_tensor_cores(u, precision))
-    consts = fused_constexprs(cfg, u.dtype, precision)
-    strides = _strides(u, weight)
     ds_saved = empty(s_saved.shape, _F32, u.device)
-    split = cfg.bwd.split
     # dv_r, the gradient reaching v_r: the output gradient for the last step, the running sum of
     # the later steps' dV for the others (chosen here, so no kernel selects at run time)
-    dv_in = grad_v
+    dv = grad_v
     if grad_through_routing and iterations > 1:
-        dpartials = empty((batch, split, n_out, d), _F32, u.device)
-        dv_sum = empty((batch, n_out, d), _F32, u.device)
-        for r in range(iterations - 1, 0, -1):
-            launch(
-                fused_layer_bwd_reduce_kernel, (cfg.tiles, split),
-                u_ptr=u, w_ptr=weight, dv_ptr=dv_in, s_buf_ptr=s_saved, vsum_buf_ptr=vsum_saved,
-                ds_buf_ptr=ds_saved, dpart_ptr=dpartials,
-                B=batch, N_in=n_in, N_out=n_out, D=d, D_in=d_in, SPLIT=split,
-                caps_per_split=cfg.bwd.caps_per_split, r=r, **strides,
-                stride_gb=dv_in.stride(0), stride_gj=dv_in.stride(1), stride_gd=dv_in.stride(2), **consts,
-            )
-            launch(
-                dynamic_routing_bwd_sum_kernel, (batch,),
-                dpart_ptr=dpartials, dvsum_ptr=dv_sum, B=batch, N_out=n_out, D=d, SPLIT=split,
-                BLOCK_J=cfg.block_j, BLOCK_D=cfg.block_d, FIRST=r == iterations - 1,
-                num_warps=cfg.num_warps_caps,
-            )
-            dv_in = dv_sum
-    r_lo = 0 if grad_through_routing else iterations - 1
-    launch(
-        fused_layer_bwd_ds_kernel, (batch,),
-        dv_ptr=dv_in, s_buf_ptr=s_saved, ds_buf_ptr=ds_saved, B=batch, N_out=n_out, D=d, r=r_lo,
-        stride_gb=dv_in.stride(0), stride_gj=dv_in.stride(1), stride_gd=dv_in.stride(2),
-        BLOCK_J=cfg.block_j, BLOCK_D=cfg.block_d, num_warps=cfg.num_warps_caps,
-    )
+        reduce = _reduce_on_tensor_cores if uses_tensor_cores(u, precision) else _reduce_over_predictions
+        dv = reduce(grad_v, u, weight, s_saved, vsum_saved, ds_saved, iterations, precision, tuned)
+    _ds_step(dv, s_saved, ds_saved, 0 if grad_through_routing else iterations - 1)
     # The final pass multiplies float32 in IEEE float32 whatever the setting (rank-one updates:
     # with TF32 its dot layouts did not fit the register file, spills on sm_90), half types on
     # tensor cores. Its groups' parts of dW are written whole by the tl.dot path, accumulated in
@@ -474,7 +557,8 @@ def fused_layer_bwd(
         fused_layer_bwd_final_kernel, (cfg.final.split, cfg.groups),
         u_ptr=u, w_ptr=weight, vsum_buf_ptr=vsum_saved, ds_buf_ptr=ds_saved, du_ptr=du, dw_part_ptr=dw_part,
         B=batch, N_in=n_in, N_out=n_out, D=d, D_in=d_in, R=iterations,
-        caps_per_split=cfg.final.caps_per_split, tiles_per_group=cfg.tiles_per_group, **strides, **consts,
+        caps_per_split=cfg.final.caps_per_split, tiles_per_group=cfg.tiles_per_group, **_strides(u, weight),
+        **consts,
         HALF=u.dtype != torch.float32, GRAD_THROUGH=grad_through_routing,
     )
     numel = weight.numel()

@@ -159,11 +159,12 @@ FORWARD_CASES = [((37, 10, 16, 8), True), ((37, 10, 16, 8), False), ((7, 3, 5, 9
 )
 def test_fused_layer_both_forward_passes(shape, grad_mode):
     """Float32 products on tensor cores (here "tf32x3": the logits and sums passes, chunks of input
-    capsules in u's space) and in IEEE float32 (the rank-one pass over predictions tiles) give
-    the same routing, with several example tiles and chunks: contiguous capsules of a power-of-two
-    D_in (vector loads), D_in = 9 and D_in = 1, D_out = 33 (a padded D_out product)."""
+    capsules in u's space) and in IEEE float32 (the rank-one passes over tiles of predictions) give
+    the same routing and gradients, with several example tiles and chunks: D_in = 8, D_in = 9 (u
+    and W zero padded to 16 for the tensor-core passes) and D_in = 1, D_out = 33 (a padded D_out
+    product)."""
     u, w = layer_inputs(33, *shape)
-    cfg = ops.chunked_config(*shape[:1], *shape[2:], 33, CHUNKED, ops.is_flat(u, w))
+    cfg = ops.chunked_config(*shape[:1], *shape[2:], 33, CHUNKED)
     assert cfg.tiles == 3 and cfg.split.split == 2
     assert triton.cdiv(cfg.split.caps_per_split, cfg.block_ic) >= 2 or shape[0] <= 2 * cfg.block_ic
     for precision in ("tf32x3", "ieee"):
@@ -171,16 +172,29 @@ def test_fused_layer_both_forward_passes(shape, grad_mode):
 
 
 def test_chunked_config_bounds_the_working_set():
-    """The forward's chunks: at most 16 input capsules (the per-(example, capsule) softmax state),
-    at most 2048 W elements (1024 loaded element by element), products at least 16 deep."""
+    """The chunks of the passes in input-capsule space: at most 16 input capsules (the per-(example,
+    capsule) softmax state), at most 2048 W elements, products at least 16 deep."""
     for n_in, d, d_in in [(1152, 16, 8), (16, 64, 16), (37, 33, 9), (7, 5, 1), (16, 8, 8), (3, 1, 16)]:
-        for flat in (True, False):
-            cfg = ops.chunked_config(n_in, d, d_in, 100, flat=flat)
+        for float32 in (True, False):
+            cfg = ops.chunked_config(n_in, d, d_in, 100, float32=float32)
             chunk = cfg.block_ic * cfg.block_kin
             assert cfg.block_ic <= 16 and cfg.block_kin == triton.next_power_of_2(d_in)
-            assert cfg.block_dk >= max(16, d) and cfg.block_b >= 16
-            assert cfg.block_dk * chunk <= (2048 if flat else 1024) or cfg.block_ic == 1
+            assert cfg.block_dk >= max(16, d) and 16 <= cfg.block_b <= 64
+            assert cfg.block_dk * chunk <= 2048 or cfg.block_ic == 1
+            assert cfg.block_b * cfg.block_dk <= (1024 if float32 else 4096) or cfg.block_b == 16
             assert cfg.split.caps_per_split % cfg.block_ic == 0 and cfg.tiles == triton.cdiv(100, cfg.block_b)
+
+
+def test_flat_capsules_copies_only_what_the_passes_cannot_load():
+    """u and the weight enter the passes in input-capsule space with contiguous capsules of a
+    power-of-two D_in: as they are when so (no copy), else zero padded copies."""
+    u, w = layer_inputs(3, 7, 2, 5, 8)
+    assert ops.flat_capsules(u) is u and ops.flat_capsules(w) is w
+    for x, d_in in ((u[:, :, :5], 5), (u.transpose(0, 1), 8), (w[..., :3], 3)):
+        flat = ops.flat_capsules(x)
+        kin = triton.next_power_of_2(d_in)
+        assert flat.is_contiguous() and flat.shape[-1] == kin
+        assert torch.equal(flat[..., :d_in], x) and not flat[..., d_in:].any()
 
 
 @pytest.mark.parametrize("grad_mode", [True, False], ids=["through", "detached"])
