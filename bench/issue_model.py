@@ -584,12 +584,50 @@ def rule_chunked_pass(launch) -> RuleResult:
     programs = _grouped((rows, {"chunks": _cdiv(n, c["BLOCK_IC"]), "outputs": v["N_out"]}) for n in runs)
     B, n_in, n_out = v["B"], v["N_in"], v["N_out"]
     caps = n_out * v["D"]
-    streamed = B * n_in * v["D_in"] * _elt(launch, "u_ptr") + n_in * caps * v["D_in"] * _elt(launch, "w_ptr")
+    kin = c["BLOCK_KIN"]  # u and W as the passes read them: D_in zero padded to a power of two
+    streamed = B * n_in * kin * _elt(launch, "u_ptr") + n_in * caps * kin * _elt(launch, "w_ptr")
     coupling = B * n_out * n_in * 4 + B * n_in * 4  # exp(logit - max) [B, N_out, N_in], 1 / sum [B, N_in]
     if logits:  # V read; the logits written, read back and overwritten by their exponentials
         moved = streamed + B * caps * 4 + 3 * coupling
     else:  # the coupling read (r > 0), this split's partial sums written
         moved = streamed + (0 if c["FIRST"] else coupling) + B * v["SPLIT"] * caps * 4
+    return RuleResult(shape, programs, moved)
+
+
+def rule_chunked_final(launch) -> RuleResult:
+    """fused_layer_bwd_input / fused_layer_bwd_weight (the final backward pass on tensor cores).
+    Input gradient: grid (example tiles, SPLIT), loops chunks > output capsules > steps
+    r_first..R-1. Weight gradient: grid (runs of capsules, N_out, batch groups), loops chunks >
+    the group's example tiles > steps."""
+    v, c = _ints(launch), _consts(launch)
+    steps = v["R"] - v["r_first"]
+    B, n_in, n_out = v["B"], v["N_in"], v["N_out"]
+    caps = n_out * v["D"]
+    kin = c["BLOCK_KIN"]
+    runs_axis = 1 if launch.kernel == "fused_layer_bwd_input_kernel" else 0
+    runs = _runs(n_in, v["caps_per_split"], launch.grid[runs_axis])
+    u = B * n_in * kin * _elt(launch, "u_ptr")
+    coupling = steps * (B * n_out * n_in * 4 * (2 if c["GRAD_THROUGH"] else 1) + B * n_in * 4 * 2)
+    saved = B * caps * 4 * 2 * v["R"]  # V and ds of every step
+    if launch.kernel == "fused_layer_bwd_input_kernel":
+        inner = [] if _vanishes(launch, "N_out") else [("outputs", [("steps", [])])]
+        if not inner:
+            inner = [("steps", [])]
+        shape = [("chunks", inner)]
+        rows = launch.grid[0]
+        programs = _grouped(
+            (rows, {"chunks": _cdiv(n, c["BLOCK_IC"]), "outputs": n_out, "steps": steps}) for n in runs
+        )
+        moved = 2 * u + n_in * caps * kin * _elt(launch, "w_ptr") + coupling + saved  # u read, du written
+    else:
+        shape = [("chunks", [("tiles", [("steps", [])])])]
+        _, outputs, groups = launch.grid
+        tiles = _cdiv(B, c["BLOCK_B"])
+        tile_runs = _runs(tiles, v["tiles_per_group"], groups)
+        programs = _grouped(
+            (outputs, {"chunks": _cdiv(n, c["BLOCK_IC"]), "tiles": t, "steps": steps}) for n in runs for t in tile_runs
+        )
+        moved = u + coupling + saved + groups * n_in * caps * v["D_in"] * 4  # the groups' parts of dW written
     return RuleResult(shape, programs, moved)
 
 
@@ -672,6 +710,8 @@ RULES = {
     "fused_layer_logits_kernel": rule_chunked_pass,
     "fused_layer_sums_kernel": rule_chunked_pass,
     "fused_layer_state_kernel": rule_sum_splits,
+    "fused_layer_bwd_input_kernel": rule_chunked_final,
+    "fused_layer_bwd_weight_kernel": rule_chunked_final,
     "self_attention_routing_fwd_kernel": rule_fused_pass,
     "self_attention_routing_bwd_reduce_kernel": rule_fused_pass,
     "dynamic_routing_fwd_kernel": rule_routing_pass,

@@ -73,6 +73,8 @@ __all__ = [
     "fused_layer_state_kernel",
     "fused_layer_logits_kernel",
     "fused_layer_sums_kernel",
+    "fused_layer_bwd_input_kernel",
+    "fused_layer_bwd_weight_kernel",
 ]
 
 
@@ -402,15 +404,62 @@ def _dot_split(b_a, b_w, HALF: tl.constexpr, PRECISION: tl.constexpr, DOT_F32: t
 
 
 @triton.jit
+def _dot_split2(b_a, b_b, dtype: tl.constexpr, HALF: tl.constexpr, PRECISION: tl.constexpr, DOT_F32: tl.constexpr):
+    """``a @ b`` in float32 for two float32 factors: with half inputs each enters as hi + lo parts of
+    ``dtype`` and three exact tensor-core products are summed (the lo x lo product, below 2^-16 of
+    the result for bfloat16, is dropped), else float32 at ``PRECISION``."""
+    if HALF:
+        b_a_hi = b_a.to(dtype)
+        b_b_hi = b_b.to(dtype)
+        b_a_lo = (b_a - b_a_hi.to(tl.float32)).to(dtype)
+        b_b_lo = (b_b - b_b_hi.to(tl.float32)).to(dtype)
+        b_out = dot_f32(b_a_hi, b_b_hi, PRECISION, DOT_F32) + dot_f32(b_a_hi, b_b_lo, PRECISION, DOT_F32)
+        b_out += dot_f32(b_a_lo, b_b_hi, PRECISION, DOT_F32)
+    else:
+        b_out = dot_f32(b_a, b_b, PRECISION, DOT_F32)
+    return b_out
+
+
+@triton.jit
+def _caps_rows(p_x, o_b, m_b, D, stride_xb, BLOCK_DK: tl.constexpr):
+    """[BLOCK_B, BLOCK_DK] rows of one output capsule of a float32 [.., N_out, D] buffer (V, ds):
+    ``p_x`` at its example 0, rows ``stride_xb`` apart, zero padded."""
+    o_d = tl.arange(0, BLOCK_DK)
+    return tl.load(p_x + o_b[:, None] * stride_xb + o_d[None, :], mask=m_b[:, None] & (o_d < D)[None, :], other=0.0)
+
+
+@triton.jit
+def _per_component(b_x, BLOCK_B: tl.constexpr, BLOCK_IC: tl.constexpr, BLOCK_KIN: tl.constexpr):
+    """A [BLOCK_B, BLOCK_IC] per-capsule block repeated over each capsule's components:
+    [BLOCK_B, BLOCK_IC * BLOCK_KIN], as the chunks of u are laid out."""
+    if BLOCK_KIN > 1:
+        b_x = tl.reshape(tl.broadcast_to(b_x[:, :, None], [BLOCK_B, BLOCK_IC, BLOCK_KIN]),
+                         [BLOCK_B, BLOCK_IC * BLOCK_KIN])
+    return b_x
+
+
+@triton.jit
+def _coefficients(exp_ptr, inv_ptr, agree_ptr, mean_ptr, o_e, o_bi, m_bi, GRAD: tl.constexpr):
+    """The coupling coefficients ``c = e * inv`` of a chunk and output capsule (offsets ``o_e`` into
+    the [B, N_out, N_in] buffers, ``o_bi`` into the [B, N_in] ones) and, with ``GRAD``, the logit
+    gradient ``g = c (a - sum_j c a)``, exactly 0 where the softmax saturates (as
+    softmax_over_outputs_vjp); else g is c."""
+    b_c = tl.load(exp_ptr + o_e, mask=m_bi, other=0.0) * tl.load(inv_ptr + o_bi, mask=m_bi, other=0.0)
+    b_g = b_c
+    if GRAD:
+        b_a = tl.load(agree_ptr + o_e, mask=m_bi, other=0.0) - tl.load(mean_ptr + o_bi, mask=m_bi, other=0.0)
+        b_g = tl.where(b_c < 1.0, b_c * b_a, 0.0)
+    return b_c, b_g
+
+
+@triton.jit
 def _chunk_logits(
     b_u, b_w, p_V, o_b, m_b, D, stride_vb, HALF: tl.constexpr, PRECISION: tl.constexpr, DOT_F32: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_IC: tl.constexpr, BLOCK_KIN: tl.constexpr, BLOCK_DK: tl.constexpr,
 ):
     """Logits [BLOCK_B, BLOCK_IC] of one output capsule j for the chunk: ``u . (W^T V_j)``, from the
     u chunk, the W chunk of j and ``p_V`` at V[0, j, 0] (rows ``stride_vb`` apart)."""
-    o_d = tl.arange(0, BLOCK_DK)
-    b_V = tl.load(p_V + o_b[:, None] * stride_vb + o_d[None, :], mask=m_b[:, None] & (o_d < D)[None, :], other=0.0)
-    b_z = _dot_split(b_V, b_w, HALF, PRECISION, DOT_F32)
+    b_z = _dot_split(_caps_rows(p_V, o_b, m_b, D, stride_vb, BLOCK_DK), b_w, HALF, PRECISION, DOT_F32)
     b_p = b_u.to(tl.float32) * b_z
     if BLOCK_KIN > 1:
         b_p = tl.sum(tl.reshape(b_p, [BLOCK_B, BLOCK_IC, BLOCK_KIN]), axis=2)
@@ -442,22 +491,23 @@ def fused_layer_state_kernel(
     tl.store(vsum_buf_ptr + o_prev + B * caps_size, b_V, mask=m_jd)
 
 
-@triton.jit(do_not_specialize=["B", "caps_per_split", "r"])
+@triton.jit(do_not_specialize=["B", "caps_per_split", "r", "slot"])
 def fused_layer_logits_kernel(
     u_ptr,  # [B, N_in, BLOCK_KIN] input capsules (D_in zero padded), capsules contiguous
     w_ptr,  # [N_in, N_out, D, BLOCK_KIN] weight (D_in zero padded), dtype of u, [D, BLOCK_KIN] blocks contiguous
     vsum_buf_ptr,  # [R, B, N_out, D] f32 saved V_r (slot r read)
-    exp_ptr,  # [B, N_out, N_in] f32 exp(logit - max_j logit) of iteration r (written)
-    inv_ptr,  # [B, N_in] f32 1 / sum_j exp(logit - max_j logit) (written)
+    exp_ptr,  # [S, B, N_out, N_in] f32 exp(logit - max_j logit) of iteration r (slot written)
+    inv_ptr,  # [S, B, N_in] f32 1 / sum_j exp(logit - max_j logit) (slot written)
     ds_buf_ptr,  # [R, B, N_out, D] f32 ds_r (slot r read; GRAD only)
-    agree_ptr,  # [B, N_out, N_in] f32 a = u_hat . ds_r (written; GRAD only)
-    mean_ptr,  # [B, N_in] f32 sum_j c a (written; GRAD only)
+    agree_ptr,  # [S, B, N_out, N_in] f32 a = u_hat . ds_r (slot written; GRAD only)
+    mean_ptr,  # [S, B, N_in] f32 sum_j c a (slot written; GRAD only)
     B,
     N_in,
     N_out,
     D,
     caps_per_split,
     r,
+    slot,  # the slot of the coupling buffers
     stride_ub,
     stride_wi,
     stride_wj,
@@ -481,8 +531,12 @@ def fused_layer_logits_kernel(
     i_k = tl.program_id(1)
     o_b = (i_tb * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
     m_b = o_b < B
-    p_V = vsum_buf_ptr + r * B * N_out * D
-    p_ds = ds_buf_ptr + r * B * N_out * D
+    p_V = vsum_buf_ptr + tl.cast(r, tl.int64) * B * N_out * D
+    p_ds = ds_buf_ptr + tl.cast(r, tl.int64) * B * N_out * D
+    exp_ptr += tl.cast(slot, tl.int64) * B * N_out * N_in
+    agree_ptr += tl.cast(slot, tl.int64) * B * N_out * N_in
+    inv_ptr += tl.cast(slot, tl.int64) * B * N_in
+    mean_ptr += tl.cast(slot, tl.int64) * B * N_in
     i_start = i_k * caps_per_split
     i_end = tl.minimum(i_start + caps_per_split, N_in)
     for i0 in range(i_start, i_end, BLOCK_IC):
@@ -518,14 +572,14 @@ def fused_layer_logits_kernel(
             tl.store(mean_ptr + o_bi, b_ca * b_inv, mask=m_bi)
 
 
-@triton.jit(do_not_specialize=["B", "SPLIT", "caps_per_split"])
+@triton.jit(do_not_specialize=["B", "SPLIT", "caps_per_split", "slot"])
 def fused_layer_sums_kernel(
     u_ptr,  # [B, N_in, BLOCK_KIN] input capsules (D_in zero padded), capsules contiguous
     w_ptr,  # [N_in, N_out, D, BLOCK_KIN] weight (D_in zero padded), dtype of u, [D, BLOCK_KIN] blocks contiguous
-    exp_ptr,  # [B, N_out, N_in] f32 exp(logit - max) (unused when FIRST)
-    inv_ptr,  # [B, N_in] f32 1 / sum_j exp(logit - max) (unused when FIRST)
-    agree_ptr,  # [B, N_out, N_in] f32 a = u_hat . ds (GRAD only)
-    mean_ptr,  # [B, N_in] f32 sum_j c a (GRAD only)
+    exp_ptr,  # [S, B, N_out, N_in] f32 exp(logit - max) (slot read; unused when FIRST)
+    inv_ptr,  # [S, B, N_in] f32 1 / sum_j exp(logit - max) (slot read; unused when FIRST)
+    agree_ptr,  # [S, B, N_out, N_in] f32 a = u_hat . ds (slot read; GRAD only)
+    mean_ptr,  # [S, B, N_in] f32 sum_j c a (slot read; GRAD only)
     part_ptr,  # [B, SPLIT, N_out, D] f32 partial s, or of dV (GRAD) (written)
     vsum_buf_ptr,  # [R, B, N_out, D] f32 saved V_r (slot 0, V_0 = 0, written when FIRST)
     B,
@@ -534,6 +588,7 @@ def fused_layer_sums_kernel(
     D,
     SPLIT,
     caps_per_split,
+    slot,
     stride_ub,
     stride_wi,
     stride_wj,
@@ -569,14 +624,12 @@ def fused_layer_sums_kernel(
             m_bi = m_b[:, None] & (o_ic < i_end)[None, :]
             o_e = (o_b[:, None] * N_out + j) * N_in + o_ic[None, :]
             o_bi = o_b[:, None] * N_in + o_ic[None, :]
-            b_c = tl.load(exp_ptr + o_e, mask=m_bi, other=0.0) * tl.load(inv_ptr + o_bi, mask=m_bi, other=0.0)
-            if GRAD:  # as softmax_over_outputs_vjp: exactly 0 where the softmax saturates
-                b_a = tl.load(agree_ptr + o_e, mask=m_bi, other=0.0) - tl.load(mean_ptr + o_bi, mask=m_bi, other=0.0)
-                b_c = tl.where(b_c < 1.0, b_c * b_a, 0.0)
-            if BLOCK_KIN > 1:
-                b_c = tl.reshape(tl.broadcast_to(b_c[:, :, None], [BLOCK_B, BLOCK_IC, BLOCK_KIN]),
-                                 [BLOCK_B, BLOCK_IC * BLOCK_KIN])
-            b_x = b_c * b_u.to(tl.float32)
+            _, b_g = _coefficients(
+                exp_ptr + tl.cast(slot, tl.int64) * B * N_out * N_in, inv_ptr + tl.cast(slot, tl.int64) * B * N_in,
+                agree_ptr + tl.cast(slot, tl.int64) * B * N_out * N_in, mean_ptr + tl.cast(slot, tl.int64) * B * N_in,
+                o_e, o_bi, m_bi, GRAD,
+            )
+            b_x = _per_component(b_g, BLOCK_B, BLOCK_IC, BLOCK_KIN) * b_u.to(tl.float32)
             b_acc += _dot_split(b_x, tl.trans(b_w), HALF, PRECISION, DOT_F32)
     o_d = tl.arange(0, BLOCK_DK)
     m_bd = m_b[:, None] & (o_d < D)[None, :]
@@ -585,3 +638,164 @@ def fused_layer_sums_kernel(
         if i_k == 0:  # one program per tile and output capsule saves V_0 = 0
             tl.store(vsum_buf_ptr + (o_b[:, None] * N_out + j) * D + o_d[None, :], tl.zeros_like(b_acc), mask=m_bd)
     tl.store(part_ptr + ((o_b[:, None] * SPLIT + i_k) * N_out + j) * D + o_d[None, :], b_acc, mask=m_bd)
+
+
+# ---------------------------------------------------------------------------------------------
+# The final backward pass on tensor cores, in input-capsule space. With the prediction gradient
+# du_hat[b, i, j] = sum_r c_r[b, i, j] ds_r[b, j] + g_r[b, i, j] V_r[b, j] (g_0 = 0: V_0 = 0):
+#
+#     du[b, i]   = sum_j W[i, j]^T du_hat[b, i, j]
+#                = sum_j sum_r c_r (ds_r,j @ W_j) + g_r (V_r,j @ W_j)     per (i, k): [B, D] x [D, (i, k)]
+#     dW[i, j]   = sum_b du_hat[b, i, j] u[b, i]^T
+#                = sum_r ds_r,j^T (c_r u) + V_r,j^T (g_r u)                [D, B] x [B, (i, k)]
+#
+# with the coupling coefficients and logit gradients of every step read from the buffers the
+# reduce passes wrote (slot r - r_first; c_0 = 1 / N_out needs none). ``fused_layer_bwd_input_kernel``
+# owns a tile of examples and a run of input capsules and sums over the output capsules and steps
+# in registers; ``fused_layer_bwd_weight_kernel`` owns a run of capsules, one output capsule and a
+# group of example tiles and sums over the group's examples and the steps in registers;
+# ``fused_layer_bwd_dw_sum_kernel`` adds the groups in order.
+
+
+@triton.jit(do_not_specialize=["B", "caps_per_split", "R", "r_first"])
+def fused_layer_bwd_input_kernel(
+    u_ptr,  # [B, N_in, BLOCK_KIN] input capsules (D_in zero padded), capsules contiguous
+    w_ptr,  # [N_in, N_out, D, BLOCK_KIN] weight (D_in zero padded), [D, BLOCK_KIN] blocks contiguous
+    vsum_buf_ptr,  # [R, B, N_out, D] f32 saved V_r
+    ds_buf_ptr,  # [R, B, N_out, D] f32 ds_r
+    exp_ptr,  # [S, B, N_out, N_in] f32 per step from r_first: exp(logit - max)
+    inv_ptr,  # [S, B, N_in] f32 1 / sum_j exp(logit - max)
+    agree_ptr,  # [S, B, N_out, N_in] f32 u_hat . ds_r (GRAD_THROUGH only)
+    mean_ptr,  # [S, B, N_in] f32 sum_j c a (GRAD_THROUGH only)
+    du_ptr,  # [B, N_in, D_in] gradient of u, dtype of u, contiguous (written)
+    B,
+    N_in,
+    N_out,
+    D,
+    D_in,
+    R,
+    r_first,  # the first step with stored coefficients (slot 0)
+    caps_per_split,
+    stride_ub,
+    stride_wi,
+    stride_wj,
+    BLOCK_B: tl.constexpr,
+    BLOCK_IC: tl.constexpr,
+    BLOCK_KIN: tl.constexpr,
+    BLOCK_DK: tl.constexpr,
+    HALF: tl.constexpr,
+    PRECISION: tl.constexpr,
+    DOT_F32: tl.constexpr,
+    UNIFORM: tl.constexpr,  # step 0 has a gradient: its coupling 1 / N_out, no logit gradient
+    GRAD_THROUGH: tl.constexpr,  # the steps from r_first have logit gradients (the g V terms)
+):
+    i_tb = tl.program_id(0)
+    i_k = tl.program_id(1)
+    o_b = (i_tb * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
+    m_b = o_b < B
+    caps_size = N_out * D
+    i_start = i_k * caps_per_split
+    i_end = tl.minimum(i_start + caps_per_split, N_in)
+    for i0 in range(i_start, i_end, BLOCK_IC):
+        o_i, o_k, m_c = _caps_chunk(i0, i_end, BLOCK_IC, BLOCK_KIN)
+        o_ic = i0 + tl.arange(0, BLOCK_IC)
+        m_bi = m_b[:, None] & (o_ic < i_end)[None, :]
+        o_bi = o_b[:, None] * N_in + o_ic[None, :]
+        b_du = tl.zeros([BLOCK_B, BLOCK_IC * BLOCK_KIN], dtype=tl.float32)
+        for j in range(0, N_out):
+            b_w = _w_chunk(w_ptr, j, o_i, o_k, m_c, D, stride_wi, stride_wj, BLOCK_DK, BLOCK_KIN)
+            o_e = (o_b[:, None] * N_out + j) * N_in + o_ic[None, :]
+            if UNIFORM:
+                b_ds = _caps_rows(ds_buf_ptr + j * D, o_b, m_b, D, caps_size, BLOCK_DK)
+                b_du += _dot_split(b_ds, b_w, HALF, PRECISION, DOT_F32) / N_out
+            for r in range(r_first, R):
+                slot = tl.cast(r - r_first, tl.int64)
+                b_c, b_g = _coefficients(
+                    exp_ptr + slot * B * N_out * N_in, inv_ptr + slot * B * N_in,
+                    agree_ptr + slot * B * N_out * N_in, mean_ptr + slot * B * N_in, o_e, o_bi, m_bi, GRAD_THROUGH,
+                )
+                p_r = tl.cast(r, tl.int64) * B * caps_size + j * D
+                b_ds = _caps_rows(ds_buf_ptr + p_r, o_b, m_b, D, caps_size, BLOCK_DK)
+                b_du += _per_component(b_c, BLOCK_B, BLOCK_IC, BLOCK_KIN) * _dot_split(
+                    b_ds, b_w, HALF, PRECISION, DOT_F32
+                )
+                if GRAD_THROUGH:
+                    b_V = _caps_rows(vsum_buf_ptr + p_r, o_b, m_b, D, caps_size, BLOCK_DK)
+                    b_du += _per_component(b_g, BLOCK_B, BLOCK_IC, BLOCK_KIN) * _dot_split(
+                        b_V, b_w, HALF, PRECISION, DOT_F32
+                    )
+        o_du = o_b[:, None] * N_in * D_in + (o_i * D_in + o_k)[None, :]
+        m_du = m_b[:, None] & (m_c & (o_k < D_in))[None, :]
+        tl.store(du_ptr + o_du, b_du.to(du_ptr.dtype.element_ty), mask=m_du)
+
+
+@triton.jit(do_not_specialize=["B", "caps_per_split", "tiles_per_group", "R", "r_first"])
+def fused_layer_bwd_weight_kernel(
+    u_ptr,  # [B, N_in, BLOCK_KIN] input capsules (D_in zero padded), capsules contiguous
+    vsum_buf_ptr,  # [R, B, N_out, D] f32 saved V_r
+    ds_buf_ptr,  # [R, B, N_out, D] f32 ds_r
+    exp_ptr,  # [S, B, N_out, N_in] f32 per step from r_first: exp(logit - max)
+    inv_ptr,  # [S, B, N_in] f32 1 / sum_j exp(logit - max)
+    agree_ptr,  # [S, B, N_out, N_in] f32 u_hat . ds_r (GRAD_THROUGH only)
+    mean_ptr,  # [S, B, N_in] f32 sum_j c a (GRAD_THROUGH only)
+    dw_part_ptr,  # [G, N_in, N_out, D, D_in] f32 this group's part of the weight gradient (written)
+    B,
+    N_in,
+    N_out,
+    D,
+    D_in,
+    R,
+    r_first,
+    caps_per_split,
+    tiles_per_group,
+    stride_ub,
+    BLOCK_B: tl.constexpr,
+    BLOCK_IC: tl.constexpr,
+    BLOCK_KIN: tl.constexpr,
+    BLOCK_DK: tl.constexpr,
+    HALF: tl.constexpr,
+    PRECISION: tl.constexpr,
+    DOT_F32: tl.constexpr,
+    UNIFORM: tl.constexpr,
+    GRAD_THROUGH: tl.constexpr,
+):
+    i_k = tl.program_id(0)
+    j = tl.program_id(1)
+    i_g = tl.program_id(2)
+    caps_size = N_out * D
+    i_start = i_k * caps_per_split
+    i_end = tl.minimum(i_start + caps_per_split, N_in)
+    tb_start = i_g * tiles_per_group
+    tb_end = tl.minimum(tb_start + tiles_per_group, tl.cdiv(B, BLOCK_B))
+    o_d = tl.arange(0, BLOCK_DK)
+    for i0 in range(i_start, i_end, BLOCK_IC):
+        o_i, o_k, m_c = _caps_chunk(i0, i_end, BLOCK_IC, BLOCK_KIN)
+        o_ic = i0 + tl.arange(0, BLOCK_IC)
+        b_dw = tl.zeros([BLOCK_DK, BLOCK_IC * BLOCK_KIN], dtype=tl.float32)
+        for tb in range(tb_start, tb_end):
+            o_b = (tb * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
+            m_b = o_b < B
+            m_bi = m_b[:, None] & (o_ic < i_end)[None, :]
+            o_bi = o_b[:, None] * N_in + o_ic[None, :]
+            o_e = (o_b[:, None] * N_out + j) * N_in + o_ic[None, :]
+            b_u = _u_chunk(u_ptr, o_b, m_b, i0, m_c, stride_ub, BLOCK_IC, BLOCK_KIN)
+            if UNIFORM:
+                b_ds = _caps_rows(ds_buf_ptr + j * D, o_b, m_b, D, caps_size, BLOCK_DK)
+                b_dw += _dot_split(tl.trans(b_ds), b_u, HALF, PRECISION, DOT_F32) / N_out
+            for r in range(r_first, R):
+                slot = tl.cast(r - r_first, tl.int64)
+                b_c, b_g = _coefficients(
+                    exp_ptr + slot * B * N_out * N_in, inv_ptr + slot * B * N_in,
+                    agree_ptr + slot * B * N_out * N_in, mean_ptr + slot * B * N_in, o_e, o_bi, m_bi, GRAD_THROUGH,
+                )
+                p_r = tl.cast(r, tl.int64) * B * caps_size + j * D
+                b_ds = _caps_rows(ds_buf_ptr + p_r, o_b, m_b, D, caps_size, BLOCK_DK)
+                b_x = _per_component(b_c, BLOCK_B, BLOCK_IC, BLOCK_KIN) * b_u.to(tl.float32)
+                b_dw += _dot_split2(tl.trans(b_ds), b_x, u_ptr.dtype.element_ty, HALF, PRECISION, DOT_F32)
+                if GRAD_THROUGH:
+                    b_V = _caps_rows(vsum_buf_ptr + p_r, o_b, m_b, D, caps_size, BLOCK_DK)
+                    b_x = _per_component(b_g, BLOCK_B, BLOCK_IC, BLOCK_KIN) * b_u.to(tl.float32)
+                    b_dw += _dot_split2(tl.trans(b_V), b_x, u_ptr.dtype.element_ty, HALF, PRECISION, DOT_F32)
+        o_dw = ((i_g * N_in + o_i.to(tl.int64)) * N_out + j) * D * D_in + o_k
+        m_dw = (o_d < D)[:, None] & (m_c & (o_k < D_in))[None, :]
+        tl.store(dw_part_ptr + o_dw[None, :] + o_d[:, None] * D_in, b_dw, mask=m_dw)

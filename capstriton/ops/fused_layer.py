@@ -41,7 +41,9 @@ from ..kernels.fused_layer import (
     fused_layer_bwd_ds_kernel,
     fused_layer_bwd_dw_sum_kernel,
     fused_layer_bwd_final_kernel,
+    fused_layer_bwd_input_kernel,
     fused_layer_bwd_reduce_kernel,
+    fused_layer_bwd_weight_kernel,
     fused_layer_fwd_kernel,
     fused_layer_logits_kernel,
     fused_layer_state_kernel,
@@ -112,18 +114,21 @@ class FusedTuning:
     fwd_examples: int = 64
     fwd_chunk: int = 64
     fwd_warps: int = 4
+    #: examples a program of the final backward pass on tensor cores (at least 16): its [examples x
+    #: chunk] products per step and output capsule spilled at 32 and 64 (kernel report)
+    final_examples: int = 16
 
     def as_list(self) -> list[int]:
         """The op argument (0 stands for ``num_warps=None``)."""
         return [
             self.tile, self.target_programs, self.target_programs_bwd, self.groups, self.num_warps or 0,
-            self.fwd_examples, self.fwd_chunk, self.fwd_warps,
+            self.fwd_examples, self.fwd_chunk, self.fwd_warps, self.final_examples,
         ]
 
     @classmethod
     def from_list(cls, values: list[int]) -> FusedTuning:
-        tile, programs, programs_bwd, groups, warps, fwd_examples, fwd_chunk, fwd_warps = values
-        return cls(tile, programs, programs_bwd, groups, warps or None, fwd_examples, fwd_chunk, fwd_warps)
+        tile, programs, programs_bwd, groups, warps, *chunked = values
+        return cls(tile, programs, programs_bwd, groups, warps or None, *chunked)
 
 
 @dataclass(frozen=True)
@@ -364,42 +369,89 @@ def fused_layer_fwd(
 
 class _CouplingPasses:
     """The passes in input-capsule space for one call (``capstriton.kernels.fused_layer``): the
-    coupling coefficients of a step (and in the backward the agreements with ds), then per output
-    capsule the split's partial sums of ``c u_hat`` (or ``g u_hat``); with their buffers."""
+    coupling coefficients of a step (and in the backward the agreements with ds) into one of
+    ``slots`` buffer slots, then per output capsule the split's partial sums of ``c u_hat`` (or
+    ``g u_hat``); and the final backward pass, which reads every slot."""
 
-    def __init__(self, u: torch.Tensor, weight: torch.Tensor, precision: str, tuning: FusedTuning, grad: bool):
+    def __init__(
+        self, u: torch.Tensor, weight: torch.Tensor, precision: str, tuning: FusedTuning, grad: bool, slots: int = 1
+    ):
         batch, n_in, d_in = u.shape
         _, n_out, d, _ = weight.shape
         self.cfg = cfg = chunked_config(int(n_in), int(d), int(d_in), batch, tuning, u.dtype == torch.float32)
-        u, weight = flat_capsules(u), flat_capsules(weight)
+        self.u, self.weight = u, weight = flat_capsules(u), flat_capsules(weight)
         self.split = cfg.split.split
-        self.exps = empty((batch, n_out, n_in), _F32, u.device)
-        self.inv = empty((batch, n_in), _F32, u.device)
-        # the agreements with ds and their means (the backward; the forward passes the exponentials
-        # and the sums again, which its kernels never touch)
-        self.agree = empty((batch, n_out, n_in), _F32, u.device) if grad else self.exps
-        self.mean = empty((batch, n_in), _F32, u.device) if grad else self.inv
+        self.exps = empty((slots, batch, n_out, n_in), _F32, u.device)
+        self.inv = empty((slots, batch, n_in), _F32, u.device)
+        # the agreements with ds and their means (the backward through routing; otherwise the
+        # kernels never touch these arguments, which repeat the exponentials and the sums)
+        self.agree = empty((slots, batch, n_out, n_in), _F32, u.device) if grad else self.exps
+        self.mean = empty((slots, batch, n_in), _F32, u.device) if grad else self.inv
         self.partials = empty((batch, self.split, n_out, d), _F32, u.device)
         self.grad = grad
         self.n_out = n_out
-        self.args = dict(
-            u_ptr=u, w_ptr=weight, exp_ptr=self.exps, inv_ptr=self.inv, agree_ptr=self.agree, mean_ptr=self.mean,
-            B=batch, N_in=n_in, N_out=n_out, D=d, caps_per_split=cfg.split.caps_per_split,
-            stride_ub=u.stride(0), stride_wi=weight.stride(0), stride_wj=weight.stride(1),
-            **chunked_constexprs(cfg, u, precision), GRAD=grad,
+        self.consts = chunked_constexprs(cfg, u, precision)
+        self.sizes = dict(B=batch, N_in=n_in, N_out=n_out, D=d)
+        self.target_programs = tuning.target_programs_bwd
+        self.final_examples = max(16, triton.next_power_of_2(tuning.final_examples))
+
+    def _buffers(self) -> dict:
+        return dict(exp_ptr=self.exps, inv_ptr=self.inv, agree_ptr=self.agree, mean_ptr=self.mean)
+
+    def _args(self, slot: int) -> dict:
+        return dict(
+            u_ptr=self.u, w_ptr=self.weight, **self._buffers(), slot=slot, **self.sizes,
+            caps_per_split=self.cfg.split.caps_per_split, stride_ub=self.u.stride(0),
+            stride_wi=self.weight.stride(0), stride_wj=self.weight.stride(1), **self.consts,
         )
 
-    def coupling(self, r: int, vsum_saved: torch.Tensor, ds_saved: torch.Tensor) -> None:
+    def coupling(self, r: int, vsum_saved: torch.Tensor, ds_saved: torch.Tensor, slot: int = 0) -> None:
         launch(
             fused_layer_logits_kernel, (self.cfg.tiles, self.split),
-            vsum_buf_ptr=vsum_saved, ds_buf_ptr=ds_saved, r=r, **self.args,
+            vsum_buf_ptr=vsum_saved, ds_buf_ptr=ds_saved, r=r, **self._args(slot), GRAD=self.grad,
         )
 
-    def sums(self, vsum_saved: torch.Tensor, first: bool = False) -> None:
+    def sums(self, vsum_saved: torch.Tensor, first: bool = False, slot: int = 0) -> None:
         launch(
             fused_layer_sums_kernel, (self.cfg.tiles, self.split, self.n_out),
-            part_ptr=self.partials, vsum_buf_ptr=vsum_saved, SPLIT=self.split, FIRST=first, **self.args,
+            part_ptr=self.partials, vsum_buf_ptr=vsum_saved, SPLIT=self.split, FIRST=first, **self._args(slot),
+            GRAD=self.grad,
         )
+
+    def final(
+        self, du: torch.Tensor, vsum_saved: torch.Tensor, ds_saved: torch.Tensor, iterations: int, r_first: int,
+        uniform: bool, groups: int,
+    ) -> torch.Tensor:
+        """The final backward pass: ``du`` written, the weight gradient returned (float32, summed
+        over ``groups`` batch groups in order)."""
+        cfg = self.cfg
+        bb = self.final_examples
+        tiles = triton.cdiv(self.sizes["B"], bb)
+        tiles_per_group = triton.cdiv(tiles, max(1, min(groups, tiles)))
+        groups = triton.cdiv(tiles, tiles_per_group)
+        d_in = du.shape[2]
+        steps = dict(
+            vsum_buf_ptr=vsum_saved, ds_buf_ptr=ds_saved, **self._buffers(), **self.sizes, D_in=d_in,
+            R=iterations, r_first=r_first, **self.consts, UNIFORM=uniform, GRAD_THROUGH=self.grad,
+        )
+        steps["BLOCK_B"] = bb
+        # the whole register file (at most 255 a thread): left to ptxas, some shapes were held to 128
+        # registers and spilled a few bytes (kernel report)
+        steps["maxnreg"] = min(255, 65536 // (32 * steps["num_warps"]))
+        launch(
+            fused_layer_bwd_input_kernel, (tiles, self.split),
+            u_ptr=self.u, w_ptr=self.weight, du_ptr=du, caps_per_split=cfg.split.caps_per_split,
+            stride_ub=self.u.stride(0), stride_wi=self.weight.stride(0), stride_wj=self.weight.stride(1), **steps,
+        )
+        n_in, n_out, d = self.sizes["N_in"], self.n_out, self.sizes["D"]
+        weight_split = input_split(n_in, cfg.block_ic, groups * n_out, self.target_programs)
+        dw_part = empty((groups, n_in, n_out, d, d_in), _F32, du.device)
+        launch(
+            fused_layer_bwd_weight_kernel, (weight_split.split, n_out, groups),
+            u_ptr=self.u, dw_part_ptr=dw_part, caps_per_split=weight_split.caps_per_split,
+            tiles_per_group=tiles_per_group, stride_ub=self.u.stride(0), **steps,
+        )
+        return dw_part
 
 
 def _forward_on_tensor_cores(
@@ -484,37 +536,48 @@ def _reduce_over_predictions(
     return dv_sum
 
 
-def _reduce_on_tensor_cores(
+def _backward_on_tensor_cores(
     grad_v: torch.Tensor,
     u: torch.Tensor,
     weight: torch.Tensor,
     s_saved: torch.Tensor,
     vsum_saved: torch.Tensor,
     ds_saved: torch.Tensor,
+    du: torch.Tensor,
     iterations: int,
+    grad_through_routing: bool,
     precision: str,
     tuning: FusedTuning,
 ) -> torch.Tensor:
-    """The backward through routing, steps R-1 .. 1, in input-capsule space: per step ``ds_r``, the
-    coupling and agreements, the partials of ``dV_r = sum_i g u_hat``, their running sum. Returns
-    the gradient reaching v_0 (the running sum of every dV)."""
+    """The backward in input-capsule space. Through routing: per step R-1 .. 1, ``ds_r``, the
+    coupling and agreements (kept, one slot a step), the partials of ``dV_r = sum_i g u_hat`` and
+    their running sum; then ``ds_0`` and the final pass. Detached: ``ds_{R-1}``, the coupling of
+    step R-1, the final pass. Writes ``du``; returns the batch groups' parts of the weight
+    gradient."""
     batch, _, _ = u.shape
     _, n_out, d, _ = weight.shape
-    passes = _CouplingPasses(u, weight, precision, tuning, grad=True)
+    through = grad_through_routing and iterations > 1  # steps with a logit gradient
+    r_lo = 0 if grad_through_routing else iterations - 1  # the lowest step with a gradient
+    r_first = 1 if r_lo == 0 else r_lo  # the steps with stored coefficients: r_first .. R-1
+    passes = _CouplingPasses(u, weight, precision, tuning, grad=through, slots=max(1, iterations - r_first))
     block_j, block_d = triton.next_power_of_2(n_out), triton.next_power_of_2(d)
-    dv_sum = empty((batch, n_out, d), _F32, u.device)
     dv = grad_v
-    for r in range(iterations - 1, 0, -1):
-        _ds_step(dv, s_saved, ds_saved, r)
-        passes.coupling(r, vsum_saved, ds_saved)
-        passes.sums(vsum_saved)
-        launch(
-            dynamic_routing_bwd_sum_kernel, (batch,),
-            dpart_ptr=passes.partials, dvsum_ptr=dv_sum, B=batch, N_out=n_out, D=d, SPLIT=passes.split,
-            BLOCK_J=block_j, BLOCK_D=block_d, FIRST=r == iterations - 1, num_warps=caps_warps(block_j, block_d),
-        )
-        dv = dv_sum
-    return dv_sum
+    if through:
+        dv_sum = empty((batch, n_out, d), _F32, u.device)
+        for r in range(iterations - 1, 0, -1):
+            _ds_step(dv, s_saved, ds_saved, r)
+            passes.coupling(r, vsum_saved, ds_saved, slot=r - r_first)
+            passes.sums(vsum_saved, slot=r - r_first)
+            launch(
+                dynamic_routing_bwd_sum_kernel, (batch,),
+                dpart_ptr=passes.partials, dvsum_ptr=dv_sum, B=batch, N_out=n_out, D=d, SPLIT=passes.split,
+                BLOCK_J=block_j, BLOCK_D=block_d, FIRST=r == iterations - 1, num_warps=caps_warps(block_j, block_d),
+            )
+            dv = dv_sum
+    _ds_step(dv, s_saved, ds_saved, r_lo)
+    if r_lo > 0:  # detached: the coupling of the last step (no logit gradient)
+        passes.coupling(r_lo, vsum_saved, ds_saved)
+    return passes.final(du, vsum_saved, ds_saved, iterations, r_first, r_lo == 0, tuning.groups)
 
 
 @triton_op("capstriton::fused_layer_bwd", mutates_args=())
@@ -538,18 +601,21 @@ def fused_layer_bwd(
         return du, dw.zero_()  # no example: no gradient
     tuned = FusedTuning.from_list(tuning)
     ds_saved = empty(s_saved.shape, _F32, u.device)
+    if uses_tensor_cores(u, precision):
+        dw_part = _backward_on_tensor_cores(
+            grad_v, u, weight, s_saved, vsum_saved, ds_saved, du, iterations, grad_through_routing, precision, tuned
+        )
+        _sum_groups(dw_part, dw)
+        return du, dw
     # dv_r, the gradient reaching v_r: the output gradient for the last step, the running sum of
     # the later steps' dV for the others (chosen here, so no kernel selects at run time)
     dv = grad_v
     if grad_through_routing and iterations > 1:
-        reduce = _reduce_on_tensor_cores if uses_tensor_cores(u, precision) else _reduce_over_predictions
-        dv = reduce(grad_v, u, weight, s_saved, vsum_saved, ds_saved, iterations, precision, tuned)
+        dv = _reduce_over_predictions(grad_v, u, weight, s_saved, vsum_saved, ds_saved, iterations, precision, tuned)
     _ds_step(dv, s_saved, ds_saved, 0 if grad_through_routing else iterations - 1)
-    # The final pass multiplies float32 in IEEE float32 whatever the setting (rank-one updates:
-    # with TF32 its dot layouts did not fit the register file, spills on sm_90), half types on
-    # tensor cores. Its groups' parts of dW are written whole by the tl.dot path, accumulated in
-    # place (from zero) by the rank-one path.
-    cfg = fused_config(int(n_in), int(n_out), int(d), int(d_in), batch, tuned, u.dtype != torch.float32)
+    # IEEE float32 products: rank-one updates over tiles of predictions. The groups' parts of dW
+    # are accumulated in place (from zero).
+    cfg = fused_config(int(n_in), int(n_out), int(d), int(d_in), batch, tuned, tensor_cores=False)
     consts = fused_constexprs(cfg, u.dtype, "ieee")
     part_shape = (cfg.groups, *weight.shape)
     dw_part = empty(part_shape, _F32, u.device) if cfg.use_dot else torch.zeros(part_shape, dtype=_F32, device=u.device)
@@ -561,13 +627,18 @@ def fused_layer_bwd(
         **consts,
         HALF=u.dtype != torch.float32, GRAD_THROUGH=grad_through_routing,
     )
-    numel = weight.numel()
+    _sum_groups(dw_part, dw)
+    return du, dw
+
+
+def _sum_groups(dw_part: torch.Tensor, dw: torch.Tensor) -> None:
+    """``dw = sum_g dw_part[g]`` in group order, in the weight's dtype."""
+    numel = dw.numel()
     block = 1024
     launch(
         fused_layer_bwd_dw_sum_kernel, (triton.cdiv(numel, block),),
-        dw_part_ptr=dw_part, dw_ptr=dw, numel=numel, G=cfg.groups, BLOCK=block, num_warps=4,
+        dw_part_ptr=dw_part, dw_ptr=dw, numel=numel, G=dw_part.shape[0], BLOCK=block, num_warps=4,
     )
-    return du, dw
 
 
 def _setup_context(ctx, inputs, output):

@@ -8,8 +8,6 @@ ops allocate is NaN-poisoned (tests/ops/conftest.py).
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 import triton
@@ -36,10 +34,8 @@ from capstriton.ops.fused_layer import FUSED_MAX_OUTPUTS, FusedTuning, fused_con
 TOL = KERNEL_TOL
 F64_TOL = 1e-12
 #: Few programs (the interpreter pays per program; they still cover several capsules per split
-#: and two batch groups), with the default tile (tl.dot products where the tile allows) and with
-#: a small one, which forces the rank-one product path on the same shapes.
-DOT = FusedTuning(target_programs=8, target_programs_bwd=8, groups=2)
-RANK_ONE = FusedTuning(tile=64, target_programs=8, target_programs_bwd=8, groups=2)
+#: and two batch groups).
+FEW_PROGRAMS = FusedTuning(target_programs=8, target_programs_bwd=8, groups=2)
 
 
 def layer_id(shape) -> str:
@@ -116,53 +112,36 @@ def test_fused_layer_fp32(shape, iterations, grad_mode):
     check_layer(u, w, iterations, grad_mode, TOL[torch.float32])
 
 
-PRODUCT_PATH_SHAPES = [(7, 10, 16, 8), (7, 3, 5, 9), (3, 100, 5, 8)]
 DTYPE_SHAPES = [(37, 10, 16, 8), (7, 3, 5, 9)]
 
 
-@pytest.mark.parametrize("grad_mode", [True, False], ids=["through", "detached"])
-@pytest.mark.parametrize(
-    "shape",
-    grid_params(
-        [(s,) for s in PRODUCT_PATH_SHAPES],
-        [layer_id(s) for s in PRODUCT_PATH_SHAPES],
-        keep={"in7-out10-D16-Din8", "in7-out3-D5-Din9"},
-    ),
-)
-def test_fused_layer_both_product_paths(shape, grad_mode):
-    """The same shapes with the tiles' products as tl.dot and as rank-one updates (a small
-    tile), with 17 examples: for 7 x 10 x 16 x 8 and 3 x 100 x 5 x 8 a full tile of 16 and a
-    partial one on both paths, for 7 x 3 x 5 x 9 one tile of tl.dot and several rank-one tiles.
-    The tl.dot tuning's tile holds at least 16 examples of the shape's outputs."""
-    u, w = layer_inputs(17, *shape)
-    n_out_padded = triton.next_power_of_2(shape[1]) * triton.next_power_of_2(shape[2])
-    dot = dataclasses.replace(DOT, tile=max(DOT.tile, 16 * n_out_padded))
-    assert fused_config(*shape, 17, dot).use_dot and not fused_config(*shape, 17, RANK_ONE).use_dot
-    for tuning in (dot, RANK_ONE):
-        check_layer(u, w, 3, grad_mode, TOL[torch.float32], tuning=tuning)
-
-
-#: the forward on tensor cores with small programs: 16 examples (33 examples: three tiles, the
+#: the passes on tensor cores with small programs: 16 examples (33 examples: three tiles, the
 #: last one partial), two programs per tile (runs of several chunks, the last one shorter)
 CHUNKED = FusedTuning(target_programs=6, target_programs_bwd=8, groups=2, fwd_examples=16, fwd_chunk=16)
-FORWARD_CASES = [((37, 10, 16, 8), True), ((37, 10, 16, 8), False), ((7, 3, 5, 9), True), ((37, 2, 5, 1), True),
-                 ((9, 3, 33, 4), False)]
+PRODUCT_PATH_CASES = [
+    ((37, 10, 16, 8), True),
+    ((37, 10, 16, 8), False),
+    ((7, 3, 5, 9), True),
+    ((37, 2, 5, 1), True),
+    ((9, 3, 33, 4), False),
+    ((3, 100, 5, 8), True),
+]
 
 
 @pytest.mark.parametrize(
     ("shape", "grad_mode"),
     grid_params(
-        FORWARD_CASES,
-        [f"{layer_id(s)}-{'through' if g else 'detached'}" for s, g in FORWARD_CASES],
-        keep={"in37-out10-D16-Din8-through"},
+        PRODUCT_PATH_CASES,
+        [f"{layer_id(s)}-{'through' if g else 'detached'}" for s, g in PRODUCT_PATH_CASES],
+        keep={"in37-out10-D16-Din8-through", "in7-out3-D5-Din9-through"},
     ),
 )
-def test_fused_layer_both_forward_passes(shape, grad_mode):
-    """Float32 products on tensor cores (here "tf32x3": the logits and sums passes, chunks of input
-    capsules in u's space) and in IEEE float32 (the rank-one passes over tiles of predictions) give
-    the same routing and gradients, with several example tiles and chunks: D_in = 8, D_in = 9 (u
-    and W zero padded to 16 for the tensor-core passes) and D_in = 1, D_out = 33 (a padded D_out
-    product)."""
+def test_fused_layer_both_product_paths(shape, grad_mode):
+    """Float32 products on tensor cores (here "tf32x3": every pass in input-capsule space, chunks of
+    u's capsules) and in IEEE float32 (rank-one passes over tiles of predictions) give the same
+    routing and gradients, with several example tiles and chunks: D_in = 8, D_in = 9 (u and W
+    zero padded to 16 for the tensor-core passes) and D_in = 1, D_out = 33 (a padded D_out
+    product), 100 output capsules."""
     u, w = layer_inputs(33, *shape)
     cfg = ops.chunked_config(*shape[:1], *shape[2:], 33, CHUNKED)
     assert cfg.tiles == 3 and cfg.split.split == 2
@@ -228,17 +207,20 @@ def test_fused_layer_1152_input_capsules():
     check_layer(u, w, 2, True, TOL[torch.float32], tuning=tuning)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_weight_gradient_summed_over_the_tiles_of_a_group(dtype):
+@pytest.mark.parametrize(
+    ("dtype", "precision"),
+    [(torch.float32, "ieee"), (torch.float32, "tf32x3"), (torch.bfloat16, "ieee")],
+    ids=["fp32-ieee", "fp32-tf32x3", "bf16"],
+)
+def test_weight_gradient_summed_over_the_tiles_of_a_group(dtype, precision):
     """One batch group of three example tiles (16 + 16 + 1): the final pass sums dW over the
-    group's tiles on chip, in registers on the tl.dot path (half types), in its group's part in
-    memory on the rank-one path (float32)."""
+    group's tiles, in registers in the pass on tensor cores (half types; float32 as TF32 or
+    3xTF32), in its group's part in memory in the rank-one pass (float32, IEEE products)."""
     shape, batch = (7, 10, 16, 8), 33
     tuning = FusedTuning(target_programs=8, target_programs_bwd=8, groups=1)
-    cfg = fused_config(*shape, batch, tuning, tensor_cores=dtype != torch.float32)
-    assert cfg.groups == 1 and cfg.tiles_per_group == 3 and cfg.use_dot == (dtype != torch.float32)
+    assert tuning.final_examples == 16 and fused_config(*shape, batch, tuning, tensor_cores=False).tiles_per_group == 3
     u, w = layer_inputs(batch, *shape, dtype=dtype)
-    check_layer(u, w, 3, True, TOL[dtype], tuning=tuning)
+    check_layer(u, w, 3, True, TOL[dtype], tuning=tuning, precision=precision)
 
 
 def test_fused_layer_non_contiguous_inputs_and_expanded_gradient():
@@ -247,8 +229,8 @@ def test_fused_layer_non_contiguous_inputs_and_expanded_gradient():
     w = (0.3 * torch.randn(5, 3, 9, 4, device=KERNEL_DEVICE)).permute(2, 1, 0, 3)[:, :, ::2]  # [9, 3, 3, 4]
     assert not u.is_contiguous() and not w.is_contiguous()
     grad_out = torch.ones(1, 1, 1, device=KERNEL_DEVICE).expand(3, 3, 3)  # as from v.sum(): stride 0
-    for tuning in (DOT, RANK_ONE):
-        check_layer(u, w, 3, True, TOL[torch.float32], tuning=tuning, grad_out=grad_out)
+    for precision in ("tf32x3", "ieee"):
+        check_layer(u, w, 3, True, TOL[torch.float32], tuning=FEW_PROGRAMS, grad_out=grad_out, precision=precision)
 
 
 @pytest.mark.parametrize("scale", [0.0, 1e-30, 1e30], ids=["zero", "tiny", "huge"])
