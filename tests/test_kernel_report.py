@@ -168,27 +168,27 @@ def test_layer_products_run_on_tensor_cores(sm90_report):
     """The prediction products of the fused layer and of self-attention routing's layer form on
     the paper's layer size: tensor-core instructions (HMMA/HGMMA) in the forward and backward
     passes for float16/bfloat16 and for float32 as TF32 or 3xTF32 ("highest"); IEEE float32 on
-    the CUDA cores (no MMA: its products are FMAs), as the final backward passes always multiply
-    float32."""
+    the CUDA cores (no MMA: its products are FMAs); self-attention's final backward pass
+    multiplies float32 in IEEE whatever the setting."""
     _, out = sm90_report
     doc = json.loads((out / "sm_90.json").read_text())
-    # (forward passes, reduce passes, final pass): the fused layer's forward and reduce passes run
-    # on tensor cores as its logits and sums kernels (":grad" in the backward), with IEEE products
-    # over tiles of predictions (rank-one, no PRECISION argument)
+    # (forward passes, reduce passes, final passes): the fused layer's passes on tensor cores are
+    # its logits and sums kernels (":grad" in the backward) and its bwd_input / bwd_weight kernels;
+    # with IEEE products it runs over tiles of predictions (rank-one, no PRECISION argument)
     logits, sums = "fused_layer_logits_kernel", "fused_layer_sums_kernel"
     layers = {
         "fused_layer": (
             ("fused_layer_fwd_kernel", logits, sums),
             ("fused_layer_bwd_reduce_kernel", f"{logits}:grad", f"{sums}:grad"),
-            "fused_layer_bwd_final_kernel",
+            ("fused_layer_bwd_final_kernel", "fused_layer_bwd_input_kernel", "fused_layer_bwd_weight_kernel"),
         ),
         "self_attention": (
             ("self_attention_routing_fwd_kernel",),
             ("self_attention_routing_bwd_reduce_kernel",),
-            "self_attention_routing_bwd_final_kernel",
+            ("self_attention_routing_bwd_final_kernel",),
         ),
     }
-    passes = {k for forward, reduce, final in layers.values() for k in (*forward, *reduce, final)}
+    passes = {k for group in layers.values() for names in group for k in names}
     seen = set()
     for entry in doc["kernels"]:
         products = entry["constexprs"].get("FROM_U", True)  # self-attention on u_hat has none
@@ -199,16 +199,20 @@ def test_layer_products_run_on_tensor_cores(sm90_report):
         tensor_cores = entry["dtype"] != "fp32" or precision != "ieee"
         assert (entry["sass"]["MMA"] > 0) == tensor_cores, (name, entry["dtype"], precision, entry["sass"])
         seen.add((name, entry["dtype"], precision))
-    # forward and reduce passes: both half types, and float32 at every precision; final passes
-    # every dtype (they multiply float32 in IEEE whatever the setting)
+    # every pass: both half types, and float32 at every precision (self-attention's final pass:
+    # every dtype, float32 always in IEEE)
     every = {("fp16", "ieee"), ("bf16", "ieee")} | {("fp32", p) for p in ("ieee", "tf32", "tf32x3")}
-    for forward, reduce, final in layers.values():
+    for name, (forward, reduce, final) in layers.items():
         assert {(d, p) for k, d, p in seen if k in forward} == every, sorted(seen)
         assert {(d, p) for k, d, p in seen if k in reduce} == every, sorted(seen)
-        assert {d for k, d, _ in seen if k == final} == {"fp16", "bf16", "fp32"}, sorted(seen)
-    # the fused layer's tensor-core products run in its logits and sums kernels, both directions
-    assert {("fused_layer_fwd_kernel", "fp32", "ieee"), ("fused_layer_bwd_reduce_kernel", "fp32", "ieee")} <= seen
-    for kernel in (logits, sums, f"{logits}:grad", f"{sums}:grad"):
+        finals = {(d, p) for k, d, p in seen if k in final}
+        assert finals == (every if name == "fused_layer" else {("fp16", "ieee"), ("bf16", "ieee"), ("fp32", "ieee")})
+    # the fused layer: IEEE products in the passes over tiles of predictions, the others on tensor
+    # cores in input-capsule space, in both directions
+    over_predictions = ("fused_layer_fwd_kernel", "fused_layer_bwd_reduce_kernel", "fused_layer_bwd_final_kernel")
+    assert {(k, "fp32", "ieee") for k in over_predictions} <= seen
+    chunked = (logits, sums, f"{logits}:grad", f"{sums}:grad", *layers["fused_layer"][2][1:])
+    for kernel in chunked:
         assert {(d, p) for k, d, p in seen if k == kernel} == every - {("fp32", "ieee")}, sorted(seen)
 
 
