@@ -660,7 +660,7 @@ def rule_final_layer(launch) -> RuleResult:
     over steps 1..R-1, and a D_in loop for the input gradients."""
     v, c = _ints(launch), _consts(launch)
     from_u = c.get("FROM_U", True)
-    rank_one = from_u and not c["USE_DOT"] and not _vanishes(launch, "D_in")
+    rank_one = from_u and not c.get("USE_DOT", False) and not _vanishes(launch, "D_in")
     inner = [("D_in", [])] if rank_one else []
     if launch.kernel == "fused_layer_bwd_final_kernel" and c["GRAD_THROUGH"] and not _vanishes(launch, "R"):
         inner.append(("steps", []))

@@ -7,23 +7,19 @@ logits ``b_r[i, j] = u_hat[i, j] . V_r[j]``, coupling ``c_r = softmax_j(b_r)``. 
 [B, N_in, D_in], ``W`` [N_in, N_out, D_out, D_in]; an example's [N_out, D_out] block is flattened
 to ``n = j * BLOCK_D + d`` (``BLOCK_N = BLOCK_J * BLOCK_D``) for the products.
 
-Work decomposition of the passes over tiles of predictions (with IEEE float32 products, and the
-final backward pass). A program owns a tile of ``BLOCK_B`` examples and a run of input capsules
-(split ``k`` of ``SPLIT``) and walks it one capsule at a time: the tile's
-predictions of capsule i are one [BLOCK_B, D_in] x [D_in, BLOCK_N] product with W[i] (``tl.dot``
-when the tile is at least 16 x 16 x 16 and on tensor cores: float16/bfloat16, and float32 as
-TF32 or 3xTF32 (``PRECISION``, from PyTorch's float32 matmul precision); D_in padded to 16), or
-D_in rank-one updates (IEEE float32) for smaller tiles (large capsules leave room for few
-examples) and float32 at the "ieee" precision; then the routing arithmetic of
-``dynamic_routing`` in float32 on [BLOCK_B, BLOCK_J, BLOCK_D] blocks.
+Two kinds of passes. With products on tensor cores (half inputs, float32 as TF32 or 3xTF32) every
+pass works in input-capsule space (the sections before ``fused_layer_state_kernel`` and before
+``fused_layer_bwd_input_kernel`` below): no tile of predictions at all. With IEEE float32
+products (the op's "ieee" precision) the passes walk tiles of predictions: a program owns a tile
+of ``BLOCK_B`` examples and a run of input capsules (split ``k`` of ``SPLIT``) and walks it one
+capsule at a time, the tile's predictions of capsule i made by D_in rank-one updates, then the
+routing arithmetic of ``dynamic_routing`` in float32 on [BLOCK_B, BLOCK_J, BLOCK_D] blocks:
 
-forward with products on tensor cores (half inputs, float32 as TF32 or 3xTF32): in input-capsule
-    space, see the section before ``fused_layer_state_kernel`` below (no tile of predictions at
-    all). With IEEE float32 products, iteration r (``fused_layer_fwd_kernel``, rank-one updates):
-    reduce the previous iteration's per-split partial sums ``s_{r-1}`` in split order, squash,
-    form ``V_r``; accumulate this split's partial ``s_r``. Both end with
-    ``dynamic_routing_finalize_kernel``, which reduces the last partials and writes ``v``. Saved
-    for the backward: ``s_r`` and ``V_r`` (2 x R x N_out x D_out per example).
+forward, iteration r (``fused_layer_fwd_kernel``): reduce the previous iteration's per-split
+    partial sums ``s_{r-1}`` in split order, squash, form ``V_r``; accumulate this split's partial
+    ``s_r``. Both kinds end with ``dynamic_routing_finalize_kernel``, which reduces the last
+    partials and writes ``v``. Saved for the backward: ``s_r`` and ``V_r`` (2 x R x N_out x D_out
+    per example).
 
 backward through routing (``fused_layer_bwd_reduce_kernel``, r = R-1 .. 1, each followed by
     ``dynamic_routing_bwd_sum_kernel``): as in ``dynamic_routing``, with the predictions
@@ -32,8 +28,8 @@ backward through routing (``fused_layer_bwd_reduce_kernel``, r = R-1 .. 1, each 
     ``du[b, i] = W[i]^T du_hat[b, i]`` and this batch group's ``dW[i] = sum_b du_hat[b, i]
     u[b, i]^T``, with ``du_hat = sum_r c_r ds_r + g_r V_r`` recomputed tile by tile. Its programs
     own a run of input capsules and a group of example tiles (outer loop over capsules, inner
-    over tiles), so each weight gradient block is summed over the group's examples on chip and
-    written once; ``fused_layer_bwd_dw_sum_kernel`` adds the groups in order. Deterministic: no
+    over tiles), so each weight gradient block is accumulated in its group's part by one program,
+    in tile order; ``fused_layer_bwd_dw_sum_kernel`` adds the groups in order. Deterministic: no
     atomics, every sum in a fixed order.
 
 All routing arithmetic is float32. Offsets into ``u`` are int64.
@@ -185,10 +181,6 @@ def fused_layer_bwd_reduce_kernel(
     BLOCK_B: tl.constexpr,
     BLOCK_J: tl.constexpr,
     BLOCK_D: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    USE_DOT: tl.constexpr,
-    PRECISION: tl.constexpr,
-    DOT_F32: tl.constexpr,
 ):
     i_tb = tl.program_id(0)
     i_k = tl.program_id(1)
@@ -211,7 +203,7 @@ def fused_layer_bwd_reduce_kernel(
         b_uh = predictions(
             u_ptr + i * tl.cast(stride_ui, tl.int64), w_ptr + i * tl.cast(stride_wi, tl.int64), o_b, m_b, o_wn, m_n,
             D_in, stride_ub, stride_uk,
-            stride_wk, BLOCK_B, BLOCK_J, BLOCK_D, BLOCK_K, USE_DOT, PRECISION, DOT_F32,
+            stride_wk, BLOCK_B, BLOCK_J, BLOCK_D, 1, False, "ieee", False,  # rank-one: IEEE products
         )
         b_c = softmax_over_outputs(tl.sum(b_uh * b_V, axis=2), m_j)
         b_g = softmax_over_outputs_vjp(b_c, tl.sum(b_uh * b_ds, axis=2))
@@ -270,11 +262,7 @@ def fused_layer_bwd_final_kernel(
     BLOCK_B: tl.constexpr,
     BLOCK_J: tl.constexpr,
     BLOCK_D: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    USE_DOT: tl.constexpr,
-    PRECISION: tl.constexpr,
-    DOT_F32: tl.constexpr,
-    HALF: tl.constexpr,  # float16/bfloat16 inputs: du_hat enters the products as two half parts
+    BLOCK_K: tl.constexpr,  # next power of two >= D_in
     GRAD_THROUGH: tl.constexpr,  # gradient through every iteration, else only the last s
 ):
     i_s = tl.program_id(0)
@@ -295,12 +283,13 @@ def fused_layer_bwd_final_kernel(
         p_u = u_ptr + i * tl.cast(stride_ui, tl.int64)
         p_w = w_ptr + i * tl.cast(stride_wi, tl.int64)
         p_dw = dw_part_ptr + (i_g * N_in + i) * tl.cast(caps_size * D_in, tl.int64)
-        b_wt, b_dw = layer_weight_tile(p_w, o_k, o_wn, m_n, D_in, stride_wk, BLOCK_J, BLOCK_D, BLOCK_K, USE_DOT)
+        # rank-one products (IEEE float32), dW[i] of the group accumulated in its part in memory
+        b_wt, b_dw = layer_weight_tile(p_w, o_k, o_wn, m_n, D_in, stride_wk, BLOCK_J, BLOCK_D, BLOCK_K, False)
         for tb in range(tb_start, tb_end):
             o_b, m_b, m_j, o_jd, m_bjd = tile_block(tb, B, N_out, D, BLOCK_B, BLOCK_J, BLOCK_D)
             b_uh, b_u = layer_predictions(
                 p_u, p_w, b_wt, o_b, m_b, o_k, o_wn, m_n, D_in, stride_ub, stride_uk, stride_wk,
-                BLOCK_B, BLOCK_J, BLOCK_D, BLOCK_K, USE_DOT, PRECISION, DOT_F32,
+                BLOCK_B, BLOCK_J, BLOCK_D, BLOCK_K, False, "ieee", False,
             )
             b_ds = tl.load(ds_buf_ptr + tile_offsets(o_jd, r_lo * B + o_b, caps_size), mask=m_bjd, other=0.0)
             if GRAD_THROUGH:
@@ -319,10 +308,8 @@ def fused_layer_bwd_final_kernel(
             b_dw = layer_input_grads(
                 tl.reshape(b_duh, [BLOCK_B, BLOCK_J * BLOCK_D]), b_u, b_wt, b_dw, p_u, p_w, p_dw,
                 du_ptr + o_b * (N_in * D_in) + i * D_in, o_b, m_b, o_k, m_k, o_wn, o_n, m_n, D_in,
-                stride_ub, stride_uk, stride_wk, USE_DOT, HALF, PRECISION, DOT_F32,
+                stride_ub, stride_uk, stride_wk, False, False, "ieee", False,
             )
-        if USE_DOT:
-            tl.store(p_dw + o_n[:, None] * D_in + o_k[None, :], b_dw, mask=m_n[:, None] & m_k[None, :])
 
 
 @triton.jit(do_not_specialize=["numel", "G"])

@@ -157,19 +157,29 @@ register(
             "module": build_module,
         },
         tune=TuneSpec(
+            # the passes on tensor cores (float32 at "highest", half types); tile and num_warps
+            # shape only the IEEE-product passes
             knobs={
-                "forward": {"tile": (2048, 4096, 8192), "target_programs": (1024, 4096), "num_warps": (None, 4)},
+                "forward": {
+                    "fwd_examples": (32, 64),
+                    "fwd_chunk": (32, 64, 128),
+                    "fwd_warps": (4, 8),
+                    "target_programs": (1024, 4096),
+                },
                 "forward+backward": {
                     "target_programs_bwd": (1024, 2048, 8192),
                     "groups": (4, 8, 16),
-                    "num_warps": (None,),
+                    "final_examples": (16, 32),
                 },
             },
             call=tuned_call,
             launch=launch,
         ),
         kernel_cases=kernel_cases,
-        config_keys=("tile", "target_programs", "target_programs_bwd", "groups", "num_warps"),
+        config_keys=(
+            "tile", "target_programs", "target_programs_bwd", "groups", "num_warps", "fwd_examples", "fwd_chunk",
+            "fwd_warps", "final_examples",
+        ),
         min_bytes_per_example=min_bytes_per_example,
         flops_per_example=flops_per_example,
         targets=(

@@ -307,6 +307,13 @@ def fused_constexprs(cfg: FusedConfig, dtype: torch.dtype, precision: str) -> di
     }
 
 
+def _rank_one_constexprs(cfg: FusedConfig) -> dict:
+    """The constexprs and launch options of the layer's passes over tiles of predictions (IEEE
+    float32 products by rank-one updates: ``cfg`` made with ``tensor_cores=False``)."""
+    consts = fused_constexprs(cfg, torch.float32, "ieee")
+    return {k: consts[k] for k in ("BLOCK_B", "BLOCK_J", "BLOCK_D", "num_warps", "num_stages", "maxnreg")}
+
+
 def uses_tensor_cores(u: torch.Tensor, precision: str) -> bool:
     """The routing passes' products run on tensor cores: half-precision inputs, or float32 as TF32
     or 3xTF32."""
@@ -347,8 +354,7 @@ def fused_layer_fwd(
     cfg = fused_config(int(n_in), int(n_out), int(d), int(d_in), batch, tuned, tensor_cores=False)
     split = cfg.fwd.split
     partials = [empty((batch, split, n_out, d), _F32, u.device) for _ in range(2)]
-    consts = fused_constexprs(cfg, u.dtype, precision)
-    consts = {k: consts[k] for k in ("BLOCK_B", "BLOCK_J", "BLOCK_D", "num_warps", "num_stages", "maxnreg")}
+    consts = _rank_one_constexprs(cfg)
     strides = _strides(u, weight)
     for r in range(iterations):
         launch(
@@ -523,8 +529,7 @@ def _reduce_over_predictions(
             ds_buf_ptr=ds_saved, dpart_ptr=dpartials,
             B=batch, N_in=n_in, N_out=n_out, D=d, D_in=d_in, SPLIT=split,
             caps_per_split=cfg.bwd.caps_per_split, r=r, **_strides(u, weight),
-            stride_gb=dv.stride(0), stride_gj=dv.stride(1), stride_gd=dv.stride(2),
-            **fused_constexprs(cfg, u.dtype, precision),
+            stride_gb=dv.stride(0), stride_gj=dv.stride(1), stride_gd=dv.stride(2), **_rank_one_constexprs(cfg),
         )
         launch(
             dynamic_routing_bwd_sum_kernel, (batch,),
@@ -616,16 +621,14 @@ def fused_layer_bwd(
     # IEEE float32 products: rank-one updates over tiles of predictions. The groups' parts of dW
     # are accumulated in place (from zero).
     cfg = fused_config(int(n_in), int(n_out), int(d), int(d_in), batch, tuned, tensor_cores=False)
-    consts = fused_constexprs(cfg, u.dtype, "ieee")
-    part_shape = (cfg.groups, *weight.shape)
-    dw_part = empty(part_shape, _F32, u.device) if cfg.use_dot else torch.zeros(part_shape, dtype=_F32, device=u.device)
+    consts = {**_rank_one_constexprs(cfg), "BLOCK_K": cfg.block_k}
+    dw_part = torch.zeros((cfg.groups, *weight.shape), dtype=_F32, device=u.device)
     launch(
         fused_layer_bwd_final_kernel, (cfg.final.split, cfg.groups),
         u_ptr=u, w_ptr=weight, vsum_buf_ptr=vsum_saved, ds_buf_ptr=ds_saved, du_ptr=du, dw_part_ptr=dw_part,
         B=batch, N_in=n_in, N_out=n_out, D=d, D_in=d_in, R=iterations,
         caps_per_split=cfg.final.caps_per_split, tiles_per_group=cfg.tiles_per_group, **_strides(u, weight),
-        **consts,
-        HALF=u.dtype != torch.float32, GRAD_THROUGH=grad_through_routing,
+        **consts, GRAD_THROUGH=grad_through_routing,
     )
     _sum_groups(dw_part, dw)
     return du, dw

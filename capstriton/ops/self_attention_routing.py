@@ -147,7 +147,8 @@ def _backward(grad_v, x, weight, bias, total, s, precision: str, tuning: list[in
         dpart_ptr=dparts, dvsum_ptr=dtotal, B=batch, N_out=n_out, D=d, SPLIT=split,
         BLOCK_J=cfg.block_j, BLOCK_D=cfg.block_d, FIRST=True, num_warps=cfg.num_warps_caps,
     )
-    # the final pass multiplies float32 in IEEE float32 whatever the setting, as the fused layer's
+    # the final pass multiplies float32 in IEEE float32 whatever the setting (with TF32 or 3xTF32
+    # dots on its tiles of predictions it spilled; the fused layer's final pass works in u's space)
     final, *_ = _config(x if from_u else None, weight, None if from_u else x, "ieee", tuning)
     if from_u and not final.use_dot and final.block_j * final.block_d >= 256:
         # rank-one products with blocks of 256 outputs or more: half the tile (16 examples of
