@@ -208,9 +208,10 @@ def fused_config(
 
 @dataclass(frozen=True)
 class ChunkedConfig:
-    """Launch parameters of the forward on tensor cores (``fused_layer_logits_kernel`` and
-    ``fused_layer_sums_kernel``): a program owns ``block_b`` examples and a run of input capsules
-    (``split``), walked in chunks of ``block_ic`` capsules x ``block_kin`` components."""
+    """Launch parameters of the passes on tensor cores (``fused_layer_logits_kernel``,
+    ``fused_layer_sums_kernel``, and the final backward pass with its own example tile): a program
+    owns ``block_b`` examples and a run of input capsules (``split``), walked in chunks of
+    ``block_ic`` capsules x ``block_kin`` components."""
 
     block_b: int  # examples a program (the products' M)
     block_ic: int  # input capsules a chunk
@@ -224,10 +225,10 @@ class ChunkedConfig:
 def chunked_config(
     n_in: int, dim: int, d_in: int, batch: int, tuning: FusedTuning | None = None, float32: bool = True
 ) -> ChunkedConfig:
-    """Launch parameters of the forward on tensor cores. Its registers do not grow with the number
+    """Launch parameters of the passes on tensor cores. Their registers do not grow with the number
     of output capsules (one at a time): per program a [block_b, chunk] tile of u and of the
-    products, [block_b, D_out] blocks of V and of the sums (chosen from the kernel report and the
-    issue model: 64 examples, chunks of 64 elements, 4 warps, no spills on sm_90 or sm_80)."""
+    products, [block_b, D_out] blocks of V (or ds) and of the sums (chosen from the kernel report
+    and the issue model: 64 examples, chunks of 64 elements, 4 warps, no spills on sm_90 or sm_80)."""
     tuning = tuning or FusedTuning()
     block_kin = triton.next_power_of_2(d_in)
     block_dk = max(16, triton.next_power_of_2(dim))
