@@ -610,10 +610,8 @@ def rule_chunked_final(launch) -> RuleResult:
     coupling = steps * (B * n_out * n_in * 4 * (2 if c["GRAD_THROUGH"] else 1) + B * n_in * 4 * 2)
     saved = B * caps * 4 * 2 * v["R"]  # V and ds of every step
     if launch.kernel == "fused_layer_bwd_input_kernel":
-        inner = [] if _vanishes(launch, "N_out") else [("outputs", [("steps", [])])]
-        if not inner:
-            inner = [("steps", [])]
-        shape = [("chunks", inner)]
+        steps_loop = [("steps", [])]
+        shape = [("chunks", steps_loop if _vanishes(launch, "N_out") else [("outputs", steps_loop)])]
         rows = launch.grid[0]
         programs = _grouped(
             (rows, {"chunks": _cdiv(n, c["BLOCK_IC"]), "outputs": n_out, "steps": steps}) for n in runs

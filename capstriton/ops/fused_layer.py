@@ -150,6 +150,14 @@ class FusedConfig:
     tiles_per_group: int
 
 
+def batch_groups(tiles: int, groups: int) -> tuple[int, int]:
+    """At most ``groups`` batch groups of whole example tiles for a final backward pass (the weight
+    gradient is summed over a group's examples, then over the groups in order): (groups, tiles a
+    group), no group empty."""
+    tiles_per_group = triton.cdiv(tiles, max(1, min(groups, tiles)))
+    return triton.cdiv(tiles, tiles_per_group), tiles_per_group
+
+
 def caps_warps(block_j: int, block_d: int) -> int:
     """Warps of the per-example kernels (a [block_j, block_d] block each: finalize, sums, ds)."""
     return min(8, max(4, block_j * block_d // 128))
@@ -186,9 +194,7 @@ def fused_config(
     # without spilling, on both paths (bench/results/kernel_report/NOTES.md)
     num_warps = tuning.num_warps or 8
     tiles = triton.cdiv(max(batch, 1), block_b)
-    groups = max(1, min(tuning.groups, tiles))
-    tiles_per_group = triton.cdiv(tiles, groups)
-    groups = triton.cdiv(tiles, tiles_per_group)
+    groups, tiles_per_group = batch_groups(tiles, tuning.groups)
     return FusedConfig(
         block_b=block_b,
         block_j=block_j,
@@ -434,8 +440,7 @@ class _CouplingPasses:
         cfg = self.cfg
         bb = self.final_examples
         tiles = triton.cdiv(self.sizes["B"], bb)
-        tiles_per_group = triton.cdiv(tiles, max(1, min(groups, tiles)))
-        groups = triton.cdiv(tiles, tiles_per_group)
+        groups, tiles_per_group = batch_groups(tiles, groups)
         d_in = du.shape[2]
         steps = dict(
             vsum_buf_ptr=vsum_saved, ds_buf_ptr=ds_saved, **self._buffers(), **self.sizes, D_in=d_in,
@@ -502,6 +507,18 @@ def _ds_step(dv: torch.Tensor, s_saved: torch.Tensor, ds_saved: torch.Tensor, r:
     )
 
 
+def _add_dv(partials: torch.Tensor, dv_sum: torch.Tensor, first: bool) -> None:
+    """The running sum of the later steps' dV: ``dv_sum (+)= sum of the split partials`` [B, SPLIT,
+    N_out, D] in split order, per example (``first``: assigned)."""
+    batch, split, n_out, d = partials.shape
+    block_j, block_d = triton.next_power_of_2(n_out), triton.next_power_of_2(d)
+    launch(
+        dynamic_routing_bwd_sum_kernel, (batch,),
+        dpart_ptr=partials, dvsum_ptr=dv_sum, B=batch, N_out=n_out, D=d, SPLIT=split,
+        BLOCK_J=block_j, BLOCK_D=block_d, FIRST=first, num_warps=caps_warps(block_j, block_d),
+    )
+
+
 def _reduce_over_predictions(
     grad_v: torch.Tensor,
     u: torch.Tensor,
@@ -532,12 +549,7 @@ def _reduce_over_predictions(
             caps_per_split=cfg.bwd.caps_per_split, r=r, **_strides(u, weight),
             stride_gb=dv.stride(0), stride_gj=dv.stride(1), stride_gd=dv.stride(2), **_rank_one_constexprs(cfg),
         )
-        launch(
-            dynamic_routing_bwd_sum_kernel, (batch,),
-            dpart_ptr=dpartials, dvsum_ptr=dv_sum, B=batch, N_out=n_out, D=d, SPLIT=split,
-            BLOCK_J=cfg.block_j, BLOCK_D=cfg.block_d, FIRST=r == iterations - 1,
-            num_warps=cfg.num_warps_caps,
-        )
+        _add_dv(dpartials, dv_sum, first=r == iterations - 1)
         dv = dv_sum
     return dv_sum
 
@@ -566,7 +578,6 @@ def _backward_on_tensor_cores(
     r_lo = 0 if grad_through_routing else iterations - 1  # the lowest step with a gradient
     r_first = 1 if r_lo == 0 else r_lo  # the steps with stored coefficients: r_first .. R-1
     passes = _CouplingPasses(u, weight, precision, tuning, grad=through, slots=max(1, iterations - r_first))
-    block_j, block_d = triton.next_power_of_2(n_out), triton.next_power_of_2(d)
     dv = grad_v
     if through:
         dv_sum = empty((batch, n_out, d), _F32, u.device)
@@ -574,11 +585,7 @@ def _backward_on_tensor_cores(
             _ds_step(dv, s_saved, ds_saved, r)
             passes.coupling(r, vsum_saved, ds_saved, slot=r - r_first)
             passes.sums(vsum_saved, slot=r - r_first)
-            launch(
-                dynamic_routing_bwd_sum_kernel, (batch,),
-                dpart_ptr=passes.partials, dvsum_ptr=dv_sum, B=batch, N_out=n_out, D=d, SPLIT=passes.split,
-                BLOCK_J=block_j, BLOCK_D=block_d, FIRST=r == iterations - 1, num_warps=caps_warps(block_j, block_d),
-            )
+            _add_dv(passes.partials, dv_sum, first=r == iterations - 1)
             dv = dv_sum
     _ds_step(dv, s_saved, ds_saved, r_lo)
     if r_lo > 0:  # detached: the coupling of the last step (no logit gradient)
