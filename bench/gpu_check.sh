@@ -88,7 +88,7 @@ else
     # opcheck and compiled execution, the fullgraph trace, transforms, autocast, validation.
     # The newest kernels first. The rest of the suite is CPU-only and runs in CI.
     TESTS=(tests/ops/test_fused_layer.py tests/ops/test_self_attention_routing.py
-        tests/ops/test_dynamic_routing.py tests/ops/test_squash.py tests/test_cuda.py tests/test_compile_trace.py tests/test_autocast.py tests/test_transforms.py
+        tests/ops/test_dynamic_routing.py tests/ops/test_squash.py tests/test_cuda.py tests/test_layer_memory.py tests/test_compile_trace.py tests/test_autocast.py tests/test_transforms.py
         tests/test_validation.py)
     IMPLS=(eager triton fused compile module)
 fi

@@ -47,6 +47,33 @@ def import_registry():
 
 
 # --------------------------------------------------------------------------------------------
+# command line
+
+
+SIZE_OPTIONS = ("n_in", "n_out", "d_in", "d", "iterations")
+
+
+def add_size_options(parser) -> None:
+    """The layer and routing sizes every driver takes (the paper's DigitCaps by default)."""
+    parser.add_argument("--n-in", type=int, default=1152, help="input capsules N_in (default: %(default)s)")
+    parser.add_argument("--n-out", type=int, default=10, help="output capsules N_out (default: %(default)s)")
+    parser.add_argument("--d-in", type=int, default=8, help="input capsule dimension D_in (default: %(default)s)")
+    parser.add_argument("--d", type=int, default=16, help="output capsule dimension D (default: %(default)s)")
+    parser.add_argument("--iterations", type=int, default=3, help="routing iterations (default: %(default)s)")
+    parser.add_argument("--no-grad-through-routing", action="store_true", help="grad_through_routing=False")
+
+
+def sizes_of(parser, args) -> dict:
+    """The sizes dict of the specs from :func:`add_size_options`' arguments (each at least 1)."""
+    for name in SIZE_OPTIONS:
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    return {name: getattr(args, name) for name in SIZE_OPTIONS} | {
+        "grad_through_routing": not args.no_grad_through_routing
+    }
+
+
+# --------------------------------------------------------------------------------------------
 # timing and memory
 
 
@@ -127,6 +154,66 @@ def saved_tensor_bytes(step) -> int:
         out = step()
     del out
     return sum(storages.values())
+
+
+def peak_tensor_bytes(step) -> int:
+    """Peak bytes of the tensors ``step()`` allocates and holds at once, beyond those alive before
+    it (inputs, parameters), counted at PyTorch's dispatcher on any device, fake tensors included:
+    each op's outputs by storage as they are created (a view, or an output that is an input, costs
+    nothing), each freed when its storage is. capstriton's triton ops are opened up: their Python
+    bodies run under the count, so the scratch buffers they allocate count too (their kernels run as
+    usual; under ``capstriton.ops._launch.recording`` on fake tensors nothing runs, and the buffers
+    are the same since no launch parameter depends on values or on the device).
+
+    What it cannot see: memory allocated outside the dispatcher (inductor's compiled code, cuBLAS
+    workspaces) and the CUDA allocator's rounding to 512-byte blocks."""
+    import weakref
+
+    import torch
+    from torch._library.custom_ops import OPDEFS
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.sizes: dict[int, int] = {}  # live storages allocated under the count
+            self.before: set[int] = set()  # storages seen as inputs before any op made them
+            self.live = self.peak = 0
+
+        def _free(self, key: int) -> None:
+            self.live -= self.sizes.pop(key)
+
+        def _storages(self, tree):
+            for t in tree_leaves(tree):
+                if isinstance(t, torch.Tensor):
+                    yield t.untyped_storage()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            for storage in self._storages((args, kwargs)):
+                if storage._cdata not in self.sizes:
+                    self.before.add(storage._cdata)
+            if func.namespace == "capstriton":
+                with self:  # the op's body, under the count
+                    out = OPDEFS[func._schema.name]._init_fn(*args, **kwargs)
+            else:
+                out = func(*args, **kwargs)
+            for storage in self._storages(out):
+                key = storage._cdata
+                if key in self.sizes or key in self.before:
+                    continue
+                self.sizes[key] = storage.nbytes()
+                self.live += storage.nbytes()
+                self.peak = max(self.peak, self.live)
+                weakref.finalize(storage, self._free, key)
+            return out
+
+    count = Count()
+    with count:
+        out = step()
+    del out
+    return count.peak
 
 
 def copy_bandwidth(device) -> float | None:

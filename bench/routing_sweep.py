@@ -118,12 +118,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--batch-sizes", nargs="+", type=int, default=None,
         help=f"default: {' '.join(map(str, CUDA_BATCHES))} on cuda, {' '.join(map(str, CPU_BATCHES))} on cpu",
     )
-    p.add_argument("--n-in", type=int, default=1152, help="input capsules N_in (default: %(default)s)")
-    p.add_argument("--n-out", type=int, default=10, help="output capsules N_out (default: %(default)s)")
-    p.add_argument("--d-in", type=int, default=8, help="input capsule dimension D_in (default: %(default)s)")
-    p.add_argument("--d", type=int, default=16, help="output capsule dimension D (default: %(default)s)")
-    p.add_argument("--iterations", type=int, default=3, help="routing iterations (default: %(default)s)")
-    p.add_argument("--no-grad-through-routing", action="store_true", help="time grad_through_routing=False")
+    harness.add_size_options(p)
     p.add_argument("--out", type=Path, default=None, help="default: bench/results/<device name>/")
     p.add_argument("--append", action="store_true", help="add rows to an existing OUT/results.json")
     p.add_argument("--quick", action="store_true", help="short timing runs (less precise)")
@@ -136,9 +131,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if any(b < 1 for b in args.batch_sizes or ()):
         p.error("--batch-sizes must be >= 1")
-    for name in ("n_in", "n_out", "d_in", "d", "iterations"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    args.sizes = harness.sizes_of(p, args)
     return args
 
 
@@ -232,14 +225,7 @@ def main(argv=None) -> dict:
         raise SystemExit("--device cuda: no CUDA device is available")
     device = torch.device(args.device)
     batches = args.batch_sizes or list(CUDA_BATCHES if device.type == "cuda" else CPU_BATCHES)
-    sizes = {
-        "n_in": args.n_in,
-        "n_out": args.n_out,
-        "d_in": args.d_in,
-        "d": args.d,
-        "iterations": args.iterations,
-        "grad_through_routing": not args.no_grad_through_routing,
-    }
+    sizes = args.sizes
     config = {**sizes, "batch_sizes": batches, "quick": args.quick}
     out = args.out or harness.REPO / "bench" / "results" / plot_results.device_slug(harness.device_name(device))
     out.mkdir(parents=True, exist_ok=True)
