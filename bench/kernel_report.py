@@ -116,7 +116,7 @@ class Launch:
 
 
 _TORCH_TO_TRITON = {"torch.float32": "fp32", "torch.float16": "fp16", "torch.bfloat16": "bf16"}
-_CONSTEXPR_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
+_CONSTEXPR_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg", "enable_fp_fusion")
 
 
 def record_launches(cases, config: dict | None = None) -> list[Launch]:

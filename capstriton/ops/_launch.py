@@ -24,7 +24,12 @@ def launch(kernel, grid: tuple[int, ...], **kwargs) -> None:
     ``num_warps``), through ``wrap_triton`` so that torch.compile traces the launch. Under
     TRITON_INTERPRET the kernels are interpreter functions that run eagerly on CPU tensors:
     torch 2.13's wrap_triton hands them back unchanged, torch 2.11's refuses them, so they are
-    launched directly."""
+    launched directly.
+
+    Every launch asks for floating-point contraction (a * b + c as one FMA) explicitly: it is
+    Triton's default up to 3.9, which warns that 3.10 turns it off; the kernels' accuracy analysis
+    and the kernel report's instruction counts assume it."""
+    kwargs.setdefault("enable_fp_fusion", True)
     if _recorder is not None:
         _recorder(kernel, grid, kwargs)
         return
