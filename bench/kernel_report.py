@@ -117,6 +117,9 @@ class Launch:
 
 _TORCH_TO_TRITON = {"torch.float32": "fp32", "torch.float16": "fp16", "torch.bfloat16": "bf16"}
 _CONSTEXPR_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg", "enable_fp_fusion")
+#: The launch options a kernel launched through ``wrap_triton`` keeps under torch.compile (torch
+#: 2.13: dynamo moves these into the kernel's config; inductor drops the rest)
+COMPILED_OPTIONS = ("num_warps", "num_stages", "num_ctas")
 
 
 def record_launches(cases, config: dict | None = None) -> list[Launch]:
@@ -246,6 +249,11 @@ def compilation_of(launch: Launch, kernels: dict, backend_cls) -> dict:
         "options": options,
         "specialised": specialised,
     }
+
+
+def as_compiled(comp: dict) -> dict:
+    """The compilation torch.compile makes of the same launch: only the launch options it keeps."""
+    return {**comp, "options": {k: v for k, v in comp["options"].items() if k in COMPILED_OPTIONS}}
 
 
 def _key(comp: dict) -> str:
@@ -605,6 +613,13 @@ def main(argv=None) -> int:
         metavar="KEY=VALUE",
         help="override the ops' launch parameters (e.g. tile=4096 num_warps=16 for routing)",
     )
+    parser.add_argument(
+        "--as-compiled",
+        action="store_true",
+        help="compile as torch.compile launches the kernels: with the launch options torch's "
+        "user-defined Triton kernel path keeps (num_warps, num_stages, num_ctas) and without the "
+        "others (maxnreg, enable_fp_fusion), which it drops",
+    )
     args = parser.parse_args(argv)
     config = parse_config(parser, args.config)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
@@ -618,6 +633,8 @@ def main(argv=None) -> int:
     rows: dict[str, Row] = {}
     for launch in launches:
         comp = compilation_of(launch, kernels, backend)
+        if args.as_compiled:
+            comp = as_compiled(comp)
         row = rows.setdefault(_key(comp), Row(comp))
         row.cases.append(launch.case)
     missing = sorted(set(kernels) - {r.comp["kernel"] for r in rows.values()})
@@ -664,6 +681,7 @@ def main(argv=None) -> int:
                 "limits": ARCHS[arch],
                 "versions": {"triton": triton.__version__, "python": platform.python_version()},
                 "config": config,  # launch parameter overrides (--config); {} for the defaults
+                "as_compiled": args.as_compiled,
                 "shapes": args.shapes,
                 "cases": [c.label for c in cases],
                 "launches": len(launches),

@@ -237,6 +237,28 @@ def test_config_overrides_reach_the_recorded_launches():
         kernel_report.main(["--config", "tiles=4096"])  # not a launch parameter of any op
 
 
+def test_as_compiled_keeps_only_the_options_torch_compile_passes_on():
+    """--as-compiled: the same compilation without maxnreg and enable_fp_fusion (which the final
+    backward passes and every launch set), with the warps and stages kept."""
+    code = (
+        "import json, kernel_report as k\n"
+        "case = [c for c in k.shape_sets()['odd'] if c.label.startswith('layer 7x2x5x1')]\n"
+        "kernels, backend = k._kernels(), k.backend_cls()\n"
+        "comps = [k.compilation_of(l, kernels, backend) for l in k.record_launches(case)]\n"
+        "print(json.dumps([[c['options'], k.as_compiled(c)['options']] for c in comps]))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO / "bench", timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    pairs = json.loads(proc.stdout)
+    assert pairs and any("maxnreg" in launched for launched, _ in pairs)
+    for launched, compiled in pairs:
+        assert launched["enable_fp_fusion"] is True
+        assert compiled == {k: v for k, v in launched.items() if k in ("num_warps", "num_stages", "num_ctas")}
+
+
 def test_occupancy_arithmetic():
     # 255 registers round up to 8192 per warp: 8 warps fit, i.e. two blocks of 4 warps
     occ = kernel_report.occupancy("sm_90", registers=255, num_warps=4, shared_bytes=0)
