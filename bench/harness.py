@@ -159,14 +159,16 @@ def saved_tensor_bytes(step) -> int:
 def peak_tensor_bytes(step) -> int:
     """Peak bytes of the tensors ``step()`` allocates and holds at once, beyond those alive before
     it (inputs, parameters), counted at PyTorch's dispatcher on any device, fake tensors included:
-    each op's outputs by storage as they are created (a view, or an output that is an input, costs
-    nothing), each freed when its storage is. capstriton's triton ops are opened up: their Python
-    bodies run under the count, so the scratch buffers they allocate count too (their kernels run as
-    usual; under ``capstriton.ops._launch.recording`` on fake tensors nothing runs, and the buffers
-    are the same since no launch parameter depends on values or on the device).
+    each op's output storages as they are created (a view, or an output that is an input, costs
+    nothing), each freed when its storage is; a storage that grows during the step (``resize_``,
+    ``out=``) counts its growth. capstriton's ops are opened up: their Python bodies run under the
+    count, so the scratch buffers they allocate count too (their kernels run as usual; under
+    ``capstriton.ops._launch.recording`` on fake tensors nothing runs, and the buffers are the same
+    since no launch parameter depends on values or on the device).
 
     What it cannot see: memory allocated outside the dispatcher (inductor's compiled code, cuBLAS
-    workspaces) and the CUDA allocator's rounding to 512-byte blocks."""
+    workspaces, a tensor built from Python data by ``torch.tensor``) and the CUDA allocator's
+    rounding to 512-byte blocks. Dense tensors only."""
     import weakref
 
     import torch
@@ -177,14 +179,30 @@ def peak_tensor_bytes(step) -> int:
     class Count(TorchDispatchMode):
         def __init__(self):
             super().__init__()
-            self.sizes: dict[int, int] = {}  # live storages allocated under the count
-            self.before: set[int] = set()  # storages seen as inputs before any op made them
+            # per live storage seen (keyed by its StorageImpl address, forgotten when it dies, before
+            # the address can serve another): its bytes when first seen as an input that existed
+            # before the step (0 for one the step allocated), and its bytes counted beyond that
+            self.base: dict[int, int] = {}
+            self.counted: dict[int, int] = {}
             self.live = self.peak = 0
 
-        def _free(self, key: int) -> None:
-            self.live -= self.sizes.pop(key)
+        def _forget(self, key: int) -> None:
+            self.live -= self.counted.pop(key)
+            del self.base[key]
 
-        def _storages(self, tree):
+        def _see(self, storage, existed: bool) -> None:
+            key = storage._cdata
+            if key not in self.base:
+                self.base[key] = storage.nbytes() if existed else 0
+                self.counted[key] = 0
+                weakref.finalize(storage, self._forget, key)
+            held = max(0, storage.nbytes() - self.base[key])
+            self.live += held - self.counted[key]
+            self.counted[key] = held
+            self.peak = max(self.peak, self.live)
+
+        @staticmethod
+        def _storages(tree):
             for t in tree_leaves(tree):
                 if isinstance(t, torch.Tensor):
                     yield t.untyped_storage()
@@ -192,27 +210,22 @@ def peak_tensor_bytes(step) -> int:
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             kwargs = kwargs or {}
             for storage in self._storages((args, kwargs)):
-                if storage._cdata not in self.sizes:
-                    self.before.add(storage._cdata)
+                self._see(storage, existed=True)  # an input never seen: it existed before the step
             if func.namespace == "capstriton":
+                opdef = OPDEFS.get(func._schema.name)
+                if opdef is None:
+                    raise TypeError(f"{func._schema.name} is not a torch.library custom op: its body cannot be counted")
                 with self:  # the op's body, under the count
-                    out = OPDEFS[func._schema.name]._init_fn(*args, **kwargs)
+                    out = opdef._init_fn(*args, **kwargs)
             else:
                 out = func(*args, **kwargs)
-            for storage in self._storages(out):
-                key = storage._cdata
-                if key in self.sizes or key in self.before:
-                    continue
-                self.sizes[key] = storage.nbytes()
-                self.live += storage.nbytes()
-                self.peak = max(self.peak, self.live)
-                weakref.finalize(storage, self._free, key)
+            for storage in self._storages((args, kwargs, out)):
+                self._see(storage, existed=False)  # new outputs; inputs that grew
             return out
 
     count = Count()
     with count:
-        out = step()
-    del out
+        step()
     return count.peak
 
 

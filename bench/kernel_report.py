@@ -118,8 +118,9 @@ class Launch:
 _TORCH_TO_TRITON = {"torch.float32": "fp32", "torch.float16": "fp16", "torch.bfloat16": "bf16"}
 _CONSTEXPR_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg", "enable_fp_fusion")
 #: The launch options a kernel launched through ``wrap_triton`` keeps under torch.compile (torch
-#: 2.13: dynamo moves these into the kernel's config; inductor drops the rest)
-COMPILED_OPTIONS = ("num_warps", "num_stages", "num_ctas")
+#: 2.13: dynamo moves num_warps, num_stages and num_ctas into the kernel's config, of which
+#: inductor's ``config_to_dict`` keeps these two; the others are dropped)
+COMPILED_OPTIONS = ("num_warps", "num_stages")
 
 
 def record_launches(cases, config: dict | None = None) -> list[Launch]:
@@ -617,8 +618,8 @@ def main(argv=None) -> int:
         "--as-compiled",
         action="store_true",
         help="compile as torch.compile launches the kernels: with the launch options torch's "
-        "user-defined Triton kernel path keeps (num_warps, num_stages, num_ctas) and without the "
-        "others (maxnreg, enable_fp_fusion), which it drops",
+        "user-defined Triton kernel path keeps (num_warps, num_stages) and without the others "
+        "(maxnreg, enable_fp_fusion), which it drops",
     )
     args = parser.parse_args(argv)
     config = parse_config(parser, args.config)

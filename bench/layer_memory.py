@@ -4,8 +4,8 @@ forward or a training step allocates and holds at once, counted at PyTorch's dis
 scratch buffers inside capstriton's triton ops (their Python bodies run under it; their kernel
 launches are recorded, not run). No buffer size depends on values or on the device, so the count is
 the same on a GPU, up to what the dispatcher cannot see: the CUDA allocator's rounding to 512-byte
-blocks and cuBLAS workspaces (``tests/test_cuda.py`` compares it with ``torch.cuda.max_memory_allocated``
-where a GPU is lent).
+blocks and cuBLAS workspaces (``tests/test_layer_memory.py::test_count_matches_the_cuda_allocator``
+compares it with ``torch.cuda.max_memory_allocated`` where a GPU is lent).
 
 Implementations: ``eager`` (the PyTorch reference), ``unfused`` (the predictions as a PyTorch
 matmul, then the routing kernels) and ``fused`` (the fused layer). Modes as in
@@ -14,7 +14,7 @@ forward, then the gradients of u and the weight for a given output gradient. Inp
 before the step and are not counted; the gradients it returns are.
 
     python bench/layer_memory.py                                # paper's layer, B = 512 1024
-    python bench/layer_memory.py --n-in 2048 --batch-sizes 1024 --out bench/results/layer_memory
+    python bench/layer_memory.py --n-in 2048 --out bench/results/layer_memory/cifar10_2048x10x16x8
 """
 
 from __future__ import annotations
@@ -53,11 +53,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-sizes", nargs="+", type=int, default=[512, 1024])
     p.add_argument("--dtypes", nargs="+", choices=tuple(DTYPES), default=["float32", "bfloat16"])
     p.add_argument("--implementations", nargs="+", choices=tuple(IMPLEMENTATIONS), default=list(IMPLEMENTATIONS))
-    p.add_argument("--out", type=Path, default=None, help="write OUT/results.json (default: print only)")
+    p.add_argument("--out", type=Path, default=None, help="write OUT/results.json and OUT/table.txt")
     args = p.parse_args(argv)
     args.sizes = harness.sizes_of(p, args)
     if any(b < 1 for b in args.batch_sizes):
-        p.error(f"--batch-sizes must be at least 1, got {args.batch_sizes}")
+        p.error(f"--batch-sizes must be >= 1, got {args.batch_sizes}")
     return args
 
 
@@ -116,9 +116,11 @@ def table(rows: list[dict]) -> str:
 def main(argv=None) -> None:
     args = parse_args(argv)
     rows = run(args)
-    print(table(rows))
+    text = table(rows)
+    print(text)
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "table.txt").write_text(text + "\n")
         config = {**args.sizes, "batch_sizes": args.batch_sizes, "dtypes": args.dtypes}
         env = harness.environment(torch.device("cpu"), config)
         env["device"] = "none: fake tensors, counted at the dispatcher"

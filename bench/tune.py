@@ -47,11 +47,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--op", choices=tunable, default="routing")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[64, 1024])
-    p.add_argument("--n-in", type=int, default=1152)
-    p.add_argument("--n-out", type=int, default=10)
-    p.add_argument("--d-in", type=int, default=8)
-    p.add_argument("--d", type=int, default=16)
-    p.add_argument("--iterations", type=int, default=3)
+    harness.add_size_options(p)
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     p.add_argument("--modes", nargs="+", default=None, help="default: every mode the op's knobs name")
     p.add_argument(
@@ -64,6 +60,7 @@ def parse_args(argv=None):
         help="cpu: the interpreter (TRITON_INTERPRET=1), to check the script only",
     )
     args = p.parse_args(argv)
+    args.sizes = harness.sizes_of(p, args)
     spec = registry.get(args.op)
     knobs = {mode: dict(grid) for mode, grid in spec.tune.knobs.items()}
     for item in args.set:
@@ -96,10 +93,7 @@ def main(argv=None) -> int:
 
     spec = registry.get(args.op)
     dtype = getattr(torch, args.dtype)
-    sizes = spec.op_sizes({
-        "n_in": args.n_in, "n_out": args.n_out, "d_in": args.d_in, "d": args.d,
-        "iterations": args.iterations, "grad_through_routing": True,
-    })  # fmt: skip
+    sizes = spec.op_sizes(args.sizes)
     device = torch.device(args.device)
     env = {
         "device": harness.device_name(device) + ("" if device.type == "cuda" else " (interpreter)"),

@@ -43,6 +43,30 @@ def test_peak_tensor_bytes_counts_what_is_held_at_once():
     assert harness.peak_tensor_bytes(lambda: [x.clone() for _ in range(3)]) == 12000
 
 
+def test_peak_tensor_bytes_frees_and_growth():
+    """Storages that existed before the step and die in it leave no trace (a new allocation at a
+    freed one's address counts), and growth of a storage (resize_, out=) counts."""
+    inputs = [torch.randn(25) for _ in range(100)]
+
+    def drop_inputs_then_allocate():
+        for _ in range(len(inputs)):
+            inputs.pop().sum()  # a 4-byte result each, freed at once
+        return [torch.empty(10) for _ in range(100)]
+
+    assert harness.peak_tensor_bytes(drop_inputs_then_allocate) == 100 * 40
+
+    def grow():
+        a = torch.empty(10)
+        a.resize_(1000)  # 4000 held
+        b = torch.empty(0)
+        torch.add(a, 1, out=b)  # b grows to 4000
+        return a, b
+
+    assert harness.peak_tensor_bytes(grow) == 8000
+    x = torch.empty(10)
+    assert harness.peak_tensor_bytes(lambda: x.resize_(30)) == 80  # an input's growth
+
+
 def _training_step(fn, u, weight, grad_v):
     def step():
         v = fn(u, weight)
@@ -112,6 +136,7 @@ def test_layer_memory_script_writes_rows(tmp_path):
     import json
 
     rows = json.loads((tmp_path / "results.json").read_text())["results"]
+    assert len((tmp_path / "table.txt").read_text().splitlines()) == 2 + len(rows)
     assert {(r["implementation"], r["mode"]) for r in rows} == {
         (i, m) for i in layer_memory.IMPLEMENTATIONS for m in layer_memory.MODES
     }
