@@ -27,8 +27,10 @@ def launch(kernel, grid: tuple[int, ...], **kwargs) -> None:
     launched directly.
 
     Every launch asks for floating-point contraction (a * b + c as one FMA) explicitly: it is
-    Triton's default up to 3.9, which warns that 3.10 turns it off; the kernels' accuracy analysis
-    and the kernel report's instruction counts assume it."""
+    Triton's default up to 3.9, which warns that 3.10 turns it off; the kernel report's
+    instruction counts and the issue model's times assume it (the tolerances of the tests hold
+    either way: the interpreter never contracts). Under torch.compile inductor drops the option
+    and triton's default applies (``bench/results/kernel_report/NOTES.md``)."""
     kwargs.setdefault("enable_fp_fusion", True)
     if _recorder is not None:
         _recorder(kernel, grid, kwargs)
