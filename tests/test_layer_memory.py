@@ -6,6 +6,7 @@ the count is compared with the CUDA allocator's peak."""
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -133,8 +134,6 @@ def test_fused_layer_memory_target(n_in, dtype, grad_through_routing):
 
 def test_layer_memory_script_writes_rows(tmp_path):
     layer_memory.main(["--n-in", "37", "--batch-sizes", "3", "--dtypes", "float32", "--out", str(tmp_path)])
-    import json
-
     rows = json.loads((tmp_path / "results.json").read_text())["results"]
     assert len((tmp_path / "table.txt").read_text().splitlines()) == 2 + len(rows)
     assert {(r["implementation"], r["mode"]) for r in rows} == {
@@ -148,9 +147,9 @@ def test_layer_memory_script_writes_rows(tmp_path):
 @pytest.mark.parametrize("fused", [True, False])
 def test_count_matches_the_cuda_allocator(fused):
     """On a GPU: the dispatcher's count is the CUDA allocator's peak, within 2%: the allocator rounds
-    every block to 512 bytes and cuBLAS keeps workspaces the dispatcher does not see (eager's step at
-    B = 1024 measured exactly 4 MiB above the count on the H200, b59a9d2; the unfused one 0.26%
-    below it, with torch 2.11 there: bench/results/layer_memory/NOTES.md)."""
+    every block to 512 bytes and cuBLAS keeps workspaces the dispatcher does not see (at b59a9d2 on
+    the H200, B = 1024: eager's step measured exactly 4 MiB above the count of that code, the
+    unfused one exactly the count; bench/results/layer_memory/NOTES.md)."""
     u, weight, grad_v = (t.detach().cuda().requires_grad_(t.requires_grad) for t in _layer_inputs(256, 1152, 10, 16, 8))
     step = _training_step(lambda u, w: ct.capsule_routing(u, w, 3, backend="triton", fused=fused), u, weight, grad_v)
     step()  # compile, cuBLAS handles
