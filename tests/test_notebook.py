@@ -27,5 +27,8 @@ def test_performance_notebook_executes(monkeypatch):
     assert not [out for out in outputs if out.get("output_type") == "error"]
     text = "".join(out.get("text", "") for out in outputs)
     assert "committed result set(s)" in text
+    # the counted layer memory of each committed configuration, as markdown tables
+    markdown = "".join("".join(out.get("data", {}).get("text/markdown", "")) for out in outputs)
+    assert "digitcaps_1152x10x16x8" in markdown and "| forward+backward | fused |" in markdown
     # The tiny sweep ran and printed its summary.
     assert "Targets (from the bench specs" in text
