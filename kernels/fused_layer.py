@@ -426,6 +426,17 @@ def _per_component(b_x, BLOCK_B: tl.constexpr, BLOCK_IC: tl.constexpr, BLOCK_KIN
 
 
 @triton.jit
+def _slot_buffers(exp_ptr, inv_ptr, agree_ptr, mean_ptr, slot, B, N_out, N_in):
+    """The four coupling buffers ([S, B, N_out, N_in] exponentials and agreements, [S, B, N_in]
+    their sums) at ``slot``."""
+    slot = tl.cast(slot, tl.int64)
+    return (
+        exp_ptr + slot * B * N_out * N_in, inv_ptr + slot * B * N_in,
+        agree_ptr + slot * B * N_out * N_in, mean_ptr + slot * B * N_in,
+    )
+
+
+@triton.jit
 def _coefficients(exp_ptr, inv_ptr, agree_ptr, mean_ptr, o_e, o_bi, m_bi, GRAD: tl.constexpr):
     """The coupling coefficients ``c = e * inv`` of a chunk and output capsule (offsets ``o_e`` into
     the [B, N_out, N_in] buffers, ``o_bi`` into the [B, N_in] ones) and, with ``GRAD``, the logit
@@ -520,10 +531,7 @@ def fused_layer_logits_kernel(
     m_b = o_b < B
     p_V = vsum_buf_ptr + tl.cast(r, tl.int64) * B * N_out * D
     p_ds = ds_buf_ptr + tl.cast(r, tl.int64) * B * N_out * D
-    exp_ptr += tl.cast(slot, tl.int64) * B * N_out * N_in
-    agree_ptr += tl.cast(slot, tl.int64) * B * N_out * N_in
-    inv_ptr += tl.cast(slot, tl.int64) * B * N_in
-    mean_ptr += tl.cast(slot, tl.int64) * B * N_in
+    exp_ptr, inv_ptr, agree_ptr, mean_ptr = _slot_buffers(exp_ptr, inv_ptr, agree_ptr, mean_ptr, slot, B, N_out, N_in)
     i_start = i_k * caps_per_split
     i_end = tl.minimum(i_start + caps_per_split, N_in)
     for i0 in range(i_start, i_end, BLOCK_IC):
@@ -611,11 +619,8 @@ def fused_layer_sums_kernel(
             m_bi = m_b[:, None] & (o_ic < i_end)[None, :]
             o_e = (o_b[:, None] * N_out + j) * N_in + o_ic[None, :]
             o_bi = o_b[:, None] * N_in + o_ic[None, :]
-            _, b_g = _coefficients(
-                exp_ptr + tl.cast(slot, tl.int64) * B * N_out * N_in, inv_ptr + tl.cast(slot, tl.int64) * B * N_in,
-                agree_ptr + tl.cast(slot, tl.int64) * B * N_out * N_in, mean_ptr + tl.cast(slot, tl.int64) * B * N_in,
-                o_e, o_bi, m_bi, GRAD,
-            )
+            p_e, p_inv, p_a, p_mean = _slot_buffers(exp_ptr, inv_ptr, agree_ptr, mean_ptr, slot, B, N_out, N_in)
+            _, b_g = _coefficients(p_e, p_inv, p_a, p_mean, o_e, o_bi, m_bi, GRAD)
             b_x = _per_component(b_g, BLOCK_B, BLOCK_IC, BLOCK_KIN) * b_u.to(tl.float32)
             b_acc += _dot_split(b_x, tl.trans(b_w), HALF, PRECISION, DOT_F32)
     o_d = tl.arange(0, BLOCK_DK)
@@ -696,11 +701,10 @@ def fused_layer_bwd_input_kernel(
                 b_ds = _caps_rows(ds_buf_ptr + j * D, o_b, m_b, D, caps_size, BLOCK_DK)
                 b_du += _dot_split(b_ds, b_w, HALF, PRECISION, DOT_F32) / N_out
             for r in range(r_first, R):
-                slot = tl.cast(r - r_first, tl.int64)
-                b_c, b_g = _coefficients(
-                    exp_ptr + slot * B * N_out * N_in, inv_ptr + slot * B * N_in,
-                    agree_ptr + slot * B * N_out * N_in, mean_ptr + slot * B * N_in, o_e, o_bi, m_bi, GRAD_THROUGH,
+                p_e, p_inv, p_a, p_mean = _slot_buffers(
+                    exp_ptr, inv_ptr, agree_ptr, mean_ptr, r - r_first, B, N_out, N_in
                 )
+                b_c, b_g = _coefficients(p_e, p_inv, p_a, p_mean, o_e, o_bi, m_bi, GRAD_THROUGH)
                 p_r = tl.cast(r, tl.int64) * B * caps_size + j * D
                 b_ds = _caps_rows(ds_buf_ptr + p_r, o_b, m_b, D, caps_size, BLOCK_DK)
                 b_du += _per_component(b_c, BLOCK_B, BLOCK_IC, BLOCK_KIN) * _dot_split(
@@ -770,11 +774,10 @@ def fused_layer_bwd_weight_kernel(
                 b_ds = _caps_rows(ds_buf_ptr + j * D, o_b, m_b, D, caps_size, BLOCK_DK)
                 b_dw += _dot_split(tl.trans(b_ds), b_u, HALF, PRECISION, DOT_F32) / N_out
             for r in range(r_first, R):
-                slot = tl.cast(r - r_first, tl.int64)
-                b_c, b_g = _coefficients(
-                    exp_ptr + slot * B * N_out * N_in, inv_ptr + slot * B * N_in,
-                    agree_ptr + slot * B * N_out * N_in, mean_ptr + slot * B * N_in, o_e, o_bi, m_bi, GRAD_THROUGH,
+                p_e, p_inv, p_a, p_mean = _slot_buffers(
+                    exp_ptr, inv_ptr, agree_ptr, mean_ptr, r - r_first, B, N_out, N_in
                 )
+                b_c, b_g = _coefficients(p_e, p_inv, p_a, p_mean, o_e, o_bi, m_bi, GRAD_THROUGH)
                 p_r = tl.cast(r, tl.int64) * B * caps_size + j * D
                 b_ds = _caps_rows(ds_buf_ptr + p_r, o_b, m_b, D, caps_size, BLOCK_DK)
                 b_x = _per_component(b_c, BLOCK_B, BLOCK_IC, BLOCK_KIN) * b_u.to(tl.float32)

@@ -216,6 +216,17 @@ def test_layer_products_run_on_tensor_cores(sm90_report):
         assert {(d, p) for k, d, p in seen if k == kernel} == every - {("fp32", "ieee")}, sorted(seen)
 
 
+def _run_in_bench(code: str):
+    """What ``code`` prints as JSON, run in ``bench/`` in a process without the interpreter (under
+    which the ops launch kernels directly instead of recording them)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO / "bench", timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout)
+
+
 def test_config_overrides_reach_the_recorded_launches():
     """--config: the launches recorded for a candidate use its parameters (no compilation; in a
     process without the interpreter, under which the ops launch kernels directly)."""
@@ -225,12 +236,7 @@ def test_config_overrides_reach_the_recorded_launches():
         "print(json.dumps([{l.kernel: l.kwargs.get('BLOCK_I') for l in k.record_launches(case, c)}\n"
         "                  for c in ({}, {'tile': 4096, 'tile_bwd': 512})]))\n"
     )
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO / "bench", timeout=300
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    default, forced = json.loads(proc.stdout)
+    default, forced = _run_in_bench(code)
     assert default["dynamic_routing_fwd_kernel"] == 4 and default["dynamic_routing_bwd_final_kernel"] == 8
     assert forced["dynamic_routing_fwd_kernel"] == 16 and forced["dynamic_routing_bwd_final_kernel"] == 2
     with pytest.raises(SystemExit):
@@ -247,12 +253,7 @@ def test_as_compiled_keeps_only_the_options_torch_compile_passes_on():
         "comps = [k.compilation_of(l, kernels, backend) for l in k.record_launches(case)]\n"
         "print(json.dumps([[c['options'], k.as_compiled(c)['options']] for c in comps]))\n"
     )
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO / "bench", timeout=300
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    pairs = json.loads(proc.stdout)
+    pairs = _run_in_bench(code)
     assert pairs and any("maxnreg" in launched for launched, _ in pairs)
     for launched, compiled in pairs:
         assert launched["enable_fp_fusion"] is True

@@ -261,6 +261,12 @@ def chunked_config(
     )
 
 
+def final_examples(tuning: FusedTuning) -> int:
+    """Examples a program of the final backward pass on tensor cores: a power of two, at least 16
+    (the products' K)."""
+    return max(16, triton.next_power_of_2(tuning.final_examples))
+
+
 def flat_capsules(x: torch.Tensor) -> torch.Tensor:
     """``x`` (u [B, N_in, D_in] or the weight [N_in, N_out, D, D_in]) with D_in zero padded to a power
     of two and every capsule's components contiguous, as the passes in input-capsule space load
@@ -288,6 +294,12 @@ def chunked_constexprs(cfg: ChunkedConfig, u: torch.Tensor, precision: str) -> d
     }
 
 
+def whole_register_file(num_warps: int) -> int:
+    """``maxnreg`` giving a program of ``num_warps`` warps the whole register file (64 K 32-bit
+    registers an SM), at most 255 a thread."""
+    return min(255, 65536 // (32 * num_warps))
+
+
 def fused_constexprs(cfg: FusedConfig, dtype: torch.dtype, precision: str) -> dict:
     """The constexprs and launch options every fused-layer-style pass takes."""
     # Triton's interpreter (3.6 to 3.9) multiplies bfloat16 dot operands as their raw 16-bit
@@ -310,7 +322,7 @@ def fused_constexprs(cfg: FusedConfig, dtype: torch.dtype, precision: str) -> di
         # (triton 3.9) kept some variants at 40 to 128 registers and spilled a few bytes (the
         # kernel report). torch.compile's launches of user kernels keep num_warps and num_stages
         # and drop this option: correct, possibly with those few bytes of spill.
-        "maxnreg": min(255, 65536 // (32 * cfg.num_warps)),
+        "maxnreg": whole_register_file(cfg.num_warps),
     }
 
 
@@ -406,7 +418,7 @@ class _CouplingPasses:
         self.consts = chunked_constexprs(cfg, u, precision)
         self.sizes = dict(B=batch, N_in=n_in, N_out=n_out, D=d)
         self.target_programs = tuning.target_programs_bwd
-        self.final_examples = max(16, triton.next_power_of_2(tuning.final_examples))
+        self.final_examples = final_examples(tuning)
 
     def _buffers(self) -> dict:
         return dict(exp_ptr=self.exps, inv_ptr=self.inv, agree_ptr=self.agree, mean_ptr=self.mean)
@@ -447,9 +459,8 @@ class _CouplingPasses:
             R=iterations, r_first=r_first, **self.consts, UNIFORM=uniform, GRAD_THROUGH=self.grad,
         )
         steps["BLOCK_B"] = bb
-        # the whole register file (at most 255 a thread): left to ptxas, some shapes were held to 128
-        # registers and spilled a few bytes (kernel report)
-        steps["maxnreg"] = min(255, 65536 // (32 * steps["num_warps"]))
+        # left to ptxas, some shapes were held to 128 registers and spilled a few bytes (kernel report)
+        steps["maxnreg"] = whole_register_file(steps["num_warps"])
         launch(
             fused_layer_bwd_input_kernel, (tiles, self.split),
             u_ptr=self.u, w_ptr=self.weight, du_ptr=du, caps_per_split=cfg.split.caps_per_split,
