@@ -238,6 +238,19 @@ def test_tune_runs_through_the_interpreter(tmp_path):
     assert [r["default"] for r in rows] == [r["launch"] == default for r in rows]
 
 
+def test_layer_tune_knobs_reach_the_recorded_launch():
+    """Every value of every knob in the layer's tune grid resolves to its own launch at the paper's
+    layer and B = 1024: tune.py's rows tell them apart and mark only the defaults' as default."""
+    import harness
+
+    spec = harness.import_registry().get("layer")
+    sizes = {"n_in": 1152, "n_out": 10, "d": 16, "d_in": 8, "iterations": 3, "grad_through_routing": True}
+    for grid in spec.tune.knobs.values():
+        for knob, values in grid.items():
+            launches = [json.dumps(spec.tune.launch(sizes, 1024, {knob: v}), sort_keys=True) for v in values]
+            assert len(set(launches)) == len(values), knob
+
+
 def test_every_spec_runs_its_eager_implementation():
     """Each op in the registry (bench/specs/) builds inputs and runs eagerly with the declared
     output shape; its bytes, FLOPs and targets are well formed. Adding an op adds a spec only."""

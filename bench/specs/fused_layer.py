@@ -103,10 +103,23 @@ def tuned_call(sizes, overrides):
 
 
 def launch(sizes, batch, overrides):
-    from capstriton.ops.fused_layer import fused_config
+    """The launch parameters the knobs resolve to: the passes on tensor cores (what float32 at
+    "highest", the tuned dtype, runs; their final pass with its own example tile and batch groups)
+    and the IEEE-product passes over tiles of predictions."""
+    import triton
 
-    config = fused_config(sizes["n_in"], sizes["n_out"], sizes["d"], sizes["d_in"], batch, _tuning(overrides))
-    return dataclasses.asdict(config)
+    from capstriton.ops.fused_layer import batch_groups, chunked_config, final_examples, fused_config
+
+    tuning = _tuning(overrides)
+    n_in, n_out, d, d_in = sizes["n_in"], sizes["n_out"], sizes["d"], sizes["d_in"]
+    examples = final_examples(tuning)
+    groups, tiles_per_group = batch_groups(triton.cdiv(batch, examples), tuning.groups)
+    return {
+        "tensor_cores": dataclasses.asdict(chunked_config(n_in, d, d_in, batch, tuning)),
+        "final": {"examples": examples, "groups": groups, "tiles_per_group": tiles_per_group,
+                  "target_programs_bwd": tuning.target_programs_bwd},
+        "ieee": dataclasses.asdict(fused_config(n_in, n_out, d, d_in, batch, tuning, tensor_cores=False)),
+    }
 
 
 # float32 cases at the library's default, "highest" (3xTF32 products), unless named
