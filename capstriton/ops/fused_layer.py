@@ -69,10 +69,13 @@ __all__ = [
 ]
 
 _F32 = torch.float32
-#: The largest padded [N_out, D_out] block (next powers of two) the fused kernels take: 128 classes
-#: of 16D, or 32 capsules of 64D. A larger block does not fit a program's registers with the
-#: routing state (the kernel report saw spills at 128 x 64 with 16 and 32 warps); such layers run
-#: unfused (u_hat in memory).
+#: The largest padded [N_out, D_out] block (next powers of two) the rank-one kernels take (IEEE
+#: float32 products, the op's "ieee" precision, which no public call selects): 128 classes of 16D,
+#: or 32 capsules of 64D. A larger block does not fit a program's registers with the routing state
+#: (the kernel report saw spills at 128 x 64 with 16 and 32 warps); the op refuses it. The passes
+#: on tensor cores (every public call: half inputs, float32 as TF32 or 3xTF32) hold one output
+#: capsule at a time and take any size (the kernel report compiles 128 x 64 capsules of 16D
+#: inputs without spills).
 FUSED_MAX_OUTPUTS = 2048
 #: "highest" as 3xTF32: its products drop only the product of the two remainders and truncate the
 #: remainders to TF32, a relative error of at most about 2^-20 per product against IEEE's 2^-24,
@@ -344,9 +347,19 @@ def _strides(u: torch.Tensor, weight: torch.Tensor) -> dict[str, int]:
     return dict(zip(names, (*u.stride(), *weight.stride()), strict=True))
 
 
-def _check_precision(precision: str) -> None:
+def _check_precision(u: torch.Tensor, weight: torch.Tensor, precision: str) -> None:
+    """The product precision, and the rank-one kernels' limit on the capsule block
+    (:data:`FUSED_MAX_OUTPUTS`) where they run."""
     if precision not in ("ieee", "tf32", "tf32x3"):
         raise ValueError(f"precision must be 'ieee', 'tf32' or 'tf32x3', got {precision!r}")
+    _, n_out, d, _ = weight.shape
+    block = triton.next_power_of_2(n_out) * triton.next_power_of_2(d)
+    if not uses_tensor_cores(u, precision) and block > FUSED_MAX_OUTPUTS:
+        raise ValueError(
+            f"weight: precision 'ieee' (IEEE float32 products) takes capsule blocks of at most "
+            f"{FUSED_MAX_OUTPUTS} outputs (next powers of two of N_out x D_out), got {n_out} x {d}; "
+            "use 'tf32x3' (float32 accuracy on tensor cores, any size)"
+        )
 
 
 @triton_op("capstriton::fused_layer_fwd", mutates_args=())
@@ -358,7 +371,7 @@ def fused_layer_fwd(
     precision: str,
     tuning: list[int],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    _check_precision(precision)
+    _check_precision(u, weight, precision)
     batch, n_in, d_in = u.shape
     _, n_out, d, _ = weight.shape
     v = empty((batch, n_out, d), u.dtype, u.device)
@@ -616,7 +629,7 @@ def fused_layer_bwd(
     precision: str,
     tuning: list[int],
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    _check_precision(precision)
+    _check_precision(u, weight, precision)
     batch, n_in, d_in = u.shape
     _, n_out, d, _ = weight.shape
     du = empty(u.shape, u.dtype, u.device)
@@ -691,10 +704,8 @@ def capsule_routing(
 ) -> torch.Tensor:
     """The fused layer: ``u`` [B, N_in, D_in], ``weight`` [N_in, N_out, D_out, D_in] -> ``v``
     [B, N_out, D_out] (validated by capstriton.functional); ``tuning`` overrides the launch
-    parameters. Capsule blocks beyond :data:`FUSED_MAX_OUTPUTS` run unfused."""
-    _, n_out, d, _ = weight.shape
-    if triton.next_power_of_2(n_out) * triton.next_power_of_2(d) > FUSED_MAX_OUTPUTS:
-        return capsule_routing_unfused(u, weight, iterations, grad_through_routing)
+    parameters. Any capsule sizes: the products run on tensor cores (float32 at PyTorch's
+    matmul precision, 3xTF32 or TF32), whose passes hold one output capsule at a time."""
     tuning = (tuning or FusedTuning()).as_list()
     return fused_layer_fwd(u, weight, iterations, grad_through_routing, matmul_precision(), tuning)[0]
 

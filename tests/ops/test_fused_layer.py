@@ -272,11 +272,32 @@ def test_fused_layer_deterministic():
     assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
 
 
-def test_capsules_beyond_the_fused_limit_run_unfused():
-    """128 x 64 capsules exceed FUSED_MAX_OUTPUTS: the layer runs the unfused kernels, correctly."""
-    assert 128 * 64 > FUSED_MAX_OUTPUTS >= 128 * 16
-    u, w = layer_inputs(2, 3, 128, 64, 16)
-    check_layer(u, w, 2, True, TOL[torch.float32])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_largest_capsules_run_fused(dtype):
+    """The largest sizes the layer is specified for (128 output capsules of 64D from 16D inputs),
+    beyond the rank-one kernels' FUSED_MAX_OUTPUTS, run fused on the tensor-core passes, whose
+    registers do not grow with the capsules (one output capsule at a time), and agree with
+    float64 (the kernel report compiles them without spills)."""
+    assert 128 * 64 > FUSED_MAX_OUTPUTS
+    u, w = layer_inputs(3, 3, 128, 64, 16, dtype=dtype)
+    check_layer(u, w, 2, True, TOL[dtype])
+
+
+def test_ieee_precision_refuses_blocks_beyond_the_rank_one_limit():
+    """The op's "ieee" precision (rank-one kernels, which no public call selects) names the limit
+    and the precision that takes any size, for any batch; half inputs (always on tensor cores)
+    are not limited."""
+    tuning = FusedTuning().as_list()
+    for batch in (0, 2):
+        u, w = layer_inputs(batch, 3, 128, 64, 16)
+        with pytest.raises(ValueError, match=r"weight: precision 'ieee'.*2048.*128 x 64.*tf32x3"):
+            ops.fused_layer_fwd(u, w, 2, True, "ieee", tuning)
+        v = torch.zeros(batch, 128, 64)
+        with pytest.raises(ValueError, match=r"weight: precision 'ieee'"):
+            ops.fused_layer_bwd(v, u, w, torch.zeros(2, batch, 128, 64), torch.zeros(2, batch, 128, 64), 2, True,
+                                "ieee", tuning)
+    u, w = layer_inputs(0, 3, 128, 64, 16, dtype=torch.bfloat16)
+    assert ops.fused_layer_fwd(u, w, 2, True, "ieee", tuning)[0].shape == (0, 128, 64)
 
 
 def test_unfused_option_matches_reference():
@@ -361,11 +382,13 @@ def test_3xtf32_products_route_as_accurately_as_ieee_products(shape):
     assert errors["tf32"] > 10 * TOL[torch.float32], errors
 
 
-def test_training_step_saves_nothing_of_u_hat_size():
+@pytest.mark.parametrize("shape", [(37, 10, 16, 8), (3, 128, 64, 16)], ids=layer_id)
+def test_training_step_saves_nothing_of_u_hat_size(shape):
     """The memory claim, counted exactly on CPU tensors: a training step of the fused layer keeps
     u, the weight and per-iteration [B, N_out, D] sums, and no tensor of u_hat's size
-    (B x N_in x N_out x D), which the unfused and eager paths save."""
-    batch, n_in, n_out, d, d_in, iterations = 4, 37, 10, 16, 8, 3
+    (B x N_in x N_out x D), which the unfused and eager paths save; up to the largest capsules
+    the layer is specified for."""
+    (n_in, n_out, d, d_in), batch, iterations = shape, 4, 3
     u, w = layer_inputs(batch, n_in, n_out, d, d_in)
     u.requires_grad_()
     w.requires_grad_()
