@@ -52,7 +52,9 @@ from ``cuobjdump -sass`` of each cubin. Then, per launch:
      passes, u and the weight for the fused passes, their gradients written by the final passes,
      the per-split partial sums and saved [B, N_out, D] states) at the H200 copy bandwidth
      measured by the sweep (``copy_bandwidth_bytes_per_s`` of
-     ``bench/results/nvidia-h200/results.json``, 4.15e12 B/s).
+     ``bench/results/nvidia-h200/results.json``, 4.15e12 B/s). What a program writes and reads
+     back or overwrites within one chunk (the logits pass's logits and agreements) crosses DRAM
+     once while the resident programs' chunks fit in half the 50 MB L2, else every time;
 
    A launch takes max(issue, tensor, memory); an op (forward, or forward+backward) the sum over
    its launches, or the op's analytic minimum bytes (the spec's ``min_bytes_per_example`` x B) at
@@ -116,6 +118,10 @@ RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "n
 SMS = 132
 SCHEDULERS = 4
 CLOCK_HZ = 1.98e9
+#: H100/H200 SXM L2 cache (NVIDIA's Hopper architecture whitepaper: 50 MB). Data a program writes
+#: and reads back or overwrites soon after crosses DRAM once while the resident programs' share
+#: of it stays under half of this (the rest for the streamed operands)
+L2_BYTES = 50e6
 #: multiply-adds per cycle per SM sub-partition (see the module docstring): mma.sync (HMMA) at
 #: half the wgmma (HGMMA) dense rate
 MMA_RATE = {("HMMA", "half"): 256, ("HMMA", "tf32"): 128, ("HGMMA", "half"): 512, ("HGMMA", "tf32"): 256}
@@ -503,6 +509,11 @@ class RuleResult:
     shape: list  # expected loop tree: [(key, children), ...]
     programs: list[tuple[int, dict]]  # (number of programs, trip counts by loop key)
     bytes: float  # bytes the launch must move at least
+    # data a program writes and then reads back or overwrites within a short window: in flight
+    # per resident program, and the DRAM bytes the re-reads and rewrites add when the resident
+    # programs' in-flight data does not stay in L2 (see ``L2_BYTES``)
+    in_flight_per_program: float = 0.0
+    bytes_beyond_l2: float = 0.0
 
 
 def _ints(launch) -> dict:
@@ -586,11 +597,21 @@ def rule_chunked_pass(launch) -> RuleResult:
     caps = n_out * v["D"]
     kin = c["BLOCK_KIN"]  # u and W as the passes read them: D_in zero padded to a power of two
     streamed = B * n_in * kin * _elt(launch, "u_ptr") + n_in * caps * kin * _elt(launch, "w_ptr")
-    coupling = B * n_out * n_in * 4 + B * n_in * 4  # exp(logit - max) [B, N_out, N_in], 1 / sum [B, N_in]
-    if logits:  # V read; the logits written, read back and overwritten by their exponentials
-        moved = streamed + B * caps * 4 + 3 * coupling
-    else:  # the coupling read (r > 0), this split's partial sums written
-        moved = streamed + (0 if c["FIRST"] else coupling) + B * v["SPLIT"] * caps * 4
+    grad = c["GRAD"]
+    # exp(logit - max) [B, N_out, N_in] and 1 / sum [B, N_in]; with GRAD the agreements and their means
+    coupling = (B * n_out * n_in * 4 + B * n_in * 4) * (2 if grad else 1)
+    if logits:
+        # V (and ds) read, the coupling written once: a chunk's logits (and agreements) are
+        # written, read back by the second loop over the output capsules and the logits
+        # overwritten in place by their exponentials, all within the program's chunk, so in L2
+        # while the resident programs' chunks fit there; beyond, the read-back and rewrite of
+        # the logits and the read-back of the agreements cross DRAM too
+        chunk = c["BLOCK_B"] * n_out * c["BLOCK_IC"] * 4 * (2 if grad else 1)
+        exps = B * n_out * n_in * 4
+        moved = streamed + B * caps * 4 * (2 if grad else 1) + coupling
+        return RuleResult(shape, programs, moved, chunk, 2 * exps + (exps if grad else 0))
+    # the coupling read (r > 0), this split's partial sums written
+    moved = streamed + (0 if c["FIRST"] else coupling) + B * v["SPLIT"] * caps * 4
     return RuleResult(shape, programs, moved)
 
 
@@ -784,7 +805,10 @@ class LaunchModel:
 
 def _variant(launch) -> str:
     """The launch's flags (bool constexprs but the interpreter-only DOT_F32, and PHASE)."""
-    flags = {k: v for k, v in _consts(launch).items() if isinstance(v, bool) and k != "DOT_F32" or k == "PHASE"}
+    flags = {
+        k: v for k, v in _consts(launch).items()
+        if isinstance(v, bool) and k != "DOT_F32" and k not in kernel_report._CONSTEXPR_OPTIONS or k == "PHASE"
+    }
     return ",".join(f"{k}={int(v)}" for k, v in sorted(flags.items()))
 
 
@@ -821,8 +845,16 @@ def model_launch(launch, info: dict, bandwidth: float, mode: str) -> LaunchModel
     waves = math.ceil(programs / SMS) / (programs / SMS)
     out.issue_s = out.warp_instrs / (SMS * SCHEDULERS * CLOCK_HZ) * waves
     out.tensor_s = total["mma_cycles"] * warps / (SMS * SCHEDULERS * CLOCK_HZ)
-    out.memory_s = res.bytes / bandwidth
+    out.memory_s = dram_bytes(res, min(programs, SMS * info["warps_per_sm"] // warps)) / bandwidth
     return out
+
+
+def dram_bytes(res: RuleResult, resident: int) -> float:
+    """The bytes a launch moves to and from DRAM at least with ``resident`` programs at once: what
+    its programs write and soon read back or overwrite stays in L2 while their in-flight share
+    fits in half of it (``L2_BYTES``), else crosses DRAM every time."""
+    fits = resident * res.in_flight_per_program <= L2_BYTES / 2
+    return res.bytes + (0 if fits else res.bytes_beyond_l2)
 
 
 def _mode_of(launch) -> str:

@@ -122,6 +122,34 @@ def test_split_runs_and_mma_rates():
     assert issue_model._mma_cycles(tf32) == 16 * 8 * 8 / 128
 
 
+def _logits_launch(batch, n_out, grad):
+    """A recorded launch of the logits pass (the paper's layer's input capsules and tiles)."""
+    ints = dict(B=batch, N_in=1152, N_out=n_out, D=16, caps_per_split=24, r=1, slot=0)
+    kwargs = {k: ("int", v) for k, v in ints.items()}
+    kwargs.update(u_ptr=("tensor", "fp32"), w_ptr=("tensor", "fp32"), BLOCK_B=64, BLOCK_IC=8, BLOCK_KIN=8,
+                  BLOCK_DK=16, GRAD=grad)
+    return kernel_report.Launch("", "fused_layer_logits_kernel", (batch // 64, 48), kwargs)
+
+
+def test_logits_written_and_read_back_in_l2_cross_dram_once():
+    """The logits pass writes a chunk's logits (and agreements), reads them back and overwrites
+    the logits with their exponentials: one DRAM write of each while the resident programs'
+    chunks fit in L2, the read-back and rewrite too beyond."""
+    batch, n_in, caps = 1024, 1152, 10 * 16
+    streamed = batch * n_in * 8 * 4 + n_in * caps * 8 * 4  # u, W (float32, D_in 8)
+    exps, sums = batch * 10 * n_in * 4, batch * n_in * 4
+    fwd = issue_model.rule_chunked_pass(_logits_launch(batch, 10, False))
+    assert fwd.bytes == streamed + batch * caps * 4 + exps + sums  # V read, coupling written once
+    assert fwd.in_flight_per_program == 64 * 10 * 8 * 4
+    assert issue_model.dram_bytes(fwd, 2 * 132) == fwd.bytes  # 5.4 MB in flight: in L2
+    assert issue_model.dram_bytes(fwd, 10**4) == fwd.bytes + 2 * exps  # 205 MB: read back, rewritten
+    bwd = issue_model.rule_chunked_pass(_logits_launch(batch, 10, True))
+    assert bwd.bytes == streamed + 2 * batch * caps * 4 + 2 * (exps + sums)  # V, ds; agreements and means too
+    assert issue_model.dram_bytes(bwd, 10**4) == bwd.bytes + 3 * exps
+    wide = issue_model.rule_chunked_pass(_logits_launch(batch, 128, True))
+    assert issue_model.dram_bytes(wide, 2 * 132) > wide.bytes  # 128 classes: 138 MB in flight
+
+
 # one real kernel: the fused layer's forward pass, iteration r > 0, on the rank-one path
 _REAL = """
 import dataclasses, json, sys
