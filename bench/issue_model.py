@@ -583,11 +583,11 @@ def rule_fused_pass(launch) -> RuleResult:
 def rule_chunked_pass(launch) -> RuleResult:
     """fused_layer_logits / fused_layer_sums (the forward on tensor cores): grid (example tiles,
     SPLIT[, N_out]); split k owns a run of caps_per_split input capsules walked in BLOCK_IC-capsule
-    chunks, each containing (logits) two loops over the output capsules: the logits, then their
-    exponentials."""
+    chunks, each containing (logits) three loops over the output capsules: the logits, their
+    exponentials, the coefficients."""
     v, c = _ints(launch), _consts(launch)
     logits = launch.kernel == "fused_layer_logits_kernel"
-    outputs = [] if _vanishes(launch, "N_out") else [("outputs", []), ("outputs", [])]
+    outputs = [] if _vanishes(launch, "N_out") else [("outputs", [])] * 3
     shape = [("chunks", outputs if logits else [])]
     tiles, splits, *per_output = launch.grid
     runs = _runs(v["N_in"], v["caps_per_split"], splits)
@@ -598,19 +598,16 @@ def rule_chunked_pass(launch) -> RuleResult:
     kin = c["BLOCK_KIN"]  # u and W as the passes read them: D_in zero padded to a power of two
     streamed = B * n_in * kin * _elt(launch, "u_ptr") + n_in * caps * kin * _elt(launch, "w_ptr")
     grad = c["GRAD"]
-    # exp(logit - max) [B, N_out, N_in] and 1 / sum [B, N_in]; with GRAD the agreements and their means
-    coupling = (B * n_out * n_in * 4 + B * n_in * 4) * (2 if grad else 1)
+    coupling = B * n_out * n_in * 4  # [B, N_out, N_in]: the coefficients c (or, GRAD, the logit gradients g)
     if logits:
-        # V (and ds) read, the coupling written once: a chunk's logits (and agreements) are
-        # written, read back by the second loop over the output capsules and the logits
-        # overwritten in place by their exponentials, all within the program's chunk, so in L2
-        # while the resident programs' chunks fit there; beyond, the read-back and rewrite of
-        # the logits and the read-back of the agreements cross DRAM too
+        # V (and ds) read, c (and g) written once: a chunk's logits (and agreements) are written,
+        # read back and overwritten in place by their exponentials, these read back and
+        # overwritten by c (the agreements by g), all within the program's chunk, so in L2
+        # while the resident programs' chunks fit there; beyond, every pass crosses DRAM
         chunk = c["BLOCK_B"] * n_out * c["BLOCK_IC"] * 4 * (2 if grad else 1)
-        exps = B * n_out * n_in * 4
-        moved = streamed + B * caps * 4 * (2 if grad else 1) + coupling
-        return RuleResult(shape, programs, moved, chunk, 2 * exps + (exps if grad else 0))
-    # the coupling read (r > 0), this split's partial sums written
+        moved = streamed + B * caps * 4 * (2 if grad else 1) + coupling * (2 if grad else 1)
+        return RuleResult(shape, programs, moved, chunk, coupling * (4 + (3 if grad else 0)))
+    # the coefficients (or the logit gradients) read (r > 0), this split's partial sums written
     moved = streamed + (0 if c["FIRST"] else coupling) + B * v["SPLIT"] * caps * 4
     return RuleResult(shape, programs, moved)
 
@@ -628,7 +625,7 @@ def rule_chunked_final(launch) -> RuleResult:
     runs_axis = 1 if launch.kernel == "fused_layer_bwd_input_kernel" else 0
     runs = _runs(n_in, v["caps_per_split"], launch.grid[runs_axis])
     u = B * n_in * kin * _elt(launch, "u_ptr")
-    coupling = steps * (B * n_out * n_in * 4 * (2 if c["GRAD_THROUGH"] else 1) + B * n_in * 4 * 2)
+    coupling = steps * B * n_out * n_in * 4 * (2 if c["GRAD_THROUGH"] else 1)  # c (and g) of every step
     saved = B * caps * 4 * 2 * v["R"]  # V and ds of every step
     if launch.kernel == "fused_layer_bwd_input_kernel":
         steps_loop = [("steps", [])]

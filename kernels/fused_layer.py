@@ -341,10 +341,10 @@ def fused_layer_bwd_dw_sum_kernel(
 # so the elementwise work is on D_in numbers per (example, input capsule, output capsule) instead
 # of D_out, the products run on tensor cores with K = D_out and K = (input capsules x D_in), and
 # no tile of predictions or padded output capsules is held in registers. The softmax over j
-# couples the output capsules: ``fused_layer_logits_kernel`` writes the logits of a run of input
-# capsules for every j with their softmax statistics (max, 1 / sum of exponentials, an online
-# softmax over j), then ``fused_layer_sums_kernel`` forms the coupling coefficients and this
-# run's partial sums of one output capsule. ``fused_layer_state_kernel`` reduces the partials of
+# couples the output capsules: ``fused_layer_logits_kernel`` writes the coupling coefficients of
+# a run of input capsules for every j (logits, their softmax over j in place), then
+# ``fused_layer_sums_kernel`` reads those of one output capsule and forms this run's partial sums
+# of it. ``fused_layer_state_kernel`` reduces the partials of
 # the previous iteration per example (in split order), squashes and writes the saved s and V.
 # Half-precision inputs: the float32 factors (V, X) enter the products as two half parts (hi +
 # lo), each multiplied exactly on tensor cores, so nothing is rounded to the input dtype.
@@ -426,28 +426,18 @@ def _per_component(b_x, BLOCK_B: tl.constexpr, BLOCK_IC: tl.constexpr, BLOCK_KIN
 
 
 @triton.jit
-def _slot_buffers(exp_ptr, inv_ptr, agree_ptr, mean_ptr, slot, B, N_out, N_in):
-    """The four coupling buffers ([S, B, N_out, N_in] exponentials and agreements, [S, B, N_in]
-    their sums) at ``slot``."""
-    slot = tl.cast(slot, tl.int64)
-    return (
-        exp_ptr + slot * B * N_out * N_in, inv_ptr + slot * B * N_in,
-        agree_ptr + slot * B * N_out * N_in, mean_ptr + slot * B * N_in,
-    )
+def _slot_buffers(c_ptr, g_ptr, slot, B, N_out, N_in):
+    """The two [S, B, N_out, N_in] coupling buffers (coefficients, logit gradients) at ``slot``."""
+    slot = tl.cast(slot, tl.int64) * B * N_out * N_in
+    return c_ptr + slot, g_ptr + slot
 
 
 @triton.jit
-def _coefficients(exp_ptr, inv_ptr, agree_ptr, mean_ptr, o_e, o_bi, m_bi, GRAD: tl.constexpr):
-    """The coupling coefficients ``c = e * inv`` of a chunk and output capsule (offsets ``o_e`` into
-    the [B, N_out, N_in] buffers, ``o_bi`` into the [B, N_in] ones) and, with ``GRAD``, the logit
-    gradient ``g = c (a - sum_j c a)``, exactly 0 where the softmax saturates (as
-    softmax_over_outputs_vjp); else g is c."""
-    b_c = tl.load(exp_ptr + o_e, mask=m_bi, other=0.0) * tl.load(inv_ptr + o_bi, mask=m_bi, other=0.0)
-    b_g = b_c
-    if GRAD:
-        b_a = tl.load(agree_ptr + o_e, mask=m_bi, other=0.0) - tl.load(mean_ptr + o_bi, mask=m_bi, other=0.0)
-        b_g = tl.where(b_c < 1.0, b_c * b_a, 0.0)
-    return b_c, b_g
+def _coupling_tile(p_x, o_e, m_bi, BLOCK_B: tl.constexpr, BLOCK_IC: tl.constexpr, BLOCK_KIN: tl.constexpr):
+    """The coupling coefficients (or logit gradients) of a chunk and output capsule as
+    ``fused_layer_logits_kernel`` stored them (offsets ``o_e`` into a [B, N_out, N_in] buffer),
+    repeated over each capsule's components: [BLOCK_B, BLOCK_IC * BLOCK_KIN]."""
+    return _per_component(tl.load(p_x + o_e, mask=m_bi, other=0.0), BLOCK_B, BLOCK_IC, BLOCK_KIN)
 
 
 @triton.jit
@@ -494,11 +484,9 @@ def fused_layer_logits_kernel(
     u_ptr,  # [B, N_in, BLOCK_KIN] input capsules (D_in zero padded), capsules contiguous
     w_ptr,  # [N_in, N_out, D, BLOCK_KIN] weight (D_in zero padded), dtype of u, [D, BLOCK_KIN] blocks contiguous
     vsum_buf_ptr,  # [R, B, N_out, D] f32 saved V_r (slot r read)
-    exp_ptr,  # [S, B, N_out, N_in] f32 exp(logit - max_j logit) of iteration r (slot written)
-    inv_ptr,  # [S, B, N_in] f32 1 / sum_j exp(logit - max_j logit) (slot written)
+    c_ptr,  # [S, B, N_out, N_in] f32 the coupling coefficients of iteration r (slot written)
     ds_buf_ptr,  # [R, B, N_out, D] f32 ds_r (slot r read; GRAD only)
-    agree_ptr,  # [S, B, N_out, N_in] f32 a = u_hat . ds_r (slot written; GRAD only)
-    mean_ptr,  # [S, B, N_in] f32 sum_j c a (slot written; GRAD only)
+    g_ptr,  # [S, B, N_out, N_in] f32 the logit gradients g = c (a - sum_j c a) (slot written; GRAD only)
     B,
     N_in,
     N_out,
@@ -518,20 +506,22 @@ def fused_layer_logits_kernel(
     DOT_F32: tl.constexpr,
     GRAD: tl.constexpr,  # the backward through step r: also a = u_hat . ds_r and sum_j c a
 ):
-    """The coupling coefficients of iteration r for the tile and a run of input capsules, as
-    ``c[b, i, j] = e[b, j, i] * inv[b, i]``: per chunk, the logits of every output capsule (stored,
-    with their running maximum), then ``e = exp(logit - max)`` over them again and ``inv = 1 / sum_j e``.
-    Where the softmax saturates e is exactly 1 for the largest logit and 0 elsewhere, so c is
-    exactly one-hot. ``GRAD``: also the agreements with the gradient of s, ``a = u . (W^T ds_r)``,
-    and ``sum_j c a``, from which ``fused_layer_sums_kernel`` forms the logit gradient
-    ``g = c (a - sum_j c a)``."""
+    """The coupling coefficients of iteration r for the tile and a run of input capsules, stored
+    as ``c[b, j, i]`` for the passes that read them: per chunk, three loops over the output
+    capsules, each over the values the one before stored in place (the program's own chunk, in
+    L2): the logits of every output capsule and their running maximum; ``e = exp(logit - max)``
+    and ``inv = 1 / sum_j e``; ``c = e * inv``. Where the softmax saturates e is exactly 1 for the
+    largest logit and 0 elsewhere, so c is exactly one-hot. ``GRAD``: also the agreements with the
+    gradient of s, ``a = u . (W^T ds_r)``, and ``m = sum_j c a``, then the logit gradients
+    ``g = c (a - m)`` in place of the agreements, exactly 0 where the softmax saturates (as
+    softmax_over_outputs_vjp)."""
     i_tb = tl.program_id(0)
     i_k = tl.program_id(1)
     o_b = (i_tb * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
     m_b = o_b < B
     p_V = vsum_buf_ptr + tl.cast(r, tl.int64) * B * N_out * D
     p_ds = ds_buf_ptr + tl.cast(r, tl.int64) * B * N_out * D
-    exp_ptr, inv_ptr, agree_ptr, mean_ptr = _slot_buffers(exp_ptr, inv_ptr, agree_ptr, mean_ptr, slot, B, N_out, N_in)
+    c_ptr, g_ptr = _slot_buffers(c_ptr, g_ptr, slot, B, N_out, N_in)
     i_start = i_k * caps_per_split
     i_end = tl.minimum(i_start + caps_per_split, N_in)
     for i0 in range(i_start, i_end, BLOCK_IC):
@@ -539,42 +529,44 @@ def fused_layer_logits_kernel(
         b_u = _u_chunk(u_ptr, o_b, m_b, i0, m_c, stride_ub, BLOCK_IC, BLOCK_KIN)
         o_ic = i0 + tl.arange(0, BLOCK_IC)
         m_bi = m_b[:, None] & (o_ic < i_end)[None, :]
-        o_e = o_b[:, None] * N_out * N_in + o_ic[None, :]  # e[b, 0, i]
+        o_e = o_b[:, None] * N_out * N_in + o_ic[None, :]  # c[b, 0, i]
         b_max = tl.full([BLOCK_B, BLOCK_IC], float("-inf"), tl.float32)
         for j in range(0, N_out):
             b_w = _w_chunk(w_ptr, j, o_i, o_k, m_c, D, stride_wi, stride_wj, BLOCK_DK, BLOCK_KIN)
             b_logit = _chunk_logits(b_u, b_w, p_V + j * D, o_b, m_b, D, N_out * D, HALF, PRECISION, DOT_F32,
                                     BLOCK_B, BLOCK_IC, BLOCK_KIN, BLOCK_DK)
-            tl.store(exp_ptr + o_e + j * N_in, b_logit, mask=m_bi)
+            tl.store(c_ptr + o_e + j * N_in, b_logit, mask=m_bi)
             b_max = tl.maximum(b_max, b_logit)
             if GRAD:
                 b_a = _chunk_logits(b_u, b_w, p_ds + j * D, o_b, m_b, D, N_out * D, HALF, PRECISION, DOT_F32,
                                     BLOCK_B, BLOCK_IC, BLOCK_KIN, BLOCK_DK)
-                tl.store(agree_ptr + o_e + j * N_in, b_a, mask=m_bi)
+                tl.store(g_ptr + o_e + j * N_in, b_a, mask=m_bi)
         tl.debug_barrier()  # the logits stored above are read back by other threads of the program
         b_sum = tl.zeros([BLOCK_B, BLOCK_IC], dtype=tl.float32)
         b_ca = tl.zeros([BLOCK_B, BLOCK_IC], dtype=tl.float32)
         for j in range(0, N_out):
-            b_e = tl.exp(tl.load(exp_ptr + o_e + j * N_in, mask=m_bi, other=0.0) - b_max)
-            tl.store(exp_ptr + o_e + j * N_in, b_e, mask=m_bi)
+            b_e = tl.exp(tl.load(c_ptr + o_e + j * N_in, mask=m_bi, other=0.0) - b_max)
+            tl.store(c_ptr + o_e + j * N_in, b_e, mask=m_bi)
             b_sum += b_e
             if GRAD:
-                b_ca += b_e * tl.load(agree_ptr + o_e + j * N_in, mask=m_bi, other=0.0)
+                b_ca += b_e * tl.load(g_ptr + o_e + j * N_in, mask=m_bi, other=0.0)
         b_inv = tl.math.div_rn(1.0, b_sum)
-        o_bi = o_b[:, None] * N_in + o_ic[None, :]
-        tl.store(inv_ptr + o_bi, b_inv, mask=m_bi)
-        if GRAD:
-            tl.store(mean_ptr + o_bi, b_ca * b_inv, mask=m_bi)
+        b_mean = b_ca * b_inv
+        tl.debug_barrier()  # read back as stored above (by other threads, should the layouts differ)
+        for j in range(0, N_out):
+            b_c = tl.load(c_ptr + o_e + j * N_in, mask=m_bi, other=0.0) * b_inv
+            tl.store(c_ptr + o_e + j * N_in, b_c, mask=m_bi)
+            if GRAD:
+                b_a = tl.load(g_ptr + o_e + j * N_in, mask=m_bi, other=0.0) - b_mean
+                tl.store(g_ptr + o_e + j * N_in, tl.where(b_c < 1.0, b_c * b_a, 0.0), mask=m_bi)
 
 
 @triton.jit(do_not_specialize=["B", "SPLIT", "caps_per_split", "slot"])
 def fused_layer_sums_kernel(
     u_ptr,  # [B, N_in, BLOCK_KIN] input capsules (D_in zero padded), capsules contiguous
     w_ptr,  # [N_in, N_out, D, BLOCK_KIN] weight (D_in zero padded), dtype of u, [D, BLOCK_KIN] blocks contiguous
-    exp_ptr,  # [S, B, N_out, N_in] f32 exp(logit - max) (slot read; unused when FIRST)
-    inv_ptr,  # [S, B, N_in] f32 1 / sum_j exp(logit - max) (slot read; unused when FIRST)
-    agree_ptr,  # [S, B, N_out, N_in] f32 a = u_hat . ds (slot read; GRAD only)
-    mean_ptr,  # [S, B, N_in] f32 sum_j c a (slot read; GRAD only)
+    c_ptr,  # [S, B, N_out, N_in] f32 coupling coefficients (slot read; unused when FIRST or GRAD)
+    g_ptr,  # [S, B, N_out, N_in] f32 logit gradients (slot read; GRAD only)
     part_ptr,  # [B, SPLIT, N_out, D] f32 partial s, or of dV (GRAD) (written)
     vsum_buf_ptr,  # [R, B, N_out, D] f32 saved V_r (slot 0, V_0 = 0, written when FIRST)
     B,
@@ -618,10 +610,8 @@ def fused_layer_sums_kernel(
             o_ic = i0 + tl.arange(0, BLOCK_IC)
             m_bi = m_b[:, None] & (o_ic < i_end)[None, :]
             o_e = (o_b[:, None] * N_out + j) * N_in + o_ic[None, :]
-            o_bi = o_b[:, None] * N_in + o_ic[None, :]
-            p_e, p_inv, p_a, p_mean = _slot_buffers(exp_ptr, inv_ptr, agree_ptr, mean_ptr, slot, B, N_out, N_in)
-            _, b_g = _coefficients(p_e, p_inv, p_a, p_mean, o_e, o_bi, m_bi, GRAD)
-            b_x = _per_component(b_g, BLOCK_B, BLOCK_IC, BLOCK_KIN) * b_u.to(tl.float32)
+            p_c, p_g = _slot_buffers(c_ptr, g_ptr, slot, B, N_out, N_in)
+            b_x = _coupling_tile(p_g if GRAD else p_c, o_e, m_bi, BLOCK_B, BLOCK_IC, BLOCK_KIN) * b_u.to(tl.float32)
             b_acc += _dot_split(b_x, tl.trans(b_w), HALF, PRECISION, DOT_F32)
     o_d = tl.arange(0, BLOCK_DK)
     m_bd = m_b[:, None] & (o_d < D)[None, :]
@@ -655,10 +645,8 @@ def fused_layer_bwd_input_kernel(
     w_ptr,  # [N_in, N_out, D, BLOCK_KIN] weight (D_in zero padded), [D, BLOCK_KIN] blocks contiguous
     vsum_buf_ptr,  # [R, B, N_out, D] f32 saved V_r
     ds_buf_ptr,  # [R, B, N_out, D] f32 ds_r
-    exp_ptr,  # [S, B, N_out, N_in] f32 per step from r_first: exp(logit - max)
-    inv_ptr,  # [S, B, N_in] f32 1 / sum_j exp(logit - max)
-    agree_ptr,  # [S, B, N_out, N_in] f32 u_hat . ds_r (GRAD_THROUGH only)
-    mean_ptr,  # [S, B, N_in] f32 sum_j c a (GRAD_THROUGH only)
+    c_ptr,  # [S, B, N_out, N_in] f32 per step from r_first: coupling coefficients
+    g_ptr,  # [S, B, N_out, N_in] f32 per step from r_first: logit gradients (GRAD_THROUGH only)
     du_ptr,  # [B, N_in, D_in] gradient of u, dtype of u, contiguous (written)
     B,
     N_in,
@@ -692,7 +680,6 @@ def fused_layer_bwd_input_kernel(
         o_i, o_k, m_c = _caps_chunk(i0, i_end, BLOCK_IC, BLOCK_KIN)
         o_ic = i0 + tl.arange(0, BLOCK_IC)
         m_bi = m_b[:, None] & (o_ic < i_end)[None, :]
-        o_bi = o_b[:, None] * N_in + o_ic[None, :]
         b_du = tl.zeros([BLOCK_B, BLOCK_IC * BLOCK_KIN], dtype=tl.float32)
         for j in range(0, N_out):
             b_w = _w_chunk(w_ptr, j, o_i, o_k, m_c, D, stride_wi, stride_wj, BLOCK_DK, BLOCK_KIN)
@@ -701,18 +688,15 @@ def fused_layer_bwd_input_kernel(
                 b_ds = _caps_rows(ds_buf_ptr + j * D, o_b, m_b, D, caps_size, BLOCK_DK)
                 b_du += _dot_split(b_ds, b_w, HALF, PRECISION, DOT_F32) / N_out
             for r in range(r_first, R):
-                p_e, p_inv, p_a, p_mean = _slot_buffers(
-                    exp_ptr, inv_ptr, agree_ptr, mean_ptr, r - r_first, B, N_out, N_in
-                )
-                b_c, b_g = _coefficients(p_e, p_inv, p_a, p_mean, o_e, o_bi, m_bi, GRAD_THROUGH)
+                p_c, p_g = _slot_buffers(c_ptr, g_ptr, r - r_first, B, N_out, N_in)
                 p_r = tl.cast(r, tl.int64) * B * caps_size + j * D
                 b_ds = _caps_rows(ds_buf_ptr + p_r, o_b, m_b, D, caps_size, BLOCK_DK)
-                b_du += _per_component(b_c, BLOCK_B, BLOCK_IC, BLOCK_KIN) * _dot_split(
+                b_du += _coupling_tile(p_c, o_e, m_bi, BLOCK_B, BLOCK_IC, BLOCK_KIN) * _dot_split(
                     b_ds, b_w, HALF, PRECISION, DOT_F32
                 )
                 if GRAD_THROUGH:
                     b_V = _caps_rows(vsum_buf_ptr + p_r, o_b, m_b, D, caps_size, BLOCK_DK)
-                    b_du += _per_component(b_g, BLOCK_B, BLOCK_IC, BLOCK_KIN) * _dot_split(
+                    b_du += _coupling_tile(p_g, o_e, m_bi, BLOCK_B, BLOCK_IC, BLOCK_KIN) * _dot_split(
                         b_V, b_w, HALF, PRECISION, DOT_F32
                     )
         o_du = o_b[:, None] * N_in * D_in + (o_i * D_in + o_k)[None, :]
@@ -725,10 +709,8 @@ def fused_layer_bwd_weight_kernel(
     u_ptr,  # [B, N_in, BLOCK_KIN] input capsules (D_in zero padded), capsules contiguous
     vsum_buf_ptr,  # [R, B, N_out, D] f32 saved V_r
     ds_buf_ptr,  # [R, B, N_out, D] f32 ds_r
-    exp_ptr,  # [S, B, N_out, N_in] f32 per step from r_first: exp(logit - max)
-    inv_ptr,  # [S, B, N_in] f32 1 / sum_j exp(logit - max)
-    agree_ptr,  # [S, B, N_out, N_in] f32 u_hat . ds_r (GRAD_THROUGH only)
-    mean_ptr,  # [S, B, N_in] f32 sum_j c a (GRAD_THROUGH only)
+    c_ptr,  # [S, B, N_out, N_in] f32 per step from r_first: coupling coefficients
+    g_ptr,  # [S, B, N_out, N_in] f32 per step from r_first: logit gradients (GRAD_THROUGH only)
     dw_part_ptr,  # [G, N_in, N_out, D, D_in] f32 this group's part of the weight gradient (written)
     B,
     N_in,
@@ -767,24 +749,20 @@ def fused_layer_bwd_weight_kernel(
             o_b = (tb * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
             m_b = o_b < B
             m_bi = m_b[:, None] & (o_ic < i_end)[None, :]
-            o_bi = o_b[:, None] * N_in + o_ic[None, :]
             o_e = (o_b[:, None] * N_out + j) * N_in + o_ic[None, :]
             b_u = _u_chunk(u_ptr, o_b, m_b, i0, m_c, stride_ub, BLOCK_IC, BLOCK_KIN)
             if UNIFORM:
                 b_ds = _caps_rows(ds_buf_ptr + j * D, o_b, m_b, D, caps_size, BLOCK_DK)
                 b_dw += _dot_split(tl.trans(b_ds), b_u, HALF, PRECISION, DOT_F32) / N_out
             for r in range(r_first, R):
-                p_e, p_inv, p_a, p_mean = _slot_buffers(
-                    exp_ptr, inv_ptr, agree_ptr, mean_ptr, r - r_first, B, N_out, N_in
-                )
-                b_c, b_g = _coefficients(p_e, p_inv, p_a, p_mean, o_e, o_bi, m_bi, GRAD_THROUGH)
+                p_c, p_g = _slot_buffers(c_ptr, g_ptr, r - r_first, B, N_out, N_in)
                 p_r = tl.cast(r, tl.int64) * B * caps_size + j * D
                 b_ds = _caps_rows(ds_buf_ptr + p_r, o_b, m_b, D, caps_size, BLOCK_DK)
-                b_x = _per_component(b_c, BLOCK_B, BLOCK_IC, BLOCK_KIN) * b_u.to(tl.float32)
+                b_x = _coupling_tile(p_c, o_e, m_bi, BLOCK_B, BLOCK_IC, BLOCK_KIN) * b_u.to(tl.float32)
                 b_dw += _dot_split2(tl.trans(b_ds), b_x, u_ptr.dtype.element_ty, HALF, PRECISION, DOT_F32)
                 if GRAD_THROUGH:
                     b_V = _caps_rows(vsum_buf_ptr + p_r, o_b, m_b, D, caps_size, BLOCK_DK)
-                    b_x = _per_component(b_g, BLOCK_B, BLOCK_IC, BLOCK_KIN) * b_u.to(tl.float32)
+                    b_x = _coupling_tile(p_g, o_e, m_bi, BLOCK_B, BLOCK_IC, BLOCK_KIN) * b_u.to(tl.float32)
                     b_dw += _dot_split2(tl.trans(b_V), b_x, u_ptr.dtype.element_ty, HALF, PRECISION, DOT_F32)
         o_dw = ((i_g * N_in + o_i.to(tl.int64)) * N_out + j) * D * D_in + o_k
         m_dw = (o_d < D)[:, None] & (m_c & (o_k < D_in))[None, :]

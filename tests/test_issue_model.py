@@ -132,20 +132,20 @@ def _logits_launch(batch, n_out, grad):
 
 
 def test_logits_written_and_read_back_in_l2_cross_dram_once():
-    """The logits pass writes a chunk's logits (and agreements), reads them back and overwrites
-    the logits with their exponentials: one DRAM write of each while the resident programs'
-    chunks fit in L2, the read-back and rewrite too beyond."""
+    """The logits pass writes a chunk's logits (and agreements) and rewrites them in place twice
+    (exponentials, then coefficients; logit gradients): one DRAM write while the resident
+    programs' chunks fit in L2, every read-back and rewrite too beyond."""
     batch, n_in, caps = 1024, 1152, 10 * 16
     streamed = batch * n_in * 8 * 4 + n_in * caps * 8 * 4  # u, W (float32, D_in 8)
-    exps, sums = batch * 10 * n_in * 4, batch * n_in * 4
+    coupling = batch * 10 * n_in * 4
     fwd = issue_model.rule_chunked_pass(_logits_launch(batch, 10, False))
-    assert fwd.bytes == streamed + batch * caps * 4 + exps + sums  # V read, coupling written once
+    assert fwd.bytes == streamed + batch * caps * 4 + coupling  # V read, the coefficients written once
     assert fwd.in_flight_per_program == 64 * 10 * 8 * 4
     assert issue_model.dram_bytes(fwd, 2 * 132) == fwd.bytes  # 5.4 MB in flight: in L2
-    assert issue_model.dram_bytes(fwd, 10**4) == fwd.bytes + 2 * exps  # 205 MB: read back, rewritten
+    assert issue_model.dram_bytes(fwd, 10**4) == fwd.bytes + 4 * coupling  # 205 MB: 2 reads, 2 rewrites
     bwd = issue_model.rule_chunked_pass(_logits_launch(batch, 10, True))
-    assert bwd.bytes == streamed + 2 * batch * caps * 4 + 2 * (exps + sums)  # V, ds; agreements and means too
-    assert issue_model.dram_bytes(bwd, 10**4) == bwd.bytes + 3 * exps
+    assert bwd.bytes == streamed + 2 * batch * caps * 4 + 2 * coupling  # V, ds; the logit gradients too
+    assert issue_model.dram_bytes(bwd, 10**4) == bwd.bytes + 7 * coupling
     wide = issue_model.rule_chunked_pass(_logits_launch(batch, 128, True))
     assert issue_model.dram_bytes(wide, 2 * 132) > wide.bytes  # 128 classes: 138 MB in flight
 

@@ -109,7 +109,7 @@ def test_peak_tensor_bytes_counts_the_scratch_buffers_inside_the_ops():
         output_bytes = sum(t.nbytes for t in outputs)
         with torch.no_grad():
             peak = harness.peak_tensor_bytes(lambda: fused_layer.capsule_routing(u, weight, 3, True))
-    coupling = 64 * 1152 * 10 * 4  # exp(logits), float32 [B, N_out, N_in]
+    coupling = 64 * 1152 * 10 * 4  # the coefficients, float32 [B, N_out, N_in]
     assert peak >= output_bytes + coupling
 
 

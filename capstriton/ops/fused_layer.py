@@ -407,7 +407,7 @@ def fused_layer_fwd(
 
 class _CouplingPasses:
     """The passes in input-capsule space for one call (``capstriton.kernels.fused_layer``): the
-    coupling coefficients of a step (and in the backward the agreements with ds) into one of
+    coupling coefficients of a step (and in the backward the logit gradients) into one of
     ``slots`` buffer slots, then per output capsule the split's partial sums of ``c u_hat`` (or
     ``g u_hat``); and the final backward pass, which reads every slot."""
 
@@ -419,12 +419,10 @@ class _CouplingPasses:
         self.cfg = cfg = chunked_config(int(n_in), int(d), int(d_in), batch, tuning, u.dtype == torch.float32)
         self.u, self.weight = u, weight = flat_capsules(u), flat_capsules(weight)
         self.split = cfg.split.split
-        self.exps = empty((slots, batch, n_out, n_in), _F32, u.device)
-        self.inv = empty((slots, batch, n_in), _F32, u.device)
-        # the agreements with ds and their means (the backward through routing; otherwise the
-        # kernels never touch these arguments, which repeat the exponentials and the sums)
-        self.agree = empty((slots, batch, n_out, n_in), _F32, u.device) if grad else self.exps
-        self.mean = empty((slots, batch, n_in), _F32, u.device) if grad else self.inv
+        self.coefficients = empty((slots, batch, n_out, n_in), _F32, u.device)
+        # the logit gradients (the backward through routing; otherwise the kernels never touch
+        # this argument, which repeats the coefficients)
+        self.logit_grads = empty((slots, batch, n_out, n_in), _F32, u.device) if grad else self.coefficients
         self.partials = empty((batch, self.split, n_out, d), _F32, u.device)
         self.grad = grad
         self.n_out = n_out
@@ -434,7 +432,7 @@ class _CouplingPasses:
         self.final_examples = final_examples(tuning)
 
     def _buffers(self) -> dict:
-        return dict(exp_ptr=self.exps, inv_ptr=self.inv, agree_ptr=self.agree, mean_ptr=self.mean)
+        return dict(c_ptr=self.coefficients, g_ptr=self.logit_grads)
 
     def _args(self, slot: int) -> dict:
         return dict(
@@ -447,6 +445,9 @@ class _CouplingPasses:
         launch(
             fused_layer_logits_kernel, (self.cfg.tiles, self.split),
             vsum_buf_ptr=vsum_saved, ds_buf_ptr=ds_saved, r=r, **self._args(slot), GRAD=self.grad,
+            # left to ptxas (or held to three programs' share), some shapes spilled a few bytes on
+            # sm_90 or sm_80 (the kernel report)
+            maxnreg=whole_register_file(self.consts["num_warps"]),
         )
 
     def sums(self, vsum_saved: torch.Tensor, first: bool = False, slot: int = 0) -> None:
@@ -592,8 +593,8 @@ def _backward_on_tensor_cores(
     tuning: FusedTuning,
 ) -> torch.Tensor:
     """The backward in input-capsule space. Through routing: per step R-1 .. 1, ``ds_r``, the
-    coupling and agreements (kept, one slot a step), the partials of ``dV_r = sum_i g u_hat`` and
-    their running sum; then ``ds_0`` and the final pass. Detached: ``ds_{R-1}``, the coupling of
+    coefficients and logit gradients (kept, one slot a step), the partials of ``dV_r = sum_i g
+    u_hat`` and their running sum; then ``ds_0`` and the final pass. Detached: ``ds_{R-1}``, the coupling of
     step R-1, the final pass. Writes ``du``; returns the batch groups' parts of the weight
     gradient."""
     batch, _, _ = u.shape
