@@ -54,7 +54,7 @@ from ``cuobjdump -sass`` of each cubin. Then, per launch:
      measured by the sweep (``copy_bandwidth_bytes_per_s`` of
      ``bench/results/nvidia-h200/results.json``, 4.15e12 B/s). What a program writes and reads
      back or overwrites within one chunk (the logits pass's logits and agreements) crosses DRAM
-     once while the resident programs' chunks fit in half the 50 MB L2, else every time;
+     once while the resident programs' chunks fit in half the 50 MB L2, else every time.
 
    A launch takes max(issue, tensor, memory); an op (forward, or forward+backward) the sum over
    its launches, or the op's analytic minimum bytes (the spec's ``min_bytes_per_example`` x B) at

@@ -352,9 +352,10 @@ def _check_precision(u: torch.Tensor, weight: torch.Tensor, precision: str) -> N
     (:data:`FUSED_MAX_OUTPUTS`) where they run."""
     if precision not in ("ieee", "tf32", "tf32x3"):
         raise ValueError(f"precision must be 'ieee', 'tf32' or 'tf32x3', got {precision!r}")
+    if uses_tensor_cores(u, precision):
+        return
     _, n_out, d, _ = weight.shape
-    block = triton.next_power_of_2(n_out) * triton.next_power_of_2(d)
-    if not uses_tensor_cores(u, precision) and block > FUSED_MAX_OUTPUTS:
+    if triton.next_power_of_2(int(n_out)) * triton.next_power_of_2(int(d)) > FUSED_MAX_OUTPUTS:
         raise ValueError(
             f"weight: precision 'ieee' (IEEE float32 products) takes capsule blocks of at most "
             f"{FUSED_MAX_OUTPUTS} outputs (next powers of two of N_out x D_out), got {n_out} x {d}; "
@@ -445,8 +446,8 @@ class _CouplingPasses:
         launch(
             fused_layer_logits_kernel, (self.cfg.tiles, self.split),
             vsum_buf_ptr=vsum_saved, ds_buf_ptr=ds_saved, r=r, **self._args(slot), GRAD=self.grad,
-            # left to ptxas (or held to three programs' share), some shapes spilled a few bytes on
-            # sm_90 or sm_80 (the kernel report)
+            # left to ptxas, three shapes spilled 4 to 8 bytes on sm_90 or sm_80 (the kernel
+            # report); held to three programs' share of the registers, others did on sm_80
             maxnreg=whole_register_file(self.consts["num_warps"]),
         )
 
@@ -594,9 +595,9 @@ def _backward_on_tensor_cores(
 ) -> torch.Tensor:
     """The backward in input-capsule space. Through routing: per step R-1 .. 1, ``ds_r``, the
     coefficients and logit gradients (kept, one slot a step), the partials of ``dV_r = sum_i g
-    u_hat`` and their running sum; then ``ds_0`` and the final pass. Detached: ``ds_{R-1}``, the coupling of
-    step R-1, the final pass. Writes ``du``; returns the batch groups' parts of the weight
-    gradient."""
+    u_hat`` and their running sum; then ``ds_0`` and the final pass. Detached: ``ds_{R-1}``, the
+    coefficients of step R-1, the final pass. Writes ``du``; returns the batch groups' parts of the
+    weight gradient."""
     batch, _, _ = u.shape
     _, n_out, d, _ = weight.shape
     through = grad_through_routing and iterations > 1  # steps with a logit gradient

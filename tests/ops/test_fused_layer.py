@@ -272,6 +272,7 @@ def test_fused_layer_deterministic():
     assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_largest_capsules_run_fused(dtype):
     """The largest sizes the layer is specified for (128 output capsules of 64D from 16D inputs),
@@ -279,7 +280,7 @@ def test_largest_capsules_run_fused(dtype):
     registers do not grow with the capsules (one output capsule at a time), and agree with
     float64 (the kernel report compiles them without spills)."""
     assert 128 * 64 > FUSED_MAX_OUTPUTS
-    u, w = layer_inputs(3, 3, 128, 64, 16, dtype=dtype)
+    u, w = layer_inputs(3, 2, 128, 64, 16, dtype=dtype)
     check_layer(u, w, 2, True, TOL[dtype])
 
 
@@ -382,7 +383,7 @@ def test_3xtf32_products_route_as_accurately_as_ieee_products(shape):
     assert errors["tf32"] > 10 * TOL[torch.float32], errors
 
 
-@pytest.mark.parametrize("shape", [(37, 10, 16, 8), (3, 128, 64, 16)], ids=layer_id)
+@pytest.mark.parametrize("shape", [(37, 10, 16, 8), (2, 128, 64, 16)], ids=layer_id)
 def test_training_step_saves_nothing_of_u_hat_size(shape):
     """The memory claim, counted exactly on CPU tensors: a training step of the fused layer keeps
     u, the weight and per-iteration [B, N_out, D] sums, and no tensor of u_hat's size
