@@ -599,6 +599,8 @@ def fused_layer_sums_kernel(
     m_b = o_b < B
     i_start = i_k * caps_per_split
     i_end = tl.minimum(i_start + caps_per_split, N_in)
+    p_c, p_g = _slot_buffers(c_ptr, g_ptr, slot, B, N_out, N_in)
+    p_x = p_g if GRAD else p_c  # the factor of u: g, or c
     b_acc = tl.zeros([BLOCK_B, BLOCK_DK], dtype=tl.float32)
     for i0 in range(i_start, i_end, BLOCK_IC):
         o_i, o_k, m_c = _caps_chunk(i0, i_end, BLOCK_IC, BLOCK_KIN)
@@ -610,8 +612,7 @@ def fused_layer_sums_kernel(
             o_ic = i0 + tl.arange(0, BLOCK_IC)
             m_bi = m_b[:, None] & (o_ic < i_end)[None, :]
             o_e = (o_b[:, None] * N_out + j) * N_in + o_ic[None, :]
-            p_c, p_g = _slot_buffers(c_ptr, g_ptr, slot, B, N_out, N_in)
-            b_x = _coupling_tile(p_g if GRAD else p_c, o_e, m_bi, BLOCK_B, BLOCK_IC, BLOCK_KIN) * b_u.to(tl.float32)
+            b_x = _coupling_tile(p_x, o_e, m_bi, BLOCK_B, BLOCK_IC, BLOCK_KIN) * b_u.to(tl.float32)
             b_acc += _dot_split(b_x, tl.trans(b_w), HALF, PRECISION, DOT_F32)
     o_d = tl.arange(0, BLOCK_DK)
     m_bd = m_b[:, None] & (o_d < D)[None, :]

@@ -106,14 +106,11 @@ def launch(sizes, batch, overrides):
     """The launch parameters the knobs resolve to: the passes on tensor cores (what float32 at
     "highest", the tuned dtype, runs; their final pass with its own example tile and batch groups)
     and the IEEE-product passes over tiles of predictions."""
-    import triton
-
-    from capstriton.ops.fused_layer import batch_groups, chunked_config, final_examples, fused_config
+    from capstriton.ops.fused_layer import chunked_config, final_tiling, fused_config
 
     tuning = _tuning(overrides)
     n_in, n_out, d, d_in = sizes["n_in"], sizes["n_out"], sizes["d"], sizes["d_in"]
-    examples = final_examples(tuning)
-    groups, tiles_per_group = batch_groups(triton.cdiv(batch, examples), tuning.groups)
+    examples, _, groups, tiles_per_group = final_tiling(batch, tuning)
     return {
         "tensor_cores": dataclasses.asdict(chunked_config(n_in, d, d_in, batch, tuning)),
         "final": {"examples": examples, "groups": groups, "tiles_per_group": tiles_per_group,

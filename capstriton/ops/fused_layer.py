@@ -264,10 +264,12 @@ def chunked_config(
     )
 
 
-def final_examples(tuning: FusedTuning) -> int:
-    """Examples a program of the final backward pass on tensor cores: a power of two, at least 16
-    (the products' K)."""
-    return max(16, triton.next_power_of_2(tuning.final_examples))
+def final_tiling(batch: int, tuning: FusedTuning) -> tuple[int, int, int, int]:
+    """The final backward pass on tensor cores: examples a program (a power of two, at least 16:
+    the products' K), example tiles, batch groups (``batch_groups``) and tiles a group."""
+    examples = max(16, triton.next_power_of_2(tuning.final_examples))
+    tiles = triton.cdiv(max(batch, 1), examples)
+    return examples, tiles, *batch_groups(tiles, tuning.groups)
 
 
 def flat_capsules(x: torch.Tensor) -> torch.Tensor:
@@ -430,7 +432,7 @@ class _CouplingPasses:
         self.consts = chunked_constexprs(cfg, u, precision)
         self.sizes = dict(B=batch, N_in=n_in, N_out=n_out, D=d)
         self.target_programs = tuning.target_programs_bwd
-        self.final_examples = final_examples(tuning)
+        self.final_tiling = final_tiling(batch, tuning)
 
     def _buffers(self) -> dict:
         return dict(c_ptr=self.coefficients, g_ptr=self.logit_grads)
@@ -460,14 +462,12 @@ class _CouplingPasses:
 
     def final(
         self, du: torch.Tensor, vsum_saved: torch.Tensor, ds_saved: torch.Tensor, iterations: int, r_first: int,
-        uniform: bool, groups: int,
+        uniform: bool,
     ) -> torch.Tensor:
-        """The final backward pass: ``du`` written, the weight gradient returned (float32, summed
-        over ``groups`` batch groups in order)."""
+        """The final backward pass: ``du`` written, the batch groups' parts of the weight gradient
+        returned (float32, ``final_tiling``)."""
         cfg = self.cfg
-        bb = self.final_examples
-        tiles = triton.cdiv(self.sizes["B"], bb)
-        groups, tiles_per_group = batch_groups(tiles, groups)
+        bb, tiles, groups, tiles_per_group = self.final_tiling
         d_in = du.shape[2]
         steps = dict(
             vsum_buf_ptr=vsum_saved, ds_buf_ptr=ds_saved, **self._buffers(), **self.sizes, D_in=d_in,
@@ -616,7 +616,7 @@ def _backward_on_tensor_cores(
     _ds_step(dv, s_saved, ds_saved, r_lo)
     if r_lo > 0:  # detached: the coupling of the last step (no logit gradient)
         passes.coupling(r_lo, vsum_saved, ds_saved)
-    return passes.final(du, vsum_saved, ds_saved, iterations, r_first, r_lo == 0, tuning.groups)
+    return passes.final(du, vsum_saved, ds_saved, iterations, r_first, r_lo == 0)
 
 
 @triton_op("capstriton::fused_layer_bwd", mutates_args=())
