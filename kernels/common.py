@@ -43,6 +43,7 @@ __all__ = [
     "load_u_tile",
     "load_weight_t",
     "dot_f32",
+    "tf32_nearest",
     "predictions",
     "layer_weight_tile",
     "layer_predictions",
@@ -263,13 +264,38 @@ def load_weight_t(p_w, o_k, o_wn, m_n, D_in, stride_wk):
 
 @triton.jit
 def dot_f32(a, b, PRECISION: tl.constexpr, DOT_F32: tl.constexpr):
-    """``a @ b`` accumulated in float32. ``DOT_F32`` (set under TRITON_INTERPRET for bfloat16):
-    triton's interpreter multiplies bfloat16 operands as their raw 16-bit integers (3.6 to 3.9),
-    so they are widened first, exactly: bfloat16 products are exact in float32, as on tensor cores."""
+    """``a @ b`` accumulated in float32, the float32 products at ``PRECISION``: "ieee", "tf32", or
+    "tf32x3", made here rather than by Triton (whose decomposition also guards every element against
+    infinity: 40 of 413 instructions a chunk of the fused layer's sums pass, sm_90): each operand
+    split into its TF32 rounding ``hi`` and the remainder ``lo = x - hi`` (exact), and
+    ``lo_a hi_b + hi_a lo_b + hi_a hi_b`` summed on the tensor cores, smallest first; TF32 products
+    of TF32 values are exact, the remainders lose their bits beyond TF32 (about 2^-21 of the
+    operand) and ``lo_a lo_b`` (below 2^-22 of the product) is dropped. An infinite operand gives
+    NaN (inf - inf) where IEEE products give inf or NaN: the capsule layers turn either into NaN.
+
+    ``DOT_F32`` is set where Triton's interpreter runs the kernel (3.6 to 3.9). It multiplies every
+    dot in float32 whatever the precision, so the split is skipped there (its own test,
+    tests/ops/test_fused_layer.py, runs it), and it multiplies bfloat16 operands as their raw 16-bit
+    integers, so they are widened first, exactly: bfloat16 products are exact in float32, as on
+    tensor cores."""
     if DOT_F32:
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
-    return tl.dot(a, b, input_precision=PRECISION)
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=PRECISION)
+    elif PRECISION == "tf32x3":
+        a_hi = tf32_nearest(a)
+        b_hi = tf32_nearest(b)
+        acc = tl.dot(a - a_hi, b_hi, input_precision="tf32")
+        acc = tl.dot(a_hi, b - b_hi, acc, input_precision="tf32")
+        out = tl.dot(a_hi, b_hi, acc, input_precision="tf32")
+    else:
+        out = tl.dot(a, b, input_precision=PRECISION)
+    return out
+
+
+@triton.jit
+def tf32_nearest(x):
+    """float32 ``x`` rounded to TF32 as ``cvt.rna.tf32.f32`` rounds: 10 mantissa bits, ties away
+    from zero (two integer instructions)."""
+    return ((x.to(tl.uint32, bitcast=True) + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
 
 
 @triton.jit

@@ -293,7 +293,8 @@ def chunked_constexprs(cfg: ChunkedConfig, u: torch.Tensor, precision: str) -> d
         "BLOCK_DK": cfg.block_dk,
         "HALF": u.dtype != torch.float32,
         "PRECISION": precision if u.dtype == torch.float32 else "ieee",
-        "DOT_F32": os.environ.get("TRITON_INTERPRET") == "1" and u.dtype == torch.bfloat16,
+        # the interpreter: float32 products (kernels/common.py: dot_f32)
+        "DOT_F32": os.environ.get("TRITON_INTERPRET") == "1",
         "num_warps": cfg.num_warps,
         "num_stages": 1,
     }
@@ -307,8 +308,9 @@ def whole_register_file(num_warps: int) -> int:
 
 def fused_constexprs(cfg: FusedConfig, dtype: torch.dtype, precision: str) -> dict:
     """The constexprs and launch options every fused-layer-style pass takes."""
-    # Triton's interpreter (3.6 to 3.9) multiplies bfloat16 dot operands as their raw 16-bit
-    # integers: the kernels widen them (exactly) when it runs them.
+    # Triton's interpreter (3.6 to 3.9) multiplies every dot in float32 whatever the precision, and
+    # bfloat16 operands as their raw 16-bit integers: the kernels widen them (exactly) and skip the
+    # 3xTF32 split when it runs them (kernels/common.py: dot_f32).
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"
     return {
         "BLOCK_B": cfg.block_b,
@@ -318,7 +320,7 @@ def fused_constexprs(cfg: FusedConfig, dtype: torch.dtype, precision: str) -> di
         "USE_DOT": cfg.use_dot,
         # float32 products only: half types multiply on tensor cores whatever the setting
         "PRECISION": precision if dtype == torch.float32 else "ieee",
-        "DOT_F32": interpreted and dtype == torch.bfloat16 and cfg.use_dot,
+        "DOT_F32": interpreted and cfg.use_dot,
         "num_warps": cfg.num_warps,
         # no software pipelining of the capsule loops: its staged copies of the u and W tiles
         # cost registers and shared memory that the routing blocks need (spills otherwise)

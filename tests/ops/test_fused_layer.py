@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 import triton
+import triton.language as tl
 from _helpers import (
     DTYPE_IDS,
     DTYPES,
@@ -25,6 +26,7 @@ from _helpers import (
     requires_cuda,
     saved_storages,
 )
+from capstriton.kernels.common import dot_f32, tf32_nearest
 
 import capstriton as ct
 from capstriton import reference
@@ -347,8 +349,9 @@ def _tf32_operand(x: torch.Tensor) -> torch.Tensor:
 
 
 def _predictions_3xtf32(u: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """Triton's ``input_precision="tf32x3"`` on the CPU: big = TF32(a), small = a - big, and
-    small*big + big*small + big*big as TF32 products (exact in float32) with float32 sums."""
+    """The kernels' "tf32x3" products (kernels/common.py: dot_f32) on the CPU: big = TF32(a), small =
+    a - big, and small*big + big*small + big*big as TF32 products (exact in float32) with float32
+    sums."""
 
     def product(a, b):
         return torch.einsum("bik,ijdk->bijd", _tf32_operand(a), _tf32_operand(b))
@@ -359,7 +362,7 @@ def _predictions_3xtf32(u: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("shape", [(1152, 10, 16, 8), (37, 3, 16, 9), (16, 100, 8, 16)], ids=layer_id)
 def test_3xtf32_products_route_as_accurately_as_ieee_products(shape):
-    """Why "highest" may multiply as 3xTF32: on an emulation of Triton's decomposition (the
+    """Why "highest" may multiply as 3xTF32: on an emulation of the kernels' decomposition (the
     interpreter multiplies every dot in IEEE float32, so the kernels' CPU runs cannot show it),
     routing its predictions in float32 lands as close to float64 as routing IEEE float32
     predictions does: the products' extra error (about 2^-20 relative against 2^-24) is below the
@@ -381,6 +384,72 @@ def test_3xtf32_products_route_as_accurately_as_ieee_products(shape):
     # "as tightly as the float32 path": within twice its error (seen: 0.9x to 1.2x)
     assert errors["tf32x3"] < 2 * errors["ieee"], errors
     assert errors["tf32"] > 10 * TOL[torch.float32], errors
+
+
+@triton.jit
+def _tf32_nearest_kernel(x_ptr, out_ptr, N: tl.constexpr):
+    o = tl.arange(0, N)
+    tl.store(out_ptr + o, tf32_nearest(tl.load(x_ptr + o)))
+
+
+@triton.jit
+def _dot_f32_kernel(
+    a_ptr, b_ptr, out_ptr, M: tl.constexpr, N: tl.constexpr, K: tl.constexpr, PRECISION: tl.constexpr,
+    DOT_F32: tl.constexpr,
+):
+    o_m, o_n, o_k = tl.arange(0, M), tl.arange(0, N), tl.arange(0, K)
+    b_a = tl.load(a_ptr + o_m[:, None] * K + o_k[None, :])
+    b_b = tl.load(b_ptr + o_k[:, None] * N + o_n[None, :])
+    tl.store(out_ptr + o_m[:, None] * N + o_n[None, :], dot_f32(b_a, b_b, PRECISION, DOT_F32))
+
+
+def _wide_range(*shape: int, octaves: int = 60) -> torch.Tensor:
+    """float32 values of both signs, each row (first index) scaled by its own 2^e, |e| <= octaves."""
+    scale = torch.exp2(torch.randint(-octaves, octaves + 1, shape[:1] + (1,) * (len(shape) - 1)).double())
+    return (torch.randn(*shape, dtype=torch.float64) * scale).float()
+
+
+def test_tf32_nearest_rounds_to_10_mantissa_bits_ties_away():
+    """The kernels' TF32 rounding (two integer instructions in place of cvt.rna.tf32.f32) against
+    its definition computed in float64: the nearest float with 10 mantissa bits, ties away from
+    zero, over random magnitudes, exact ties and their neighbours (both signs), carries into the
+    exponent, zeros and subnormals."""
+    bits = torch.tensor([0x3F801000, 0x3F800FFF, 0x3F801001, 0x3F803000, 0x3FFFF000, 0x7F7FE000 - 0x1000,
+                         0x00001000, 0x00003000, 0x00000FFF, 0x007FF000, 0x00000001, 0], dtype=torch.int64)
+    bits = torch.cat([bits, bits | 0x80000000]).to(torch.int32)  # (wraps to the negative int32s)
+    x = torch.cat([bits.view(torch.float32), _wide_range(1000), torch.rand(12) * 1e-38])
+    n = triton.next_power_of_2(x.numel())
+    x = torch.nn.functional.pad(x, (0, n - x.numel())).to(KERNEL_DEVICE)
+    out = torch.full_like(x, float("nan"))
+    _tf32_nearest_kernel[(1,)](x, out, N=n)
+    x64 = x.double().cpu()
+    _, exponent = torch.frexp(x64)  # x = m 2^exponent, 0.5 <= |m| < 1
+    quantum = torch.exp2((torch.clamp(exponent - 1, min=-126) - 10).double())  # 2^-136 below the normals
+    expected = torch.sign(x64) * torch.floor(x64.abs() / quantum + 0.5) * quantum
+    assert torch.equal(out.cpu().double(), expected)
+
+
+@pytest.mark.parametrize("k", [16, 64])
+def test_3xtf32_split_of_dot_f32(k):
+    """dot_f32's "tf32x3" products, run as on a GPU (the split is skipped where the interpreter
+    runs a kernel: ``DOT_F32``): within the bound of a float32 dot product of k terms, elementwise
+    ``|out - ref| <= (2^-20 + k 2^-24) (|a| @ |b|)`` (the dropped remainder product below 2^-22 of
+    each term, the remainders' bits beyond TF32 2^-21 each, k float32 additions), on rows of a and
+    columns of b scaled by 2^-40 .. 2^40; a single TF32 product (``"tf32"``, about 2^-11 a term)
+    misses it."""
+    m, n = 32, 16
+    a, b = _wide_range(m, k, octaves=40), _wide_range(n, k, octaves=40).T.contiguous()
+    ref = a.double() @ b.double()
+    bound = (2.0**-20 + k * 2.0**-24) * (a.double().abs() @ b.double().abs())
+    errors = {}
+    for precision in ("tf32x3", "tf32"):
+        out = torch.full((m, n), float("nan"), device=KERNEL_DEVICE)
+        _dot_f32_kernel[(1,)](a.to(KERNEL_DEVICE), b.to(KERNEL_DEVICE), out, M=m, N=n, K=k, PRECISION=precision,
+                              DOT_F32=False)
+        errors[precision] = ((out.cpu().double() - ref).abs() / bound).max().item()
+    assert errors["tf32x3"] <= 1.0, errors
+    if KERNEL_DEVICE == "cuda":  # (the interpreter multiplies "tf32" in float32)
+        assert errors["tf32"] > 10.0, errors
 
 
 @pytest.mark.parametrize("shape", [(37, 10, 16, 8), (2, 128, 64, 16)], ids=layer_id)
