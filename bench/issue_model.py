@@ -581,10 +581,10 @@ def rule_fused_pass(launch) -> RuleResult:
 
 
 def rule_chunked_pass(launch) -> RuleResult:
-    """fused_layer_logits / fused_layer_sums (the forward on tensor cores): grid (example tiles,
-    SPLIT[, N_out]); split k owns a run of caps_per_split input capsules walked in BLOCK_IC-capsule
-    chunks, each containing (logits) three loops over the output capsules: the logits, their
-    exponentials, the coefficients."""
+    """fused_layer_logits / fused_layer_sums / fused_layer_uniform_sums (the forward on tensor
+    cores): grid (example tiles, SPLIT[, N_out or blocks of outputs]); split k owns a run of
+    caps_per_split input capsules walked in BLOCK_IC-capsule chunks, each containing (logits) three
+    loops over the output capsules: the logits, their exponentials, the coefficients."""
     v, c = _ints(launch), _consts(launch)
     logits = launch.kernel == "fused_layer_logits_kernel"
     outputs = [] if _vanishes(launch, "N_out") else [("outputs", [])] * 3
@@ -597,7 +597,7 @@ def rule_chunked_pass(launch) -> RuleResult:
     caps = n_out * v["D"]
     kin = c["BLOCK_KIN"]  # u and W as the passes read them: D_in zero padded to a power of two
     streamed = B * n_in * kin * _elt(launch, "u_ptr") + n_in * caps * kin * _elt(launch, "w_ptr")
-    grad = c["GRAD"]
+    grad = c.get("GRAD", False)
     coupling = B * n_out * n_in * 4  # [B, N_out, N_in]: the coefficients c (or, GRAD, the logit gradients g)
     if logits:
         # V (and ds) read, c (and g) written once: a chunk's logits (and agreements) are written,
@@ -607,8 +607,10 @@ def rule_chunked_pass(launch) -> RuleResult:
         chunk = c["BLOCK_B"] * n_out * c["BLOCK_IC"] * 4 * (2 if grad else 1)
         moved = streamed + B * caps * 4 * (2 if grad else 1) + coupling * (2 if grad else 1)
         return RuleResult(shape, programs, moved, chunk, coupling * (4 + (3 if grad else 0)))
-    # the coefficients (or the logit gradients) read (r > 0), this split's partial sums written
-    moved = streamed + (0 if c["FIRST"] else coupling) + B * v["SPLIT"] * caps * 4
+    # the coefficients (or the logit gradients) read (not at iteration 0: uniform), this split's
+    # partial sums written
+    uniform = launch.kernel == "fused_layer_uniform_sums_kernel"
+    moved = streamed + (0 if uniform else coupling) + B * v["SPLIT"] * caps * 4
     return RuleResult(shape, programs, moved)
 
 
@@ -725,6 +727,7 @@ RULES = {
     "fused_layer_bwd_reduce_kernel": rule_fused_pass,
     "fused_layer_logits_kernel": rule_chunked_pass,
     "fused_layer_sums_kernel": rule_chunked_pass,
+    "fused_layer_uniform_sums_kernel": rule_chunked_pass,
     "fused_layer_state_kernel": rule_sum_splits,
     "fused_layer_bwd_input_kernel": rule_chunked_final,
     "fused_layer_bwd_weight_kernel": rule_chunked_final,

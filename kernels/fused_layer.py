@@ -69,6 +69,7 @@ __all__ = [
     "fused_layer_state_kernel",
     "fused_layer_logits_kernel",
     "fused_layer_sums_kernel",
+    "fused_layer_uniform_sums_kernel",
     "fused_layer_bwd_input_kernel",
     "fused_layer_bwd_weight_kernel",
 ]
@@ -344,8 +345,10 @@ def fused_layer_bwd_dw_sum_kernel(
 # couples the output capsules: ``fused_layer_logits_kernel`` writes the coupling coefficients of
 # a run of input capsules for every j (logits, their softmax over j in place), then
 # ``fused_layer_sums_kernel`` reads those of one output capsule and forms this run's partial sums
-# of it. ``fused_layer_state_kernel`` reduces the partials of
-# the previous iteration per example (in split order), squashes and writes the saved s and V.
+# of it. Iteration 0 couples uniformly: ``fused_layer_uniform_sums_kernel`` forms s_0 as the one
+# product u @ W^T over blocks of every output capsule's outputs. ``fused_layer_state_kernel``
+# reduces the partials of the previous iteration per example (in split order), squashes and
+# writes the saved s and V.
 # Half-precision inputs: the float32 factors (V, X) enter the products as two half parts (hi +
 # lo), each multiplied exactly on tensor cores, so nothing is rounded to the input dtype.
 
@@ -565,10 +568,9 @@ def fused_layer_logits_kernel(
 def fused_layer_sums_kernel(
     u_ptr,  # [B, N_in, BLOCK_KIN] input capsules (D_in zero padded), capsules contiguous
     w_ptr,  # [N_in, N_out, D, BLOCK_KIN] weight (D_in zero padded), dtype of u, [D, BLOCK_KIN] blocks contiguous
-    c_ptr,  # [S, B, N_out, N_in] f32 coupling coefficients (slot read; unused when FIRST or GRAD)
+    c_ptr,  # [S, B, N_out, N_in] f32 coupling coefficients (slot read; unused when GRAD)
     g_ptr,  # [S, B, N_out, N_in] f32 logit gradients (slot read; GRAD only)
     part_ptr,  # [B, SPLIT, N_out, D] f32 partial s, or of dV (GRAD) (written)
-    vsum_buf_ptr,  # [R, B, N_out, D] f32 saved V_r (slot 0, V_0 = 0, written when FIRST)
     B,
     N_in,
     N_out,
@@ -586,12 +588,12 @@ def fused_layer_sums_kernel(
     HALF: tl.constexpr,
     PRECISION: tl.constexpr,
     DOT_F32: tl.constexpr,
-    FIRST: tl.constexpr,  # r == 0: uniform coupling 1 / N_out
     GRAD: tl.constexpr,  # the backward: partial dV = sum_i g u_hat with g = c (a - sum_j c a)
 ):
     """This split's partial ``sum_i c[b, i, j] u_hat[b, i, j]`` of output capsule j (program axis 2)
     as the tensor-core product ``(c u) W_j^T`` chunk by chunk; ``GRAD``: the same with the logit
-    gradient ``g`` in place of c (the backward's dV)."""
+    gradient ``g`` in place of c (the backward's dV). Iteration 0 (uniform coupling) is
+    ``fused_layer_uniform_sums_kernel``."""
     i_tb = tl.program_id(0)
     i_k = tl.program_id(1)
     j = tl.program_id(2)
@@ -606,21 +608,64 @@ def fused_layer_sums_kernel(
         o_i, o_k, m_c = _caps_chunk(i0, i_end, BLOCK_IC, BLOCK_KIN)
         b_u = _u_chunk(u_ptr, o_b, m_b, i0, m_c, stride_ub, BLOCK_IC, BLOCK_KIN)
         b_w = _w_chunk(w_ptr, j, o_i, o_k, m_c, D, stride_wi, stride_wj, BLOCK_DK, BLOCK_KIN)
-        if FIRST:
-            b_acc += dot_f32(b_u, tl.trans(b_w), PRECISION, DOT_F32)
-        else:
-            o_ic = i0 + tl.arange(0, BLOCK_IC)
-            m_bi = m_b[:, None] & (o_ic < i_end)[None, :]
-            o_e = (o_b[:, None] * N_out + j) * N_in + o_ic[None, :]
-            b_x = _coupling_tile(p_x, o_e, m_bi, BLOCK_B, BLOCK_IC, BLOCK_KIN) * b_u.to(tl.float32)
-            b_acc += _dot_split(b_x, tl.trans(b_w), HALF, PRECISION, DOT_F32)
+        o_ic = i0 + tl.arange(0, BLOCK_IC)
+        m_bi = m_b[:, None] & (o_ic < i_end)[None, :]
+        o_e = (o_b[:, None] * N_out + j) * N_in + o_ic[None, :]
+        b_x = _coupling_tile(p_x, o_e, m_bi, BLOCK_B, BLOCK_IC, BLOCK_KIN) * b_u.to(tl.float32)
+        b_acc += _dot_split(b_x, tl.trans(b_w), HALF, PRECISION, DOT_F32)
     o_d = tl.arange(0, BLOCK_DK)
     m_bd = m_b[:, None] & (o_d < D)[None, :]
-    if FIRST:
-        b_acc = b_acc / N_out
-        if i_k == 0:  # one program per tile and output capsule saves V_0 = 0
-            tl.store(vsum_buf_ptr + (o_b[:, None] * N_out + j) * D + o_d[None, :], tl.zeros_like(b_acc), mask=m_bd)
     tl.store(part_ptr + ((o_b[:, None] * SPLIT + i_k) * N_out + j) * D + o_d[None, :], b_acc, mask=m_bd)
+
+
+@triton.jit(do_not_specialize=["B", "SPLIT", "caps_per_split"])
+def fused_layer_uniform_sums_kernel(
+    u_ptr,  # [B, N_in, BLOCK_KIN] input capsules (D_in zero padded), capsules contiguous
+    w_ptr,  # [N_in, N_out, D, BLOCK_KIN] weight (D_in zero padded), dtype of u, [D, BLOCK_KIN] blocks contiguous
+    part_ptr,  # [B, SPLIT, N_out, D] f32 partial s_0 (written)
+    vsum_buf_ptr,  # [R, B, N_out, D] f32 saved V_r (slot 0, V_0 = 0, written)
+    B,
+    N_in,
+    N_out,
+    D,
+    SPLIT,
+    caps_per_split,
+    stride_ub,
+    stride_wi,
+    stride_wj,
+    BLOCK_B: tl.constexpr,
+    BLOCK_IC: tl.constexpr,
+    BLOCK_KIN: tl.constexpr,
+    BLOCK_NF: tl.constexpr,  # flattened outputs n = j * D + d a program (program axis 2)
+    PRECISION: tl.constexpr,
+    DOT_F32: tl.constexpr,
+):
+    """Iteration 0, uniform coupling: this split's partial ``s_0 = (1 / N_out) sum_i u_hat[b, i]``
+    of ``BLOCK_NF`` flattened outputs (every output capsule's, unpadded) as the tensor-core
+    product ``u W^T`` chunk by chunk, one [examples x chunk] operand of u for all of them (the
+    sums pass forms ``c u`` anew for each output capsule; here c is the same for all)."""
+    i_tb = tl.program_id(0)
+    i_k = tl.program_id(1)
+    i_n = tl.program_id(2)
+    o_b = (i_tb * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
+    m_b = o_b < B
+    o_n = i_n * BLOCK_NF + tl.arange(0, BLOCK_NF)
+    m_n = o_n < N_out * D
+    o_wn = (o_n // D) * stride_wj + (o_n % D) * BLOCK_KIN  # W[i, j, d, 0] less W[i, 0, 0, 0]
+    i_start = i_k * caps_per_split
+    i_end = tl.minimum(i_start + caps_per_split, N_in)
+    b_acc = tl.zeros([BLOCK_B, BLOCK_NF], dtype=tl.float32)
+    for i0 in range(i_start, i_end, BLOCK_IC):
+        o_i, o_k, m_c = _caps_chunk(i0, i_end, BLOCK_IC, BLOCK_KIN)
+        b_u = _u_chunk(u_ptr, o_b, m_b, i0, m_c, stride_ub, BLOCK_IC, BLOCK_KIN)
+        o_w = o_wn[:, None] + (o_i.to(tl.int64) * stride_wi + o_k)[None, :]
+        b_w = tl.load(w_ptr + o_w, mask=m_n[:, None] & m_c[None, :], other=0.0)  # [BLOCK_NF, chunk]
+        b_acc += dot_f32(b_u, tl.trans(b_w), PRECISION, DOT_F32)
+    b_acc = b_acc / N_out
+    m_bn = m_b[:, None] & m_n[None, :]
+    if i_k == 0:  # one program per tile and block of outputs saves V_0 = 0
+        tl.store(vsum_buf_ptr + o_b[:, None] * N_out * D + o_n[None, :], tl.zeros_like(b_acc), mask=m_bn)
+    tl.store(part_ptr + (o_b[:, None] * SPLIT + i_k) * N_out * D + o_n[None, :], b_acc, mask=m_bn)
 
 
 # ---------------------------------------------------------------------------------------------

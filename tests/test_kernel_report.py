@@ -248,7 +248,7 @@ def test_as_compiled_keeps_only_the_options_torch_compile_passes_on():
     backward passes and every launch set), with the warps and stages kept."""
     code = (
         "import json, kernel_report as k\n"
-        "case = [c for c in k.shape_sets()['odd'] if c.label.startswith('layer 7x2x5x1')]\n"
+        "case = [c for c in k.shape_sets()['odd'] if c.label.startswith('layer 7x1x5x1')]\n"
         "kernels, backend = k._kernels(), k.backend_cls()\n"
         "comps = [k.compilation_of(l, kernels, backend) for l in k.record_launches(case)]\n"
         "print(json.dumps([[c['options'], k.as_compiled(c)['options']] for c in comps]))\n"

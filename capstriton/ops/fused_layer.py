@@ -48,6 +48,7 @@ from ..kernels.fused_layer import (
     fused_layer_logits_kernel,
     fused_layer_state_kernel,
     fused_layer_sums_kernel,
+    fused_layer_uniform_sums_kernel,
 )
 from ..reference.capsule_routing import capsule_predictions
 from ._launch import empty, launch
@@ -86,6 +87,9 @@ FUSED_MAX_OUTPUTS = 2048
 #: under about 2e-35) may be flushed, leaving TF32 accuracy there. The static model predicts the
 #: float32 forward 2.2x faster than with IEEE FMAs (bench/results/kernel_report/NOTES.md).
 _PRECISIONS = {"highest": "tf32x3", "high": "tf32", "medium": "tf32"}
+#: Flattened outputs (j, d) a program of the forward's iteration 0 multiplies (its u operand shared
+#: by all of them; chosen from the kernel report, bench/results/kernel_report/NOTES.md).
+UNIFORM_OUTPUTS = 64
 
 
 @torch.compiler.assume_constant_result
@@ -455,11 +459,24 @@ class _CouplingPasses:
             maxnreg=whole_register_file(self.consts["num_warps"]),
         )
 
-    def sums(self, vsum_saved: torch.Tensor, first: bool = False, slot: int = 0) -> None:
+    def sums(self, slot: int = 0) -> None:
         launch(
             fused_layer_sums_kernel, (self.cfg.tiles, self.split, self.n_out),
-            part_ptr=self.partials, vsum_buf_ptr=vsum_saved, SPLIT=self.split, FIRST=first, **self._args(slot),
-            GRAD=self.grad,
+            part_ptr=self.partials, SPLIT=self.split, **self._args(slot), GRAD=self.grad,
+        )
+
+    def uniform_sums(self, vsum_saved: torch.Tensor) -> None:
+        """Iteration 0: the partials of s_0 (uniform coupling) over blocks of
+        :data:`UNIFORM_OUTPUTS` flattened outputs; V_0 = 0 saved."""
+        outputs = self.n_out * self.sizes["D"]
+        block = min(UNIFORM_OUTPUTS, max(16, triton.next_power_of_2(outputs)))  # (tl.dot's N: 16 at least)
+        consts = {k: v for k, v in self.consts.items() if k not in ("BLOCK_DK", "HALF")}
+        launch(
+            fused_layer_uniform_sums_kernel, (self.cfg.tiles, self.split, triton.cdiv(outputs, block)),
+            u_ptr=self.u, w_ptr=self.weight, part_ptr=self.partials, vsum_buf_ptr=vsum_saved,
+            **self.sizes, SPLIT=self.split, caps_per_split=self.cfg.split.caps_per_split,
+            stride_ub=self.u.stride(0), stride_wi=self.weight.stride(0), stride_wj=self.weight.stride(1),
+            **consts, BLOCK_NF=block,
         )
 
     def final(
@@ -515,11 +532,11 @@ def _forward_on_tensor_cores(
         part_ptr=passes.partials, s_buf_ptr=s_saved, B=batch, N_out=n_out, D=d, SPLIT=passes.split,
         BLOCK_J=block_j, BLOCK_D=block_d, num_warps=caps_warps(block_j, block_d),
     )
-    for r in range(iterations):
-        if r > 0:
-            launch(fused_layer_state_kernel, (batch,), vsum_buf_ptr=vsum_saved, r=r, **per_example)
-            passes.coupling(r, vsum_saved, vsum_saved)  # (no ds in the forward)
-        passes.sums(vsum_saved, first=r == 0)
+    passes.uniform_sums(vsum_saved)
+    for r in range(1, iterations):
+        launch(fused_layer_state_kernel, (batch,), vsum_buf_ptr=vsum_saved, r=r, **per_example)
+        passes.coupling(r, vsum_saved, vsum_saved)  # (no ds in the forward)
+        passes.sums()
     launch(dynamic_routing_finalize_kernel, (batch,), v_ptr=v, last=iterations - 1, **per_example)
 
 
@@ -612,7 +629,7 @@ def _backward_on_tensor_cores(
         for r in range(iterations - 1, 0, -1):
             _ds_step(dv, s_saved, ds_saved, r)
             passes.coupling(r, vsum_saved, ds_saved, slot=r - r_first)
-            passes.sums(vsum_saved, slot=r - r_first)
+            passes.sums(slot=r - r_first)
             _add_dv(passes.partials, dv_sum, first=r == iterations - 1)
             dv = dv_sum
     _ds_step(dv, s_saved, ds_saved, r_lo)

@@ -333,7 +333,7 @@ def test_float32_matmul_precision_reaches_the_kernels():
             seen[setting] = {k.removesuffix("_kernel"): kw["PRECISION"] for k, kw in launches if "PRECISION" in kw}
     finally:
         torch.set_float32_matmul_precision(saved)
-    passes = ("fused_layer_logits", "fused_layer_sums", "self_attention_routing_fwd")
+    passes = ("fused_layer_logits", "fused_layer_uniform_sums", "fused_layer_sums", "self_attention_routing_fwd")
     assert seen["highest"] == dict.fromkeys(passes, "tf32x3")
     assert seen["high"] == seen["medium"] == dict.fromkeys(passes, "tf32")
 
