@@ -136,11 +136,11 @@ run tests "$TESTS_S" "$OUT/tests.log" "$PY" -m pytest "${PYTEST_ARGS[@]}" "${TES
 if [[ $DRY != 1 ]]; then
     run tune "$TUNE_S" "$OUT/sweep.log" "$PY" bench/tune.py --op layer --batch-sizes 1024 --out "$OUT" \
         --set fwd_examples=32,64 fwd_chunk=32,64,128 fwd_warps=4,8 target_programs=1024,4096 \
-        target_programs_bwd=1024,2048 groups=4,8 final_examples=16,32
+        target_programs_bwd=1024,2048 groups=8 final_examples=16,32 final_chunk=64,128
 else  # the same script and output through the interpreter, on a tiny shape
     run tune "$TUNE_S" "$OUT/sweep.log" env TRITON_INTERPRET=1 "$PY" bench/tune.py --op layer --device cpu \
         --out "$OUT" --batch-sizes 2 --n-in 7 --n-out 3 --d 5 --d-in 4 --set fwd_examples=16 fwd_chunk=16 \
-        fwd_warps=4 target_programs=8 target_programs_bwd=8 groups=2 final_examples=16
+        fwd_warps=4 target_programs=8 target_programs_bwd=8 groups=2 final_examples=16 final_chunk=16
 fi
 
 # --- the sweep: float32 over the full batch list (routing first: its targets matter most),

@@ -394,6 +394,41 @@ def _dot_split(b_a, b_w, HALF: tl.constexpr, PRECISION: tl.constexpr, DOT_F32: t
 
 
 @triton.jit
+def _dot_split_right(b_w, b_a, HALF: tl.constexpr, PRECISION: tl.constexpr, DOT_F32: tl.constexpr):
+    """``w @ a``, as ``_dot_split`` with the float32 factor on the right."""
+    if HALF:
+        b_hi = b_a.to(b_w.dtype)
+        b_lo = (b_a - b_hi.to(tl.float32)).to(b_w.dtype)
+        b_out = dot_f32(b_w, b_hi, PRECISION, DOT_F32) + dot_f32(b_w, b_lo, PRECISION, DOT_F32)
+    else:
+        b_out = dot_f32(b_w, b_a, PRECISION, DOT_F32)
+    return b_out
+
+
+@triton.jit
+def _oriented(b_x, CHUNK_M: tl.constexpr):
+    """A [examples x chunk] block of the final pass as it is accumulated: transposed when CHUNK_M."""
+    if CHUNK_M:
+        b_x = tl.trans(b_x)
+    return b_x
+
+
+@triton.jit
+def _oriented_product(
+    b_y, b_w, HALF: tl.constexpr, PRECISION: tl.constexpr, DOT_F32: tl.constexpr, CHUNK_M: tl.constexpr
+):
+    """``y @ w`` [examples x chunk] for float32 rows ``y`` [examples x D] and a W chunk [D x chunk];
+    ``CHUNK_M``: its transpose ``w^T @ y^T``, the chunk as the product's M. On sm_90 a product of M
+    64 or more runs as the warpgroup MMA (wgmma, twice mma.sync's rate), which the final pass's
+    16 examples a program cannot feed (64 examples spilled)."""
+    if CHUNK_M:
+        b_out = _dot_split_right(tl.trans(b_w), tl.trans(b_y), HALF, PRECISION, DOT_F32)
+    else:
+        b_out = _dot_split(b_y, b_w, HALF, PRECISION, DOT_F32)
+    return b_out
+
+
+@triton.jit
 def _dot_split2(b_a, b_b, dtype: tl.constexpr, HALF: tl.constexpr, PRECISION: tl.constexpr, DOT_F32: tl.constexpr):
     """``a @ b`` in float32 for two float32 factors: with half inputs each enters as hi + lo parts of
     ``dtype`` and three exact tensor-core products are summed (the lo x lo product, below 2^-16 of
@@ -682,7 +717,10 @@ def fused_layer_uniform_sums_kernel(
 # owns a tile of examples and a run of input capsules and sums over the output capsules and steps
 # in registers; ``fused_layer_bwd_weight_kernel`` owns a run of capsules, one output capsule and a
 # group of example tiles and sums over the group's examples and the steps in registers;
-# ``fused_layer_bwd_dw_sum_kernel`` adds the groups in order.
+# ``fused_layer_bwd_dw_sum_kernel`` adds the groups in order. A program holds 16 examples (more
+# spilled), too few rows for sm_90's warpgroup MMA (M = 64): the weight gradient is accumulated
+# transposed, dW^T = sum (c u)^T ds, with the chunk as the products' M, and so is du (``CHUNK_M``)
+# where a chunk has 64 elements and D_out is at most 32.
 
 
 @triton.jit(do_not_specialize=["B", "caps_per_split", "R", "r_first"])
@@ -714,6 +752,7 @@ def fused_layer_bwd_input_kernel(
     DOT_F32: tl.constexpr,
     UNIFORM: tl.constexpr,  # step 0 has a gradient: its coupling 1 / N_out, no logit gradient
     GRAD_THROUGH: tl.constexpr,  # the steps from r_first have logit gradients (the g V terms)
+    CHUNK_M: tl.constexpr,  # du^T accumulated, the chunk as the products' M (see _oriented_product)
 ):
     i_tb = tl.program_id(0)
     i_k = tl.program_id(1)
@@ -726,25 +765,24 @@ def fused_layer_bwd_input_kernel(
         o_i, o_k, m_c = _caps_chunk(i0, i_end, BLOCK_IC, BLOCK_KIN)
         o_ic = i0 + tl.arange(0, BLOCK_IC)
         m_bi = m_b[:, None] & (o_ic < i_end)[None, :]
-        b_du = tl.zeros([BLOCK_B, BLOCK_IC * BLOCK_KIN], dtype=tl.float32)
+        b_du = _oriented(tl.zeros([BLOCK_B, BLOCK_IC * BLOCK_KIN], dtype=tl.float32), CHUNK_M)
         for j in range(0, N_out):
             b_w = _w_chunk(w_ptr, j, o_i, o_k, m_c, D, stride_wi, stride_wj, BLOCK_DK, BLOCK_KIN)
             o_e = (o_b[:, None] * N_out + j) * N_in + o_ic[None, :]
             if UNIFORM:
                 b_ds = _caps_rows(ds_buf_ptr + j * D, o_b, m_b, D, caps_size, BLOCK_DK)
-                b_du += _dot_split(b_ds, b_w, HALF, PRECISION, DOT_F32) / N_out
+                b_du += _oriented_product(b_ds, b_w, HALF, PRECISION, DOT_F32, CHUNK_M) / N_out
             for r in range(r_first, R):
                 p_c, p_g = _slot_buffers(c_ptr, g_ptr, r - r_first, B, N_out, N_in)
                 p_r = tl.cast(r, tl.int64) * B * caps_size + j * D
                 b_ds = _caps_rows(ds_buf_ptr + p_r, o_b, m_b, D, caps_size, BLOCK_DK)
-                b_du += _coupling_tile(p_c, o_e, m_bi, BLOCK_B, BLOCK_IC, BLOCK_KIN) * _dot_split(
-                    b_ds, b_w, HALF, PRECISION, DOT_F32
-                )
+                b_c = _coupling_tile(p_c, o_e, m_bi, BLOCK_B, BLOCK_IC, BLOCK_KIN)
+                b_du += _oriented(b_c, CHUNK_M) * _oriented_product(b_ds, b_w, HALF, PRECISION, DOT_F32, CHUNK_M)
                 if GRAD_THROUGH:
                     b_V = _caps_rows(vsum_buf_ptr + p_r, o_b, m_b, D, caps_size, BLOCK_DK)
-                    b_du += _coupling_tile(p_g, o_e, m_bi, BLOCK_B, BLOCK_IC, BLOCK_KIN) * _dot_split(
-                        b_V, b_w, HALF, PRECISION, DOT_F32
-                    )
+                    b_g = _coupling_tile(p_g, o_e, m_bi, BLOCK_B, BLOCK_IC, BLOCK_KIN)
+                    b_du += _oriented(b_g, CHUNK_M) * _oriented_product(b_V, b_w, HALF, PRECISION, DOT_F32, CHUNK_M)
+        b_du = _oriented(b_du, CHUNK_M)
         o_du = o_b[:, None] * N_in * D_in + (o_i * D_in + o_k)[None, :]
         m_du = m_b[:, None] & (m_c & (o_k < D_in))[None, :]
         tl.store(du_ptr + o_du, b_du.to(du_ptr.dtype.element_ty), mask=m_du)
@@ -790,7 +828,8 @@ def fused_layer_bwd_weight_kernel(
     for i0 in range(i_start, i_end, BLOCK_IC):
         o_i, o_k, m_c = _caps_chunk(i0, i_end, BLOCK_IC, BLOCK_KIN)
         o_ic = i0 + tl.arange(0, BLOCK_IC)
-        b_dw = tl.zeros([BLOCK_DK, BLOCK_IC * BLOCK_KIN], dtype=tl.float32)
+        # dW^T [(i, k), d]: the products (c u)^T ds with the chunk as their M
+        b_dw = tl.zeros([BLOCK_IC * BLOCK_KIN, BLOCK_DK], dtype=tl.float32)
         for tb in range(tb_start, tb_end):
             o_b = (tb * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
             m_b = o_b < B
@@ -799,17 +838,17 @@ def fused_layer_bwd_weight_kernel(
             b_u = _u_chunk(u_ptr, o_b, m_b, i0, m_c, stride_ub, BLOCK_IC, BLOCK_KIN)
             if UNIFORM:
                 b_ds = _caps_rows(ds_buf_ptr + j * D, o_b, m_b, D, caps_size, BLOCK_DK)
-                b_dw += _dot_split(tl.trans(b_ds), b_u, HALF, PRECISION, DOT_F32) / N_out
+                b_dw += _dot_split_right(tl.trans(b_u), b_ds, HALF, PRECISION, DOT_F32) / N_out
             for r in range(r_first, R):
                 p_c, p_g = _slot_buffers(c_ptr, g_ptr, r - r_first, B, N_out, N_in)
                 p_r = tl.cast(r, tl.int64) * B * caps_size + j * D
                 b_ds = _caps_rows(ds_buf_ptr + p_r, o_b, m_b, D, caps_size, BLOCK_DK)
                 b_x = _coupling_tile(p_c, o_e, m_bi, BLOCK_B, BLOCK_IC, BLOCK_KIN) * b_u.to(tl.float32)
-                b_dw += _dot_split2(tl.trans(b_ds), b_x, u_ptr.dtype.element_ty, HALF, PRECISION, DOT_F32)
+                b_dw += _dot_split2(tl.trans(b_x), b_ds, u_ptr.dtype.element_ty, HALF, PRECISION, DOT_F32)
                 if GRAD_THROUGH:
                     b_V = _caps_rows(vsum_buf_ptr + p_r, o_b, m_b, D, caps_size, BLOCK_DK)
                     b_x = _coupling_tile(p_g, o_e, m_bi, BLOCK_B, BLOCK_IC, BLOCK_KIN) * b_u.to(tl.float32)
-                    b_dw += _dot_split2(tl.trans(b_V), b_x, u_ptr.dtype.element_ty, HALF, PRECISION, DOT_F32)
+                    b_dw += _dot_split2(tl.trans(b_x), b_V, u_ptr.dtype.element_ty, HALF, PRECISION, DOT_F32)
         o_dw = ((i_g * N_in + o_i.to(tl.int64)) * N_out + j) * D * D_in + o_k
-        m_dw = (o_d < D)[:, None] & (m_c & (o_k < D_in))[None, :]
-        tl.store(dw_part_ptr + o_dw[None, :] + o_d[:, None] * D_in, b_dw, mask=m_dw)
+        m_dw = (m_c & (o_k < D_in))[:, None] & (o_d < D)[None, :]
+        tl.store(dw_part_ptr + o_dw[:, None] + o_d[None, :] * D_in, b_dw, mask=m_dw)

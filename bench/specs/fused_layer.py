@@ -106,7 +106,7 @@ def launch(sizes, batch, overrides):
     """The launch parameters the knobs resolve to: the passes on tensor cores (what float32 at
     "highest", the tuned dtype, runs; their final pass with its own example tile and batch groups)
     and the IEEE-product passes over tiles of predictions."""
-    from capstriton.ops.fused_layer import chunked_config, final_tiling, fused_config
+    from capstriton.ops.fused_layer import chunk_capsules, chunked_config, final_tiling, fused_config
 
     tuning = _tuning(overrides)
     n_in, n_out, d, d_in = sizes["n_in"], sizes["n_out"], sizes["d"], sizes["d_in"]
@@ -114,6 +114,7 @@ def launch(sizes, batch, overrides):
     return {
         "tensor_cores": dataclasses.asdict(chunked_config(n_in, d, d_in, batch, tuning)),
         "final": {"examples": examples, "groups": groups, "tiles_per_group": tiles_per_group,
+                  "block_ic": chunk_capsules(tuning.final_chunk, d, d_in),
                   "target_programs_bwd": tuning.target_programs_bwd},
         "ieee": dataclasses.asdict(fused_config(n_in, n_out, d, d_in, batch, tuning, tensor_cores=False)),
     }
@@ -180,6 +181,7 @@ register(
                     "target_programs_bwd": (1024, 2048, 8192),
                     "groups": (4, 8, 16),
                     "final_examples": (16, 32),
+                    "final_chunk": (64, 128),
                 },
             },
             call=tuned_call,
@@ -188,7 +190,7 @@ register(
         kernel_cases=kernel_cases,
         config_keys=(
             "tile", "target_programs", "target_programs_bwd", "groups", "num_warps", "fwd_examples", "fwd_chunk",
-            "fwd_warps", "final_examples",
+            "fwd_warps", "final_examples", "final_chunk",
         ),
         min_bytes_per_example=min_bytes_per_example,
         flops_per_example=flops_per_example,

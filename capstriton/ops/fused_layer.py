@@ -124,12 +124,15 @@ class FusedTuning:
     #: examples a program of the final backward pass on tensor cores (at least 16): its [examples x
     #: chunk] products per step and output capsule spilled at 32 and 64 (kernel report)
     final_examples: int = 16
+    #: (input capsule, D_in) elements a chunk of the final backward pass (:func:`chunk_capsules`):
+    #: 128 no spill with its 16 examples, where the forward's 64 examples spilled (kernel report)
+    final_chunk: int = 128
 
     def as_list(self) -> list[int]:
         """The op argument (0 stands for ``num_warps=None``)."""
         return [
             self.tile, self.target_programs, self.target_programs_bwd, self.groups, self.num_warps or 0,
-            self.fwd_examples, self.fwd_chunk, self.fwd_warps, self.final_examples,
+            self.fwd_examples, self.fwd_chunk, self.fwd_warps, self.final_examples, self.final_chunk,
         ]
 
     @classmethod
@@ -245,12 +248,7 @@ def chunked_config(
     tuning = tuning or FusedTuning()
     block_kin = triton.next_power_of_2(d_in)
     block_dk = max(16, triton.next_power_of_2(dim))
-    chunk = triton.next_power_of_2(tuning.fwd_chunk)
-    # the W block of a chunk, [D_out x chunk]: at most 2048 elements (beyond, 64 x 16 x 16 capsules
-    # spilled on sm_80 with triton 3.6: the kernel report)
-    chunk = min(chunk, max(16, 2048 // block_dk))
-    # at most 16 capsules a chunk: the per-(example, capsule) softmax state grows with them
-    block_ic = max(1, min(16, chunk // block_kin))
+    block_ic = chunk_capsules(tuning.fwd_chunk, dim, d_in)
     # [examples x D_out] blocks of V and ds (and the sums): at most 1024 elements with float32
     # inputs, whose 3xTF32 operands take three times the registers (64 examples of 64D capsules
     # spilled), 4096 with half inputs
@@ -266,6 +264,16 @@ def chunked_config(
         tiles=tiles,
         split=input_split(n_in, block_ic, tiles, tuning.target_programs),
     )
+
+
+def chunk_capsules(chunk: int, dim: int, d_in: int) -> int:
+    """Input capsules a chunk of the passes in input-capsule space, for chunks of about ``chunk``
+    (input capsule, D_in) elements: their [D_out x chunk] W block at most 2048 elements (beyond, 64
+    x 16 x 16 capsules spilled on sm_80 with triton 3.6: the kernel report), at most 16 capsules
+    (the per-(example, capsule) softmax state grows with them), at least one."""
+    block_dk = max(16, triton.next_power_of_2(dim))
+    chunk = min(triton.next_power_of_2(chunk), max(16, 2048 // block_dk))
+    return max(1, min(16, chunk // triton.next_power_of_2(d_in)))
 
 
 def final_tiling(batch: int, tuning: FusedTuning) -> tuple[int, int, int, int]:
@@ -439,6 +447,9 @@ class _CouplingPasses:
         self.sizes = dict(B=batch, N_in=n_in, N_out=n_out, D=d)
         self.target_programs = tuning.target_programs_bwd
         self.final_tiling = final_tiling(batch, tuning)
+        # the final pass's chunks (its own size) and their runs, as the forward's
+        self.final_ic = chunk_capsules(tuning.final_chunk, int(d), int(d_in))
+        self.final_split = input_split(int(n_in), self.final_ic, cfg.tiles, tuning.target_programs)
 
     def _buffers(self) -> dict:
         return dict(c_ptr=self.coefficients, g_ptr=self.logit_grads)
@@ -484,24 +495,27 @@ class _CouplingPasses:
         uniform: bool,
     ) -> torch.Tensor:
         """The final backward pass: ``du`` written, the batch groups' parts of the weight gradient
-        returned (float32, ``final_tiling``)."""
-        cfg = self.cfg
+        returned (float32, ``final_tiling``), in chunks of ``final_ic`` input capsules."""
         bb, tiles, groups, tiles_per_group = self.final_tiling
         d_in = du.shape[2]
         steps = dict(
             vsum_buf_ptr=vsum_saved, ds_buf_ptr=ds_saved, **self._buffers(), **self.sizes, D_in=d_in,
             R=iterations, r_first=r_first, **self.consts, UNIFORM=uniform, GRAD_THROUGH=self.grad,
         )
-        steps["BLOCK_B"] = bb
+        steps["BLOCK_B"], steps["BLOCK_IC"] = bb, self.final_ic
         # left to ptxas, some shapes were held to 128 registers and spilled a few bytes (kernel report)
         steps["maxnreg"] = whole_register_file(steps["num_warps"])
+        # du^T with the chunk as the products' M where it has 64 rows (sm_90's warpgroup MMA) and
+        # D_out at most 32 (64D capsules spilled so: kernel report)
+        chunk_m = self.final_ic * self.cfg.block_kin >= 64 and self.cfg.block_dk <= 32
         launch(
-            fused_layer_bwd_input_kernel, (tiles, self.split),
-            u_ptr=self.u, w_ptr=self.weight, du_ptr=du, caps_per_split=cfg.split.caps_per_split,
+            fused_layer_bwd_input_kernel, (tiles, self.final_split.split),
+            u_ptr=self.u, w_ptr=self.weight, du_ptr=du, caps_per_split=self.final_split.caps_per_split,
             stride_ub=self.u.stride(0), stride_wi=self.weight.stride(0), stride_wj=self.weight.stride(1), **steps,
+            CHUNK_M=chunk_m,
         )
         n_in, n_out, d = self.sizes["N_in"], self.n_out, self.sizes["D"]
-        weight_split = input_split(n_in, cfg.block_ic, groups * n_out, self.target_programs)
+        weight_split = input_split(n_in, self.final_ic, groups * n_out, self.target_programs)
         dw_part = empty((groups, n_in, n_out, d, d_in), _F32, du.device)
         launch(
             fused_layer_bwd_weight_kernel, (weight_split.split, n_out, groups),

@@ -121,7 +121,9 @@ DTYPE_SHAPES = [(37, 10, 16, 8), (7, 3, 5, 9)]
 
 #: the passes on tensor cores with small programs: 16 examples (17 examples: two tiles, the
 #: second one partial), two programs per tile (runs of several chunks, the last one shorter)
-CHUNKED = FusedTuning(target_programs=4, target_programs_bwd=4, groups=2, fwd_examples=16, fwd_chunk=16)
+CHUNKED = FusedTuning(
+    target_programs=4, target_programs_bwd=4, groups=2, fwd_examples=16, fwd_chunk=16, final_chunk=16
+)
 PRODUCT_PATH_CASES = [
     ((13, 10, 16, 8), True),
     ((13, 10, 16, 8), False),
@@ -336,6 +338,29 @@ def test_float32_matmul_precision_reaches_the_kernels():
     passes = ("fused_layer_logits", "fused_layer_uniform_sums", "fused_layer_sums", "self_attention_routing_fwd")
     assert seen["highest"] == dict.fromkeys(passes, "tf32x3")
     assert seen["high"] == seen["medium"] == dict.fromkeys(passes, "tf32")
+
+
+@pytest.mark.parametrize(
+    ("shape", "tuning", "chunk_m"),
+    [((1152, 10, 16, 8), None, True), ((37, 3, 33, 9), None, False), ((13, 10, 16, 8), CHUNKED, False)],
+    ids=["chunks-of-128", "D33", "chunks-of-16"],
+)
+def test_final_pass_orientation(shape, tuning, chunk_m):
+    """The final backward pass accumulates du^T, the chunk of (input capsule, D_in) elements as the
+    products' M (the warpgroup MMA on sm_90 takes M of 64 or more), where a chunk has 64 elements
+    or more and D_out is at most 32 (64D capsules spilled so), else du. Recorded launches, nothing
+    runs; both orientations' numbers are checked by the shape-grid tests (default tuning: du^T for
+    D_out <= 32; ``CHUNKED`` and D_out = 33: du)."""
+    from capstriton.ops._launch import recording
+
+    tuning = tuning or FusedTuning()
+    u, w = layer_inputs(2, *shape)
+    saved = torch.zeros(3, 2, *shape[1:3])
+    launches = []
+    with recording(lambda kernel, grid, kwargs: launches.append((kernel.__name__, kwargs))):
+        ops.fused_layer_bwd(torch.zeros(2, *shape[1:3]), u, w, saved, saved, 3, True, "tf32x3", tuning.as_list())
+    chunk_ms = [kw["CHUNK_M"] for name, kw in launches if name == "fused_layer_bwd_input_kernel"]
+    assert chunk_ms == [chunk_m]
 
 
 def _tf32_nearest(x: torch.Tensor) -> torch.Tensor:
