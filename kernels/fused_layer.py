@@ -380,28 +380,27 @@ def _w_chunk(w_ptr, j, o_i, o_k, m_c, D, stride_wi, stride_wj, BLOCK_DK: tl.cons
 
 
 @triton.jit
-def _dot_split(b_a, b_w, HALF: tl.constexpr, PRECISION: tl.constexpr, DOT_F32: tl.constexpr):
-    """``a @ w`` in float32 for a float32 ``a`` and ``w`` of the input dtype: with half inputs ``a``
-    enters as hi + lo parts of that dtype (two exact tensor-core products), else as float32 at
-    ``PRECISION``."""
+def _dot_split(
+    b_a, b_w, HALF: tl.constexpr, PRECISION: tl.constexpr, DOT_F32: tl.constexpr, RIGHT: tl.constexpr = False
+):
+    """``a @ w`` (``RIGHT``: ``w @ a``) in float32 for a float32 ``a`` and ``w`` of the input dtype:
+    with half inputs ``a`` enters as hi + lo parts of that dtype (two exact tensor-core products),
+    else as float32 at ``PRECISION``."""
     if HALF:
         b_hi = b_a.to(b_w.dtype)
         b_lo = (b_a - b_hi.to(tl.float32)).to(b_w.dtype)
-        b_out = dot_f32(b_hi, b_w, PRECISION, DOT_F32) + dot_f32(b_lo, b_w, PRECISION, DOT_F32)
+        b_out = _dot_sided(b_hi, b_w, PRECISION, DOT_F32, RIGHT) + _dot_sided(b_lo, b_w, PRECISION, DOT_F32, RIGHT)
     else:
-        b_out = dot_f32(b_a, b_w, PRECISION, DOT_F32)
+        b_out = _dot_sided(b_a, b_w, PRECISION, DOT_F32, RIGHT)
     return b_out
 
 
 @triton.jit
-def _dot_split_right(b_w, b_a, HALF: tl.constexpr, PRECISION: tl.constexpr, DOT_F32: tl.constexpr):
-    """``w @ a``, as ``_dot_split`` with the float32 factor on the right."""
-    if HALF:
-        b_hi = b_a.to(b_w.dtype)
-        b_lo = (b_a - b_hi.to(tl.float32)).to(b_w.dtype)
-        b_out = dot_f32(b_w, b_hi, PRECISION, DOT_F32) + dot_f32(b_w, b_lo, PRECISION, DOT_F32)
-    else:
+def _dot_sided(b_a, b_w, PRECISION: tl.constexpr, DOT_F32: tl.constexpr, RIGHT: tl.constexpr):
+    if RIGHT:
         b_out = dot_f32(b_w, b_a, PRECISION, DOT_F32)
+    else:
+        b_out = dot_f32(b_a, b_w, PRECISION, DOT_F32)
     return b_out
 
 
@@ -422,7 +421,7 @@ def _oriented_product(
     64 or more runs as the warpgroup MMA (wgmma, twice mma.sync's rate), which the final pass's
     16 examples a program cannot feed (64 examples spilled)."""
     if CHUNK_M:
-        b_out = _dot_split_right(tl.trans(b_w), tl.trans(b_y), HALF, PRECISION, DOT_F32)
+        b_out = _dot_split(tl.trans(b_y), tl.trans(b_w), HALF, PRECISION, DOT_F32, True)
     else:
         b_out = _dot_split(b_y, b_w, HALF, PRECISION, DOT_F32)
     return b_out
@@ -838,7 +837,7 @@ def fused_layer_bwd_weight_kernel(
             b_u = _u_chunk(u_ptr, o_b, m_b, i0, m_c, stride_ub, BLOCK_IC, BLOCK_KIN)
             if UNIFORM:
                 b_ds = _caps_rows(ds_buf_ptr + j * D, o_b, m_b, D, caps_size, BLOCK_DK)
-                b_dw += _dot_split_right(tl.trans(b_u), b_ds, HALF, PRECISION, DOT_F32) / N_out
+                b_dw += _dot_split(b_ds, tl.trans(b_u), HALF, PRECISION, DOT_F32, True) / N_out
             for r in range(r_first, R):
                 p_c, p_g = _slot_buffers(c_ptr, g_ptr, r - r_first, B, N_out, N_in)
                 p_r = tl.cast(r, tl.int64) * B * caps_size + j * D
