@@ -82,10 +82,11 @@ FUSED_MAX_OUTPUTS = 2048
 #: remainders to TF32, a relative error of at most about 2^-20 per product against IEEE's 2^-24,
 #: which the routing's own float32 rounding hides: routing an emulation of its predictions
 #: (tests/ops/test_fused_layer.py) lands as close to float64 as routing IEEE predictions (paper's
-#: layer: 6.9e-7 against 6.7e-7; plain TF32 3.4e-4). Limits of the trick: operands above the
-#: largest TF32 (3.40e38) round to infinity, and remainders below float32's normal range (operands
-#: under about 2e-35) may be flushed, leaving TF32 accuracy there. The static model predicts the
-#: float32 forward 2.2x faster than with IEEE FMAs (bench/results/kernel_report/NOTES.md).
+#: layer: 6.9e-7 against 6.7e-7; plain TF32 3.4e-4). The split is the kernels' own
+#: (``kernels/common.py``: ``dot_f32``). Limits of the trick: operands above the largest TF32
+#: (3.40e38) round to infinity (their products NaN), and remainders below float32's normal range
+#: (operands under about 2e-35) may be flushed, leaving TF32 accuracy there. The static model
+#: predicts the float32 forward 2.2x faster than with IEEE FMAs (bench/results/kernel_report/NOTES.md).
 _PRECISIONS = {"highest": "tf32x3", "high": "tf32", "medium": "tf32"}
 #: Flattened outputs (j, d) a program of the forward's iteration 0 multiplies (its u operand shared
 #: by all of them; chosen from the kernel report, bench/results/kernel_report/NOTES.md).
