@@ -106,13 +106,15 @@ def launch(sizes, batch, overrides):
     """The launch parameters the knobs resolve to: the passes on tensor cores (what float32 at
     "highest", the tuned dtype, runs; their final pass with its own example tile and batch groups)
     and the IEEE-product passes over tiles of predictions."""
-    from capstriton.ops.fused_layer import chunk_capsules, chunked_config, final_tiling, fused_config
+    from capstriton.ops.fused_layer import chunk_capsules, chunked_config, final_tiling, fused_config, sums_split
 
     tuning = _tuning(overrides)
     n_in, n_out, d, d_in = sizes["n_in"], sizes["n_out"], sizes["d"], sizes["d_in"]
     examples, _, groups, tiles_per_group = final_tiling(batch, tuning)
+    chunked = chunked_config(n_in, d, d_in, batch, tuning)
     return {
-        "tensor_cores": dataclasses.asdict(chunked_config(n_in, d, d_in, batch, tuning)),
+        "tensor_cores": dataclasses.asdict(chunked),
+        "sums_split": dataclasses.asdict(sums_split(chunked, n_in, n_out, tuning)),
         "final": {"examples": examples, "groups": groups, "tiles_per_group": tiles_per_group,
                   "block_ic": chunk_capsules(tuning.final_chunk, d, d_in),
                   "target_programs_bwd": tuning.target_programs_bwd},

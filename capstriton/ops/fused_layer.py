@@ -277,6 +277,14 @@ def chunk_capsules(chunk: int, dim: int, d_in: int) -> int:
     return max(1, min(16, chunk // triton.next_power_of_2(d_in)))
 
 
+def sums_split(cfg: ChunkedConfig, n_in: int, n_out: int, tuning: FusedTuning) -> PassConfig:
+    """The sums passes' runs of input capsules (``cfg``'s chunks): about ``tuning.target_programs``
+    programs counting their output-capsule axis, as the logits pass without one, so fewer partial
+    sums for the per-example reductions (the state, finalize and the backward's running dV sum) to
+    write and read."""
+    return input_split(n_in, cfg.block_ic, cfg.tiles * n_out, tuning.target_programs)
+
+
 def final_tiling(batch: int, tuning: FusedTuning) -> tuple[int, int, int, int]:
     """The final backward pass on tensor cores: examples a program (a power of two, at least 16:
     the products' K), example tiles, batch groups (``batch_groups``) and tiles a group."""
@@ -441,7 +449,8 @@ class _CouplingPasses:
         # the logit gradients (the backward through routing; otherwise the kernels never touch
         # this argument, which repeats the coefficients)
         self.logit_grads = empty((slots, batch, n_out, n_in), _F32, u.device) if grad else self.coefficients
-        self.partials = empty((batch, self.split, n_out, d), _F32, u.device)
+        self.sums_split = sums_split(cfg, int(n_in), int(n_out), tuning)
+        self.partials = empty((batch, self.sums_split.split, n_out, d), _F32, u.device)
         self.grad = grad
         self.n_out = n_out
         self.consts = chunked_constexprs(cfg, u, precision)
@@ -455,17 +464,17 @@ class _CouplingPasses:
     def _buffers(self) -> dict:
         return dict(c_ptr=self.coefficients, g_ptr=self.logit_grads)
 
-    def _args(self, slot: int) -> dict:
+    def _args(self, slot: int, split: PassConfig) -> dict:
         return dict(
             u_ptr=self.u, w_ptr=self.weight, **self._buffers(), slot=slot, **self.sizes,
-            caps_per_split=self.cfg.split.caps_per_split, stride_ub=self.u.stride(0),
+            caps_per_split=split.caps_per_split, stride_ub=self.u.stride(0),
             stride_wi=self.weight.stride(0), stride_wj=self.weight.stride(1), **self.consts,
         )
 
     def coupling(self, r: int, vsum_saved: torch.Tensor, ds_saved: torch.Tensor, slot: int = 0) -> None:
         launch(
             fused_layer_logits_kernel, (self.cfg.tiles, self.split),
-            vsum_buf_ptr=vsum_saved, ds_buf_ptr=ds_saved, r=r, **self._args(slot), GRAD=self.grad,
+            vsum_buf_ptr=vsum_saved, ds_buf_ptr=ds_saved, r=r, **self._args(slot, self.cfg.split), GRAD=self.grad,
             # left to ptxas, three shapes spilled 4 to 8 bytes on sm_90 or sm_80 (the kernel
             # report); held to three programs' share of the registers, others did on sm_80
             maxnreg=whole_register_file(self.consts["num_warps"]),
@@ -473,8 +482,8 @@ class _CouplingPasses:
 
     def sums(self, slot: int = 0) -> None:
         launch(
-            fused_layer_sums_kernel, (self.cfg.tiles, self.split, self.n_out),
-            part_ptr=self.partials, SPLIT=self.split, **self._args(slot), GRAD=self.grad,
+            fused_layer_sums_kernel, (self.cfg.tiles, self.sums_split.split, self.n_out),
+            part_ptr=self.partials, SPLIT=self.sums_split.split, **self._args(slot, self.sums_split), GRAD=self.grad,
         )
 
     def uniform_sums(self, vsum_saved: torch.Tensor) -> None:
@@ -484,9 +493,9 @@ class _CouplingPasses:
         block = min(UNIFORM_OUTPUTS, max(16, triton.next_power_of_2(outputs)))  # (tl.dot's N: 16 at least)
         consts = {k: v for k, v in self.consts.items() if k not in ("BLOCK_DK", "HALF")}
         launch(
-            fused_layer_uniform_sums_kernel, (self.cfg.tiles, self.split, triton.cdiv(outputs, block)),
+            fused_layer_uniform_sums_kernel, (self.cfg.tiles, self.sums_split.split, triton.cdiv(outputs, block)),
             u_ptr=self.u, w_ptr=self.weight, part_ptr=self.partials, vsum_buf_ptr=vsum_saved,
-            **self.sizes, SPLIT=self.split, caps_per_split=self.cfg.split.caps_per_split,
+            **self.sizes, SPLIT=self.sums_split.split, caps_per_split=self.sums_split.caps_per_split,
             stride_ub=self.u.stride(0), stride_wi=self.weight.stride(0), stride_wj=self.weight.stride(1),
             **consts, BLOCK_NF=block,
         )
@@ -544,7 +553,7 @@ def _forward_on_tensor_cores(
     passes = _CouplingPasses(u, weight, precision, tuning, grad=False)
     block_j, block_d = triton.next_power_of_2(n_out), triton.next_power_of_2(d)
     per_example = dict(
-        part_ptr=passes.partials, s_buf_ptr=s_saved, B=batch, N_out=n_out, D=d, SPLIT=passes.split,
+        part_ptr=passes.partials, s_buf_ptr=s_saved, B=batch, N_out=n_out, D=d, SPLIT=passes.sums_split.split,
         BLOCK_J=block_j, BLOCK_D=block_d, num_warps=caps_warps(block_j, block_d),
     )
     passes.uniform_sums(vsum_saved)

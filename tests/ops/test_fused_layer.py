@@ -120,7 +120,8 @@ DTYPE_SHAPES = [(37, 10, 16, 8), (7, 3, 5, 9)]
 
 
 #: the passes on tensor cores with small programs: 16 examples (17 examples: two tiles, the
-#: second one partial), two programs per tile (runs of several chunks, the last one shorter)
+#: second one partial), two logits programs per tile (runs of several chunks, the last one
+#: shorter; the sums passes one run: test_sums_partials_over_several_splits takes several)
 CHUNKED = FusedTuning(
     target_programs=4, target_programs_bwd=4, groups=2, fwd_examples=16, fwd_chunk=16, final_chunk=16
 )
@@ -153,6 +154,23 @@ def test_fused_layer_both_product_paths(shape, grad_mode):
     assert triton.cdiv(cfg.split.caps_per_split, cfg.block_ic) >= 2 or shape[0] <= 2 * cfg.block_ic
     for precision in ("tf32x3", "ieee"):
         check_layer(u, w, 3, grad_mode, TOL[torch.float32], tuning=CHUNKED, precision=precision)
+
+
+@pytest.mark.slow
+def test_sums_partials_over_several_splits():
+    """The sums passes take runs of their own (``sums_split``: their programs counted with the
+    output-capsule axis, fewer and longer runs than the logits pass's): here two runs of several
+    chunks, whose partial sums the state, finalize and backward-sum kernels add in order, while
+    the logits pass runs one chunk a program."""
+    shape = (13, 10, 16, 8)
+    tuning = FusedTuning(
+        target_programs=40, target_programs_bwd=4, groups=2, fwd_examples=16, fwd_chunk=16, final_chunk=16
+    )
+    cfg = ops.chunked_config(*shape[:1], *shape[2:], 17, tuning)
+    sums = ops.sums_split(cfg, shape[0], shape[1], tuning)
+    assert sums.split == 2 and sums.caps_per_split >= 2 * cfg.block_ic and cfg.split.split > sums.split
+    u, w = layer_inputs(17, *shape)
+    check_layer(u, w, 3, True, TOL[torch.float32], tuning=tuning, precision="tf32x3")
 
 
 def test_fused_layer_ieee_products_with_many_classes():
