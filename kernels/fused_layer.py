@@ -344,8 +344,9 @@ def fused_layer_bwd_dw_sum_kernel(
 # no tile of predictions or padded output capsules is held in registers. The softmax over j
 # couples the output capsules: ``fused_layer_logits_kernel`` writes the coupling coefficients of
 # a run of input capsules for every j (logits, their softmax over j in place), then
-# ``fused_layer_sums_kernel`` reads those of one output capsule and forms this run's partial sums
-# of it. Iteration 0 couples uniformly: ``fused_layer_uniform_sums_kernel`` forms s_0 as the one
+# ``fused_layer_sums_kernel`` reads those of one output capsule and forms the partial sums of it
+# over runs of its own (longer than the logits pass's: the output capsules are its third grid
+# axis). Iteration 0 couples uniformly: ``fused_layer_uniform_sums_kernel`` forms s_0 as the one
 # product u @ W^T over blocks of every output capsule's outputs. ``fused_layer_state_kernel``
 # reduces the partials of the previous iteration per example (in split order), squashes and
 # writes the saved s and V.
@@ -685,7 +686,7 @@ def fused_layer_uniform_sums_kernel(
     m_b = o_b < B
     o_n = i_n * BLOCK_NF + tl.arange(0, BLOCK_NF)
     m_n = o_n < N_out * D
-    o_wn = (o_n // D) * stride_wj + (o_n % D) * BLOCK_KIN  # W[i, j, d, 0] less W[i, 0, 0, 0]
+    o_wn = (o_n // D).to(tl.int64) * stride_wj + (o_n % D) * BLOCK_KIN  # W[i, j, d, 0] less W[i, 0, 0, 0]
     i_start = i_k * caps_per_split
     i_end = tl.minimum(i_start + caps_per_split, N_in)
     b_acc = tl.zeros([BLOCK_B, BLOCK_NF], dtype=tl.float32)
@@ -719,7 +720,7 @@ def fused_layer_uniform_sums_kernel(
 # ``fused_layer_bwd_dw_sum_kernel`` adds the groups in order. A program holds 16 examples (more
 # spilled), too few rows for sm_90's warpgroup MMA (M = 64): the weight gradient is accumulated
 # transposed, dW^T = sum (c u)^T ds, with the chunk as the products' M, and so is du (``CHUNK_M``)
-# where a chunk has 64 elements and D_out is at most 32.
+# where a chunk has 64 elements.
 
 
 @triton.jit(do_not_specialize=["B", "caps_per_split", "R", "r_first"])

@@ -173,12 +173,13 @@ def test_layer_products_run_on_tensor_cores(sm90_report):
     _, out = sm90_report
     doc = json.loads((out / "sm_90.json").read_text())
     # (forward passes, reduce passes, final passes): the fused layer's passes on tensor cores are
-    # its logits and sums kernels (":grad" in the backward) and its bwd_input / bwd_weight kernels;
-    # with IEEE products it runs over tiles of predictions (rank-one, no PRECISION argument)
-    logits, sums = "fused_layer_logits_kernel", "fused_layer_sums_kernel"
+    # its uniform sums (iteration 0), logits and sums kernels (":grad" in the backward) and its
+    # bwd_input / bwd_weight kernels; with IEEE products it runs over tiles of predictions
+    # (rank-one, no PRECISION argument)
+    logits, sums, uniform = "fused_layer_logits_kernel", "fused_layer_sums_kernel", "fused_layer_uniform_sums_kernel"
     layers = {
         "fused_layer": (
-            ("fused_layer_fwd_kernel", logits, sums),
+            ("fused_layer_fwd_kernel", uniform, logits, sums),
             ("fused_layer_bwd_reduce_kernel", f"{logits}:grad", f"{sums}:grad"),
             ("fused_layer_bwd_final_kernel", "fused_layer_bwd_input_kernel", "fused_layer_bwd_weight_kernel"),
         ),
@@ -211,7 +212,7 @@ def test_layer_products_run_on_tensor_cores(sm90_report):
     # cores in input-capsule space, in both directions
     over_predictions = ("fused_layer_fwd_kernel", "fused_layer_bwd_reduce_kernel", "fused_layer_bwd_final_kernel")
     assert {(k, "fp32", "ieee") for k in over_predictions} <= seen
-    chunked = (logits, sums, f"{logits}:grad", f"{sums}:grad", *layers["fused_layer"][2][1:])
+    chunked = (uniform, logits, sums, f"{logits}:grad", f"{sums}:grad", *layers["fused_layer"][2][1:])
     for kernel in chunked:
         assert {(d, p) for k, d, p in seen if k == kernel} == every - {("fp32", "ieee")}, sorted(seen)
 

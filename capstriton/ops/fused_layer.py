@@ -225,10 +225,11 @@ def fused_config(
 
 @dataclass(frozen=True)
 class ChunkedConfig:
-    """Launch parameters of the passes on tensor cores (``fused_layer_logits_kernel``,
-    ``fused_layer_sums_kernel``, and the final backward pass with its own example tile): a program
-    owns ``block_b`` examples and a run of input capsules (``split``), walked in chunks of
-    ``block_ic`` capsules x ``block_kin`` components."""
+    """Launch parameters of the passes on tensor cores: a program owns ``block_b`` examples and a
+    run of input capsules walked in chunks of ``block_ic`` capsules x ``block_kin`` components.
+    ``split`` is the logits pass's runs; the sums passes take runs of their own
+    (:func:`sums_split`) of the same chunks, and the final backward pass its own example tile,
+    chunks and runs (:func:`final_tiling`, ``FusedTuning.final_chunk``)."""
 
     block_b: int  # examples a program (the products' M)
     block_ic: int  # input capsules a chunk
@@ -271,7 +272,8 @@ def chunk_capsules(chunk: int, dim: int, d_in: int) -> int:
     """Input capsules a chunk of the passes in input-capsule space, for chunks of about ``chunk``
     (input capsule, D_in) elements: their [D_out x chunk] W block at most 2048 elements (beyond, 64
     x 16 x 16 capsules spilled on sm_80 with triton 3.6: the kernel report), at most 16 capsules
-    (the per-(example, capsule) softmax state grows with them), at least one."""
+    (the logits pass's per-(example, capsule) softmax state grows with them; the final pass, whose
+    chunks are its own, keeps the same rule), at least one."""
     block_dk = max(16, triton.next_power_of_2(dim))
     chunk = min(triton.next_power_of_2(chunk), max(16, 2048 // block_dk))
     return max(1, min(16, chunk // triton.next_power_of_2(d_in)))
@@ -434,8 +436,9 @@ def fused_layer_fwd(
 class _CouplingPasses:
     """The passes in input-capsule space for one call (``capstriton.kernels.fused_layer``): the
     coupling coefficients of a step (and in the backward the logit gradients) into one of
-    ``slots`` buffer slots, then per output capsule the split's partial sums of ``c u_hat`` (or
-    ``g u_hat``); and the final backward pass, which reads every slot."""
+    ``slots`` buffer slots, then per output capsule the partial sums of ``c u_hat`` (or ``g
+    u_hat``) over runs of their own (iteration 0: of ``u_hat / N_out`` over blocks of every output
+    capsule's outputs); and the final backward pass, which reads every slot."""
 
     def __init__(
         self, u: torch.Tensor, weight: torch.Tensor, precision: str, tuning: FusedTuning, grad: bool, slots: int = 1
@@ -457,9 +460,10 @@ class _CouplingPasses:
         self.sizes = dict(B=batch, N_in=n_in, N_out=n_out, D=d)
         self.target_programs = tuning.target_programs_bwd
         self.final_tiling = final_tiling(batch, tuning)
-        # the final pass's chunks (its own size) and their runs, as the forward's
+        # the final pass's chunks (its own size) and the input gradient's runs of them: about
+        # target_programs_bwd programs with its own example tiles
         self.final_ic = chunk_capsules(tuning.final_chunk, int(d), int(d_in))
-        self.final_split = input_split(int(n_in), self.final_ic, cfg.tiles, tuning.target_programs)
+        self.final_split = input_split(int(n_in), self.final_ic, self.final_tiling[1], tuning.target_programs_bwd)
 
     def _buffers(self) -> dict:
         return dict(c_ptr=self.coefficients, g_ptr=self.logit_grads)
@@ -515,9 +519,9 @@ class _CouplingPasses:
         steps["BLOCK_B"], steps["BLOCK_IC"] = bb, self.final_ic
         # left to ptxas, some shapes were held to 128 registers and spilled a few bytes (kernel report)
         steps["maxnreg"] = whole_register_file(steps["num_warps"])
-        # du^T with the chunk as the products' M where it has 64 rows (sm_90's warpgroup MMA) and
-        # D_out at most 32 (64D capsules spilled so: kernel report)
-        chunk_m = self.final_ic * self.cfg.block_kin >= 64 and self.cfg.block_dk <= 32
+        # du^T with the chunk as the products' M where it has 64 rows (sm_90's warpgroup MMA);
+        # D_out > 32 keeps chunks of at most 32 (chunk_capsules), where du^T spilled (kernel report)
+        chunk_m = self.final_ic * self.cfg.block_kin >= 64
         launch(
             fused_layer_bwd_input_kernel, (tiles, self.final_split.split),
             u_ptr=self.u, w_ptr=self.weight, du_ptr=du, caps_per_split=self.final_split.caps_per_split,
