@@ -376,8 +376,15 @@ def _w_chunk(w_ptr, j, o_i, o_k, m_c, D, stride_wi, stride_wj, BLOCK_DK: tl.cons
     """W[i, j, d, k] of the chunk for output capsule j, [BLOCK_DK, BLOCK_IC * BLOCK_KIN] (each [D,
     BLOCK_KIN] block of W contiguous)."""
     o_d = tl.arange(0, BLOCK_DK)
-    o_w = j * stride_wj + o_d[:, None] * BLOCK_KIN + (o_i.to(tl.int64) * stride_wi + o_k)[None, :]
-    return tl.load(w_ptr + o_w, mask=(o_d < D)[:, None] & m_c[None, :], other=0.0)
+    return _w_rows(w_ptr, j * stride_wj + o_d * BLOCK_KIN, o_d < D, o_i, o_k, m_c, stride_wi)
+
+
+@triton.jit
+def _w_rows(w_ptr, o_wn, m_n, o_i, o_k, m_c, stride_wi):
+    """Rows ``o_wn`` (offsets of W[0, j, d, 0], mask ``m_n``) of W over the chunk's (capsule,
+    component) columns: [rows, BLOCK_IC * BLOCK_KIN], zero padded."""
+    o_w = o_wn[:, None] + (o_i.to(tl.int64) * stride_wi + o_k)[None, :]
+    return tl.load(w_ptr + o_w, mask=m_n[:, None] & m_c[None, :], other=0.0)
 
 
 @triton.jit
@@ -693,8 +700,7 @@ def fused_layer_uniform_sums_kernel(
     for i0 in range(i_start, i_end, BLOCK_IC):
         o_i, o_k, m_c = _caps_chunk(i0, i_end, BLOCK_IC, BLOCK_KIN)
         b_u = _u_chunk(u_ptr, o_b, m_b, i0, m_c, stride_ub, BLOCK_IC, BLOCK_KIN)
-        o_w = o_wn[:, None] + (o_i.to(tl.int64) * stride_wi + o_k)[None, :]
-        b_w = tl.load(w_ptr + o_w, mask=m_n[:, None] & m_c[None, :], other=0.0)  # [BLOCK_NF, chunk]
+        b_w = _w_rows(w_ptr, o_wn, m_n, o_i, o_k, m_c, stride_wi)  # [BLOCK_NF, chunk]
         b_acc += dot_f32(b_u, tl.trans(b_w), PRECISION, DOT_F32)
     b_acc = b_acc / N_out
     m_bn = m_b[:, None] & m_n[None, :]
