@@ -623,6 +623,34 @@ def fused_layer_logits_kernel(
                 tl.store(g_ptr + o_e + j * N_in, tl.where(b_c < 1.0, b_c * b_a, 0.0), mask=m_bi)
 
 
+@triton.jit
+def _whole(m, WHOLE: tl.constexpr):
+    """The mask ``m``, or where ``WHOLE`` a constant all-true one (the compiler drops it)."""
+    if WHOLE:
+        m = tl.full(m.shape, 1, tl.int1)
+    return m
+
+
+@triton.jit
+def _sums_chunk(
+    b_acc, u_ptr, w_ptr, p_x, o_b, m_b, i0, i_end, j, N_out, N_in, o_d, D, stride_ub, stride_wi, stride_wj,
+    BLOCK_IC: tl.constexpr, BLOCK_KIN: tl.constexpr, HALF: tl.constexpr, PRECISION: tl.constexpr,
+    DOT_F32: tl.constexpr, WHOLE: tl.constexpr,
+):
+    """``b_acc + (x u) W_j^T`` for the chunk at ``i0`` (x the coupling tile at ``p_x``). ``WHOLE``:
+    the chunk holds ``BLOCK_IC`` capsules and ``o_b``, ``o_d`` lie in range: loads without masks."""
+    o_i, o_k, m_c = _caps_chunk(i0, i_end, BLOCK_IC, BLOCK_KIN)
+    o_ic = i0 + tl.arange(0, BLOCK_IC)
+    m_b = _whole(m_b, WHOLE)
+    m_c = _whole(m_c, WHOLE)
+    b_u = _u_chunk(u_ptr, o_b, m_b, i0, m_c, stride_ub, BLOCK_IC, BLOCK_KIN)
+    b_w = _w_rows(w_ptr, j * stride_wj + o_d * BLOCK_KIN, _whole(o_d < D, WHOLE), o_i, o_k, m_c, stride_wi)
+    m_bi = m_b[:, None] & _whole(o_ic < i_end, WHOLE)[None, :]
+    o_e = (o_b[:, None] * N_out + j) * N_in + o_ic[None, :]
+    b_x = _coupling_tile(p_x, o_e, m_bi, o_b.shape[0], BLOCK_IC, BLOCK_KIN) * b_u.to(tl.float32)
+    return b_acc + _dot_split(b_x, tl.trans(b_w), HALF, PRECISION, DOT_F32)
+
+
 @triton.jit(do_not_specialize=["B", "SPLIT", "caps_per_split", "slot"])
 def fused_layer_sums_kernel(
     u_ptr,  # [B, N_in, BLOCK_KIN] input capsules (D_in zero padded), capsules contiguous
@@ -662,17 +690,19 @@ def fused_layer_sums_kernel(
     i_end = tl.minimum(i_start + caps_per_split, N_in)
     p_c, p_g = _slot_buffers(c_ptr, g_ptr, slot, B, N_out, N_in)
     p_x = p_g if GRAD else p_c  # the factor of u: g, or c
-    b_acc = tl.zeros([BLOCK_B, BLOCK_DK], dtype=tl.float32)
-    for i0 in range(i_start, i_end, BLOCK_IC):
-        o_i, o_k, m_c = _caps_chunk(i0, i_end, BLOCK_IC, BLOCK_KIN)
-        b_u = _u_chunk(u_ptr, o_b, m_b, i0, m_c, stride_ub, BLOCK_IC, BLOCK_KIN)
-        b_w = _w_chunk(w_ptr, j, o_i, o_k, m_c, D, stride_wi, stride_wj, BLOCK_DK, BLOCK_KIN)
-        o_ic = i0 + tl.arange(0, BLOCK_IC)
-        m_bi = m_b[:, None] & (o_ic < i_end)[None, :]
-        o_e = (o_b[:, None] * N_out + j) * N_in + o_ic[None, :]
-        b_x = _coupling_tile(p_x, o_e, m_bi, BLOCK_B, BLOCK_IC, BLOCK_KIN) * b_u.to(tl.float32)
-        b_acc += _dot_split(b_x, tl.trans(b_w), HALF, PRECISION, DOT_F32)
     o_d = tl.arange(0, BLOCK_DK)
+    b_acc = tl.zeros([BLOCK_B, BLOCK_DK], dtype=tl.float32)
+    # whole chunks without masks: the rows past the batch read the last example and the W rows past
+    # D the last row (a product's rows depend on its left factor's rows alone, its columns on the
+    # right factor's columns: neither is stored)
+    i_whole = i_start + (i_end - i_start) // BLOCK_IC * BLOCK_IC
+    for i0 in range(i_start, i_whole, BLOCK_IC):
+        b_acc = _sums_chunk(b_acc, u_ptr, w_ptr, p_x, tl.minimum(o_b, B - 1), m_b, i0, i_end, j, N_out, N_in,
+                            tl.minimum(o_d, D - 1), D, stride_ub, stride_wi, stride_wj, BLOCK_IC, BLOCK_KIN, HALF,
+                            PRECISION, DOT_F32, True)
+    if i_whole < i_end:
+        b_acc = _sums_chunk(b_acc, u_ptr, w_ptr, p_x, o_b, m_b, i_whole, i_end, j, N_out, N_in, o_d, D, stride_ub,
+                            stride_wi, stride_wj, BLOCK_IC, BLOCK_KIN, HALF, PRECISION, DOT_F32, False)
     m_bd = m_b[:, None] & (o_d < D)[None, :]
     tl.store(part_ptr + ((o_b[:, None] * SPLIT + i_k) * N_out + j) * D + o_d[None, :], b_acc, mask=m_bd)
 
