@@ -491,27 +491,44 @@ def _chunk_logits(
     BLOCK_B: tl.constexpr, BLOCK_IC: tl.constexpr, BLOCK_KIN: tl.constexpr, BLOCK_DK: tl.constexpr,
 ):
     """Logits [BLOCK_B, BLOCK_IC] of one output capsule j for the chunk: ``u . (W^T V_j)``, from the
-    u chunk, the W chunk of j (both component-major, ``_component_major``) and ``p_V`` at V[0, j, 0]
-    (rows ``stride_vb`` apart). Component-major, a capsule's components are the same column of
-    each 8-column block of the MMA accumulator, which one thread holds: the sum over them is
-    in-thread (capsule-major, it took two rounds of cross-lane shuffles on replicated values)."""
+    u chunk, the W chunk of j (both ordered by ``_logits_operand``) and ``p_V`` at V[0, j, 0] (rows
+    ``stride_vb`` apart)."""
     b_z = _dot_split(_caps_rows(p_V, o_b, m_b, D, stride_vb, BLOCK_DK), b_w, HALF, PRECISION, DOT_F32)
     b_p = b_u.to(tl.float32) * b_z
     if BLOCK_KIN > 1:
-        b_p = tl.sum(tl.reshape(b_p, [BLOCK_B, BLOCK_KIN, BLOCK_IC]), axis=1)
+        b_p = _component_sums(b_p, BLOCK_IC, BLOCK_KIN)
     return b_p
 
 
 @triton.jit
-def _component_major(p_x, o_rows, m_rows, o_ic, m_i, stride_i, BLOCK_IC: tl.constexpr, BLOCK_KIN: tl.constexpr):
-    """A chunk of u or of W_j ordered component-major for the logits pass: [rows, BLOCK_KIN *
-    BLOCK_IC], column ``k * BLOCK_IC + i`` the element ``p_x + o_rows[row] + o_ic[i] * stride_i + k``
-    (capsule i's component k), zero padded. Loaded as [rows, BLOCK_KIN, BLOCK_IC], contiguous along
-    the components (128-bit loads), then reshaped."""
+def _logits_operand(p_x, o_rows, m_rows, o_ic, m_i, stride_i, BLOCK_IC: tl.constexpr, BLOCK_KIN: tl.constexpr):
+    """A chunk of u or of W_j as the logits pass orders it, [rows, BLOCK_KIN * BLOCK_IC], zero
+    padded, from the elements ``p_x + o_rows[row] + o_ic[i] * stride_i + k`` (capsule i's component
+    k): component-major, column ``k * BLOCK_IC + i``, for chunks of 8 capsules or more, else
+    capsule-major, ``i * BLOCK_KIN + k`` (``_component_sums``). Loaded as a 3-d block contiguous
+    along the components (vector loads), then reshaped."""
     o_k = tl.arange(0, BLOCK_KIN)
-    o_x = o_rows[:, None, None] + o_k[None, :, None] + (o_ic.to(tl.int64) * stride_i)[None, None, :]
-    b_x = tl.load(p_x + o_x, mask=m_rows[:, None, None] & m_i[None, None, :], other=0.0)
+    o_i = o_ic.to(tl.int64) * stride_i
+    if BLOCK_IC >= 8:
+        o_x = o_rows[:, None, None] + o_k[None, :, None] + o_i[None, None, :]
+        b_x = tl.load(p_x + o_x, mask=m_rows[:, None, None] & m_i[None, None, :], other=0.0)
+    else:
+        o_x = o_rows[:, None, None] + o_i[None, :, None] + o_k[None, None, :]
+        b_x = tl.load(p_x + o_x, mask=m_rows[:, None, None] & m_i[None, :, None], other=0.0)
     return tl.reshape(b_x, [o_rows.shape[0], BLOCK_KIN * BLOCK_IC])
+
+
+@triton.jit
+def _component_sums(b_p, BLOCK_IC: tl.constexpr, BLOCK_KIN: tl.constexpr):
+    """[rows, BLOCK_IC] sums over each capsule's components of a block ordered as ``_logits_operand``
+    orders it. Component-major, a capsule's components are the same column of each 8-column block
+    of the MMA accumulator, which one thread holds: the sum is in-thread. With fewer than 8
+    capsules a chunk, a capsule spans lanes either way, and capsule-major takes fewer shuffles."""
+    if BLOCK_IC >= 8:
+        b_p = tl.sum(tl.reshape(b_p, [b_p.shape[0], BLOCK_KIN, BLOCK_IC]), axis=1)
+    else:
+        b_p = tl.sum(tl.reshape(b_p, [b_p.shape[0], BLOCK_IC, BLOCK_KIN]), axis=2)
+    return b_p
 
 
 @triton.jit(do_not_specialize=["B", "SPLIT", "r"])
@@ -588,13 +605,13 @@ def fused_layer_logits_kernel(
     for i0 in range(i_start, i_end, BLOCK_IC):
         o_ic = i0 + tl.arange(0, BLOCK_IC)
         m_i = o_ic < i_end
-        b_u = _component_major(u_ptr, o_b * stride_ub, m_b, o_ic, m_i, BLOCK_KIN, BLOCK_IC, BLOCK_KIN)
+        b_u = _logits_operand(u_ptr, o_b * stride_ub, m_b, o_ic, m_i, BLOCK_KIN, BLOCK_IC, BLOCK_KIN)
         m_bi = m_b[:, None] & m_i[None, :]
         o_e = o_b[:, None] * N_out * N_in + o_ic[None, :]  # c[b, 0, i]
         b_max = tl.full([BLOCK_B, BLOCK_IC], float("-inf"), tl.float32)
         for j in range(0, N_out):
-            b_w = _component_major(w_ptr + j * stride_wj, o_d * BLOCK_KIN, o_d < D, o_ic, m_i, stride_wi,
-                                   BLOCK_IC, BLOCK_KIN)
+            b_w = _logits_operand(w_ptr + j * stride_wj, o_d * BLOCK_KIN, o_d < D, o_ic, m_i, stride_wi,
+                                  BLOCK_IC, BLOCK_KIN)
             b_logit = _chunk_logits(b_u, b_w, p_V + j * D, o_b, m_b, D, N_out * D, HALF, PRECISION, DOT_F32,
                                     BLOCK_B, BLOCK_IC, BLOCK_KIN, BLOCK_DK)
             tl.store(c_ptr + o_e + j * N_in, b_logit, mask=m_bi)

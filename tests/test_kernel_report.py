@@ -217,6 +217,22 @@ def test_layer_products_run_on_tensor_cores(sm90_report):
         assert {(d, p) for k, d, p in seen if k == kernel} == every - {("fp32", "ieee")}, sorted(seen)
 
 
+def test_logits_sum_over_components_stays_in_thread(sm90_report):
+    """The fused layer's logits pass orders chunks of 8 capsules or more component-major, so that
+    the sum over each capsule's D_in components stays in one thread of the MMA accumulator: no
+    shuffles in the paper's layer's logits kernel, forward or backward, in any dtype or precision
+    on tensor cores (ordered capsule-major it took 32 forward and 64 backward)."""
+    _, out = sm90_report
+    doc = json.loads((out / "sm_90.json").read_text())
+    seen = set()
+    for entry in doc["kernels"]:
+        if entry["kernel"] == "fused_layer_logits_kernel" and any("1152x10x16x8" in c for c in entry["cases"]):
+            assert entry["sass"]["SHFL"] == 0, (entry["dtype"], entry["constexprs"], entry["sass"])
+            seen.add((entry["dtype"], entry["constexprs"]["PRECISION"], entry["constexprs"]["GRAD"]))
+    precisions = {("fp16", "ieee"), ("bf16", "ieee"), ("fp32", "tf32"), ("fp32", "tf32x3")}
+    assert seen == {(d, p, g) for d, p in precisions for g in (False, True)}, sorted(seen)
+
+
 def _run_in_bench(code: str):
     """What ``code`` prints as JSON, run in ``bench/`` in a process without the interpreter (under
     which the ops launch kernels directly instead of recording them)."""
