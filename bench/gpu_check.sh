@@ -135,7 +135,7 @@ run tests "$TESTS_S" "$OUT/tests.log" "$PY" -m pytest "${PYTEST_ARGS[@]}" "${TES
 # --- launch parameters of the fused layer against alternatives (DigitCaps, fp32, B = 1024)
 if [[ $DRY != 1 ]]; then
     run tune "$TUNE_S" "$OUT/sweep.log" "$PY" bench/tune.py --op layer --batch-sizes 1024 --out "$OUT" \
-        --set fwd_examples=32,64 fwd_chunk=32,64,128 fwd_warps=4,8 target_programs=1024,4096 \
+        --set fwd_examples=32,64 fwd_chunk=32,64 fwd_warps=4,8 target_programs=1024,4096 \
         target_programs_bwd=1024,2048 groups=8 final_examples=16,32 final_chunk=64,128
 else  # the same script and output through the interpreter, on a tiny shape
     run tune "$TUNE_S" "$OUT/sweep.log" env TRITON_INTERPRET=1 "$PY" bench/tune.py --op layer --device cpu \

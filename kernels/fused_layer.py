@@ -334,7 +334,8 @@ def fused_layer_bwd_dw_sum_kernel(
 # blocks of predictions. For one output capsule j and a run of input capsules:
 #
 #     logits   b[b, i, j] = u_hat[b, i, j] . V[b, j] = u[b, i] . (W[i, j]^T V[b, j])
-#              Z_j = V_j @ W_j            [BLOCK_B, D] x [D, (i, k)]   (tensor cores)
+#              Z_j = V_j @ W_j            [BLOCK_B, D] x [D, (i, k)]   (tensor cores; the columns
+#                                         ordered (k, i) where a chunk has 8 capsules or more)
 #              b[:, i, j] = sum_k u[:, i, k] Z_j[:, i, k]
 #     sums     s[b, j] = sum_i c[b, i, j] W[i, j] u[b, i] = X_j @ W_j^T,
 #              X_j[b, (i, k)] = c[b, i, j] u[b, i, k]   [BLOCK_B, (i, k)] x [(i, k), D]  (tensor cores)
@@ -463,7 +464,8 @@ def _caps_rows(p_x, o_b, m_b, D, stride_xb, BLOCK_DK: tl.constexpr):
 @triton.jit
 def _per_component(b_x, BLOCK_B: tl.constexpr, BLOCK_IC: tl.constexpr, BLOCK_KIN: tl.constexpr):
     """A [BLOCK_B, BLOCK_IC] per-capsule block repeated over each capsule's components:
-    [BLOCK_B, BLOCK_IC * BLOCK_KIN], as the chunks of u are laid out."""
+    [BLOCK_B, BLOCK_IC * BLOCK_KIN], as the sums and final passes lay out the chunks of u
+    (capsule-major)."""
     if BLOCK_KIN > 1:
         b_x = tl.reshape(tl.broadcast_to(b_x[:, :, None], [BLOCK_B, BLOCK_IC, BLOCK_KIN]),
                          [BLOCK_B, BLOCK_IC * BLOCK_KIN])
@@ -521,9 +523,10 @@ def _logits_operand(p_x, o_rows, m_rows, o_ic, m_i, stride_i, BLOCK_IC: tl.const
 @triton.jit
 def _component_sums(b_p, BLOCK_IC: tl.constexpr, BLOCK_KIN: tl.constexpr):
     """[rows, BLOCK_IC] sums over each capsule's components of a block ordered as ``_logits_operand``
-    orders it. Component-major, a capsule's components are the same column of each 8-column block
-    of the MMA accumulator, which one thread holds: the sum is in-thread. With fewer than 8
-    capsules a chunk, a capsule spans lanes either way, and capsule-major takes fewer shuffles."""
+    orders it. Component-major, capsule i's components are column i mod 8 of 8-column blocks of the
+    MMA accumulator (every block for 8 capsules, every other one for 16), and a thread holds two
+    adjacent columns of every block: the sum is in-thread. With fewer than 8 capsules a chunk a
+    capsule spans lanes either way, and capsule-major takes fewer shuffles."""
     if BLOCK_IC >= 8:
         b_p = tl.sum(tl.reshape(b_p, [b_p.shape[0], BLOCK_KIN, BLOCK_IC]), axis=1)
     else:

@@ -220,17 +220,25 @@ def test_layer_products_run_on_tensor_cores(sm90_report):
 def test_logits_sum_over_components_stays_in_thread(sm90_report):
     """The fused layer's logits pass orders chunks of 8 capsules or more component-major, so that
     the sum over each capsule's D_in components stays in one thread of the MMA accumulator: no
-    shuffles in the paper's layer's logits kernel, forward or backward, in any dtype or precision
-    on tensor cores (ordered capsule-major it took 32 forward and 64 backward)."""
+    shuffles in the logits kernel of the paper's layer (D_in 8) and of the 4D-input case (chunks of
+    8 capsules of 4 components), forward and backward, in every dtype and precision on tensor
+    cores (ordered capsule-major the paper's layer took 32 forward and 64 backward)."""
     _, out = sm90_report
     doc = json.loads((out / "sm_90.json").read_text())
+    layers = ("layer 1152x10x16x8 ", "layer 37x10x16x4 ")
     seen = set()
     for entry in doc["kernels"]:
-        if entry["kernel"] == "fused_layer_logits_kernel" and any("1152x10x16x8" in c for c in entry["cases"]):
-            assert entry["sass"]["SHFL"] == 0, (entry["dtype"], entry["constexprs"], entry["sass"])
-            seen.add((entry["dtype"], entry["constexprs"]["PRECISION"], entry["constexprs"]["GRAD"]))
-    precisions = {("fp16", "ieee"), ("bf16", "ieee"), ("fp32", "tf32"), ("fp32", "tf32x3")}
-    assert seen == {(d, p, g) for d, p in precisions for g in (False, True)}, sorted(seen)
+        layer = next((x for x in layers if any(c.startswith(x) for c in entry["cases"])), None)
+        if entry["kernel"] != "fused_layer_logits_kernel" or layer is None:
+            continue
+        consts = entry["constexprs"]
+        assert consts["BLOCK_IC"] >= 8 and consts["BLOCK_KIN"] > 1, (layer, consts)
+        assert entry["sass"]["SHFL"] == 0, (layer, entry["dtype"], consts, entry["sass"])
+        seen.add((layer, entry["dtype"], consts["PRECISION"], consts["GRAD"]))
+    precisions = {layers[0]: {("fp16", "ieee"), ("bf16", "ieee"), ("fp32", "tf32"), ("fp32", "tf32x3")}}
+    precisions[layers[1]] = {("bf16", "ieee"), ("fp32", "tf32x3")}
+    expected = {(x, d, p, g) for x, ps in precisions.items() for d, p in ps for g in (False, True)}
+    assert seen == expected, sorted(seen)
 
 
 def _run_in_bench(code: str):

@@ -251,6 +251,11 @@ def chunked_config(
     block_kin = triton.next_power_of_2(d_in)
     block_dk = max(16, triton.next_power_of_2(dim))
     block_ic = chunk_capsules(tuning.fwd_chunk, dim, d_in)
+    # 16 capsules a chunk hold at most 32 elements: beside a chunk of 64 the logits pass's [examples
+    # x capsule] softmax state of 16 capsules spilled (D_in 3 and 4: 224 bytes on sm_80 in float32,
+    # and the bfloat16 sums pass 8 on sm_90; kernel report)
+    if block_ic * block_kin > 32:
+        block_ic = min(block_ic, 8)
     # [examples x D_out] blocks of V and ds (and the sums): at most 1024 elements with float32
     # inputs, whose 3xTF32 operands take three times the registers (64 examples of 64D capsules
     # spilled), 4096 with half inputs

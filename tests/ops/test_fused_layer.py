@@ -184,12 +184,17 @@ def test_fused_layer_ieee_products_with_many_classes():
 
 def test_chunked_config_bounds_the_working_set():
     """The chunks of the passes in input-capsule space: at most 16 input capsules (the per-(example,
-    capsule) softmax state), at most 2048 W elements, products at least 16 deep."""
-    for n_in, d, d_in in [(1152, 16, 8), (16, 64, 16), (37, 33, 9), (7, 5, 1), (16, 8, 8), (3, 1, 16)]:
+    capsule) softmax state), and chunks of 16 capsules at most 32 elements (D_in 3 and 4 take 8
+    capsules a chunk), at most 2048 W elements, products at least 16 deep."""
+    shapes = [(1152, 16, 8), (16, 64, 16), (37, 33, 9), (7, 5, 1), (16, 8, 8), (3, 1, 16), (37, 16, 4), (37, 16, 3)]
+    shapes += [(37, 16, 2)]
+    for n_in, d, d_in in shapes:
         for float32 in (True, False):
             cfg = ops.chunked_config(n_in, d, d_in, 100, float32=float32)
             chunk = cfg.block_ic * cfg.block_kin
             assert cfg.block_ic <= 16 and cfg.block_kin == triton.next_power_of_2(d_in)
+            assert cfg.block_ic <= 8 or chunk <= 32, (d_in, cfg)
+            assert chunk >= 16 or cfg.block_ic == 1
             assert cfg.block_dk >= max(16, d) and 16 <= cfg.block_b <= 64
             assert cfg.block_dk * chunk <= 2048 or cfg.block_ic == 1
             assert cfg.block_b * cfg.block_dk <= (1024 if float32 else 4096) or cfg.block_b == 16
