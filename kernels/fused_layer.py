@@ -503,21 +503,23 @@ def _chunk_logits(
 
 
 @triton.jit
-def _logits_operand(p_x, o_rows, m_rows, o_ic, m_i, stride_i, BLOCK_IC: tl.constexpr, BLOCK_KIN: tl.constexpr):
-    """A chunk of u or of W_j as the logits pass orders it, [rows, BLOCK_KIN * BLOCK_IC], zero
-    padded, from the elements ``p_x + o_rows[row] + o_ic[i] * stride_i + k`` (capsule i's component
-    k): component-major, column ``k * BLOCK_IC + i``, for chunks of 8 capsules or more, else
-    capsule-major, ``i * BLOCK_KIN + k`` (``_component_sums``). Loaded as a 3-d block contiguous
-    along the components (vector loads), then reshaped."""
-    o_k = tl.arange(0, BLOCK_KIN)
-    o_i = o_ic.to(tl.int64) * stride_i
+def _logits_operand(p_x, o_rows, m_rows, i0, i_end, stride_i, BLOCK_IC: tl.constexpr, BLOCK_KIN: tl.constexpr):
+    """The chunk of u or of W_j at input capsule ``i0`` as the logits pass orders it, [rows,
+    BLOCK_KIN * BLOCK_IC], zero padded, from the elements ``p_x + o_rows[row] + i * stride_i + k``
+    (capsule i's component k): component-major, column ``k * BLOCK_IC + i``, for chunks of 8
+    capsules or more (loaded as [rows, BLOCK_KIN, BLOCK_IC], contiguous along the components: vector
+    loads, then reshaped), else capsule-major, ``i * BLOCK_KIN + k``, as the other passes load it
+    (``_component_sums``)."""
     if BLOCK_IC >= 8:
-        o_x = o_rows[:, None, None] + o_k[None, :, None] + o_i[None, None, :]
-        b_x = tl.load(p_x + o_x, mask=m_rows[:, None, None] & m_i[None, None, :], other=0.0)
+        o_ic = i0 + tl.arange(0, BLOCK_IC)
+        o_k = tl.arange(0, BLOCK_KIN)
+        o_x = o_rows[:, None, None] + o_k[None, :, None] + (o_ic.to(tl.int64) * stride_i)[None, None, :]
+        b_x = tl.load(p_x + o_x, mask=m_rows[:, None, None] & (o_ic < i_end)[None, None, :], other=0.0)
+        b_x = tl.reshape(b_x, [o_rows.shape[0], BLOCK_KIN * BLOCK_IC])
     else:
-        o_x = o_rows[:, None, None] + o_i[None, :, None] + o_k[None, None, :]
-        b_x = tl.load(p_x + o_x, mask=m_rows[:, None, None] & m_i[None, :, None], other=0.0)
-    return tl.reshape(b_x, [o_rows.shape[0], BLOCK_KIN * BLOCK_IC])
+        o_i, o_k, m_c = _caps_chunk(i0, i_end, BLOCK_IC, BLOCK_KIN)
+        b_x = _w_rows(p_x, o_rows, m_rows, o_i, o_k, m_c, stride_i)
+    return b_x
 
 
 @triton.jit
@@ -607,13 +609,12 @@ def fused_layer_logits_kernel(
     o_d = tl.arange(0, BLOCK_DK)
     for i0 in range(i_start, i_end, BLOCK_IC):
         o_ic = i0 + tl.arange(0, BLOCK_IC)
-        m_i = o_ic < i_end
-        b_u = _logits_operand(u_ptr, o_b * stride_ub, m_b, o_ic, m_i, BLOCK_KIN, BLOCK_IC, BLOCK_KIN)
-        m_bi = m_b[:, None] & m_i[None, :]
+        b_u = _logits_operand(u_ptr, o_b * stride_ub, m_b, i0, i_end, BLOCK_KIN, BLOCK_IC, BLOCK_KIN)
+        m_bi = m_b[:, None] & (o_ic < i_end)[None, :]
         o_e = o_b[:, None] * N_out * N_in + o_ic[None, :]  # c[b, 0, i]
         b_max = tl.full([BLOCK_B, BLOCK_IC], float("-inf"), tl.float32)
         for j in range(0, N_out):
-            b_w = _logits_operand(w_ptr + j * stride_wj, o_d * BLOCK_KIN, o_d < D, o_ic, m_i, stride_wi,
+            b_w = _logits_operand(w_ptr + j * stride_wj, o_d * BLOCK_KIN, o_d < D, i0, i_end, stride_wi,
                                   BLOCK_IC, BLOCK_KIN)
             b_logit = _chunk_logits(b_u, b_w, p_V + j * D, o_b, m_b, D, N_out * D, HALF, PRECISION, DOT_F32,
                                     BLOCK_B, BLOCK_IC, BLOCK_KIN, BLOCK_DK)
