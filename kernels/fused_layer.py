@@ -383,7 +383,8 @@ def _w_chunk(w_ptr, j, o_i, o_k, m_c, D, stride_wi, stride_wj, BLOCK_DK: tl.cons
 @triton.jit
 def _w_rows(w_ptr, o_wn, m_n, o_i, o_k, m_c, stride_wi):
     """Rows ``o_wn`` (offsets of W[0, j, d, 0], mask ``m_n``) of W over the chunk's (capsule,
-    component) columns: [rows, BLOCK_IC * BLOCK_KIN], zero padded."""
+    component) columns: [rows, BLOCK_IC * BLOCK_KIN], zero padded; the logits pass loads u's
+    capsule-major chunks with it too (rows ``b * stride_ub``, capsules ``stride_wi = BLOCK_KIN`` apart)."""
     o_w = o_wn[:, None] + (o_i.to(tl.int64) * stride_wi + o_k)[None, :]
     return tl.load(w_ptr + o_w, mask=m_n[:, None] & m_c[None, :], other=0.0)
 
@@ -607,9 +608,10 @@ def fused_layer_logits_kernel(
     i_start = i_k * caps_per_split
     i_end = tl.minimum(i_start + caps_per_split, N_in)
     o_d = tl.arange(0, BLOCK_DK)
+    o_ub = o_b * stride_ub
     for i0 in range(i_start, i_end, BLOCK_IC):
         o_ic = i0 + tl.arange(0, BLOCK_IC)
-        b_u = _logits_operand(u_ptr, o_b * stride_ub, m_b, i0, i_end, BLOCK_KIN, BLOCK_IC, BLOCK_KIN)
+        b_u = _logits_operand(u_ptr, o_ub, m_b, i0, i_end, BLOCK_KIN, BLOCK_IC, BLOCK_KIN)
         m_bi = m_b[:, None] & (o_ic < i_end)[None, :]
         o_e = o_b[:, None] * N_out * N_in + o_ic[None, :]  # c[b, 0, i]
         b_max = tl.full([BLOCK_B, BLOCK_IC], float("-inf"), tl.float32)
@@ -717,10 +719,10 @@ def fused_layer_sums_kernel(
     # D the last row (a product's rows depend on its left factor's rows alone, its columns on the
     # right factor's columns: neither is stored)
     i_whole = i_start + (i_end - i_start) // BLOCK_IC * BLOCK_IC
+    o_b_in, o_d_in = tl.minimum(o_b, B - 1), tl.minimum(o_d, D - 1)
     for i0 in range(i_start, i_whole, BLOCK_IC):
-        b_acc = _sums_chunk(b_acc, u_ptr, w_ptr, p_x, tl.minimum(o_b, B - 1), m_b, i0, i_end, j, N_out, N_in,
-                            tl.minimum(o_d, D - 1), D, stride_ub, stride_wi, stride_wj, BLOCK_IC, BLOCK_KIN, HALF,
-                            PRECISION, DOT_F32, True)
+        b_acc = _sums_chunk(b_acc, u_ptr, w_ptr, p_x, o_b_in, m_b, i0, i_end, j, N_out, N_in, o_d_in, D, stride_ub,
+                            stride_wi, stride_wj, BLOCK_IC, BLOCK_KIN, HALF, PRECISION, DOT_F32, True)
     if i_whole < i_end:
         b_acc = _sums_chunk(b_acc, u_ptr, w_ptr, p_x, o_b, m_b, i_whole, i_end, j, N_out, N_in, o_d, D, stride_ub,
                             stride_wi, stride_wj, BLOCK_IC, BLOCK_KIN, HALF, PRECISION, DOT_F32, False)

@@ -186,8 +186,8 @@ def test_chunked_config_bounds_the_working_set():
     """The chunks of the passes in input-capsule space: at most 16 input capsules (the per-(example,
     capsule) softmax state), and chunks of 16 capsules at most 32 elements (D_in 3 and 4 take 8
     capsules a chunk), at most 2048 W elements, products at least 16 deep."""
-    shapes = [(1152, 16, 8), (16, 64, 16), (37, 33, 9), (7, 5, 1), (16, 8, 8), (3, 1, 16), (37, 16, 4), (37, 16, 3)]
-    shapes += [(37, 16, 2)]
+    shapes = [(1152, 16, 8), (16, 64, 16), (37, 33, 9), (7, 5, 1), (16, 8, 8), (3, 1, 16)]
+    shapes += [(37, 16, 4), (37, 16, 3), (37, 16, 2)]  # D_in 3 and 4: 8 capsules a chunk; D_in 2: 16
     for n_in, d, d_in in shapes:
         for float32 in (True, False):
             cfg = ops.chunked_config(n_in, d, d_in, 100, float32=float32)
