@@ -88,9 +88,21 @@ FUSED_MAX_OUTPUTS = 2048
 #: (operands under about 2e-35) may be flushed, leaving TF32 accuracy there. The static model
 #: predicts the float32 forward 2.2x faster than with IEEE FMAs (bench/results/kernel_report/NOTES.md).
 _PRECISIONS = {"highest": "tf32x3", "high": "tf32", "medium": "tf32"}
-#: Flattened outputs (j, d) a program of the forward's iteration 0 multiplies (its u operand shared
-#: by all of them; chosen from the kernel report, bench/results/kernel_report/NOTES.md).
+#: Flattened outputs (j, d) a program of the forward's iteration 0 multiplies at most (its u operand
+#: shared by all of them; chosen from the kernel report, bench/results/kernel_report/NOTES.md).
 UNIFORM_OUTPUTS = 64
+
+
+def uniform_block(outputs: int) -> int:
+    """Flattened outputs a program of iteration 0 multiplies: of the blocks of 32 and
+    :data:`UNIFORM_OUTPUTS` the one that pads ``outputs`` (N_out * D_out) least, the larger on a
+    tie (fewer programs, each forming its u operand once), at least 16 (tl.dot's N). The pass is
+    bound by the tensor cores' rate in float32 (3xTF32), where the padded columns cost as much as
+    real ones: the paper's 160 outputs take 5 blocks of 32, not 3 of 64 (192 columns)."""
+    if outputs <= 32:
+        return max(16, triton.next_power_of_2(outputs))
+    blocks = (UNIFORM_OUTPUTS, 32)
+    return min(blocks, key=lambda b: triton.cdiv(outputs, b) * b)
 
 
 @torch.compiler.assume_constant_result
@@ -499,7 +511,7 @@ class _CouplingPasses:
         """Iteration 0: the partials of s_0 (uniform coupling) over blocks of
         :data:`UNIFORM_OUTPUTS` flattened outputs; V_0 = 0 saved."""
         outputs = self.n_out * self.sizes["D"]
-        block = min(UNIFORM_OUTPUTS, max(16, triton.next_power_of_2(outputs)))  # (tl.dot's N: 16 at least)
+        block = uniform_block(outputs)
         consts = {k: v for k, v in self.consts.items() if k not in ("BLOCK_DK", "HALF")}
         launch(
             fused_layer_uniform_sums_kernel, (self.cfg.tiles, self.sums_split.split, triton.cdiv(outputs, block)),

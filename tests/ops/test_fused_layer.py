@@ -201,6 +201,24 @@ def test_chunked_config_bounds_the_working_set():
             assert cfg.split.caps_per_split % cfg.block_ic == 0 and cfg.tiles == triton.cdiv(100, cfg.block_b)
 
 
+def test_uniform_block_pads_the_outputs_least():
+    """Iteration 0 multiplies blocks of flattened outputs (N_out * D_out) at the tensor cores'
+    rate, padded columns included: of the allowed blocks (a power of two, 16 to 64, at least 32
+    unless all outputs fit one) the one with the fewest padded columns, the larger on a tie (fewer
+    programs forming the same u operand). The paper's 160 outputs: 5 blocks of 32, not 3 of 64."""
+    for outputs in range(1, 2100):
+        block = ops.uniform_block(outputs)
+        padded = triton.cdiv(outputs, block) * block
+        assert block == triton.next_power_of_2(block) and 16 <= block <= ops.UNIFORM_OUTPUTS
+        if outputs <= 32:  # one block, as small as tl.dot allows
+            assert block == max(16, triton.next_power_of_2(outputs))
+            continue
+        for other in (32, 64):
+            other_padded = triton.cdiv(outputs, other) * other
+            assert padded < other_padded or (padded == other_padded and block >= other), (outputs, block)
+    assert ops.uniform_block(10 * 16) == 32 and ops.uniform_block(100 * 16) == 64
+
+
 def test_flat_capsules_copies_only_what_the_passes_cannot_load():
     """u and the weight enter the passes in input-capsule space with contiguous capsules of a
     power-of-two D_in: as they are when so (no copy), else zero padded copies."""
