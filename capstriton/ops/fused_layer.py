@@ -508,8 +508,8 @@ class _CouplingPasses:
         )
 
     def uniform_sums(self, vsum_saved: torch.Tensor) -> None:
-        """Iteration 0: the partials of s_0 (uniform coupling) over blocks of
-        :data:`UNIFORM_OUTPUTS` flattened outputs; V_0 = 0 saved."""
+        """Iteration 0: the partials of s_0 (uniform coupling) over blocks of flattened outputs
+        (:func:`uniform_block`); V_0 = 0 saved."""
         outputs = self.n_out * self.sizes["D"]
         block = uniform_block(outputs)
         consts = {k: v for k, v in self.consts.items() if k not in ("BLOCK_DK", "HALF")}
