@@ -292,6 +292,27 @@ def dot_f32(a, b, PRECISION: tl.constexpr, DOT_F32: tl.constexpr):
 
 
 @triton.jit
+def half_parts(x, dtype: tl.constexpr):
+    """float32 ``x`` as two numbers ``hi + lo`` of the half ``dtype``, for two exact tensor-core
+    products in place of one float32 product (products of half types are exact in float32).
+    bfloat16: ``hi`` is x truncated to its upper 16 bits, which are its bfloat16 bits (no
+    conversion: a byte permute per pair, and one mask for hi's float32 value), ``lo`` the remainder
+    ``x - hi`` (exact in float32, below 2^-7 |x|) rounded to bfloat16, so ``|x - hi - lo| <= 2^-15
+    |x|``; rounding hi instead takes a conversion to bfloat16 and one back for one more bit
+    (bench/results/kernel_report/NOTES.md). A float32 x beyond bfloat16's largest finite value
+    keeps a finite hi. float16 (an exponent field of its own): ``hi`` the rounding of x, ``lo``
+    that of the remainder, ``|x - hi - lo| <= 2^-22 |x|`` within float16's normal range."""
+    if dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        hi = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        lo = (x - (bits & 0xFFFF0000).to(tl.float32, bitcast=True)).to(tl.bfloat16)
+    else:
+        hi = x.to(dtype)
+        lo = (x - hi.to(tl.float32)).to(dtype)
+    return hi, lo
+
+
+@triton.jit
 def tf32_nearest(x):
     """float32 ``x`` rounded to TF32 as ``cvt.rna.tf32.f32`` rounds: 10 mantissa bits, ties away
     from zero (two integer instructions)."""
@@ -371,11 +392,13 @@ def layer_input_grads(
         # Half-precision inputs: du_hat as the sum of two numbers of the input dtype, each
         # multiplied on tensor cores (products of half types are exact in float32), so the
         # gradients lose nothing to rounding du_hat to the input dtype
-        b_hi = b_duh.to(b_wt.dtype)
+        if HALF:
+            b_hi, b_lo = half_parts(b_duh, b_wt.dtype)
+        else:
+            b_hi = b_duh.to(b_wt.dtype)
         b_du = dot_f32(b_hi, tl.trans(b_wt), PRECISION, DOT_F32)
         b_dw += dot_f32(tl.trans(b_hi), b_u, PRECISION, DOT_F32)
         if HALF:
-            b_lo = (b_duh - b_hi.to(tl.float32)).to(b_wt.dtype)
             b_du += dot_f32(b_lo, tl.trans(b_wt), PRECISION, DOT_F32)
             b_dw += dot_f32(tl.trans(b_lo), b_u, PRECISION, DOT_F32)
         tl.store(p_du[:, None] + o_k[None, :], b_du.to(p_du.dtype.element_ty), mask=m_b[:, None] & m_k[None, :])

@@ -43,6 +43,7 @@ import triton.language as tl
 from .common import (
     caps_block,
     dot_f32,
+    half_parts,
     layer_input_grads,
     layer_predictions,
     layer_weight_tile,
@@ -352,7 +353,8 @@ def fused_layer_bwd_dw_sum_kernel(
 # reduces the partials of the previous iteration per example (in split order), squashes and
 # writes the saved s and V.
 # Half-precision inputs: the float32 factors (V, X) enter the products as two half parts (hi +
-# lo), each multiplied exactly on tensor cores, so nothing is rounded to the input dtype.
+# lo: ``half_parts``, about 15 significant bits for bfloat16, 22 for float16), each multiplied
+# exactly on tensor cores, so nothing is rounded to the input dtype.
 
 
 @triton.jit
@@ -397,8 +399,7 @@ def _dot_split(
     with half inputs ``a`` enters as hi + lo parts of that dtype (two exact tensor-core products),
     else as float32 at ``PRECISION``."""
     if HALF:
-        b_hi = b_a.to(b_w.dtype)
-        b_lo = (b_a - b_hi.to(tl.float32)).to(b_w.dtype)
+        b_hi, b_lo = half_parts(b_a, b_w.dtype)
         b_out = _dot_sided(b_hi, b_w, PRECISION, DOT_F32, RIGHT) + _dot_sided(b_lo, b_w, PRECISION, DOT_F32, RIGHT)
     else:
         b_out = _dot_sided(b_a, b_w, PRECISION, DOT_F32, RIGHT)
@@ -440,13 +441,12 @@ def _oriented_product(
 @triton.jit
 def _dot_split2(b_a, b_b, dtype: tl.constexpr, HALF: tl.constexpr, PRECISION: tl.constexpr, DOT_F32: tl.constexpr):
     """``a @ b`` in float32 for two float32 factors: with half inputs each enters as hi + lo parts of
-    ``dtype`` and three exact tensor-core products are summed (the lo x lo product, below 2^-16 of
-    the result for bfloat16, is dropped), else float32 at ``PRECISION``."""
+    ``dtype`` and three exact tensor-core products are summed (the lo x lo product, below 2^-14 of
+    each term's size for bfloat16 (``half_parts``: |lo| < 2^-7 |x|), is dropped), else float32 at
+    ``PRECISION``."""
     if HALF:
-        b_a_hi = b_a.to(dtype)
-        b_b_hi = b_b.to(dtype)
-        b_a_lo = (b_a - b_a_hi.to(tl.float32)).to(dtype)
-        b_b_lo = (b_b - b_b_hi.to(tl.float32)).to(dtype)
+        b_a_hi, b_a_lo = half_parts(b_a, dtype)
+        b_b_hi, b_b_lo = half_parts(b_b, dtype)
         b_out = dot_f32(b_a_hi, b_b_hi, PRECISION, DOT_F32) + dot_f32(b_a_hi, b_b_lo, PRECISION, DOT_F32)
         b_out += dot_f32(b_a_lo, b_b_hi, PRECISION, DOT_F32)
     else:

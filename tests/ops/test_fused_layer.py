@@ -26,7 +26,7 @@ from _helpers import (
     requires_cuda,
     saved_storages,
 )
-from capstriton.kernels.common import dot_f32, tf32_nearest
+from capstriton.kernels.common import dot_f32, half_parts, tf32_nearest
 
 import capstriton as ct
 from capstriton import reference
@@ -521,6 +521,57 @@ def test_3xtf32_split_of_dot_f32(k):
     assert errors["tf32x3"] <= 1.0, errors
     if "tf32" in errors:
         assert errors["tf32"] > 10.0, errors
+
+
+@triton.jit
+def _half_parts_kernel(x_ptr, hi_ptr, lo_ptr, N: tl.constexpr):
+    o = tl.arange(0, N)
+    b_hi, b_lo = half_parts(tl.load(x_ptr + o), hi_ptr.dtype.element_ty)
+    tl.store(hi_ptr + o, b_hi)
+    tl.store(lo_ptr + o, b_lo)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_half_parts_splits_float32_into_two_half_numbers(dtype):
+    """``half_parts``, through which every product of the fused layer with half inputs takes a
+    float32 factor (V, ds, c u, g u, du_hat) as hi + lo: for bfloat16 hi is x's upper 16 bits (x
+    truncated, bit for bit; finite beyond bfloat16's largest value) and lo the remainder rounded to
+    nearest even, so |x - hi - lo| <= 2^-15 |x|; for float16 both are roundings to nearest, within
+    2^-22 |x| (or 2^-25, half float16's smallest subnormal). Magnitudes across the type's range,
+    both signs, zeros. (For bfloat16 down to 2^-100, where every remainder is a normal float32:
+    Triton's interpreter converts float32 subnormals to bfloat16 unlike a GPU.)"""
+    special = [0.0, -0.0, 1.0, -1.0 - 2.0**-20, -(2.0**-7) * (1 + 2.0**-23)]
+    if dtype == torch.bfloat16:
+        exponents, floor, bound = (-100, 127.9), 0.0, 2.0**-15
+        special += [3.4e38, -3.4e38, 2.0**-100]
+    else:  # float16's normals are 2^-14 .. 65504; below them its subnormals
+        exponents, floor, bound = (-20, 15.9), 2.0**-25, 2.0**-22
+        special += [6e4, -6.5e4, 2.0**-14, 3e-6]
+    magnitudes = torch.exp2(torch.empty(2000, dtype=torch.float64).uniform_(*exponents))
+    x = torch.cat([(torch.sign(torch.randn(2000)) * magnitudes).float(), torch.tensor(special)])
+    n = triton.next_power_of_2(x.numel())
+    x = torch.nn.functional.pad(x, (0, n - x.numel())).to(KERNEL_DEVICE)
+    hi = torch.full(x.shape, float("nan"), dtype=dtype, device=KERNEL_DEVICE)
+    lo = torch.full_like(hi, float("nan"))
+    _half_parts_kernel[(1,)](x, hi, lo, N=n)
+    x, hi, lo = x.cpu(), hi.cpu(), lo.cpu()
+    if dtype == torch.bfloat16:
+        assert torch.equal(hi.view(torch.int16), (x.view(torch.int32) >> 16).to(torch.int16))
+    else:
+        assert torch.equal(hi, x.to(dtype))
+    remainder = x - hi.float()  # exact in float32 either way
+    if dtype == torch.bfloat16 and KERNEL_DEVICE == "cpu":
+        # Triton's interpreter converts float32 to bfloat16 by truncation (a GPU's cvt.rn rounds to
+        # nearest even): its lo is the remainder truncated, at most one bfloat16 ulp of it off
+        assert torch.equal(lo.view(torch.int16), (remainder.view(torch.int32) >> 16).to(torch.int16))
+        bound *= 2
+    else:
+        assert torch.equal(lo, remainder.to(dtype))
+    error = (x.double() - hi.double() - lo.double()).abs()
+    assert (error <= torch.clamp(bound * x.double().abs(), min=floor)).all()
+    # the split keeps bits a single rounding loses
+    single = (x.double() - x.to(dtype).double()).abs()
+    assert error.sum() < 1e-3 * single.sum()
 
 
 @pytest.mark.parametrize("shape", [(37, 10, 16, 8), (2, 128, 64, 16)], ids=layer_id)
