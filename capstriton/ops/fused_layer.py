@@ -94,14 +94,12 @@ UNIFORM_OUTPUTS = 64
 
 
 def uniform_block(outputs: int) -> int:
-    """Flattened outputs a program of iteration 0 multiplies: of the blocks of 32 and
-    :data:`UNIFORM_OUTPUTS` the one that pads ``outputs`` (N_out * D_out) least, the larger on a
-    tie (fewer programs, each forming its u operand once), at least 16 (tl.dot's N). The pass is
-    bound by the tensor cores' rate in float32 (3xTF32), where the padded columns cost as much as
-    real ones: the paper's 160 outputs take 5 blocks of 32, not 3 of 64 (192 columns)."""
-    if outputs <= 32:
-        return max(16, triton.next_power_of_2(outputs))
-    blocks = (UNIFORM_OUTPUTS, 32)
+    """Flattened outputs a program of iteration 0 multiplies: of one block holding all ``outputs``
+    (N_out * D_out; at least 16, tl.dot's N, at most :data:`UNIFORM_OUTPUTS`) and blocks of 32,
+    the one that pads least, the former on a tie (fewer programs, each forming its u operand
+    once). The pass is bound by the tensor cores' rate in float32 (3xTF32), where the padded
+    columns cost as much as real ones: the paper's 160 outputs take 5 blocks of 32, not 3 of 64."""
+    blocks = (min(UNIFORM_OUTPUTS, max(16, triton.next_power_of_2(outputs))), 32)
     return min(blocks, key=lambda b: triton.cdiv(outputs, b) * b)
 
 

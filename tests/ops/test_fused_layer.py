@@ -569,9 +569,11 @@ def test_half_parts_splits_float32_into_two_half_numbers(dtype):
         assert torch.equal(lo, remainder.to(dtype))
     error = (x.double() - hi.double() - lo.double()).abs()
     assert (error <= torch.clamp(bound * x.double().abs(), min=floor)).all()
-    # the split keeps bits a single rounding loses
+    # the split keeps bits a single rounding loses: over all elements (where that rounding stays
+    # finite) at least 5 more (bfloat16 under the interpreter, lo truncated: 2^-7.3 seen)
     single = (x.double() - x.to(dtype).double()).abs()
-    assert error.sum() < 1e-3 * single.sum()
+    finite = single.isfinite()
+    assert error[finite].sum() < 2.0**-5 * single[finite].sum()
 
 
 @pytest.mark.parametrize("shape", [(37, 10, 16, 8), (2, 128, 64, 16)], ids=layer_id)
