@@ -43,6 +43,10 @@ __all__ = [
     "load_u_tile",
     "load_weight_t",
     "dot_f32",
+    "half_parts",
+    "half_nearest",
+    "coefficient_parts",
+    "half_products",
     "tf32_nearest",
     "predictions",
     "layer_weight_tile",
@@ -310,6 +314,79 @@ def half_parts(x, dtype: tl.constexpr):
         hi = x.to(dtype)
         lo = (x - hi.to(tl.float32)).to(dtype)
     return hi, lo
+
+
+@triton.jit
+def half_nearest(x, dtype: tl.constexpr):
+    """float32 ``x`` rounded to the half ``dtype``, to nearest even, as a GPU's ``cvt.rn`` rounds,
+    in integer operations for bfloat16: Triton's interpreter truncates float32 to bfloat16 (with
+    any ``fp_downcast_rounding``), so the interpreter's emulation of ``half_products`` rounds with
+    this instead. NaN stays NaN, and a value beyond bfloat16's largest finite one rounds to
+    infinity."""
+    if dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        nearest = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        out = tl.where(x == x, nearest, bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        out = x.to(dtype)
+    return out
+
+
+@triton.jit
+def coefficient_parts(c, dtype: tl.constexpr):
+    """float32 coefficients ``c`` (any shape) as the three half numbers of ``dtype`` that
+    ``half_products`` takes: ``-hi``, ``hi`` and ``lo`` of ``half_parts(c)``. Split before they are
+    repeated over a capsule's components: one split a coefficient."""
+    c_hi, c_lo = half_parts(c, dtype)
+    c_nhi, _ = half_parts(-c, dtype)
+    return c_nhi, c_hi, c_lo
+
+
+@triton.jit
+def half_products(c_nhi, c_hi, c_lo, u, EMULATE: tl.constexpr):
+    """The products ``c u`` of float32 coefficients ``c`` (``coefficient_parts``: ``c_nhi``,
+    ``c_hi``, ``c_lo``, repeated as ``u`` is laid out) and ``u`` of a half dtype, as two numbers of
+    that dtype for two exact tensor-core products: returned as ``(-hi, lo)``, ``c u ~ hi + lo``.
+
+    ``hi`` is ``c_hi u`` rounded to nearest; the remainder ``c_hi u - hi`` is exact in the dtype
+    (two p-bit significands make at most 2p bits, hi keeps the leading p, rounded, and the rest
+    fits in p bits; barring underflow), and ``lo`` is ``c_lo u`` + remainder rounded once. Three
+    packed fused multiply-adds a pair of elements (``fma.rn.bf16x2`` / ``f16x2``: ``-hi``, the
+    remainder, ``lo``), where splitting the float32 product ``c u`` took five instructions an
+    element (convert u, multiply, hi, remainder, lo). ``-hi`` because the remainder needs hi as
+    a negated addend, which would cost a negation a pair; the caller subtracts its product.
+
+    Bounds: bfloat16 (``half_parts``' truncated hi: ``|c_lo| < 2^-7 |c|``, ``|c - c_hi - c_lo|
+    <= 2^-15 |c|``) ``|c u - hi - lo| <= 2.5 * 2^-15 |c u|``; float16 (rounded parts) ``<= 2^-21
+    |c u|`` in its normal range. ``EMULATE`` (Triton's interpreter, which cannot run PTX): the same
+    arithmetic in float32 (the products of half numbers exact there), rounded by
+    ``half_nearest``."""
+    if EMULATE:
+        dtype: tl.constexpr = u.dtype
+        b_u = u.to(tl.float32)
+        b_hi = half_nearest(c_hi.to(tl.float32) * b_u, dtype)
+        b_rem = c_hi.to(tl.float32) * b_u - b_hi.to(tl.float32)
+        nhi = (-b_hi.to(tl.float32)).to(dtype)
+        lo = half_nearest(c_lo.to(tl.float32) * b_u + b_rem, dtype)
+    else:
+        if u.dtype == tl.bfloat16:
+            asm: tl.constexpr = (
+                "{ .reg .b32 z, r; mov.b32 z, 0x80008000; fma.rn.bf16x2 $0, $2, $5, z; "
+                "fma.rn.bf16x2 r, $3, $5, $0; fma.rn.bf16x2 $1, $4, $5, r; }"
+            )
+        else:
+            asm: tl.constexpr = (
+                "{ .reg .b32 z, r; mov.b32 z, 0x80008000; fma.rn.f16x2 $0, $2, $5, z; "
+                "fma.rn.f16x2 r, $3, $5, $0; fma.rn.f16x2 $1, $4, $5, r; }"
+            )
+        # is_pure=False: Triton may not move the products past layout conversions, so they run
+        # where u is loaded (4 coefficients a thread, each split once), not in the tensor-core
+        # operand's layout, where the 4 lanes of a quad each split the same 16 (bfloat16 sums
+        # pass, sm_90: 190 instructions a chunk and output capsule there, 145 here)
+        nhi, lo = tl.inline_asm_elementwise(
+            asm, "=r,=r,r,r,r,r", [c_nhi, c_hi, c_lo, u], dtype=(u.dtype, u.dtype), is_pure=False, pack=2
+        )
+    return nhi, lo
 
 
 @triton.jit
