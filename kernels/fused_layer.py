@@ -689,16 +689,22 @@ def _coupled_parts(p_x, o_e, m_bi, b_u, BLOCK_IC: tl.constexpr, BLOCK_KIN: tl.co
 
 @triton.jit
 def _weight_grad_terms(
-    b_dw, b_ndw, p_x, o_e, m_bi, b_u, b_y, BLOCK_IC: tl.constexpr, BLOCK_KIN: tl.constexpr, DOT_F32: tl.constexpr
+    b_dw, b_ndw, p_x, o_e, m_bi, b_u, b_y, BLOCK_IC: tl.constexpr, BLOCK_KIN: tl.constexpr, HALF: tl.constexpr,
+    PRECISION: tl.constexpr, DOT_F32: tl.constexpr,
 ):
-    """``dw - ndw += (x u)^T y`` with half inputs: ``x u`` as ``_coupled_parts`` (hi negated, into
-    ``ndw``), the float32 rows ``y`` (ds or V) as ``half_parts``; three exact products, the lo x lo
-    one dropped (about 2^-14 of a term for bfloat16, each lo about 2^-7 of its factor or less)."""
-    b_nhi, b_lo = _coupled_parts(p_x, o_e, m_bi, b_u, BLOCK_IC, BLOCK_KIN, DOT_F32)
-    b_y_hi, b_y_lo = half_parts(b_y, b_u.dtype)
-    b_dw = _dot_acc(tl.trans(b_lo), b_y_hi, b_dw, DOT_F32)
-    b_ndw = _dot_acc(tl.trans(b_nhi), b_y_lo, b_ndw, DOT_F32)
-    b_ndw = _dot_acc(tl.trans(b_nhi), b_y_hi, b_ndw, DOT_F32)
+    """``dw += (x u)^T y`` for the coupling tile x at ``p_x`` and the float32 rows ``y`` (ds or V).
+    Half inputs: ``dw - ndw`` is the sum, ``x u`` as ``_coupled_parts`` (hi negated, into ``ndw``),
+    ``y`` as ``half_parts``; three exact products, the lo x lo one dropped (about 2^-14 of a term
+    for bfloat16, each lo about 2^-7 of its factor or less)."""
+    if HALF:
+        b_nhi, b_lo = _coupled_parts(p_x, o_e, m_bi, b_u, BLOCK_IC, BLOCK_KIN, DOT_F32)
+        b_y_hi, b_y_lo = half_parts(b_y, b_u.dtype)
+        b_dw = _dot_acc(tl.trans(b_lo), b_y_hi, b_dw, DOT_F32)
+        b_ndw = _dot_acc(tl.trans(b_nhi), b_y_lo, b_ndw, DOT_F32)
+        b_ndw = _dot_acc(tl.trans(b_nhi), b_y_hi, b_ndw, DOT_F32)
+    else:
+        b_x = _coupling_tile(p_x, o_e, m_bi, b_u.shape[0], BLOCK_IC, BLOCK_KIN) * b_u.to(tl.float32)
+        b_dw += dot_f32(tl.trans(b_x), b_y, PRECISION, DOT_F32)
     return b_dw, b_ndw
 
 
@@ -963,20 +969,12 @@ def fused_layer_bwd_weight_kernel(
                 p_c, p_g = _slot_buffers(c_ptr, g_ptr, r - r_first, B, N_out, N_in)
                 p_r = tl.cast(r, tl.int64) * B * caps_size + j * D
                 b_ds = _caps_rows(ds_buf_ptr + p_r, o_b, m_b, D, caps_size, BLOCK_DK)
-                if HALF:
-                    b_dw, b_ndw = _weight_grad_terms(b_dw, b_ndw, p_c, o_e, m_bi, b_u, b_ds, BLOCK_IC, BLOCK_KIN,
-                                                     DOT_F32)
-                else:
-                    b_x = _coupling_tile(p_c, o_e, m_bi, BLOCK_B, BLOCK_IC, BLOCK_KIN) * b_u.to(tl.float32)
-                    b_dw += dot_f32(tl.trans(b_x), b_ds, PRECISION, DOT_F32)
+                b_dw, b_ndw = _weight_grad_terms(b_dw, b_ndw, p_c, o_e, m_bi, b_u, b_ds, BLOCK_IC, BLOCK_KIN, HALF,
+                                                 PRECISION, DOT_F32)
                 if GRAD_THROUGH:
                     b_V = _caps_rows(vsum_buf_ptr + p_r, o_b, m_b, D, caps_size, BLOCK_DK)
-                    if HALF:
-                        b_dw, b_ndw = _weight_grad_terms(b_dw, b_ndw, p_g, o_e, m_bi, b_u, b_V, BLOCK_IC, BLOCK_KIN,
-                                                         DOT_F32)
-                    else:
-                        b_x = _coupling_tile(p_g, o_e, m_bi, BLOCK_B, BLOCK_IC, BLOCK_KIN) * b_u.to(tl.float32)
-                        b_dw += dot_f32(tl.trans(b_x), b_V, PRECISION, DOT_F32)
+                    b_dw, b_ndw = _weight_grad_terms(b_dw, b_ndw, p_g, o_e, m_bi, b_u, b_V, BLOCK_IC, BLOCK_KIN, HALF,
+                                                     PRECISION, DOT_F32)
         if HALF:
             b_dw -= b_ndw
         o_dw = ((i_g * N_in + o_i.to(tl.int64)) * N_out + j) * D * D_in + o_k
