@@ -326,7 +326,8 @@ def half_nearest(x, dtype: tl.constexpr):
     if dtype == tl.bfloat16:
         bits = x.to(tl.uint32, bitcast=True)
         nearest = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-        out = tl.where(x == x, nearest, bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        # NaN: truncated, its quiet bit set (a payload in the low 16 bits alone would truncate to inf)
+        out = tl.where(x == x, nearest, (bits >> 16) | 0x40).to(tl.uint16).to(tl.bfloat16, bitcast=True)
     else:
         out = x.to(dtype)
     return out
@@ -357,10 +358,12 @@ def half_products(c_nhi, c_hi, c_lo, u, EMULATE: tl.constexpr):
     a negated addend, which would cost a negation a pair; the caller subtracts its product.
 
     Bounds: bfloat16 (``half_parts``' truncated hi: ``|c_lo| < 2^-7 |c|``, ``|c - c_hi - c_lo|
-    <= 2^-15 |c|``) ``|c u - hi - lo| <= 2.5 * 2^-15 |c u|``; float16 (rounded parts) ``<= 2^-21
-    |c u|`` in its normal range. ``EMULATE`` (Triton's interpreter, which cannot run PTX): the same
-    arithmetic in float32 (the products of half numbers exact there), rounded by
-    ``half_nearest``."""
+    <= 2^-15 |c|``) ``|c u - hi - lo| <= 2.5 * 2^-15 |c u|``; float16 (rounded parts) ``<= 1.5 *
+    2^-21 |c u|`` where the parts are normal, else within about ``2^-25 (|u| + 2)``. float16's
+    narrow range then bounds c itself, not only c u (c_hi is infinite beyond 65504, c_lo subnormal
+    below 2^-3), so the kernels use this for bfloat16 only. ``EMULATE`` (Triton's interpreter,
+    which cannot run PTX): the same arithmetic in float32 (the products of half numbers exact
+    there), rounded by ``half_nearest``."""
     if EMULATE:
         dtype: tl.constexpr = u.dtype
         b_u = u.to(tl.float32)
@@ -371,14 +374,15 @@ def half_products(c_nhi, c_hi, c_lo, u, EMULATE: tl.constexpr):
     else:
         if u.dtype == tl.bfloat16:
             asm: tl.constexpr = (
-                "{ .reg .b32 z, r; mov.b32 z, 0x80008000; fma.rn.bf16x2 $0, $2, $5, z; "
-                "fma.rn.bf16x2 r, $3, $5, $0; fma.rn.bf16x2 $1, $4, $5, r; }"
+                "{ .reg .b32 z, h, r, l; mov.b32 z, 0x80008000; fma.rn.bf16x2 h, $2, $5, z; "
+                "fma.rn.bf16x2 r, $3, $5, h; fma.rn.bf16x2 l, $4, $5, r; mov.b32 $0, h; mov.b32 $1, l; }"
             )
         else:
             asm: tl.constexpr = (
-                "{ .reg .b32 z, r; mov.b32 z, 0x80008000; fma.rn.f16x2 $0, $2, $5, z; "
-                "fma.rn.f16x2 r, $3, $5, $0; fma.rn.f16x2 $1, $4, $5, r; }"
+                "{ .reg .b32 z, h, r, l; mov.b32 z, 0x80008000; fma.rn.f16x2 h, $2, $5, z; "
+                "fma.rn.f16x2 r, $3, $5, h; fma.rn.f16x2 l, $4, $5, r; mov.b32 $0, h; mov.b32 $1, l; }"
             )
+        # (the outputs written last: they may share registers with the inputs)
         # is_pure=False: Triton may not move the products past layout conversions, so they run
         # where u is loaded (4 coefficients a thread, each split once), not in the tensor-core
         # operand's layout, where the 4 lanes of a quad each split the same 16 (bfloat16 sums

@@ -356,10 +356,12 @@ def fused_layer_bwd_dw_sum_kernel(
 # writes the saved s and V.
 # Half-precision inputs: the float32 factors (V, X) enter the products as two half parts (hi +
 # lo: ``half_parts``, about 15 significant bits for bfloat16, 22 for float16), each multiplied
-# exactly on tensor cores, so nothing is rounded to the input dtype. X = c u (and g u, here and in
-# the weight gradient) is formed in those two parts directly by packed half arithmetic from c's
-# parts and u (``half_products``: three fused multiply-adds a pair of elements, about 13.7
-# significant bits for bfloat16), not as a float32 product split afterwards.
+# exactly on tensor cores, so nothing is rounded to the input dtype. With bfloat16 inputs X = c u
+# (and g u, here and in the weight gradient) is formed in those two parts directly by packed half
+# arithmetic from c's parts and u (``half_products``: three fused multiply-adds a pair of
+# elements, about 13.7 significant bits), not as a float32 product split afterwards; float16
+# keeps the float32 product, since its narrow range would bound the coefficients and logit
+# gradients themselves, not only their products with u.
 
 
 @triton.jit
@@ -440,6 +442,21 @@ def _oriented_product(
         b_out = _dot_split(tl.trans(b_y), tl.trans(b_w), HALF, PRECISION, DOT_F32, True)
     else:
         b_out = _dot_split(b_y, b_w, HALF, PRECISION, DOT_F32)
+    return b_out
+
+
+@triton.jit
+def _dot_split2(b_a, b_b, dtype: tl.constexpr, HALF: tl.constexpr, PRECISION: tl.constexpr, DOT_F32: tl.constexpr):
+    """``a @ b`` in float32 for two float32 factors: with half inputs each enters as hi + lo parts of
+    ``dtype`` and three exact tensor-core products are summed (the lo x lo product, far below each
+    term's size, is dropped), else float32 at ``PRECISION``."""
+    if HALF:
+        b_a_hi, b_a_lo = half_parts(b_a, dtype)
+        b_b_hi, b_b_lo = half_parts(b_b, dtype)
+        b_out = dot_f32(b_a_hi, b_b_hi, PRECISION, DOT_F32) + dot_f32(b_a_hi, b_b_lo, PRECISION, DOT_F32)
+        b_out += dot_f32(b_a_lo, b_b_hi, PRECISION, DOT_F32)
+    else:
+        b_out = dot_f32(b_a, b_b, PRECISION, DOT_F32)
     return b_out
 
 
@@ -649,8 +666,8 @@ def _sums_chunk(
     BLOCK_IC: tl.constexpr, BLOCK_KIN: tl.constexpr, HALF: tl.constexpr, PRECISION: tl.constexpr,
     DOT_F32: tl.constexpr, WHOLE: tl.constexpr,
 ):
-    """``b_acc + (x u) W_j^T`` for the chunk at ``i0`` (x the coupling tile at ``p_x``); with half
-    inputs ``b_acc - b_nacc`` is that sum (``half_products``). ``WHOLE``: the chunk holds
+    """``b_acc + (x u) W_j^T`` for the chunk at ``i0`` (x the coupling tile at ``p_x``); with
+    bfloat16 inputs ``b_acc - b_nacc`` is that sum (``_coupled_parts``). ``WHOLE``: the chunk holds
     ``BLOCK_IC`` capsules and ``o_b``, ``o_d`` lie in range: loads without masks."""
     o_i, o_k, m_c = _caps_chunk(i0, i_end, BLOCK_IC, BLOCK_KIN)
     o_ic = i0 + tl.arange(0, BLOCK_IC)
@@ -660,21 +677,21 @@ def _sums_chunk(
     b_w = _w_rows(w_ptr, j * stride_wj + o_d * BLOCK_KIN, _whole(o_d < D, WHOLE), o_i, o_k, m_c, stride_wi)
     m_bi = m_b[:, None] & _whole(o_ic < i_end, WHOLE)[None, :]
     o_e = (o_b[:, None] * N_out + j) * N_in + o_ic[None, :]
-    if HALF:
+    if b_u.dtype == tl.bfloat16:
         # the hi parts' product goes to b_nacc, negated (_coupled_parts)
         b_nhi, b_lo = _coupled_parts(p_x, o_e, m_bi, b_u, BLOCK_IC, BLOCK_KIN, DOT_F32)
         b_acc = _dot_acc(b_lo, tl.trans(b_w), b_acc, DOT_F32)
         b_nacc = _dot_acc(b_nhi, tl.trans(b_w), b_nacc, DOT_F32)
     else:
         b_x = _coupling_tile(p_x, o_e, m_bi, o_b.shape[0], BLOCK_IC, BLOCK_KIN) * b_u.to(tl.float32)
-        b_acc += dot_f32(b_x, tl.trans(b_w), PRECISION, DOT_F32)
+        b_acc += _dot_split(b_x, tl.trans(b_w), HALF, PRECISION, DOT_F32)
     return b_acc, b_nacc
 
 
 @triton.jit
 def _coupled_parts(p_x, o_e, m_bi, b_u, BLOCK_IC: tl.constexpr, BLOCK_KIN: tl.constexpr, DOT_F32: tl.constexpr):
     """``x u`` for the coupling tile x at ``p_x`` (offsets ``o_e``, mask ``m_bi``, [rows, BLOCK_IC])
-    and a half u chunk [rows, BLOCK_IC * BLOCK_KIN] (capsule-major) as ``half_products``' two half
+    and a bfloat16 u chunk [rows, BLOCK_IC * BLOCK_KIN] (capsule-major) as ``half_products``' two
     numbers ``(-hi, lo)``: x split once a coefficient, then repeated over the components."""
     b_nhi, b_hi, b_lo = coefficient_parts(tl.load(p_x + o_e, mask=m_bi, other=0.0), b_u.dtype)
     rows: tl.constexpr = b_u.shape[0]
@@ -693,10 +710,10 @@ def _weight_grad_terms(
     PRECISION: tl.constexpr, DOT_F32: tl.constexpr,
 ):
     """``dw += (x u)^T y`` for the coupling tile x at ``p_x`` and the float32 rows ``y`` (ds or V).
-    Half inputs: ``dw - ndw`` is the sum, ``x u`` as ``_coupled_parts`` (hi negated, into ``ndw``),
-    ``y`` as ``half_parts``; three exact products, the lo x lo one dropped (about 2^-14 of a term
-    for bfloat16, each lo about 2^-7 of its factor or less)."""
-    if HALF:
+    bfloat16 inputs: ``dw - ndw`` is the sum, ``x u`` as ``_coupled_parts`` (hi negated, into
+    ``ndw``), ``y`` as ``half_parts``; three exact products, the lo x lo one dropped (about 2^-14
+    of a term, each lo about 2^-7 of its factor or less)."""
+    if b_u.dtype == tl.bfloat16:
         b_nhi, b_lo = _coupled_parts(p_x, o_e, m_bi, b_u, BLOCK_IC, BLOCK_KIN, DOT_F32)
         b_y_hi, b_y_lo = half_parts(b_y, b_u.dtype)
         b_dw = _dot_acc(tl.trans(b_lo), b_y_hi, b_dw, DOT_F32)
@@ -704,7 +721,7 @@ def _weight_grad_terms(
         b_ndw = _dot_acc(tl.trans(b_nhi), b_y_hi, b_ndw, DOT_F32)
     else:
         b_x = _coupling_tile(p_x, o_e, m_bi, b_u.shape[0], BLOCK_IC, BLOCK_KIN) * b_u.to(tl.float32)
-        b_dw += dot_f32(tl.trans(b_x), b_y, PRECISION, DOT_F32)
+        b_dw += _dot_split2(tl.trans(b_x), b_y, b_u.dtype, HALF, PRECISION, DOT_F32)
     return b_dw, b_ndw
 
 
@@ -759,7 +776,7 @@ def fused_layer_sums_kernel(
     p_x = p_g if GRAD else p_c  # the factor of u: g, or c
     o_d = tl.arange(0, BLOCK_DK)
     b_acc = tl.zeros([BLOCK_B, BLOCK_DK], dtype=tl.float32)
-    b_nacc = tl.zeros([BLOCK_B, BLOCK_DK], dtype=tl.float32)  # the negated hi parts' products (HALF)
+    b_nacc = tl.zeros([BLOCK_B, BLOCK_DK], dtype=tl.float32)  # the negated hi parts' products (bfloat16)
     # whole chunks without masks: the rows past the batch read the last example and the W rows past
     # D the last row (a product's rows depend on its left factor's rows alone, its columns on the
     # right factor's columns: neither is stored)
@@ -773,7 +790,7 @@ def fused_layer_sums_kernel(
         b_acc, b_nacc = _sums_chunk(b_acc, b_nacc, u_ptr, w_ptr, p_x, o_b, m_b, i_whole, i_end, j, N_out, N_in, o_d, D,
                                     stride_ub, stride_wi, stride_wj, BLOCK_IC, BLOCK_KIN, HALF, PRECISION, DOT_F32,
                                     False)
-    if HALF:
+    if u_ptr.dtype.element_ty == tl.bfloat16:
         b_acc -= b_nacc
     m_bd = m_b[:, None] & (o_d < D)[None, :]
     tl.store(part_ptr + ((o_b[:, None] * SPLIT + i_k) * N_out + j) * D + o_d[None, :], b_acc, mask=m_bd)
@@ -955,7 +972,7 @@ def fused_layer_bwd_weight_kernel(
         o_ic = i0 + tl.arange(0, BLOCK_IC)
         # dW^T [(i, k), d]: the products (c u)^T ds with the chunk as their M
         b_dw = tl.zeros([BLOCK_IC * BLOCK_KIN, BLOCK_DK], dtype=tl.float32)
-        b_ndw = tl.zeros([BLOCK_IC * BLOCK_KIN, BLOCK_DK], dtype=tl.float32)  # negated hi parts' (HALF)
+        b_ndw = tl.zeros([BLOCK_IC * BLOCK_KIN, BLOCK_DK], dtype=tl.float32)  # negated hi parts' (bfloat16)
         for tb in range(tb_start, tb_end):
             o_b = (tb * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
             m_b = o_b < B
@@ -975,7 +992,7 @@ def fused_layer_bwd_weight_kernel(
                     b_V = _caps_rows(vsum_buf_ptr + p_r, o_b, m_b, D, caps_size, BLOCK_DK)
                     b_dw, b_ndw = _weight_grad_terms(b_dw, b_ndw, p_g, o_e, m_bi, b_u, b_V, BLOCK_IC, BLOCK_KIN, HALF,
                                                      PRECISION, DOT_F32)
-        if HALF:
+        if u_ptr.dtype.element_ty == tl.bfloat16:
             b_dw -= b_ndw
         o_dw = ((i_g * N_in + o_i.to(tl.int64)) * N_out + j) * D * D_in + o_k
         m_dw = (m_c & (o_k < D_in))[:, None] & (o_d < D)[None, :]

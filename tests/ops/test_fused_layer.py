@@ -588,7 +588,8 @@ def test_half_nearest_rounds_to_nearest_even(dtype):
     torch's conversion, which rounds to nearest even: random magnitudes, exact ties and their
     neighbours of both parities, values beyond the largest finite one, infinities, NaN, zeros."""
     ties = torch.tensor([0x3F808000, 0x3F818000, 0x3F807FFF, 0x3F808001, 0x7F7F8000, 0x7F7FFFFF, 0x00008000,
-                         0x00018000, 0x7F800000, 0x7FC00000, 0x7FFFFFFF, -1, 0x80000000, 0xBF808000 - 2**32],
+                         0x00018000, 0x7F800000, 0x7FC00000, 0x7FFFFFFF, -1, 0x7F800001, 0xFF800001 - 2**32,
+                         0x80000000, 0xBF808000 - 2**32],
                         dtype=torch.int64)
     special = ties.to(torch.int32).view(torch.float32)
     x = torch.cat([_wide_range(4096 - len(special), octaves=100 if dtype == torch.bfloat16 else 15).flatten(), special])
@@ -596,7 +597,8 @@ def test_half_nearest_rounds_to_nearest_even(dtype):
     _half_nearest_kernel[(1,)](x.to(KERNEL_DEVICE), out, N=x.numel())
     out, ref = out.cpu(), x.to(dtype)
     assert torch.equal(out.isnan(), ref.isnan())
-    assert torch.equal(out[~ref.isnan()], ref[~ref.isnan()])
+    number = ~ref.isnan()
+    assert torch.equal(out[number].view(torch.int16), ref[number].view(torch.int16))  # bit for bit, zeros' signs too
 
 
 @triton.jit
@@ -610,8 +612,9 @@ def _half_products_kernel(c_ptr, u_ptr, nhi_ptr, lo_ptr, N: tl.constexpr, EMULAT
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_half_products_split_c_u_into_two_half_numbers(dtype):
-    """``half_products``, through which the sums pass with half inputs multiplies the float32
-    coefficients (or logit gradients) c by u: -hi is c_hi u rounded to nearest even (bit for bit),
+    """``half_products``, through which the sums and weight-gradient passes with bfloat16 inputs
+    multiply the float32 coefficients (or logit gradients) c by u (float16 too, which the kernels
+    do not use it for): -hi is c_hi u rounded to nearest even (bit for bit),
     lo the rounding of c_lo u plus the exact remainder c_hi u - hi, and |c u - hi - lo| within
     2.5 x 2^-15 |c u| for bfloat16 (3.5 x 2^-15 under the interpreter, whose lo of c is truncated:
     ``half_parts``), 1.5 x 2^-21 for float16 (with floors where float16 parts fall below its normal
@@ -636,7 +639,8 @@ def test_half_products_split_c_u_into_two_half_numbers(dtype):
     nhi, lo, hi_c, lo_c = nhi.cpu(), lo.cpu(), hi_c.cpu(), lo_c.cpu()
     product = hi_c.double() * u.double()  # exact: two half significands
     hi = -nhi.double()
-    assert torch.equal(nhi, (-product).to(dtype)), "-hi is c_hi u rounded to nearest even"
+    # bit for bit (zeros' signs too)
+    assert torch.equal(nhi.view(torch.int16), (-product).to(dtype).view(torch.int16)), "-c_hi u rounded to nearest"
     # where the product's lowest bit is no finer than the dtype's smallest subnormal: the remainder
     # is exact in the dtype, and lo is the one rounding of c_lo u + remainder
     info = torch.finfo(dtype)
@@ -645,9 +649,9 @@ def test_half_products_split_c_u_into_two_half_numbers(dtype):
     assert torch.equal(remainder[normal].to(dtype).double(), remainder[normal])
     low = lo_c.double() * u.double() + remainder
     if emulate:  # summed in float32, then rounded to nearest even
-        assert torch.equal(lo[normal], low[normal].float().to(dtype))
+        assert torch.equal(lo[normal].view(torch.int16), low[normal].float().to(dtype).view(torch.int16))
     else:  # one fused rounding
-        assert torch.equal(lo[normal], low[normal].to(dtype))
+        assert torch.equal(lo[normal].view(torch.int16), low[normal].to(dtype).view(torch.int16))
     exact = c.double() * u.double()
     error = (exact - hi - lo.double()).abs()
     assert (error <= bound * exact.abs() + floor_u * u.double().abs() + floor).all(), (error / exact.abs()).max()
