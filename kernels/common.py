@@ -339,7 +339,7 @@ def coefficient_parts(c, dtype: tl.constexpr):
     ``half_products`` takes: ``-hi``, ``hi`` and ``lo`` of ``half_parts(c)``. Split before they are
     repeated over a capsule's components: one split a coefficient."""
     c_hi, c_lo = half_parts(c, dtype)
-    c_nhi, _ = half_parts(-c, dtype)
+    c_nhi, _ = half_parts(c * -1.0, dtype)  # (-c: triton 3.6's interpreter negates 0 to +0)
     return c_nhi, c_hi, c_lo
 
 
@@ -364,12 +364,11 @@ def half_products(c_nhi, c_hi, c_lo, u, EMULATE: tl.constexpr):
     below 2^-3), so the kernels use this for bfloat16 only. ``EMULATE`` (Triton's interpreter,
     which cannot run PTX): the same arithmetic in float32 (the products of half numbers exact
     there), rounded by ``half_nearest``."""
-    if EMULATE:
+    if EMULATE:  # the PTX's three steps (the products exact in float32)
         dtype: tl.constexpr = u.dtype
         b_u = u.to(tl.float32)
-        b_hi = half_nearest(c_hi.to(tl.float32) * b_u, dtype)
-        b_rem = c_hi.to(tl.float32) * b_u - b_hi.to(tl.float32)
-        nhi = (-b_hi.to(tl.float32)).to(dtype)
+        nhi = half_nearest(c_nhi.to(tl.float32) * b_u, dtype)
+        b_rem = c_hi.to(tl.float32) * b_u + nhi.to(tl.float32)
         lo = half_nearest(c_lo.to(tl.float32) * b_u + b_rem, dtype)
     else:
         if u.dtype == tl.bfloat16:
