@@ -44,7 +44,7 @@ __all__ = [
     "load_weight_t",
     "dot_f32",
     "half_parts",
-    "half_nearest",
+    "bfloat16_nearest",
     "coefficient_parts",
     "half_products",
     "tf32_nearest",
@@ -317,77 +317,69 @@ def half_parts(x, dtype: tl.constexpr):
 
 
 @triton.jit
-def half_nearest(x, dtype: tl.constexpr):
-    """float32 ``x`` rounded to the half ``dtype``, to nearest even, as a GPU's ``cvt.rn`` rounds,
-    in integer operations for bfloat16: Triton's interpreter truncates float32 to bfloat16 (with
-    any ``fp_downcast_rounding``), so the interpreter's emulation of ``half_products`` rounds with
-    this instead. NaN stays NaN, and a value beyond bfloat16's largest finite one rounds to
-    infinity."""
-    if dtype == tl.bfloat16:
-        bits = x.to(tl.uint32, bitcast=True)
-        nearest = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-        # NaN: truncated, its quiet bit set (a payload in the low 16 bits alone would truncate to inf)
-        out = tl.where(x == x, nearest, (bits >> 16) | 0x40).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    else:
-        out = x.to(dtype)
-    return out
+def bfloat16_nearest(x):
+    """float32 ``x`` rounded to bfloat16, to nearest even, as a GPU's ``cvt.rn`` rounds, in integer
+    operations: Triton's interpreter truncates float32 to bfloat16 (with any
+    ``fp_downcast_rounding``), so the interpreter's emulation of ``half_products`` rounds with this
+    instead. NaN stays NaN, and a value beyond bfloat16's largest finite one rounds to infinity."""
+    bits = x.to(tl.uint32, bitcast=True)
+    nearest = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    # NaN: truncated, its quiet bit set (a payload in the low 16 bits alone would truncate to inf)
+    return tl.where(x == x, nearest, (bits >> 16) | 0x40).to(tl.uint16).to(tl.bfloat16, bitcast=True)
 
 
 @triton.jit
-def coefficient_parts(c, dtype: tl.constexpr):
-    """float32 coefficients ``c`` (any shape) as the three half numbers of ``dtype`` that
-    ``half_products`` takes: ``-hi``, ``hi`` and ``lo`` of ``half_parts(c)``. Split before they are
-    repeated over a capsule's components: one split a coefficient."""
-    c_hi, c_lo = half_parts(c, dtype)
-    c_nhi, _ = half_parts(c * -1.0, dtype)  # (-c: triton 3.6's interpreter negates 0 to +0)
+def coefficient_parts(c):
+    """float32 coefficients ``c`` (any shape) as the three bfloat16 numbers ``half_products``
+    takes: ``-hi``, ``hi`` and ``lo`` of ``half_parts(c)``. Split before they are repeated over a
+    capsule's components: one split a coefficient. (-hi as hi of -c, formed as c x -1: triton 3.6's
+    interpreter negates 0 to +0; flipping hi's sign bit instead cost 4 more instructions a chunk in
+    the sums pass, sm_90.)"""
+    c_hi, c_lo = half_parts(c, tl.bfloat16)
+    c_nhi, _ = half_parts(c * -1.0, tl.bfloat16)
     return c_nhi, c_hi, c_lo
 
 
 @triton.jit
 def half_products(c_nhi, c_hi, c_lo, u, EMULATE: tl.constexpr):
     """The products ``c u`` of float32 coefficients ``c`` (``coefficient_parts``: ``c_nhi``,
-    ``c_hi``, ``c_lo``, repeated as ``u`` is laid out) and ``u`` of a half dtype, as two numbers of
-    that dtype for two exact tensor-core products: returned as ``(-hi, lo)``, ``c u ~ hi + lo``.
+    ``c_hi``, ``c_lo``, repeated as ``u`` is laid out) and bfloat16 ``u``, as two bfloat16 numbers
+    for two exact tensor-core products: returned as ``(-hi, lo)``, ``c u ~ hi + lo``.
 
-    ``hi`` is ``c_hi u`` rounded to nearest; the remainder ``c_hi u - hi`` is exact in the dtype
-    (two p-bit significands make at most 2p bits, hi keeps the leading p, rounded, and the rest
-    fits in p bits; barring underflow), and ``lo`` is ``c_lo u`` + remainder rounded once. Three
-    packed fused multiply-adds a pair of elements (``fma.rn.bf16x2`` / ``f16x2``: ``-hi``, the
-    remainder, ``lo``), where splitting the float32 product ``c u`` took five instructions an
-    element (convert u, multiply, hi, remainder, lo). ``-hi`` because the remainder needs hi as
-    a negated addend, which would cost a negation a pair; the caller subtracts its product.
+    ``hi`` is ``c_hi u`` rounded to nearest; the remainder ``c_hi u - hi`` is exact in bfloat16
+    (two 8-bit significands make at most 16 bits, hi keeps the leading 8, rounded, and the rest
+    fits in 8; barring underflow), and ``lo`` is ``c_lo u`` + remainder rounded once. Three packed
+    fused multiply-adds a pair of elements (``fma.rn.bf16x2``: ``-hi``, the remainder, ``lo``),
+    where splitting the float32 product ``c u`` took five instructions an element (convert u,
+    multiply, hi, remainder, lo). ``-hi`` because the remainder needs hi as a negated addend,
+    which would cost a negation a pair; the caller subtracts its product.
 
-    Bounds: bfloat16 (``half_parts``' truncated hi: ``|c_lo| < 2^-7 |c|``, ``|c - c_hi - c_lo|
-    <= 2^-15 |c|``) ``|c u - hi - lo| <= 2.5 * 2^-15 |c u|``; float16 (rounded parts) ``<= 1.5 *
-    2^-21 |c u|`` where the parts are normal, else within about ``2^-25 (|u| + 2)``. float16's
-    narrow range then bounds c itself, not only c u (c_hi is infinite beyond 65504, c_lo subnormal
-    below 2^-3), so the kernels use this for bfloat16 only. ``EMULATE`` (Triton's interpreter,
-    which cannot run PTX): the same arithmetic in float32 (the products of half numbers exact
-    there), rounded by ``half_nearest``."""
-    if EMULATE:  # the PTX's three steps (the products exact in float32)
-        dtype: tl.constexpr = u.dtype
+    Bound (``half_parts``' truncated hi: ``|c_lo| < 2^-7 |c|``, ``|c - c_hi - c_lo| <= 2^-15
+    |c|``): ``|c u - hi - lo| <= 2.5 * 2^-15 |c u|``. bfloat16 only: with float16's narrow range
+    c itself, not only c u, would have to lie in it (c_hi infinite beyond 65504, c_lo subnormal
+    below 2^-3), so float16 keeps the float32 product split afterwards. ``EMULATE`` (Triton's
+    interpreter, which cannot run PTX): the same three steps in float32 (the products of bfloat16
+    numbers exact there), rounded by ``bfloat16_nearest``."""
+    tl.static_assert(u.dtype == tl.bfloat16, "half_products takes bfloat16 u")
+    if EMULATE:
         b_u = u.to(tl.float32)
-        nhi = half_nearest(c_nhi.to(tl.float32) * b_u, dtype)
+        nhi = bfloat16_nearest(c_nhi.to(tl.float32) * b_u)
         b_rem = c_hi.to(tl.float32) * b_u + nhi.to(tl.float32)
-        lo = half_nearest(c_lo.to(tl.float32) * b_u + b_rem, dtype)
+        lo = bfloat16_nearest(c_lo.to(tl.float32) * b_u + b_rem)
     else:
-        if u.dtype == tl.bfloat16:
-            asm: tl.constexpr = (
-                "{ .reg .b32 z, h, r, l; mov.b32 z, 0x80008000; fma.rn.bf16x2 h, $2, $5, z; "
-                "fma.rn.bf16x2 r, $3, $5, h; fma.rn.bf16x2 l, $4, $5, r; mov.b32 $0, h; mov.b32 $1, l; }"
-            )
-        else:
-            asm: tl.constexpr = (
-                "{ .reg .b32 z, h, r, l; mov.b32 z, 0x80008000; fma.rn.f16x2 h, $2, $5, z; "
-                "fma.rn.f16x2 r, $3, $5, h; fma.rn.f16x2 l, $4, $5, r; mov.b32 $0, h; mov.b32 $1, l; }"
-            )
-        # (the outputs written last: they may share registers with the inputs)
+        # the outputs written last: they may share registers with the inputs.
         # is_pure=False: Triton may not move the products past layout conversions, so they run
         # where u is loaded (4 coefficients a thread, each split once), not in the tensor-core
         # operand's layout, where the 4 lanes of a quad each split the same 16 (bfloat16 sums
         # pass, sm_90: 190 instructions a chunk and output capsule there, 145 here)
         nhi, lo = tl.inline_asm_elementwise(
-            asm, "=r,=r,r,r,r,r", [c_nhi, c_hi, c_lo, u], dtype=(u.dtype, u.dtype), is_pure=False, pack=2
+            "{ .reg .b32 z, h, r, l; mov.b32 z, 0x80008000; fma.rn.bf16x2 h, $2, $5, z; "
+            "fma.rn.bf16x2 r, $3, $5, h; fma.rn.bf16x2 l, $4, $5, r; mov.b32 $0, h; mov.b32 $1, l; }",
+            "=r,=r,r,r,r,r",
+            [c_nhi, c_hi, c_lo, u],
+            dtype=(tl.bfloat16, tl.bfloat16),
+            is_pure=False,
+            pack=2,
         )
     return nhi, lo
 

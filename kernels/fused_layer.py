@@ -449,7 +449,8 @@ def _oriented_product(
 def _dot_split2(b_a, b_b, dtype: tl.constexpr, HALF: tl.constexpr, PRECISION: tl.constexpr, DOT_F32: tl.constexpr):
     """``a @ b`` in float32 for two float32 factors: with half inputs each enters as hi + lo parts of
     ``dtype`` and three exact tensor-core products are summed (the lo x lo product, far below each
-    term's size, is dropped), else float32 at ``PRECISION``."""
+    term's size, is dropped), else float32 at ``PRECISION``. (bfloat16 takes ``_weight_grad_terms``'
+    own path: this serves float16 and float32.)"""
     if HALF:
         b_a_hi, b_a_lo = half_parts(b_a, dtype)
         b_b_hi, b_b_lo = half_parts(b_b, dtype)
@@ -693,7 +694,7 @@ def _coupled_parts(p_x, o_e, m_bi, b_u, BLOCK_IC: tl.constexpr, BLOCK_KIN: tl.co
     """``x u`` for the coupling tile x at ``p_x`` (offsets ``o_e``, mask ``m_bi``, [rows, BLOCK_IC])
     and a bfloat16 u chunk [rows, BLOCK_IC * BLOCK_KIN] (capsule-major) as ``half_products``' two
     numbers ``(-hi, lo)``: x split once a coefficient, then repeated over the components."""
-    b_nhi, b_hi, b_lo = coefficient_parts(tl.load(p_x + o_e, mask=m_bi, other=0.0), b_u.dtype)
+    b_nhi, b_hi, b_lo = coefficient_parts(tl.load(p_x + o_e, mask=m_bi, other=0.0))
     rows: tl.constexpr = b_u.shape[0]
     return half_products(
         _per_component(b_nhi, rows, BLOCK_IC, BLOCK_KIN),

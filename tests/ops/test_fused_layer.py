@@ -26,7 +26,14 @@ from _helpers import (
     requires_cuda,
     saved_storages,
 )
-from capstriton.kernels.common import coefficient_parts, dot_f32, half_nearest, half_parts, half_products, tf32_nearest
+from capstriton.kernels.common import (
+    bfloat16_nearest,
+    coefficient_parts,
+    dot_f32,
+    half_parts,
+    half_products,
+    tf32_nearest,
+)
 
 import capstriton as ct
 from capstriton import reference
@@ -577,85 +584,70 @@ def test_half_parts_splits_float32_into_two_half_numbers(dtype):
 
 
 @triton.jit
-def _half_nearest_kernel(x_ptr, out_ptr, N: tl.constexpr):
+def _bfloat16_nearest_kernel(x_ptr, out_ptr, N: tl.constexpr):
     o = tl.arange(0, N)
-    tl.store(out_ptr + o, half_nearest(tl.load(x_ptr + o), out_ptr.dtype.element_ty))
+    tl.store(out_ptr + o, bfloat16_nearest(tl.load(x_ptr + o)))
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-def test_half_nearest_rounds_to_nearest_even(dtype):
-    """``half_nearest`` (the interpreter's emulation of ``half_products`` rounds with it) against
-    torch's conversion, which rounds to nearest even: random magnitudes, exact ties and their
-    neighbours of both parities, values beyond the largest finite one, infinities, NaN, zeros."""
+def test_bfloat16_nearest_rounds_to_nearest_even():
+    """``bfloat16_nearest`` (the interpreter's emulation of ``half_products`` rounds with it) against
+    torch's conversion, which rounds to nearest even, bit for bit: random magnitudes, exact ties
+    and their neighbours of both parities, values beyond the largest finite one, infinities, NaN
+    (payloads high and low only), zeros of both signs."""
     ties = torch.tensor([0x3F808000, 0x3F818000, 0x3F807FFF, 0x3F808001, 0x7F7F8000, 0x7F7FFFFF, 0x00008000,
                          0x00018000, 0x7F800000, 0x7FC00000, 0x7FFFFFFF, -1, 0x7F800001, 0xFF800001 - 2**32,
                          0x80000000, 0xBF808000 - 2**32],
                         dtype=torch.int64)
     special = ties.to(torch.int32).view(torch.float32)
-    x = torch.cat([_wide_range(4096 - len(special), octaves=100 if dtype == torch.bfloat16 else 15).flatten(), special])
-    out = torch.full(x.shape, float("nan"), dtype=dtype, device=KERNEL_DEVICE)
-    _half_nearest_kernel[(1,)](x.to(KERNEL_DEVICE), out, N=x.numel())
-    out, ref = out.cpu(), x.to(dtype)
+    x = torch.cat([_wide_range(4096 - len(special), octaves=100).flatten(), special])
+    out = torch.full(x.shape, float("nan"), dtype=torch.bfloat16, device=KERNEL_DEVICE)
+    _bfloat16_nearest_kernel[(1,)](x.to(KERNEL_DEVICE), out, N=x.numel())
+    out, ref = out.cpu(), x.to(torch.bfloat16)
     assert torch.equal(out.isnan(), ref.isnan())
     number = ~ref.isnan()
-    assert torch.equal(out[number].view(torch.int16), ref[number].view(torch.int16))  # bit for bit, zeros' signs too
+    assert torch.equal(out[number].view(torch.int16), ref[number].view(torch.int16))
 
 
 @triton.jit
 def _half_products_kernel(c_ptr, u_ptr, nhi_ptr, lo_ptr, N: tl.constexpr, EMULATE: tl.constexpr):
     o = tl.arange(0, N)
-    b_nhi, b_hi, b_lo = coefficient_parts(tl.load(c_ptr + o), u_ptr.dtype.element_ty)
+    b_nhi, b_hi, b_lo = coefficient_parts(tl.load(c_ptr + o))
     b_nhi, b_lo = half_products(b_nhi, b_hi, b_lo, tl.load(u_ptr + o), EMULATE)
     tl.store(nhi_ptr + o, b_nhi)
     tl.store(lo_ptr + o, b_lo)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-def test_half_products_split_c_u_into_two_half_numbers(dtype):
+def test_half_products_split_c_u_into_two_bfloat16_numbers():
     """``half_products``, through which the sums and weight-gradient passes with bfloat16 inputs
-    multiply the float32 coefficients (or logit gradients) c by u (float16 too, which the kernels
-    do not use it for): -hi is c_hi u rounded to nearest even (bit for bit),
-    lo the rounding of c_lo u plus the exact remainder c_hi u - hi, and |c u - hi - lo| within
-    2.5 x 2^-15 |c u| for bfloat16 (3.5 x 2^-15 under the interpreter, whose lo of c is truncated:
-    ``half_parts``), 1.5 x 2^-21 for float16 (with floors where float16 parts fall below its normal
-    range); far below a single rounding of c u. On a GPU this runs the packed PTX arithmetic, under
-    the interpreter its emulation (``EMULATE``), rounded by ``half_nearest`` as a GPU rounds."""
-    emulate = KERNEL_DEVICE == "cpu"
-    n = 4096
-    if dtype == torch.bfloat16:
-        octaves, bound, floor_u, floor = 40, (3.5 if emulate else 2.5) * 2.0**-15, 0.0, 0.0
-    else:  # float16: products in its range; c_lo (about 2^-11 c) and the remainders may be subnormal
-        octaves, bound, floor_u, floor = 3, 1.5 * 2.0**-21, 2.0**-25, 2.0**-24
-    c, u = _wide_range(n, octaves=octaves).flatten(), _wide_range(n, octaves=octaves).flatten().to(dtype)
+    multiply the float32 coefficients (or logit gradients) c by u: -hi is c_hi u rounded to nearest
+    even (bit for bit, zeros' signs too), lo the one rounding of c_lo u plus the exact remainder
+    c_hi u - hi, and |c u - hi - lo| within 2.5 x 2^-15 |c u| (3.5 x 2^-15 under the interpreter,
+    whose lo of c is truncated: ``half_parts``); far below a single rounding of c u. On a GPU this
+    runs the packed PTX arithmetic, under the interpreter its emulation (``EMULATE``), rounded by
+    ``bfloat16_nearest`` as a GPU rounds."""
+    emulate, n, bf16 = KERNEL_DEVICE == "cpu", 4096, torch.bfloat16
+    bound = (3.5 if emulate else 2.5) * 2.0**-15
+    c, u = _wide_range(n, octaves=40).flatten(), _wide_range(n, octaves=40).flatten().to(bf16)
     special_c = torch.tensor([0.0, -0.0, 1.0, -1.0, 1.0 + 2.0**-20, 0.1, -0.3, 0.5])
     special_u = torch.tensor([1.0, 3.0, 0.0, -0.0, -1.5, 0.1, 7.0, -0.3])
-    c[: len(special_c)], u[: len(special_u)] = special_c, special_u.to(dtype)
-    nhi = torch.full((n,), float("nan"), dtype=dtype, device=KERNEL_DEVICE)
+    c[: len(special_c)], u[: len(special_u)] = special_c, special_u.to(bf16)
+    nhi = torch.full((n,), float("nan"), dtype=bf16, device=KERNEL_DEVICE)
     lo = torch.full_like(nhi, float("nan"))
     _half_products_kernel[(1,)](c.to(KERNEL_DEVICE), u.to(KERNEL_DEVICE), nhi, lo, N=n, EMULATE=emulate)
     hi_c = torch.full_like(nhi, float("nan"))
     lo_c = torch.full_like(nhi, float("nan"))
     _half_parts_kernel[(1,)](c.to(KERNEL_DEVICE), hi_c, lo_c, N=n)  # c's parts as coefficient_parts takes them
     nhi, lo, hi_c, lo_c = nhi.cpu(), lo.cpu(), hi_c.cpu(), lo_c.cpu()
-    product = hi_c.double() * u.double()  # exact: two half significands
-    hi = -nhi.double()
-    # bit for bit (zeros' signs too)
-    assert torch.equal(nhi.view(torch.int16), (-product).to(dtype).view(torch.int16)), "-c_hi u rounded to nearest"
-    # where the product's lowest bit is no finer than the dtype's smallest subnormal: the remainder
-    # is exact in the dtype, and lo is the one rounding of c_lo u + remainder
-    info = torch.finfo(dtype)
-    normal = product.abs() >= info.tiny * 2 / info.eps  # 2^p times the smallest normal
-    remainder = product - hi
-    assert torch.equal(remainder[normal].to(dtype).double(), remainder[normal])
-    low = lo_c.double() * u.double() + remainder
-    if emulate:  # summed in float32, then rounded to nearest even
-        assert torch.equal(lo[normal].view(torch.int16), low[normal].float().to(dtype).view(torch.int16))
-    else:  # one fused rounding
-        assert torch.equal(lo[normal].view(torch.int16), low[normal].to(dtype).view(torch.int16))
+    product = hi_c.double() * u.double()  # exact: two 8-bit significands
+    assert torch.equal(nhi.view(torch.int16), (-product).to(bf16).view(torch.int16)), "-c_hi u rounded to nearest"
+    # lo, bit for bit (every product here is far above bfloat16's subnormals: the remainder is exact)
+    low = lo_c.double() * u.double() + (product + nhi.double())
+    expected = low.float().to(bf16) if emulate else low.to(bf16)  # emulated: summed in float32, then rounded
+    assert torch.equal(lo.view(torch.int16), expected.view(torch.int16))
     exact = c.double() * u.double()
-    error = (exact - hi - lo.double()).abs()
-    assert (error <= bound * exact.abs() + floor_u * u.double().abs() + floor).all(), (error / exact.abs()).max()
-    single = (exact - exact.to(dtype).double()).abs()
+    error = (exact + nhi.double() - lo.double()).abs()
+    assert (error <= bound * exact.abs()).all(), (error / exact.abs()).max()
+    single = (exact - exact.to(bf16).double()).abs()
     assert error.sum() < 2.0**-5 * single.sum()
 
 
