@@ -600,12 +600,14 @@ def rule_chunked_pass(launch) -> RuleResult:
     grad = c.get("GRAD", False)
     coupling = B * n_out * n_in * 4  # [B, N_out, N_in]: the coefficients c (or, GRAD, the logit gradients g)
     if logits:
-        # V (and ds) read, c (and g) written once: a chunk's logits (and agreements) are written,
-        # read back and overwritten in place by their exponentials, these read back and
-        # overwritten by c (the agreements by g), all within the program's chunk, so in L2
-        # while the resident programs' chunks fit there; beyond, every pass crosses DRAM
+        # V (and ds) read (float32, or their two parts), c (and g) written once: a chunk's logits
+        # (and agreements) are written, read back and overwritten in place by their exponentials,
+        # these read back and overwritten by c (the agreements by g), all within the program's
+        # chunk, so in L2 while the resident programs' chunks fit there; beyond, every pass
+        # crosses DRAM
         chunk = c["BLOCK_B"] * n_out * c["BLOCK_IC"] * 4 * (2 if grad else 1)
-        moved = streamed + B * caps * 4 * (2 if grad else 1) + coupling * (2 if grad else 1)
+        factor = _elt(launch, "v_ptr") * (2 if c.get("PARTS", False) else 1)
+        moved = streamed + B * caps * factor * (2 if grad else 1) + coupling * (2 if grad else 1)
         return RuleResult(shape, programs, moved, chunk, coupling * (4 + (3 if grad else 0)))
     # the coefficients (or the logit gradients) read (not at iteration 0: uniform), this split's
     # partial sums written
@@ -708,15 +710,23 @@ def rule_sum_splits(launch) -> RuleResult:
     if "numel" in v:
         moved = v["numel"] * (4 * n + _elt(launch, "dw_ptr"))
     else:
-        moved = v["B"] * v["N_out"] * v["D"] * 4 * (n + 2)
+        moved = v["B"] * v["N_out"] * v["D"] * (4 * (n + 2) + _parts_bytes(launch, "vparts_ptr", "PARTS"))
     return RuleResult([("splits", [])], programs, moved)
+
+
+def _parts_bytes(launch, arg: str, flag: str) -> int:
+    """Bytes an element of a factor's two parts takes (``factor_parts``), 0 where ``flag`` is off."""
+    return 2 * _elt(launch, arg) if _consts(launch).get(flag, False) else 0
 
 
 def rule_no_loop(launch) -> RuleResult:
     """Kernels without a loop: fused_layer_bwd_ds, self_attention_routing_bwd_ds, squash."""
     v = _ints(launch)
     if "N_out" in v:
-        moved = v["B"] * v["N_out"] * v["D"] * 4 * 3
+        # fused_layer_bwd_ds: dv and s read, ds written; V_r read and split, ds_r split, for the
+        # logits pass that follows (PARTS, DS_PARTS)
+        split = _parts_bytes(launch, "vparts_ptr", "PARTS") + _parts_bytes(launch, "dsparts_ptr", "DS_PARTS")
+        moved = v["B"] * v["N_out"] * v["D"] * (4 * 3 + split + (4 if _consts(launch).get("PARTS", False) else 0))
     else:
         moved = v["R"] * v["D"] * 4 * 3
     return RuleResult([], [(math.prod(launch.grid), {})], moved)

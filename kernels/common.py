@@ -48,6 +48,8 @@ __all__ = [
     "coefficient_parts",
     "half_products",
     "tf32_nearest",
+    "factor_parts",
+    "dot_parts",
     "predictions",
     "layer_weight_tile",
     "layer_predictions",
@@ -314,6 +316,40 @@ def half_parts(x, dtype: tl.constexpr):
         hi = x.to(dtype)
         lo = (x - hi.to(tl.float32)).to(dtype)
     return hi, lo
+
+
+@triton.jit
+def factor_parts(x, dtype: tl.constexpr):
+    """float32 ``x`` as the two parts in which a float32 factor enters tensor-core products of the
+    input dtype ``dtype``: half types, ``half_parts``; float32 at 3xTF32, the TF32 rounding ``hi``
+    and the exact remainder ``lo = x - hi``, as ``dot_f32`` splits its operands (``dot_parts``
+    takes either, split once ahead of the products instead of at each)."""
+    if dtype == tl.float32:
+        hi = tf32_nearest(x)
+        lo = x - hi
+    else:
+        hi, lo = half_parts(x, dtype)
+    return hi, lo
+
+
+@triton.jit
+def dot_parts(a_hi, a_lo, b, DOT_F32: tl.constexpr):
+    """``a @ b`` in float32 for a float32 ``a`` given as its ``factor_parts`` and ``b`` of the
+    parts' dtype (float32 at 3xTF32, else half): the same products, summed in the same order, as
+    ``dot_f32(a, b, "tf32x3")`` and the sum of the two half products of ``half_parts`` make, so
+    the results are those of splitting ``a`` here, bit for bit. ``DOT_F32`` (the interpreter):
+    float32 products, of ``hi + lo = a`` (exact) at 3xTF32, as ``dot_f32`` skips its split there."""
+    if a_hi.dtype == tl.float32:
+        if DOT_F32:
+            out = tl.dot(a_hi + a_lo, b, input_precision="ieee")
+        else:
+            b_hi = tf32_nearest(b)
+            acc = tl.dot(a_lo, b_hi, input_precision="tf32")
+            acc = tl.dot(a_hi, b - b_hi, acc, input_precision="tf32")
+            out = tl.dot(a_hi, b_hi, acc, input_precision="tf32")
+    else:
+        out = dot_f32(a_hi, b, "ieee", DOT_F32) + dot_f32(a_lo, b, "ieee", DOT_F32)
+    return out
 
 
 @triton.jit

@@ -44,6 +44,8 @@ from .common import (
     caps_block,
     coefficient_parts,
     dot_f32,
+    dot_parts,
+    factor_parts,
     half_parts,
     half_products,
     layer_input_grads,
@@ -220,6 +222,9 @@ def fused_layer_bwd_ds_kernel(
     dv_ptr,  # [B, N_out, D] gradient of the lowest step's v (see the final kernel), strides stride_g*
     s_buf_ptr,  # [R, B, N_out, D] f32 saved s_r
     ds_buf_ptr,  # [R, B, N_out, D] f32 ds_r (slot r written here)
+    vsum_buf_ptr,  # [R, B, N_out, D] f32 saved V_r (slot r read; PARTS only)
+    vparts_ptr,  # [2, B, N_out, D] V_r's two parts (written; PARTS only)
+    dsparts_ptr,  # [2, B, N_out, D] ds_r's two parts (written; DS_PARTS only)
     B,
     N_out,
     D,
@@ -229,15 +234,23 @@ def fused_layer_bwd_ds_kernel(
     stride_gd,
     BLOCK_J: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    PARTS: tl.constexpr,  # a logits pass of step r follows: V_r split for it (factor_parts)
+    DS_PARTS: tl.constexpr,  # and ds_r (the pass through routing)
 ):
     """``ds_r = J_squash(s_r)^T dv_r`` for one example, once, instead of in every capsule's
     iteration of the final pass."""
     i_b = tl.program_id(0).to(tl.int64)
     o_j, o_d, m_j, m_jd, o_jd = caps_block(N_out, D, BLOCK_J, BLOCK_D)
-    o_saved = (r * B + i_b) * N_out * D + o_jd
+    caps_size = N_out * D
+    o_saved = (r * B + i_b) * caps_size + o_jd
     b_dv = load_caps_block(dv_ptr + i_b * stride_gb, o_j, o_d, m_jd, stride_gj, stride_gd)
     b_ds = squash_vjp(tl.load(s_buf_ptr + o_saved, mask=m_jd, other=0.0), b_dv)
     tl.store(ds_buf_ptr + o_saved, b_ds, mask=m_jd)
+    o_part = i_b * caps_size + o_jd
+    if PARTS:
+        _store_parts(vparts_ptr, o_part, m_jd, tl.load(vsum_buf_ptr + o_saved, mask=m_jd, other=0.0), B * caps_size)
+    if DS_PARTS:
+        _store_parts(dsparts_ptr, o_part, m_jd, b_ds, B * caps_size)
 
 
 @triton.jit(do_not_specialize=["B", "caps_per_split", "tiles_per_group"])
@@ -356,12 +369,15 @@ def fused_layer_bwd_dw_sum_kernel(
 # writes the saved s and V.
 # Half-precision inputs: the float32 factors (V, X) enter the products as two half parts (hi +
 # lo: ``half_parts``, about 15 significant bits for bfloat16, 22 for float16), each multiplied
-# exactly on tensor cores, so nothing is rounded to the input dtype. With bfloat16 inputs X = c u
-# (and g u, here and in the weight gradient) is formed in those two parts directly by packed half
-# arithmetic from c's parts and u (``half_products``: three fused multiply-adds a pair of
-# elements, about 13.7 significant bits), not as a float32 product split afterwards; float16
-# keeps the float32 product, since its narrow range would bound the coefficients and logit
-# gradients themselves, not only their products with u.
+# exactly on tensor cores, so nothing is rounded to the input dtype. The logits pass's V_r and ds_r
+# (with float32 at 3xTF32 too) come split already (``factor_parts``, ``dot_parts``): the kernels
+# that form them per example (``fused_layer_state_kernel``, ``fused_layer_bwd_ds_kernel``) write
+# their two parts, instead of every (chunk, output capsule) of the pass splitting them again.
+# With bfloat16 inputs X = c u (and g u, here and in the weight gradient) is formed in those two
+# parts directly by packed half arithmetic from c's parts and u (``half_products``: three fused
+# multiply-adds a pair of elements, about 13.7 significant bits), not as a float32 product split
+# afterwards; float16 keeps the float32 product, since its narrow range would bound the
+# coefficients and logit gradients themselves, not only their products with u.
 
 
 @triton.jit
@@ -463,7 +479,7 @@ def _dot_split2(b_a, b_b, dtype: tl.constexpr, HALF: tl.constexpr, PRECISION: tl
 
 @triton.jit
 def _caps_rows(p_x, o_b, m_b, D, stride_xb, BLOCK_DK: tl.constexpr):
-    """[BLOCK_B, BLOCK_DK] rows of one output capsule of a float32 [.., N_out, D] buffer (V, ds):
+    """[BLOCK_B, BLOCK_DK] rows of one output capsule of a [.., N_out, D] buffer (V, ds, their parts):
     ``p_x`` at its example 0, rows ``stride_xb`` apart, zero padded."""
     o_d = tl.arange(0, BLOCK_DK)
     return tl.load(p_x + o_b[:, None] * stride_xb + o_d[None, :], mask=m_b[:, None] & (o_d < D)[None, :], other=0.0)
@@ -497,13 +513,19 @@ def _coupling_tile(p_x, o_e, m_bi, BLOCK_B: tl.constexpr, BLOCK_IC: tl.constexpr
 
 @triton.jit
 def _chunk_logits(
-    b_u, b_w, p_V, o_b, m_b, D, stride_vb, HALF: tl.constexpr, PRECISION: tl.constexpr, DOT_F32: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_IC: tl.constexpr, BLOCK_KIN: tl.constexpr, BLOCK_DK: tl.constexpr,
+    b_u, b_w, p_V, n_part, o_b, m_b, D, stride_vb, HALF: tl.constexpr, PRECISION: tl.constexpr,
+    DOT_F32: tl.constexpr, PARTS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_IC: tl.constexpr,
+    BLOCK_KIN: tl.constexpr, BLOCK_DK: tl.constexpr,
 ):
     """Logits [BLOCK_B, BLOCK_IC] of one output capsule j for the chunk: ``u . (W^T V_j)``, from the
     u chunk, the W chunk of j (both ordered by ``_logits_operand``) and ``p_V`` at V[0, j, 0] (rows
-    ``stride_vb`` apart)."""
-    b_z = _dot_split(_caps_rows(p_V, o_b, m_b, D, stride_vb, BLOCK_DK), b_w, HALF, PRECISION, DOT_F32)
+    ``stride_vb`` apart): float32, or with ``PARTS`` its hi part there and its lo part ``n_part``
+    elements on (``factor_parts``, split once by the kernel that formed V)."""
+    if PARTS:
+        b_z = dot_parts(_caps_rows(p_V, o_b, m_b, D, stride_vb, BLOCK_DK),
+                        _caps_rows(p_V + n_part, o_b, m_b, D, stride_vb, BLOCK_DK), b_w, DOT_F32)
+    else:
+        b_z = _dot_split(_caps_rows(p_V, o_b, m_b, D, stride_vb, BLOCK_DK), b_w, HALF, PRECISION, DOT_F32)
     b_p = b_u.to(tl.float32) * b_z
     if BLOCK_KIN > 1:
         b_p = _component_sums(b_p, BLOCK_IC, BLOCK_KIN)
@@ -549,6 +571,7 @@ def fused_layer_state_kernel(
     part_ptr,  # [B, SPLIT, N_out, D] f32 partial s of iteration r-1
     s_buf_ptr,  # [R, B, N_out, D] f32 saved s_r (slot r-1 written here)
     vsum_buf_ptr,  # [R, B, N_out, D] f32 saved V_r (slot r written, r-1 read)
+    vparts_ptr,  # [2, B, N_out, D] V_r's two parts for the logits pass (written; PARTS only)
     B,
     N_out,
     D,
@@ -556,8 +579,10 @@ def fused_layer_state_kernel(
     r,  # 1 <= r <= R-1
     BLOCK_J: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    PARTS: tl.constexpr,
 ):
-    """Per example: ``s_{r-1}`` = the partials in split order, ``V_r = V_{r-1} + squash(s_{r-1})``."""
+    """Per example: ``s_{r-1}`` = the partials in split order, ``V_r = V_{r-1} + squash(s_{r-1})``;
+    ``PARTS``: also V_r split into the two parts its products take (``factor_parts``)."""
     i_b = tl.program_id(0).to(tl.int64)
     o_j, o_d, m_j, m_jd, o_jd = caps_block(N_out, D, BLOCK_J, BLOCK_D)
     caps_size = N_out * D
@@ -567,22 +592,33 @@ def fused_layer_state_kernel(
     b_V = tl.load(vsum_buf_ptr + o_prev, mask=m_jd, other=0.0) + squash_from_parts(b_unit, b_p, large)
     tl.store(s_buf_ptr + o_prev, b_s, mask=m_jd)
     tl.store(vsum_buf_ptr + o_prev + B * caps_size, b_V, mask=m_jd)
+    if PARTS:
+        _store_parts(vparts_ptr, i_b * caps_size + o_jd, m_jd, b_V, B * caps_size)
+
+
+@triton.jit
+def _store_parts(p_parts, o, m, b_x, n):
+    """float32 ``x`` at ``p_parts + o`` as its two parts (``factor_parts`` for the buffer's dtype):
+    ``hi`` there, ``lo`` ``n`` elements on."""
+    b_hi, b_lo = factor_parts(b_x, p_parts.dtype.element_ty)
+    tl.store(p_parts + o, b_hi, mask=m)
+    tl.store(p_parts + n + o, b_lo, mask=m)
 
 
 @triton.jit(do_not_specialize=["B", "caps_per_split", "r", "slot"])
 def fused_layer_logits_kernel(
     u_ptr,  # [B, N_in, BLOCK_KIN] input capsules (D_in zero padded), capsules contiguous
     w_ptr,  # [N_in, N_out, D, BLOCK_KIN] weight (D_in zero padded), dtype of u, [D, BLOCK_KIN] blocks contiguous
-    vsum_buf_ptr,  # [R, B, N_out, D] f32 saved V_r (slot r read)
+    v_ptr,  # V_r: [R, B, N_out, D] f32 the saved V (slot r read); PARTS: [2, B, N_out, D] its two parts (r = 0)
     c_ptr,  # [S, B, N_out, N_in] f32 the coupling coefficients of iteration r (slot written)
-    ds_buf_ptr,  # [R, B, N_out, D] f32 ds_r (slot r read; GRAD only)
+    ds_ptr,  # ds_r as V_r (slot r read; GRAD only)
     g_ptr,  # [S, B, N_out, N_in] f32 the logit gradients g = c (a - sum_j c a) (slot written; GRAD only)
     B,
     N_in,
     N_out,
     D,
     caps_per_split,
-    r,
+    r,  # the slot of V_r and ds_r in their buffers
     slot,  # the slot of the coupling buffers
     stride_ub,
     stride_wi,
@@ -595,6 +631,7 @@ def fused_layer_logits_kernel(
     PRECISION: tl.constexpr,
     DOT_F32: tl.constexpr,
     GRAD: tl.constexpr,  # the backward through step r: also a = u_hat . ds_r and sum_j c a
+    PARTS: tl.constexpr,  # V_r and ds_r come as their two parts (``factor_parts``)
 ):
     """The coupling coefficients of iteration r for the tile and a run of input capsules, stored
     as ``c[b, j, i]`` for the passes that read them: per chunk, three loops over the output
@@ -609,8 +646,9 @@ def fused_layer_logits_kernel(
     i_k = tl.program_id(1)
     o_b = (i_tb * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
     m_b = o_b < B
-    p_V = vsum_buf_ptr + tl.cast(r, tl.int64) * B * N_out * D
-    p_ds = ds_buf_ptr + tl.cast(r, tl.int64) * B * N_out * D
+    n_part = tl.cast(B, tl.int64) * N_out * D  # elements a part (or a slot)
+    p_V = v_ptr + r * n_part * (2 if PARTS else 1)
+    p_ds = ds_ptr + r * n_part * (2 if PARTS else 1)
     c_ptr, g_ptr = _slot_buffers(c_ptr, g_ptr, slot, B, N_out, N_in)
     i_start = i_k * caps_per_split
     i_end = tl.minimum(i_start + caps_per_split, N_in)
@@ -625,13 +663,13 @@ def fused_layer_logits_kernel(
         for j in range(0, N_out):
             b_w = _logits_operand(w_ptr + j * stride_wj, o_d * BLOCK_KIN, o_d < D, i0, i_end, stride_wi,
                                   BLOCK_IC, BLOCK_KIN)
-            b_logit = _chunk_logits(b_u, b_w, p_V + j * D, o_b, m_b, D, N_out * D, HALF, PRECISION, DOT_F32,
-                                    BLOCK_B, BLOCK_IC, BLOCK_KIN, BLOCK_DK)
+            b_logit = _chunk_logits(b_u, b_w, p_V + j * D, n_part, o_b, m_b, D, N_out * D, HALF, PRECISION,
+                                    DOT_F32, PARTS, BLOCK_B, BLOCK_IC, BLOCK_KIN, BLOCK_DK)
             tl.store(c_ptr + o_e + j * N_in, b_logit, mask=m_bi)
             b_max = tl.maximum(b_max, b_logit)
             if GRAD:
-                b_a = _chunk_logits(b_u, b_w, p_ds + j * D, o_b, m_b, D, N_out * D, HALF, PRECISION, DOT_F32,
-                                    BLOCK_B, BLOCK_IC, BLOCK_KIN, BLOCK_DK)
+                b_a = _chunk_logits(b_u, b_w, p_ds + j * D, n_part, o_b, m_b, D, N_out * D, HALF, PRECISION,
+                                    DOT_F32, PARTS, BLOCK_B, BLOCK_IC, BLOCK_KIN, BLOCK_DK)
                 tl.store(g_ptr + o_e + j * N_in, b_a, mask=m_bi)
         tl.debug_barrier()  # the logits stored above are read back by other threads of the program
         b_sum = tl.zeros([BLOCK_B, BLOCK_IC], dtype=tl.float32)

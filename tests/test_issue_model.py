@@ -122,12 +122,13 @@ def test_split_runs_and_mma_rates():
     assert issue_model._mma_cycles(tf32) == 16 * 8 * 8 / 128
 
 
-def _logits_launch(batch, n_out, grad):
-    """A recorded launch of the logits pass (the paper's layer's input capsules and tiles)."""
+def _logits_launch(batch, n_out, grad, parts=False):
+    """A recorded launch of the logits pass (the paper's layer's input capsules and tiles, float32;
+    ``parts``: V and ds as their two float32 parts, 3xTF32)."""
     ints = dict(B=batch, N_in=1152, N_out=n_out, D=16, caps_per_split=24, r=1, slot=0)
     kwargs = {k: ("int", v) for k, v in ints.items()}
-    kwargs.update(u_ptr=("tensor", "fp32"), w_ptr=("tensor", "fp32"), BLOCK_B=64, BLOCK_IC=8, BLOCK_KIN=8,
-                  BLOCK_DK=16, GRAD=grad)
+    kwargs.update(u_ptr=("tensor", "fp32"), w_ptr=("tensor", "fp32"), v_ptr=("tensor", "fp32"), BLOCK_B=64,
+                  BLOCK_IC=8, BLOCK_KIN=8, BLOCK_DK=16, GRAD=grad, PARTS=parts)
     return kernel_report.Launch("", "fused_layer_logits_kernel", (batch // 64, 48), kwargs)
 
 
@@ -146,6 +147,8 @@ def test_logits_written_and_read_back_in_l2_cross_dram_once():
     bwd = issue_model.rule_chunked_pass(_logits_launch(batch, 10, True))
     assert bwd.bytes == streamed + 2 * batch * caps * 4 + 2 * coupling  # V, ds; the logit gradients too
     assert issue_model.dram_bytes(bwd, 10**4) == bwd.bytes + 7 * coupling
+    parts = issue_model.rule_chunked_pass(_logits_launch(batch, 10, True, parts=True))
+    assert parts.bytes == bwd.bytes + 2 * batch * caps * 4  # V's and ds's lo parts too
     wide = issue_model.rule_chunked_pass(_logits_launch(batch, 128, True))
     assert issue_model.dram_bytes(wide, 2 * 132) > wide.bytes  # 128 classes: 138 MB in flight
 

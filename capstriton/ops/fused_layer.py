@@ -472,6 +472,14 @@ class _CouplingPasses:
         self.grad = grad
         self.n_out = n_out
         self.consts = chunked_constexprs(cfg, u, precision)
+        # the logits pass's float32 factors V_r and ds_r, split once per step into the two parts
+        # their products take (kernels: factor_parts) by the kernel that forms them, instead of at
+        # every chunk and output capsule: half inputs, and float32 at 3xTF32 (TF32 takes V as is)
+        parts_dtype = u.dtype if u.dtype != torch.float32 else (_F32 if precision == "tf32x3" else None)
+        self.parts = parts_dtype is not None
+        if self.parts:
+            self.vparts = empty((2, batch, n_out, d), parts_dtype, u.device)
+            self.dsparts = empty((2, batch, n_out, d), parts_dtype, u.device) if grad else self.vparts
         self.sizes = dict(B=batch, N_in=n_in, N_out=n_out, D=d)
         self.target_programs = tuning.target_programs_bwd
         self.final_tiling = final_tiling(batch, tuning)
@@ -491,9 +499,17 @@ class _CouplingPasses:
         )
 
     def coupling(self, r: int, vsum_saved: torch.Tensor, ds_saved: torch.Tensor, slot: int = 0) -> None:
+        """The coupling coefficients of step r (and the logit gradients) into ``slot``; V_r and ds_r
+        from the saved buffers, or where the passes take parts from ``vparts`` and ``dsparts``,
+        which the kernel that formed them has just written (``fused_layer_state_kernel``,
+        ``fused_layer_bwd_ds_kernel``)."""
+        if self.parts:
+            factors = dict(v_ptr=self.vparts, ds_ptr=self.dsparts, r=0)
+        else:
+            factors = dict(v_ptr=vsum_saved, ds_ptr=ds_saved, r=r)
         launch(
             fused_layer_logits_kernel, (self.cfg.tiles, self.split),
-            vsum_buf_ptr=vsum_saved, ds_buf_ptr=ds_saved, r=r, **self._args(slot, self.cfg.split), GRAD=self.grad,
+            **factors, **self._args(slot, self.cfg.split), GRAD=self.grad, PARTS=self.parts,
             # left to ptxas, three shapes spilled 4 to 8 bytes on sm_90 or sm_80 (the kernel
             # report); held to three programs' share of the registers, others did on sm_80
             maxnreg=whole_register_file(self.consts["num_warps"]),
@@ -577,19 +593,32 @@ def _forward_on_tensor_cores(
     )
     passes.uniform_sums(vsum_saved)
     for r in range(1, iterations):
-        launch(fused_layer_state_kernel, (batch,), vsum_buf_ptr=vsum_saved, r=r, **per_example)
+        launch(
+            fused_layer_state_kernel, (batch,), vsum_buf_ptr=vsum_saved, r=r, **per_example,
+            vparts_ptr=passes.vparts if passes.parts else vsum_saved, PARTS=passes.parts,
+        )
         passes.coupling(r, vsum_saved, vsum_saved)  # (no ds in the forward)
         passes.sums()
     launch(dynamic_routing_finalize_kernel, (batch,), v_ptr=v, last=iterations - 1, **per_example)
 
 
-def _ds_step(dv: torch.Tensor, s_saved: torch.Tensor, ds_saved: torch.Tensor, r: int) -> None:
-    """``ds_r = J_squash(s_r)^T dv`` per example, into slot r of ``ds_saved``."""
+def _ds_step(
+    dv: torch.Tensor, s_saved: torch.Tensor, ds_saved: torch.Tensor, r: int,
+    vsum_saved: torch.Tensor | None = None, passes: _CouplingPasses | None = None,
+) -> None:
+    """``ds_r = J_squash(s_r)^T dv`` per example, into slot r of ``ds_saved``; where ``passes``
+    (whose logits pass of step r follows) takes parts, V_r (from ``vsum_saved``) and, through
+    routing, ds_r split into them."""
     batch, n_out, d = dv.shape
     block_j, block_d = triton.next_power_of_2(n_out), triton.next_power_of_2(d)
+    split = passes is not None and passes.parts
+    split_ds = split and passes.grad
     launch(
         fused_layer_bwd_ds_kernel, (batch,),
         dv_ptr=dv, s_buf_ptr=s_saved, ds_buf_ptr=ds_saved, B=batch, N_out=n_out, D=d, r=r,
+        # (where nothing is split the kernel never touches the last three buffers)
+        vsum_buf_ptr=vsum_saved if split else ds_saved, vparts_ptr=passes.vparts if split else ds_saved,
+        dsparts_ptr=passes.dsparts if split_ds else ds_saved, PARTS=split, DS_PARTS=split_ds,
         stride_gb=dv.stride(0), stride_gj=dv.stride(1), stride_gd=dv.stride(2),
         BLOCK_J=block_j, BLOCK_D=block_d, num_warps=caps_warps(block_j, block_d),
     )
@@ -670,13 +699,14 @@ def _backward_on_tensor_cores(
     if through:
         dv_sum = empty((batch, n_out, d), _F32, u.device)
         for r in range(iterations - 1, 0, -1):
-            _ds_step(dv, s_saved, ds_saved, r)
+            _ds_step(dv, s_saved, ds_saved, r, vsum_saved, passes)
             passes.coupling(r, vsum_saved, ds_saved, slot=r - r_first)
             passes.sums(slot=r - r_first)
             _add_dv(passes.partials, dv_sum, first=r == iterations - 1)
             dv = dv_sum
-    _ds_step(dv, s_saved, ds_saved, r_lo)
-    if r_lo > 0:  # detached: the coupling of the last step (no logit gradient)
+    # detached: the coupling of the last step follows (no logit gradient)
+    _ds_step(dv, s_saved, ds_saved, r_lo, vsum_saved, passes if r_lo > 0 else None)
+    if r_lo > 0:
         passes.coupling(r_lo, vsum_saved, ds_saved)
     return passes.final(du, vsum_saved, ds_saved, iterations, r_first, r_lo == 0)
 

@@ -30,6 +30,8 @@ from capstriton.kernels.common import (
     bfloat16_nearest,
     coefficient_parts,
     dot_f32,
+    dot_parts,
+    factor_parts,
     half_parts,
     half_products,
     tf32_nearest,
@@ -581,6 +583,85 @@ def test_half_parts_splits_float32_into_two_half_numbers(dtype):
     single = (x.double() - x.to(dtype).double()).abs()
     finite = single.isfinite()
     assert error[finite].sum() < 2.0**-5 * single[finite].sum()
+
+
+@triton.jit
+def _factor_parts_kernel(x_ptr, hi_ptr, lo_ptr, N: tl.constexpr):
+    o = tl.arange(0, N)
+    b_hi, b_lo = factor_parts(tl.load(x_ptr + o), hi_ptr.dtype.element_ty)
+    tl.store(hi_ptr + o, b_hi)
+    tl.store(lo_ptr + o, b_lo)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
+def test_factor_parts_are_the_parts_each_product_splits(dtype):
+    """``factor_parts``, by which the kernels that form V_r and ds_r split them once for the logits
+    pass: for half types exactly ``half_parts``' two numbers, bit for bit; for float32 (3xTF32) hi
+    is the TF32 rounding ``dot_f32`` takes (ties away, computed here on the integers) and lo the
+    exact remainder, hi + lo = x. Magnitudes 2^-60 .. 2^60 (float16: 2^-14 .. 2^14, its range),
+    both signs, zeros."""
+    octaves = 14 if dtype == torch.float16 else 60
+    ties = [1.0 + 2.0**-11, -(1.0 + 3 * 2.0**-11)]  # TF32 ties: away from zero
+    x = torch.cat([_wide_range(2000, octaves=octaves), torch.tensor([0.0, -0.0, *ties])])
+    n = triton.next_power_of_2(x.numel())
+    x = torch.nn.functional.pad(x, (0, n - x.numel())).to(KERNEL_DEVICE)
+    hi = torch.full(x.shape, float("nan"), dtype=dtype, device=KERNEL_DEVICE)
+    lo = torch.full_like(hi, float("nan"))
+    _factor_parts_kernel[(1,)](x, hi, lo, N=n)
+    hi, lo, x = hi.cpu(), lo.cpu(), x.cpu()
+    if dtype == torch.float32:
+        expected_hi = _tf32_nearest(x)
+        expected_lo = x - expected_hi
+        assert torch.equal(hi + lo, x)  # (as values: -0 splits into -0 and +0)
+    else:
+        expected_hi = torch.full(x.shape, float("nan"), dtype=dtype, device=KERNEL_DEVICE)
+        expected_lo = torch.full_like(expected_hi, float("nan"))
+        _half_parts_kernel[(1,)](x.to(KERNEL_DEVICE), expected_hi, expected_lo, N=n)
+    bits = torch.int32 if dtype == torch.float32 else torch.int16
+    assert torch.equal(hi.view(bits), expected_hi.cpu().view(bits))
+    assert torch.equal(lo.view(bits), expected_lo.cpu().view(bits))
+
+
+@triton.jit
+def _dot_parts_kernel(
+    a_ptr, b_ptr, split_ptr, parts_ptr, M: tl.constexpr, N: tl.constexpr, K: tl.constexpr, DOT_F32: tl.constexpr
+):
+    o_m, o_n, o_k = tl.arange(0, M), tl.arange(0, N), tl.arange(0, K)
+    b_a = tl.load(a_ptr + o_m[:, None] * K + o_k[None, :])
+    b_b = tl.load(b_ptr + o_k[:, None] * N + o_n[None, :])
+    o_out = o_m[:, None] * N + o_n[None, :]
+    if b_b.dtype == tl.float32:
+        split = dot_f32(b_a, b_b, "tf32x3", DOT_F32)
+    else:
+        a_hi, a_lo = half_parts(b_a, b_b.dtype)
+        split = dot_f32(a_hi, b_b, "ieee", DOT_F32) + dot_f32(a_lo, b_b, "ieee", DOT_F32)
+    tl.store(split_ptr + o_out, split)
+    a_hi, a_lo = factor_parts(b_a, b_b.dtype)
+    tl.store(parts_ptr + o_out, dot_parts(a_hi, a_lo, b_b, DOT_F32))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
+def test_dot_parts_of_factor_parts_is_the_split_product(dtype):
+    """``dot_parts`` of ``factor_parts`` (the logits pass's V_r and ds_r, split ahead) against the
+    products that split the float32 factor themselves (``dot_f32`` at 3xTF32, the two half
+    products of ``half_parts``): the same products summed in the same order, so equal bit for bit,
+    as a GPU runs them (float32: the interpreter runs the 3xTF32 split's arithmetic with
+    ``DOT_F32`` off) and as the interpreter runs the kernels (``DOT_F32``); and within a float32
+    product's bound of the float64 one, ``(2^-14 + k 2^-24) |a| @ |b|`` (the coarsest split,
+    bfloat16's, 2^-15 of a term)."""
+    m, n, k = 16, 16, 32
+    a = torch.randn(m, k) * torch.exp2(torch.randint(-8, 9, (m, 1)).float())
+    b = torch.randn(k, n).to(dtype)
+    ref = a.double() @ b.double()
+    bound = (2.0**-14 + k * 2.0**-24) * (a.double().abs() @ b.double().abs())
+    modes = [True, False] if dtype == torch.float32 or KERNEL_DEVICE == "cuda" else [True]
+    for dot_f32_mode in modes:
+        split = torch.full((m, n), float("nan"), device=KERNEL_DEVICE)
+        parts = torch.full_like(split, float("nan"))
+        _dot_parts_kernel[(1,)](a.to(KERNEL_DEVICE), b.to(KERNEL_DEVICE), split, parts, M=m, N=n, K=k,
+                                DOT_F32=dot_f32_mode)
+        assert torch.equal(parts.cpu().view(torch.int32), split.cpu().view(torch.int32)), dot_f32_mode
+        assert ((parts.cpu().double() - ref).abs() <= bound).all(), dot_f32_mode
 
 
 @triton.jit
