@@ -540,6 +540,17 @@ def _half_parts_kernel(x_ptr, hi_ptr, lo_ptr, N: tl.constexpr):
     tl.store(lo_ptr + o, b_lo)
 
 
+def _split(kernel, x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``kernel`` (x -> hi, lo of ``dtype``) over float32 ``x`` (zero padded to a power of two), on
+    NaN-poisoned outputs: (x, hi, lo) on the CPU."""
+    n = triton.next_power_of_2(x.numel())
+    x = torch.nn.functional.pad(x, (0, n - x.numel())).to(KERNEL_DEVICE)
+    hi = torch.full(x.shape, float("nan"), dtype=dtype, device=KERNEL_DEVICE)
+    lo = torch.full_like(hi, float("nan"))
+    kernel[(1,)](x, hi, lo, N=n)
+    return x.cpu(), hi.cpu(), lo.cpu()
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_half_parts_splits_float32_into_two_half_numbers(dtype):
     """``half_parts``, through which every product of the fused layer with half inputs takes a
@@ -558,12 +569,7 @@ def test_half_parts_splits_float32_into_two_half_numbers(dtype):
         special += [6e4, -6.5e4, 2.0**-14, 3e-6]
     magnitudes = torch.exp2(torch.empty(2000, dtype=torch.float64).uniform_(*exponents))
     x = torch.cat([(torch.sign(torch.randn(2000)) * magnitudes).float(), torch.tensor(special)])
-    n = triton.next_power_of_2(x.numel())
-    x = torch.nn.functional.pad(x, (0, n - x.numel())).to(KERNEL_DEVICE)
-    hi = torch.full(x.shape, float("nan"), dtype=dtype, device=KERNEL_DEVICE)
-    lo = torch.full_like(hi, float("nan"))
-    _half_parts_kernel[(1,)](x, hi, lo, N=n)
-    x, hi, lo = x.cpu(), hi.cpu(), lo.cpu()
+    x, hi, lo = _split(_half_parts_kernel, x, dtype)
     if dtype == torch.bfloat16:
         assert torch.equal(hi.view(torch.int16), (x.view(torch.int32) >> 16).to(torch.int16))
     else:
@@ -602,24 +608,17 @@ def test_factor_parts_are_the_parts_each_product_splits(dtype):
     both signs, zeros."""
     octaves = 14 if dtype == torch.float16 else 60
     ties = [1.0 + 2.0**-11, -(1.0 + 3 * 2.0**-11)]  # TF32 ties: away from zero
-    x = torch.cat([_wide_range(2000, octaves=octaves), torch.tensor([0.0, -0.0, *ties])])
-    n = triton.next_power_of_2(x.numel())
-    x = torch.nn.functional.pad(x, (0, n - x.numel())).to(KERNEL_DEVICE)
-    hi = torch.full(x.shape, float("nan"), dtype=dtype, device=KERNEL_DEVICE)
-    lo = torch.full_like(hi, float("nan"))
-    _factor_parts_kernel[(1,)](x, hi, lo, N=n)
-    hi, lo, x = hi.cpu(), lo.cpu(), x.cpu()
+    x, hi, lo = _split(_factor_parts_kernel, torch.cat([_wide_range(2000, octaves=octaves),
+                                                       torch.tensor([0.0, -0.0, *ties])]), dtype)
     if dtype == torch.float32:
         expected_hi = _tf32_nearest(x)
         expected_lo = x - expected_hi
         assert torch.equal(hi + lo, x)  # (as values: -0 splits into -0 and +0)
     else:
-        expected_hi = torch.full(x.shape, float("nan"), dtype=dtype, device=KERNEL_DEVICE)
-        expected_lo = torch.full_like(expected_hi, float("nan"))
-        _half_parts_kernel[(1,)](x.to(KERNEL_DEVICE), expected_hi, expected_lo, N=n)
+        _, expected_hi, expected_lo = _split(_half_parts_kernel, x, dtype)
     bits = torch.int32 if dtype == torch.float32 else torch.int16
-    assert torch.equal(hi.view(bits), expected_hi.cpu().view(bits))
-    assert torch.equal(lo.view(bits), expected_lo.cpu().view(bits))
+    assert torch.equal(hi.view(bits), expected_hi.view(bits))
+    assert torch.equal(lo.view(bits), expected_lo.view(bits))
 
 
 @triton.jit
