@@ -287,6 +287,38 @@ def test_weight_gradient_summed_over_the_tiles_of_a_group(dtype, precision):
     check_layer(u, w, 3, True, TOL[dtype], tuning=tuning, precision=precision)
 
 
+@pytest.mark.parametrize("grad_mode", [True, False], ids=["through", "detached"])
+@pytest.mark.parametrize(
+    ("dtype", "precision", "parts"),
+    [(torch.float32, "tf32x3", True), (torch.float32, "tf32", False), (torch.bfloat16, "ieee", True)],
+    ids=["fp32-tf32x3", "fp32-tf32", "bf16"],
+)
+def test_logits_pass_takes_v_and_ds_as_parts_or_as_float32(dtype, precision, parts, grad_mode):
+    """The logits pass reads V_r and ds_r split into two parts by the kernels that formed them
+    (state forward; bwd_ds backward, ds only through routing) where its products take parts (half
+    inputs, 3xTF32), else the saved float32 V and ds (TF32): both against float64 (the interpreter
+    multiplies TF32 in float32), each launch with the flags that say which."""
+    from capstriton.ops._launch import recording
+
+    shape, batch = (37, 3, 5, 9), 7
+    u, w = layer_inputs(batch, *shape, dtype=dtype)
+    check_layer(u, w, 3, grad_mode, TOL[dtype], tuning=FEW_PROGRAMS, precision=precision)
+    launches = []
+    with recording(lambda kernel, grid, kwargs: launches.append((kernel.__name__, kwargs))):
+        saved = torch.zeros(3, batch, *shape[1:3], device=u.device)
+        ops.fused_layer_fwd(u, w, 3, grad_mode, precision, FEW_PROGRAMS.as_list())
+        ops.fused_layer_bwd(saved[0], u, w, saved, saved, 3, grad_mode, precision, FEW_PROGRAMS.as_list())
+    flags = [(name.removesuffix("_kernel"), {k: kw[k] for k in ("PARTS", "DS_PARTS") if k in kw})
+             for name, kw in launches if "PARTS" in kw]
+    logits = ("fused_layer_logits", {"PARTS": parts})
+    if grad_mode:  # backward steps 2, 1 through routing, then ds_0 (no logits pass after it)
+        expected_bwd = [("fused_layer_bwd_ds", {"PARTS": parts, "DS_PARTS": parts}), logits] * 2 + [
+            ("fused_layer_bwd_ds", {"PARTS": False, "DS_PARTS": False})]
+    else:  # detached: ds_2, split with V_2 (not ds) for the coupling of step 2
+        expected_bwd = [("fused_layer_bwd_ds", {"PARTS": parts, "DS_PARTS": False}), logits]
+    assert flags == [("fused_layer_state", {"PARTS": parts}), logits] * 2 + expected_bwd
+
+
 def test_fused_layer_non_contiguous_inputs_and_expanded_gradient():
     base_u = torch.randn(9, 5, 4, device=KERNEL_DEVICE)
     u = base_u.transpose(0, 1)[::2]  # [3, 9, 4], no unit stride on the batch axis
