@@ -247,10 +247,11 @@ def fused_layer_bwd_ds_kernel(
     b_ds = squash_vjp(tl.load(s_buf_ptr + o_saved, mask=m_jd, other=0.0), b_dv)
     tl.store(ds_buf_ptr + o_saved, b_ds, mask=m_jd)
     o_part = i_b * caps_size + o_jd
+    n_part = tl.cast(B, tl.int64) * caps_size  # elements a part
     if PARTS:
-        _store_parts(vparts_ptr, o_part, m_jd, tl.load(vsum_buf_ptr + o_saved, mask=m_jd, other=0.0), B * caps_size)
+        _store_parts(vparts_ptr, o_part, m_jd, tl.load(vsum_buf_ptr + o_saved, mask=m_jd, other=0.0), n_part)
     if DS_PARTS:
-        _store_parts(dsparts_ptr, o_part, m_jd, b_ds, B * caps_size)
+        _store_parts(dsparts_ptr, o_part, m_jd, b_ds, n_part)
 
 
 @triton.jit(do_not_specialize=["B", "caps_per_split", "tiles_per_group"])
@@ -591,9 +592,10 @@ def fused_layer_state_kernel(
     o_prev = ((r - 1) * B + i_b) * caps_size + o_jd
     b_V = tl.load(vsum_buf_ptr + o_prev, mask=m_jd, other=0.0) + squash_from_parts(b_unit, b_p, large)
     tl.store(s_buf_ptr + o_prev, b_s, mask=m_jd)
-    tl.store(vsum_buf_ptr + o_prev + B * caps_size, b_V, mask=m_jd)
+    n_slot = tl.cast(B, tl.int64) * caps_size  # elements a slot (and a part)
+    tl.store(vsum_buf_ptr + o_prev + n_slot, b_V, mask=m_jd)
     if PARTS:
-        _store_parts(vparts_ptr, i_b * caps_size + o_jd, m_jd, b_V, B * caps_size)
+        _store_parts(vparts_ptr, i_b * caps_size + o_jd, m_jd, b_V, n_slot)
 
 
 @triton.jit
