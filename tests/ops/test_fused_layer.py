@@ -300,7 +300,8 @@ def test_logits_pass_takes_v_and_ds_as_parts_or_as_float32(dtype, precision, par
     which and the logits pass reading the very buffers the launch before it wrote. The parts run in
     every other test of the layer; TF32's float32 V and ds here, against float64: the interpreter
     multiplies TF32 in float32 (float32's tolerance), a GPU in TF32, whose operands keep 11
-    significant bits, more than bfloat16's 8 (bfloat16's tolerance bounds it)."""
+    significant bits, more than bfloat16's 8: bfloat16's tolerance (2^-7; routing u and W truncated
+    to TF32 in float64 erred by at most 1.4e-3 over 20 seeds of this shape, both modes)."""
     from capstriton.ops._launch import recording
 
     shape, batch = (37, 3, 5, 9), 7
