@@ -710,7 +710,10 @@ def rule_sum_splits(launch) -> RuleResult:
     if "numel" in v:
         moved = v["numel"] * (4 * n + _elt(launch, "dw_ptr"))
     else:
-        moved = v["B"] * v["N_out"] * v["D"] * (4 * (n + 2) + _parts_bytes(launch, "vparts_ptr", "PARTS"))
+        # the partials read and two [N_out, D] blocks written (s and v; dV's running sum read and
+        # written); the state kernel also reads V_{r-1} (and writes V_r's parts)
+        blocks = n + (3 if launch.kernel == "fused_layer_state_kernel" else 2)
+        moved = v["B"] * v["N_out"] * v["D"] * (4 * blocks + _parts_bytes(launch, "vparts_ptr", "PARTS"))
     return RuleResult([("splits", [])], programs, moved)
 
 
