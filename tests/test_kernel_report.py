@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from _helpers import OLDEST_TRITON, oldest_triton_env
 
 REPO = Path(__file__).resolve().parent.parent
 REPORT = REPO / "bench" / "kernel_report.py"
@@ -136,18 +135,6 @@ def test_report_json_fields(sm90_report):
         )
         assert key not in keys, f"duplicate compilation {key}"
         keys.add(key)
-
-
-def test_every_kernel_compiles_without_spills_with_the_oldest_supported_triton(tmp_path):
-    """The GPU machines run the oldest supported triton (3.6, with torch 2.11), and compilers
-    differ: 3.6 failed on a version of the backward's final kernel that 3.7 compiled, and
-    allocates registers differently."""
-    proc = run_report(tmp_path, oldest_triton_env())
-    # every launch compiled, and --fail-on-spill: no spill that SPILL_EXCEPTIONS does not document
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    doc = json.loads((tmp_path / "sm_90.json").read_text())
-    assert doc["versions"]["triton"] == OLDEST_TRITON
-    assert {e["kernel"] for e in doc["kernels"]} == KERNELS
 
 
 def test_digitcaps_u_hat_loads_are_128_bit(sm90_report):
