@@ -29,18 +29,3 @@ def pytest_report_header(config):
 def _seed():
     torch.manual_seed(0)
     yield
-
-
-#: The modules that run a long subprocess (every kernel compiled for sm_90 with the newest and the
-#: oldest triton; the interpreter tests with the oldest): first, so that a parallel run
-#: (.ci/run: pytest-xdist, modules in collection order) starts them beside the rest instead of
-#: after it.
-_LONG_MODULES = ("test_kernel_report.py", "test_kernel_report_oldest_triton.py", "test_oldest_triton.py")
-
-
-def pytest_collection_modifyitems(config, items):
-    def rank(item):
-        name = os.path.basename(str(item.path))
-        return _LONG_MODULES.index(name) if name in _LONG_MODULES else len(_LONG_MODULES)
-
-    items.sort(key=rank)  # stable: the order within each group is kept
