@@ -576,21 +576,25 @@ def test_3xtf32_split_of_dot_f32(k):
 
 
 @triton.jit
-def _half_parts_kernel(x_ptr, hi_ptr, lo_ptr, N: tl.constexpr):
+def _parts_kernel(x_ptr, hi_ptr, lo_ptr, N: tl.constexpr, FACTOR: tl.constexpr):
+    """x split into hi and lo of hi's dtype: ``factor_parts`` (``FACTOR``), else ``half_parts``."""
     o = tl.arange(0, N)
-    b_hi, b_lo = half_parts(tl.load(x_ptr + o), hi_ptr.dtype.element_ty)
+    if FACTOR:
+        b_hi, b_lo = factor_parts(tl.load(x_ptr + o), hi_ptr.dtype.element_ty)
+    else:
+        b_hi, b_lo = half_parts(tl.load(x_ptr + o), hi_ptr.dtype.element_ty)
     tl.store(hi_ptr + o, b_hi)
     tl.store(lo_ptr + o, b_lo)
 
 
-def _split(kernel, x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``kernel`` (x -> hi, lo of ``dtype``) over float32 ``x`` (zero padded to a power of two), on
-    NaN-poisoned outputs: (x, hi, lo) on the CPU."""
+def _split(factor: bool, x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``_parts_kernel`` (``factor_parts`` or ``half_parts`` into ``dtype``) over float32 ``x`` (zero
+    padded to a power of two), on NaN-poisoned outputs: (x, hi, lo) on the CPU."""
     n = triton.next_power_of_2(x.numel())
     x = torch.nn.functional.pad(x, (0, n - x.numel())).to(KERNEL_DEVICE)
     hi = torch.full(x.shape, float("nan"), dtype=dtype, device=KERNEL_DEVICE)
     lo = torch.full_like(hi, float("nan"))
-    kernel[(1,)](x, hi, lo, N=n)
+    _parts_kernel[(1,)](x, hi, lo, N=n, FACTOR=factor)
     return x.cpu(), hi.cpu(), lo.cpu()
 
 
@@ -612,7 +616,7 @@ def test_half_parts_splits_float32_into_two_half_numbers(dtype):
         special += [6e4, -6.5e4, 2.0**-14, 3e-6]
     magnitudes = torch.exp2(torch.empty(2000, dtype=torch.float64).uniform_(*exponents))
     x = torch.cat([(torch.sign(torch.randn(2000)) * magnitudes).float(), torch.tensor(special)])
-    x, hi, lo = _split(_half_parts_kernel, x, dtype)
+    x, hi, lo = _split(False, x, dtype)
     if dtype == torch.bfloat16:
         assert torch.equal(hi.view(torch.int16), (x.view(torch.int32) >> 16).to(torch.int16))
     else:
@@ -634,14 +638,6 @@ def test_half_parts_splits_float32_into_two_half_numbers(dtype):
     assert error[finite].sum() < 2.0**-5 * single[finite].sum()
 
 
-@triton.jit
-def _factor_parts_kernel(x_ptr, hi_ptr, lo_ptr, N: tl.constexpr):
-    o = tl.arange(0, N)
-    b_hi, b_lo = factor_parts(tl.load(x_ptr + o), hi_ptr.dtype.element_ty)
-    tl.store(hi_ptr + o, b_hi)
-    tl.store(lo_ptr + o, b_lo)
-
-
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
 def test_factor_parts_are_the_parts_each_product_splits(dtype):
     """``factor_parts``, by which the kernels that form V_r and ds_r split them once for the logits
@@ -651,14 +647,14 @@ def test_factor_parts_are_the_parts_each_product_splits(dtype):
     both signs, zeros."""
     octaves = 14 if dtype == torch.float16 else 60
     ties = [1.0 + 2.0**-11, -(1.0 + 3 * 2.0**-11)]  # TF32 ties: away from zero
-    x, hi, lo = _split(_factor_parts_kernel, torch.cat([_wide_range(2000, octaves=octaves),
+    x, hi, lo = _split(True, torch.cat([_wide_range(2000, octaves=octaves),
                                                        torch.tensor([0.0, -0.0, *ties])]), dtype)
     if dtype == torch.float32:
         expected_hi = _tf32_nearest(x)
         expected_lo = x - expected_hi
         assert torch.equal(hi + lo, x)  # (as values: -0 splits into -0 and +0)
     else:
-        _, expected_hi, expected_lo = _split(_half_parts_kernel, x, dtype)
+        _, expected_hi, expected_lo = _split(False, x, dtype)
     bits = torch.int32 if dtype == torch.float32 else torch.int16
     assert torch.equal(hi.view(bits), expected_hi.view(bits))
     assert torch.equal(lo.view(bits), expected_lo.view(bits))
@@ -762,7 +758,7 @@ def test_half_products_split_c_u_into_two_bfloat16_numbers():
     _half_products_kernel[(1,)](c.to(KERNEL_DEVICE), u.to(KERNEL_DEVICE), nhi, lo, N=n, EMULATE=emulate)
     hi_c = torch.full_like(nhi, float("nan"))
     lo_c = torch.full_like(nhi, float("nan"))
-    _half_parts_kernel[(1,)](c.to(KERNEL_DEVICE), hi_c, lo_c, N=n)  # c's parts as coefficient_parts takes them
+    _parts_kernel[(1,)](c.to(KERNEL_DEVICE), hi_c, lo_c, N=n, FACTOR=False)  # c's parts as coefficient_parts takes them
     nhi, lo, hi_c, lo_c = nhi.cpu(), lo.cpu(), hi_c.cpu(), lo_c.cpu()
     product = hi_c.double() * u.double()  # exact: two 8-bit significands
     assert torch.equal(nhi.view(torch.int16), (-product).to(bf16).view(torch.int16)), "-c_hi u rounded to nearest"
