@@ -13,6 +13,13 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    # the interpreter without its redundant re-patching of triton.language at every helper call
+    # (a large share of its time; _interpreter.py says why the kernels compute the same)
+    import _interpreter
+
+    _interpreter.install()
+
 
 def pytest_report_header(config):
     import numpy
