@@ -21,6 +21,7 @@ before triton is imported).
     python bench/kernel_report.py                      # sm_90, every shape set
     python bench/kernel_report.py --arch sm_90 sm_80 --out bench/results/kernel_report
     python bench/kernel_report.py --shapes digitcaps --fail-on-spill
+    python bench/kernel_report.py --specs layer         # only the fused layer's cases
 
 Numbers are per compiled kernel; see README.md, section "Kernel report", for how to read them.
 """
@@ -95,10 +96,18 @@ def _registry():
     return harness.import_registry()
 
 
-def shape_sets() -> dict[str, list]:
-    """Named sets of cases from every spec's ``kernel_cases``: ``digitcaps`` is the paper's layer,
-    ``odd`` stresses the masks and the block heuristics with sizes that are not powers of two."""
-    cases = [case for spec in _registry().specs().values() if spec.kernel_cases for case in spec.kernel_cases()]
+def spec_names() -> list[str]:
+    """The specs that declare kernel cases (``--specs`` chooses among them)."""
+    return sorted(name for name, spec in _registry().specs().items() if spec.kernel_cases)
+
+
+def shape_sets(specs=None) -> dict[str, list]:
+    """Named sets of cases from the ``kernel_cases`` of every spec (or of those named in ``specs``):
+    ``digitcaps`` is the paper's layer, ``odd`` stresses the masks and the block heuristics with
+    sizes that are not powers of two."""
+    specs = spec_names() if specs is None else specs
+    chosen = [spec for name, spec in _registry().specs().items() if spec.kernel_cases and name in specs]
+    cases = [case for spec in chosen for case in spec.kernel_cases()]
     sets = {name: [c for c in cases if c.shape_set == name] for name in sorted({c.shape_set for c in cases})}
     return {**sets, "all": cases}
 
@@ -601,6 +610,13 @@ def main(argv=None) -> int:
     parser.add_argument("--arch", nargs="+", choices=sorted(ARCHS), default=["sm_90"])
     parser.add_argument("--out", default=None, help="folder for <arch>.json (default: no JSON)")
     parser.add_argument("--shapes", choices=sorted(shape_sets()), default="all")
+    parser.add_argument(
+        "--specs",
+        nargs="+",
+        choices=spec_names(),
+        default=None,
+        help="only the cases of these bench specs (default: every spec's), e.g. layer for the fused layer",
+    )
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compiler processes")
     parser.add_argument(
         "--fail-on-spill",
@@ -627,7 +643,7 @@ def main(argv=None) -> int:
         parser.error("TRITON_INTERPRET is set: run the report in a process without it")
 
     t_start = time.perf_counter()
-    cases = shape_sets()[args.shapes]
+    cases = shape_sets(args.specs)[args.shapes]
     launches = record_launches(cases, config)
     kernels = _kernels()
     backend = backend_cls()
@@ -639,7 +655,7 @@ def main(argv=None) -> int:
         row = rows.setdefault(_key(comp), Row(comp))
         row.cases.append(launch.case)
     missing = sorted(set(kernels) - {r.comp["kernel"] for r in rows.values()})
-    if missing:
+    if missing and args.specs is None:
         print(f"warning: kernels never launched by these shapes: {missing}", file=sys.stderr)
 
     order = list(rows.values())
@@ -684,6 +700,7 @@ def main(argv=None) -> int:
                 "config": config,  # launch parameter overrides (--config); {} for the defaults
                 "as_compiled": args.as_compiled,
                 "shapes": args.shapes,
+                "specs": args.specs or spec_names(),
                 "cases": [c.label for c in cases],
                 "launches": len(launches),
                 "elapsed_s": round(elapsed, 1),

@@ -72,12 +72,12 @@ def _has_nvidia_tools() -> bool:
         return False
 
 
-def run_report(out: Path, env: dict | None = None) -> subprocess.CompletedProcess:
-    """``kernel_report.py --arch sm_90 --fail-on-spill``, JSON into ``out``, in a subprocess with
-    ``env`` (default: this one's without TRITON_INTERPRET)."""
+def run_report(out: Path, env: dict | None = None, *args: str) -> subprocess.CompletedProcess:
+    """``kernel_report.py --arch sm_90 --fail-on-spill`` and ``args``, JSON into ``out``, in a
+    subprocess with ``env`` (default: this one's without TRITON_INTERPRET)."""
     env = dict(env or {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})
     return subprocess.run(
-        [sys.executable, str(REPORT), "--arch", "sm_90", "--out", str(out), "--fail-on-spill"],
+        [sys.executable, str(REPORT), "--arch", "sm_90", "--out", str(out), "--fail-on-spill", *args],
         capture_output=True,
         text=True,
         env=env,
