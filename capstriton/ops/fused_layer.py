@@ -405,6 +405,19 @@ def _check_precision(u: torch.Tensor, weight: torch.Tensor, precision: str) -> N
         )
 
 
+def _float16_as_float32(u: torch.Tensor, weight: torch.Tensor, precision: str):
+    """float16 inputs run the float32 passes: ``u`` and the weight as float32 copies (exact), the
+    products as 3xTF32 (a float16 number is exact in TF32, so u W is exact and a float32 factor
+    times W as accurate as IEEE float32). The half path splits float32 factors (gradients of s,
+    coupling-weighted inputs) into two numbers of the input type, and float16's range (2^-24 ..
+    65504) cannot hold them: gradients lost to underflow or turned to NaN by overflow where the
+    true du and dw are finite float16 numbers (found by break-testing). bfloat16, with float32's
+    range, keeps the half path. The outputs keep float16 (each rounded once, as stored)."""
+    if u.dtype != torch.float16:
+        return u, weight, precision
+    return u.float(), weight.float(), "tf32x3"
+
+
 @triton_op("capstriton::fused_layer_fwd", mutates_args=())
 def fused_layer_fwd(
     u: torch.Tensor,
@@ -424,6 +437,7 @@ def fused_layer_fwd(
         return v, s_saved, vsum_saved
     tuned = FusedTuning.from_list(tuning)
     if uses_tensor_cores(u, precision):
+        u, weight, precision = _float16_as_float32(u, weight, precision)
         _forward_on_tensor_cores(u, weight, iterations, precision, tuned, v, s_saved, vsum_saved)
         return v, s_saved, vsum_saved
     cfg = fused_config(int(n_in), int(n_out), int(d), int(d_in), batch, tuned, tensor_cores=False)
@@ -733,6 +747,7 @@ def fused_layer_bwd(
     tuned = FusedTuning.from_list(tuning)
     ds_saved = empty(s_saved.shape, _F32, u.device)
     if uses_tensor_cores(u, precision):
+        u, weight, precision = _float16_as_float32(u, weight, precision)
         dw_part = _backward_on_tensor_cores(
             grad_v, u, weight, s_saved, vsum_saved, ds_saved, du, iterations, grad_through_routing, precision, tuned
         )
