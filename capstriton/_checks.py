@@ -17,9 +17,11 @@ TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def check_tensor(name: str, x, ndim: int | None = None, layout: str | None = None) -> None:
-    """``x`` is a floating tensor (float16/bfloat16/float32/float64) of rank ``ndim``."""
+    """``x`` is a dense floating tensor (float16/bfloat16/float32/float64) of rank ``ndim``."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {x.layout}")
     if x.dtype not in FLOAT_DTYPES:
         raise TypeError(
             f"{name} must be a floating tensor (float16, bfloat16, float32 or float64), "

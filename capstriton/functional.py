@@ -45,7 +45,7 @@ def autocast_inputs(*tensors: torch.Tensor | None) -> tuple[torch.Tensor | None,
     both backends return the autocast dtype; squash and routing on predictions are not
     matmul-like and keep their input dtype."""
     device_type = tensors[0].device.type
-    if not torch.is_autocast_enabled(device_type):
+    if device_type == "meta" or not torch.is_autocast_enabled(device_type):  # (no autocast on meta)
         return tensors
     dtype = torch.get_autocast_dtype(device_type)
     return tuple(t if t is None or t.dtype == torch.float64 else t.to(dtype) for t in tensors)

@@ -117,7 +117,7 @@ class RoutingCapsules(nn.Module):
         self.iterations = check_size("iterations", iterations)
         self.grad_through_routing = check_bool("grad_through_routing", grad_through_routing)
         self.backend = check_backend(backend)
-        self.init_std = float(init_std)
+        self.init_std = check_nonnegative("init_std", init_std)
         self.fused = check_bool("fused", fused)
         self.weight = nn.Parameter(torch.empty(in_caps, out_caps, out_dim, in_dim))
         self.reset_parameters()

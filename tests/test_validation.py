@@ -314,6 +314,19 @@ BAD_CALLS = [
         ValueError,
         "reconstruction and images must be given together",
     ),
+    # sparse tensors: refused by name on either backend (the torch backend ran a sparse u silently)
+    ("layer-sparse-u", lambda: ct.capsule_routing(U.to_sparse(), W, backend="torch"), TypeError,
+     "u must be a dense"),
+    ("layer-sparse-weight", lambda: ct.capsule_routing(U, W.to_sparse()), TypeError, "weight must be a dense"),
+    ("squash-sparse", lambda: ct.squash(U.to_sparse(), backend="triton"), TypeError, "s must be a dense"),
+    ("routing-module-init-std-inf", lambda: ct.nn.RoutingCapsules(7, 4, 3, 5, init_std=float("inf")), ValueError,
+     "init_std must be a finite number >= 0"),
+    ("routing-module-init-std-negative", lambda: ct.nn.RoutingCapsules(7, 4, 3, 5, init_std=-0.1), ValueError,
+     "init_std must be a finite number >= 0"),
+    ("routing-module-init-std-str", lambda: ct.nn.RoutingCapsules(7, 4, 3, 5, init_std="0.1"), TypeError,
+     "init_std must be a number"),
+    ("routing-module-init-std-bool", lambda: ct.nn.RoutingCapsules(7, 4, 3, 5, init_std=True), TypeError,
+     "init_std must be a number"),
 ]
 
 
@@ -422,3 +435,23 @@ def test_noncontiguous_upstream_gradient():
     x.grad = None
     ct.dynamic_routing(x).backward(torch.ones(3, 3, 5, dtype=torch.float64))
     assert rel_err(expanded_grad, x.grad) < NONCONTIG_TOL
+
+
+def test_meta_tensors_give_shapes_on_the_torch_backend():
+    """Meta tensors (shape inference without data) run the torch backend, "auto" included, and the
+    modules moved to meta: outputs of the right shape on meta (autocast, which has no meta
+    device, is skipped there)."""
+    meta = {"device": "meta"}
+    calls = {
+        "capsule_routing": lambda: ct.capsule_routing(U.to(**meta), W.to(**meta)),
+        "dynamic_routing": lambda: ct.dynamic_routing(u_hat(**meta)),
+        "self_attention_routing": lambda: ct.self_attention_routing(u_hat(**meta)),
+        "squash": lambda: ct.squash(U.to(**meta)),
+        "efficient_squash": lambda: ct.efficient_squash(U.to(**meta)),
+        "RoutingCapsules": lambda: ct.nn.RoutingCapsules(7, 4, 3, 5).to(**meta)(U.to(**meta)),
+    }
+    shapes = {"squash": U.shape, "efficient_squash": U.shape}
+    for name, call in calls.items():
+        out = call()
+        assert out.device.type == "meta", name
+        assert out.shape == shapes.get(name, (2, 3, 5)), name

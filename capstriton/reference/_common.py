@@ -16,6 +16,8 @@ def float_arithmetic(fn):
 
     @functools.wraps(fn)
     def wrapper(x: torch.Tensor, *args, **kwargs):
+        if x.device.type == "meta":  # no autocast there (shape inference on meta tensors)
+            return fn(x, *args, **kwargs)
         with torch.autocast(x.device.type, enabled=False):
             return fn(x, *args, **kwargs)
 
