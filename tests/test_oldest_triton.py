@@ -21,8 +21,11 @@ def test_interpreter_kernel_tests_pass_with_the_oldest_supported_triton():
     env["TRITON_INTERPRET"] = "1"
     proc = subprocess.run(
         # the slow cases (the paper's 1152 input capsules) and the further shapes of each grid
-        # (every kernel and compile-time path is in the cases kept) run with the current triton only
-        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-m", "not slow and not shape_grid", *KERNEL_TESTS],
+        # (every kernel and compile-time path is in the cases kept) run with the current triton
+        # only; two worker processes (pytest-xdist): in a parallel run of the suite this, its
+        # longest test, tends to run last, alone
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-n", "2", "-m", "not slow and not shape_grid",
+         *KERNEL_TESTS],
         capture_output=True,
         text=True,
         env=env,
