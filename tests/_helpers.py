@@ -106,6 +106,42 @@ def assert_close(name: str, out: torch.Tensor, ref: torch.Tensor, tol: float) ->
     assert err < tol, f"{name}: relative error {err:.3g} >= {tol:.3g} ({out.dtype}, shape {tuple(out.shape)})"
 
 
+#: (u scale, weight scale, output-gradient scale) for float16 layers whose gradients' float32
+#: intermediates leave float16's range: large |s| (the gradient of s below float16's normals:
+#: "small-ds", and dw itself subnormal: "small-dw") and loss-scaled output gradients (factors
+#: beyond 65504, part of dw beyond it too)
+FLOAT16_RANGE_CASES = [(1e3, 1e3, 1.0), (30.0, 3e4, 1.0), (3.0, 0.1, 3e4), (10.0, 0.1, 2e4)]
+FLOAT16_RANGE_IDS = ["small-ds", "small-dw", "large-dw", "larger-dw"]
+
+
+def float16_range_inputs(u_scale: float, w_scale: float, grad_scale: float, device):
+    """float16 u [4, 7, 4], weight [7, 3, 5, 4] and output gradient [4, 3, 5] at those scales
+    (draws clamped to +-2 so that every input is a finite float16 number)."""
+    gen = torch.Generator().manual_seed(0)
+    u = (u_scale * torch.randn(4, 7, 4, generator=gen).clamp(-2, 2)).half().to(device)
+    w = (w_scale * torch.randn(7, 3, 5, 4, generator=gen).clamp(-2, 2)).half().to(device)
+    grad_out = (grad_scale * torch.randn(4, 3, 5, generator=gen).clamp(-1, 1)).half().to(device)
+    return u, w, grad_out
+
+
+def assert_float16_range(name: str, out: torch.Tensor, ref: torch.Tensor, min_normal: int = 0) -> None:
+    """A float16 gradient against float64: never NaN; within float16's tolerance over the entries
+    float16 holds as normal numbers (at least ``min_normal`` of them), within its subnormal step
+    (2^-24; its rounding is half a step) below them, and infinity of the true value's sign where
+    that rounds beyond 65504 in float16."""
+    out, ref = out.double().cpu(), ref.double().cpu()
+    tiny, big = torch.finfo(torch.float16).tiny, torch.finfo(torch.float16).max
+    assert not out.isnan().any(), f"{name}: NaN"
+    beyond = ref.abs() > big + 16  # rounds to infinity in float16 (half an ulp past 65504)
+    assert torch.equal(out[beyond], ref[beyond].sign() * float("inf")), f"{name}: overflow"
+    normal = (ref.abs() >= tiny) & ~beyond
+    assert normal.sum() >= min_normal, f"{name}: {int(normal.sum())} normal entries"
+    if normal.any():
+        assert_close(name, out[normal], ref[normal], KERNEL_TOL[torch.float16])
+    sub = ref.abs() < tiny
+    assert ((out[sub] - ref[sub]).abs() <= 2.0**-24).all(), f"{name}: subnormals"
+
+
 SUBNORMAL_QUANTUM = 2.0**-149  # float32's smallest subnormal: the absolute rounding step there
 
 

@@ -15,9 +15,13 @@ import triton.language as tl
 from _helpers import (
     DTYPE_IDS,
     DTYPES,
+    FLOAT16_RANGE_CASES,
+    FLOAT16_RANGE_IDS,
     KERNEL_DEVICE,
     KERNEL_TOL,
     assert_close,
+    assert_float16_range,
+    float16_range_inputs,
     grads,
     grid_params,
     naive_predictions,
@@ -359,39 +363,18 @@ def test_fused_layer_extreme_magnitudes(scale):
 
 
 @pytest.mark.parametrize("grad_mode", [True, False], ids=["through", "detached"])
-@pytest.mark.parametrize(
-    ("u_scale", "w_scale", "grad_scale"),
-    [(1e3, 1e3, 1.0), (30.0, 3e4, 1.0), (3.0, 0.1, 3e4), (10.0, 0.1, 2e4)],
-    ids=["small-ds", "small-dw", "large-dw", "larger-dw"],
-)
+@pytest.mark.parametrize(("u_scale", "w_scale", "grad_scale"), FLOAT16_RANGE_CASES, ids=FLOAT16_RANGE_IDS)
 def test_float16_gradients_keep_float32_range(u_scale, w_scale, grad_scale, grad_mode):
     """float16 inputs whose gradients' float32 intermediates leave float16's range: large |s| makes
     the gradient of s fall below float16's normals (du and dw came back 8% off, or exactly 0, when
     the layer split such factors into two float16 numbers), and a loss-scaled output gradient
     pushes them beyond 65504 (du came back NaN though its true values fit). Against float64 on the
-    same float16 values: du and dw within float16's tolerance over the entries float16 holds as
-    normal numbers, within its subnormal step below them, and where the true dw overflows float16,
-    infinity of its sign (as a float16 rounding of it is), never NaN."""
-    gen = torch.Generator().manual_seed(0)
-    u = (u_scale * torch.randn(4, 7, 4, generator=gen).clamp(-2, 2)).half().to(KERNEL_DEVICE)
-    w = (w_scale * torch.randn(7, 3, 5, 4, generator=gen).clamp(-2, 2)).half().to(KERNEL_DEVICE)
-    grad_out = (grad_scale * torch.randn(4, 3, 5, generator=gen).clamp(-1, 1)).half().to(KERNEL_DEVICE)
+    same float16 values (``assert_float16_range``)."""
+    u, w, grad_out = float16_range_inputs(u_scale, w_scale, grad_scale, KERNEL_DEVICE)
     (v, ref), (du, du_ref), (dw, dw_ref) = run_layer(u, w, 3, grad_mode, grad_out)
     assert_close("v", v, ref, TOL[torch.float16])
-    tiny, big = torch.finfo(torch.float16).tiny, torch.finfo(torch.float16).max
-    for name, out, want in (("du", du, du_ref), ("dw", dw, dw_ref)):
-        out, want = out.double().cpu(), want.cpu()
-        assert not out.isnan().any(), name
-        beyond = want.abs() > big + 16  # rounds to infinity in float16 (half an ulp past 65504)
-        assert torch.equal(out[beyond], want[beyond].sign() * float("inf")), name
-        normal = (want.abs() >= tiny) & ~beyond
-        if name == "du":
-            assert normal.sum() >= 5  # enough entries to measure
-        if normal.any():
-            assert_close(name, out[normal], want[normal], TOL[torch.float16])
-        # below float16's normals: within its subnormal step (2^-24), its rounding half a step
-        sub = want.abs() < tiny
-        assert ((out[sub] - want[sub]).abs() <= 2.0**-24).all(), name
+    assert_float16_range("du", du, du_ref, min_normal=5)
+    assert_float16_range("dw", dw, dw_ref)
 
 
 def test_fused_layer_deterministic():

@@ -15,10 +15,14 @@ import torch
 from _helpers import (
     DTYPE_IDS,
     DTYPES,
+    FLOAT16_RANGE_CASES,
+    FLOAT16_RANGE_IDS,
     KERNEL_DEVICE,
     KERNEL_TOL,
     assert_close,
+    assert_float16_range,
     assert_float32_close,
+    float16_range_inputs,
     naive_predictions,
     requires_cuda,
     saved_storages,
@@ -213,6 +217,20 @@ def test_layer_dtypes_and_a_full_tile(dtype):
     x = inputs_for(17, 16, 10, 16, 8, dtype=dtype)
     g = torch.randn(17, 10, 16, device=KERNEL_DEVICE).to(dtype)
     check(layer_triton(FEW), ct.reference.self_attention_capsule_routing, x, g, TOL[dtype], ["du", "dweight", "dbias"])
+
+
+@pytest.mark.parametrize(("u_scale", "w_scale", "grad_scale"), FLOAT16_RANGE_CASES, ids=FLOAT16_RANGE_IDS)
+def test_layer_float16_gradients_keep_float32_range(u_scale, w_scale, grad_scale):
+    """As the fused layer's test of that name: float16 u and weight whose gradients' float32
+    intermediates leave float16's range (du came back 21% off at u and W of 1e3 when du_hat
+    entered the products as two float16 parts; the layer now runs float16 as float32), with a bias,
+    against float64 on the same values (``assert_float16_range``)."""
+    u, w, g = float16_range_inputs(u_scale, w_scale, grad_scale, KERNEL_DEVICE)
+    bias = (0.2 * torch.randn(7, 3, device=KERNEL_DEVICE)).half()
+    (out, ref), grads = run(layer_triton(FEW), ct.reference.self_attention_capsule_routing, [u, w, bias], g)
+    assert_close("v", out, ref, TOL[torch.float16])
+    for name, (grad, want) in zip(["du", "dweight", "dbias"], grads, strict=True):
+        assert_float16_range(name, grad, want, min_normal=5 if name == "du" else 0)
 
 
 def test_layer_through_the_public_function_and_module():
