@@ -405,7 +405,7 @@ def _check_precision(u: torch.Tensor, weight: torch.Tensor, precision: str) -> N
         )
 
 
-def _float16_as_float32(u: torch.Tensor, weight: torch.Tensor, precision: str):
+def float16_as_float32(u: torch.Tensor, weight: torch.Tensor, precision: str):
     """float16 inputs run the float32 passes: ``u`` and the weight as float32 copies (exact), the
     products as 3xTF32 (a float16 number is exact in TF32, so u W is exact and a float32 factor
     times W as accurate as IEEE float32). The half path splits float32 factors (gradients of s,
@@ -437,7 +437,7 @@ def fused_layer_fwd(
         return v, s_saved, vsum_saved
     tuned = FusedTuning.from_list(tuning)
     if uses_tensor_cores(u, precision):
-        u, weight, precision = _float16_as_float32(u, weight, precision)
+        u, weight, precision = float16_as_float32(u, weight, precision)
         _forward_on_tensor_cores(u, weight, iterations, precision, tuned, v, s_saved, vsum_saved)
         return v, s_saved, vsum_saved
     cfg = fused_config(int(n_in), int(n_out), int(d), int(d_in), batch, tuned, tensor_cores=False)
@@ -747,7 +747,7 @@ def fused_layer_bwd(
     tuned = FusedTuning.from_list(tuning)
     ds_saved = empty(s_saved.shape, _F32, u.device)
     if uses_tensor_cores(u, precision):
-        u, weight, precision = _float16_as_float32(u, weight, precision)
+        u, weight, precision = float16_as_float32(u, weight, precision)
         dw_part = _backward_on_tensor_cores(
             grad_v, u, weight, s_saved, vsum_saved, ds_saved, du, iterations, grad_through_routing, precision, tuned
         )

@@ -39,7 +39,7 @@ from ._transforms import no_double_backward
 from .fused_layer import (
     FusedConfig,
     FusedTuning,
-    _float16_as_float32,
+    float16_as_float32,
     fused_config,
     fused_constexprs,
     matmul_precision,
@@ -212,8 +212,8 @@ def _as_float32(bias: torch.Tensor | None) -> torch.Tensor | None:
 def self_attention_layer_fwd(
     u: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, precision: str, tuning: list[int]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    if u.dtype == torch.float16:  # as float32 (_float16_as_float32), v rounded once to float16
-        u32, w32, precision = _float16_as_float32(u, weight, precision)
+    if u.dtype == torch.float16:  # as float32 (float16_as_float32), v rounded once to float16
+        u32, w32, precision = float16_as_float32(u, weight, precision)
         v, total, s = _forward(u32, w32, _as_float32(bias), precision, tuning)
         return v.to(u.dtype), total, s
     return _forward(u, weight, bias, precision, tuning)
@@ -231,7 +231,7 @@ def self_attention_layer_bwd(
     tuning: list[int],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if u.dtype == torch.float16:  # as the forward: du_hat's two float16 parts would leave float16's range
-        u32, w32, precision = _float16_as_float32(u, weight, precision)
+        u32, w32, precision = float16_as_float32(u, weight, precision)
         du, dw, dbias = _backward(grad_v, u32, w32, _as_float32(bias), total, s, precision, tuning)
         return du.to(u.dtype), dw.to(weight.dtype), dbias.to(bias.dtype) if bias is not None else dbias
     return _backward(grad_v, u, weight, bias, total, s, precision, tuning)
