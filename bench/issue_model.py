@@ -78,10 +78,14 @@ from ``cuobjdump -sass`` of each cubin. Then, per launch:
    examples/s at the case's batch size, next to the spec's targets for the sizes the sweep timed
    at B = 1024 (fused layer forward >= 4 M examples/s float32, >= 10 M bfloat16;
    forward+backward >= 10x eager, eager from results.json; self-attention layer forward >= 5x
-   eager, eager not measured on a GPU). ``--out DIR`` writes ``issue_model.json``.
+   eager, eager not measured on a GPU). ``--out DIR`` writes ``issue_model.json`` (each launch's
+   dynamic warp instructions by SASS opcode included); ``--opcodes N`` also prints, per kernel
+   and variant, the N most frequent opcodes an example: where a pass's instructions go (address
+   arithmetic, loads and stores, the arithmetic itself).
 
     python bench/issue_model.py                                 # the default cases
     python bench/issue_model.py --cases "layer 1152x10x16x8 B=1024" --out /tmp/model
+    python bench/issue_model.py --cases "layer 1152x10x16x8 B=1024 R=3 bfloat16" --opcodes 12
 
 Limits: a PTX loop is taken as one source iteration per trip (triton and LLVM leave these loops
 with runtime trip counts alone); memory latency, barrier waits, shared-memory and L2 traffic,
@@ -282,6 +286,10 @@ class Program:
         return out
 
 
+#: the prefix of the per-opcode counts in ``Program.nests`` (``OPCODE + "FFMA"``: FFMA instructions)
+OPCODE = "op:"
+
+
 def _mma_cycles(ins: Instr) -> float:
     """Cycles one MMA warp instruction keeps its sub-partition's tensor core busy (0: not an MMA)."""
     if ins.base not in ("HMMA", "HGMMA"):
@@ -315,6 +323,7 @@ def analyse(instrs: list[Instr]) -> Program:
         nest = tuple(i for i, lp in enumerate(loops) if lp.head <= ins.addr <= lp.tail)
         c = nests.setdefault(nest, Counter())
         c["total"] += 1
+        c[OPCODE + ins.base] += 1
         if ins.base == "LDG" and nest:
             loops[nest[-1]].loads += 1
         cycles = _mma_cycles(ins)
@@ -803,6 +812,7 @@ class LaunchModel:
     tree: str = ""  # the SASS loop tree, loops named by the rule when matched
     warp_instrs: float = 0.0  # whole launch
     mma: float = 0.0
+    opcodes: dict[str, float] = field(default_factory=dict)  # whole launch, warp instructions by opcode
     issue_s: float = 0.0
     tensor_s: float = 0.0
     memory_s: float = 0.0
@@ -855,6 +865,7 @@ def model_launch(launch, info: dict, bandwidth: float, mode: str) -> LaunchModel
     out.modelled = True
     out.warp_instrs = total["total"] * warps
     out.mma = total["mma"] * warps
+    out.opcodes = {k[len(OPCODE):]: n * warps for k, n in total.items() if k.startswith(OPCODE) and n}
     waves = math.ceil(programs / SMS) / (programs / SMS)
     out.issue_s = out.warp_instrs / (SMS * SCHEDULERS * CLOCK_HZ) * waves
     out.tensor_s = total["mma_cycles"] * warps / (SMS * SCHEDULERS * CLOCK_HZ)
@@ -1141,6 +1152,23 @@ def case_table(label: str, case: dict) -> str:
     return "\n".join(out)
 
 
+def opcode_text(case: dict, top: int) -> str:
+    """Per group of launches (as ``case_table`` groups them) the ``top`` opcodes by dynamic warp
+    instructions an example, with their share of the group's instructions."""
+    batch = case["meta"]["batch"]
+    groups: dict[tuple, Counter] = {}
+    for r in case["launches"]:
+        if r.modelled:
+            key = (r.mode, kernel_report._short(r.kernel), r.variant or "-")
+            groups.setdefault(key, Counter()).update(r.opcodes)
+    out = [f"warp instructions an example by opcode (the {top} largest):"]
+    for (mode, kernel, variant), counts in groups.items():
+        total = sum(counts.values())
+        cells = [f"{op} {n / batch:,.0f} ({n / total:.0%})" for op, n in counts.most_common(top)]
+        out.append(f"    {mode} {kernel} {variant}: {total / batch:,.0f}: " + ", ".join(cells))
+    return "\n".join(out)
+
+
 def summarise(models: dict, calibration: dict, doc: dict, bandwidth: float) -> list[dict]:
     """Per case and mode: raw and predicted time and examples/s, the targets."""
     eff = calibration["efficiency"]
@@ -1218,6 +1246,10 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--out", default=None, help="folder for issue_model.json")
     parser.add_argument("--jobs", type=int, default=1, help="compiler processes (default 1)")
+    parser.add_argument(
+        "--opcodes", type=int, default=0, metavar="N",
+        help="also list each kernel's N most frequent SASS opcodes an example (default 0: none)",
+    )
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         parser.error("TRITON_INTERPRET is set: run the model in a process without it")
@@ -1241,6 +1273,8 @@ def main(argv=None) -> int:
     )
     for label, case in models.items():
         print(case_table(label, case) + "\n")
+        if args.opcodes > 0:
+            print(opcode_text(case, args.opcodes) + "\n")
     print(f"Calibration on {CALIBRATION_CASE} (triton), measured at {MEASURED_AT} (the kernels changed since):")
     for mode, f in calibration["modes"].items():
         print(

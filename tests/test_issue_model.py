@@ -99,6 +99,39 @@ def test_dynamic_count_multiplies_the_trip_counts_of_the_enclosing_loops():
     assert program.count({"outer": 0, "inner": 5})["total"] == 5
 
 
+def test_opcode_counts_partition_the_total():
+    program = issue_model.analyse(issue_model.parse_sass(SASS, "k"))
+    assert issue_model.match_rule(program, issue_model.ptx_loops(PTX), RULE) is None
+    counts = program.count({"outer": 3, "inner": 5})
+    ops = {k[len(issue_model.OPCODE):]: n for k, n in counts.items() if k.startswith(issue_model.OPCODE)}
+    assert sum(ops.values()) == counts["total"]
+    # loads: 3 outer trips x (1 own + 2 inner trips x 2 unrolled + 1 remainder trip x 1)
+    assert ops["LDG"] == 3 * (1 + 2 * 2 + 1)
+    assert ops["HMMA"] == counts["mma"] == 3 * 2
+    assert ops["FADD"] == 3 * 1  # the subroutine's FADD is never reached
+    assert ops["STG"] == ops["EXIT"] == 1
+
+
+def test_opcode_text_lists_the_largest_per_example():
+    def launch(kernel, opcodes, modelled=True):
+        row = issue_model.LaunchModel(kernel, "X=1", "forward", 8, 4, 16, modelled=modelled)
+        row.opcodes = opcodes
+        return row
+
+    case = {
+        "meta": {"batch": 10},
+        "launches": [
+            launch("k_kernel", {"FFMA": 300, "LDG": 100}),
+            launch("k_kernel", {"FFMA": 100, "STG": 50, "LDG": 50}),  # a second launch, summed
+            launch("other_kernel", {"BRA": 7}, modelled=False),  # not modelled: left out
+        ],
+    }
+    text = issue_model.opcode_text(case, 2)
+    lines = text.splitlines()
+    assert len(lines) == 2
+    assert lines[1].strip() == "forward k X=1: 60: FFMA 40 (67%), LDG 15 (25%)"
+
+
 def test_a_loop_tree_unlike_the_rule_is_not_modelled():
     program = issue_model.analyse(issue_model.parse_sass(SASS, "k"))
     ptx = issue_model.ptx_loops(PTX)
