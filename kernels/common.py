@@ -299,29 +299,27 @@ def dot_f32(a, b, PRECISION: tl.constexpr, DOT_F32: tl.constexpr):
 
 @triton.jit
 def half_parts(x, dtype: tl.constexpr):
-    """float32 ``x`` as two numbers ``hi + lo`` of the half ``dtype``, for two exact tensor-core
-    products in place of one float32 product (products of half types are exact in float32).
-    bfloat16: ``hi`` is x truncated to its upper 16 bits, which are its bfloat16 bits (no
-    conversion: a byte permute per pair, and one mask for hi's float32 value), ``lo`` the remainder
-    ``x - hi`` (exact in float32, below 2^-7 |x|) rounded to bfloat16, so ``|x - hi - lo| <= 2^-15
-    |x|``; rounding hi instead takes a conversion to bfloat16 and one back for one more bit
+    """float32 ``x`` as two bfloat16 numbers ``hi + lo`` (``dtype``, the inputs' half type), for
+    two exact tensor-core products in place of one float32 product (products of bfloat16 numbers
+    are exact in float32): ``hi`` is x truncated to its upper 16 bits, which are its bfloat16 bits
+    (no conversion: a byte permute per pair, and one mask for hi's float32 value), ``lo`` the
+    remainder ``x - hi`` (exact in float32, below 2^-7 |x|) rounded to bfloat16, so ``|x - hi - lo|
+    <= 2^-15 |x|``; rounding hi instead takes a conversion to bfloat16 and one back for one more bit
     (bench/results/kernel_report/NOTES.md). A float32 x beyond bfloat16's largest finite value
-    keeps a finite hi. float16 (an exponent field of its own): ``hi`` the rounding of x, ``lo``
-    that of the remainder, ``|x - hi - lo| <= 2^-22 |x|`` within float16's normal range."""
-    if dtype == tl.bfloat16:
-        bits = x.to(tl.uint32, bitcast=True)
-        hi = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-        lo = (x - (bits & 0xFFFF0000).to(tl.float32, bitcast=True)).to(tl.bfloat16)
-    else:
-        hi = x.to(dtype)
-        lo = (x - hi.to(tl.float32)).to(dtype)
+    keeps a finite hi. Not float16: its narrow exponent range lets the parts of large or small
+    factors overflow or underflow, so the capsule layers run float16 inputs as float32
+    (``capstriton.ops.fused_layer.float16_as_float32``)."""
+    tl.static_assert(dtype == tl.bfloat16, "half_parts splits into bfloat16 (float16 inputs run as float32)")
+    bits = x.to(tl.uint32, bitcast=True)
+    hi = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    lo = (x - (bits & 0xFFFF0000).to(tl.float32, bitcast=True)).to(tl.bfloat16)
     return hi, lo
 
 
 @triton.jit
 def factor_parts(x, dtype: tl.constexpr):
     """float32 ``x`` as the two parts in which a float32 factor enters tensor-core products of the
-    input dtype ``dtype``: half types, ``half_parts``; float32 at 3xTF32, the TF32 rounding ``hi``
+    input dtype ``dtype``: bfloat16, ``half_parts``; float32 at 3xTF32, the TF32 rounding ``hi``
     and the exact remainder ``lo = x - hi``, as ``dot_f32`` splits its operands (``dot_parts``
     takes either, split once ahead of the products instead of at each)."""
     if dtype == tl.float32:
@@ -335,7 +333,7 @@ def factor_parts(x, dtype: tl.constexpr):
 @triton.jit
 def dot_parts(a_hi, a_lo, b, DOT_F32: tl.constexpr):
     """``a @ b`` in float32 for a float32 ``a`` given as its ``factor_parts`` and ``b`` of the
-    parts' dtype (float32 at 3xTF32, else half): the same products, summed in the same order, as
+    parts' dtype (float32 at 3xTF32, else bfloat16): the same products, summed in the same order, as
     ``dot_f32(a, b, "tf32x3")`` and the sum of the two half products of ``half_parts`` make, so
     the results are those of splitting ``a`` here, bit for bit. ``DOT_F32`` (the interpreter):
     float32 products, of ``hi + lo = a`` (exact) at 3xTF32, as ``dot_f32`` skips its split there."""
@@ -391,9 +389,7 @@ def half_products(c_nhi, c_hi, c_lo, u, EMULATE: tl.constexpr):
     which would cost a negation a pair; the caller subtracts its product.
 
     Bound (``half_parts``' truncated hi: ``|c_lo| < 2^-7 |c|``, ``|c - c_hi - c_lo| <= 2^-15
-    |c|``): ``|c u - hi - lo| <= 2.5 * 2^-15 |c u|``. bfloat16 only: with float16's narrow range
-    c itself, not only c u, would have to lie in it (c_hi infinite beyond 65504, c_lo subnormal
-    below 2^-3), so float16 keeps the float32 product split afterwards. ``EMULATE`` (Triton's
+    |c|``): ``|c u - hi - lo| <= 2.5 * 2^-15 |c u|``. bfloat16 only (as ``half_parts``). ``EMULATE`` (Triton's
     interpreter, which cannot run PTX): the same three steps in float32 (the products of bfloat16
     numbers exact there), rounded by ``bfloat16_nearest``."""
     tl.static_assert(u.dtype == tl.bfloat16, "half_products takes bfloat16 u")
@@ -497,9 +493,9 @@ def layer_input_grads(
     ``p_dw`` (dW[i] of the program's own batch group, zeroed by the launch: no race, in tile
     order) on the rank-one path."""
     if USE_DOT:
-        # Half-precision inputs: du_hat as the sum of two numbers of the input dtype, each
-        # multiplied on tensor cores (products of half types are exact in float32), so the
-        # gradients lose nothing to rounding du_hat to the input dtype
+        # bfloat16 inputs (HALF): du_hat as the sum of two bfloat16 numbers, each multiplied on
+        # tensor cores (products of bfloat16 numbers are exact in float32), so the gradients lose
+        # nothing to rounding du_hat to the input dtype
         if HALF:
             b_hi, b_lo = half_parts(b_duh, b_wt.dtype)
         else:

@@ -368,17 +368,17 @@ def fused_layer_bwd_dw_sum_kernel(
 # product u @ W^T over blocks of every output capsule's outputs. ``fused_layer_state_kernel``
 # reduces the partials of the previous iteration per example (in split order), squashes and
 # writes the saved s and V.
-# Half-precision inputs: the float32 factors (V, X) enter the products as two half parts (hi +
-# lo: ``half_parts``, about 15 significant bits for bfloat16, 22 for float16), each multiplied
-# exactly on tensor cores, so nothing is rounded to the input dtype. The logits pass's V_r and ds_r
+# bfloat16 inputs (``HALF``): the float32 factors (V, X) enter the products as two bfloat16 parts
+# (hi + lo: ``half_parts``, about 15 significant bits), each multiplied exactly on tensor cores,
+# so nothing is rounded to the input dtype. (float16 inputs run as float32 at 3xTF32: the ops
+# layer's ``float16_as_float32``.) The logits pass's V_r and ds_r
 # (with float32 at 3xTF32 too) come split already (``factor_parts``, ``dot_parts``): the kernels
 # that form them per example (``fused_layer_state_kernel``, ``fused_layer_bwd_ds_kernel``) write
 # their two parts, instead of every (chunk, output capsule) of the pass splitting them again.
 # With bfloat16 inputs X = c u (and g u, here and in the weight gradient) is formed in those two
 # parts directly by packed half arithmetic from c's parts and u (``half_products``: three fused
 # multiply-adds a pair of elements, about 13.7 significant bits), not as a float32 product split
-# afterwards; float16 keeps the float32 product, since its narrow range would bound the
-# coefficients and logit gradients themselves, not only their products with u.
+# afterwards.
 
 
 @triton.jit
@@ -459,22 +459,6 @@ def _oriented_product(
         b_out = _dot_split(tl.trans(b_y), tl.trans(b_w), HALF, PRECISION, DOT_F32, True)
     else:
         b_out = _dot_split(b_y, b_w, HALF, PRECISION, DOT_F32)
-    return b_out
-
-
-@triton.jit
-def _dot_split2(b_a, b_b, dtype: tl.constexpr, HALF: tl.constexpr, PRECISION: tl.constexpr, DOT_F32: tl.constexpr):
-    """``a @ b`` in float32 for two float32 factors: with half inputs each enters as hi + lo parts of
-    ``dtype`` and three exact tensor-core products are summed (the lo x lo product, far below each
-    term's size, is dropped), else float32 at ``PRECISION``. (bfloat16 takes ``_weight_grad_terms``'
-    own path: this serves float16 and float32.)"""
-    if HALF:
-        b_a_hi, b_a_lo = half_parts(b_a, dtype)
-        b_b_hi, b_b_lo = half_parts(b_b, dtype)
-        b_out = dot_f32(b_a_hi, b_b_hi, PRECISION, DOT_F32) + dot_f32(b_a_hi, b_b_lo, PRECISION, DOT_F32)
-        b_out += dot_f32(b_a_lo, b_b_hi, PRECISION, DOT_F32)
-    else:
-        b_out = dot_f32(b_a, b_b, PRECISION, DOT_F32)
     return b_out
 
 
@@ -704,8 +688,8 @@ def _whole(m, WHOLE: tl.constexpr):
 @triton.jit
 def _sums_chunk(
     b_acc, b_nacc, u_ptr, w_ptr, p_x, o_b, m_b, i0, i_end, j, N_out, N_in, o_d, D, stride_ub, stride_wi, stride_wj,
-    BLOCK_IC: tl.constexpr, BLOCK_KIN: tl.constexpr, HALF: tl.constexpr, PRECISION: tl.constexpr,
-    DOT_F32: tl.constexpr, WHOLE: tl.constexpr,
+    BLOCK_IC: tl.constexpr, BLOCK_KIN: tl.constexpr, PRECISION: tl.constexpr, DOT_F32: tl.constexpr,
+    WHOLE: tl.constexpr,
 ):
     """``b_acc + (x u) W_j^T`` for the chunk at ``i0`` (x the coupling tile at ``p_x``); with
     bfloat16 inputs ``b_acc - b_nacc`` is that sum (``_coupled_parts``). ``WHOLE``: the chunk holds
@@ -724,8 +708,9 @@ def _sums_chunk(
         b_acc = _dot_acc(b_lo, tl.trans(b_w), b_acc, DOT_F32)
         b_nacc = _dot_acc(b_nhi, tl.trans(b_w), b_nacc, DOT_F32)
     else:
-        b_x = _coupling_tile(p_x, o_e, m_bi, o_b.shape[0], BLOCK_IC, BLOCK_KIN) * b_u.to(tl.float32)
-        b_acc += _dot_split(b_x, tl.trans(b_w), HALF, PRECISION, DOT_F32)
+        tl.static_assert(b_u.dtype == tl.float32, "float32 or bfloat16 inputs (float16 runs as float32)")
+        b_x = _coupling_tile(p_x, o_e, m_bi, o_b.shape[0], BLOCK_IC, BLOCK_KIN) * b_u
+        b_acc += dot_f32(b_x, tl.trans(b_w), PRECISION, DOT_F32)
     return b_acc, b_nacc
 
 
@@ -747,8 +732,8 @@ def _coupled_parts(p_x, o_e, m_bi, b_u, BLOCK_IC: tl.constexpr, BLOCK_KIN: tl.co
 
 @triton.jit
 def _weight_grad_terms(
-    b_dw, b_ndw, p_x, o_e, m_bi, b_u, b_y, BLOCK_IC: tl.constexpr, BLOCK_KIN: tl.constexpr, HALF: tl.constexpr,
-    PRECISION: tl.constexpr, DOT_F32: tl.constexpr,
+    b_dw, b_ndw, p_x, o_e, m_bi, b_u, b_y, BLOCK_IC: tl.constexpr, BLOCK_KIN: tl.constexpr, PRECISION: tl.constexpr,
+    DOT_F32: tl.constexpr,
 ):
     """``dw += (x u)^T y`` for the coupling tile x at ``p_x`` and the float32 rows ``y`` (ds or V).
     bfloat16 inputs: ``dw - ndw`` is the sum, ``x u`` as ``_coupled_parts`` (hi negated, into
@@ -761,8 +746,9 @@ def _weight_grad_terms(
         b_ndw = _dot_acc(tl.trans(b_nhi), b_y_lo, b_ndw, DOT_F32)
         b_ndw = _dot_acc(tl.trans(b_nhi), b_y_hi, b_ndw, DOT_F32)
     else:
-        b_x = _coupling_tile(p_x, o_e, m_bi, b_u.shape[0], BLOCK_IC, BLOCK_KIN) * b_u.to(tl.float32)
-        b_dw += _dot_split2(tl.trans(b_x), b_y, b_u.dtype, HALF, PRECISION, DOT_F32)
+        tl.static_assert(b_u.dtype == tl.float32, "float32 or bfloat16 inputs (float16 runs as float32)")
+        b_x = _coupling_tile(p_x, o_e, m_bi, b_u.shape[0], BLOCK_IC, BLOCK_KIN) * b_u
+        b_dw += dot_f32(tl.trans(b_x), b_y, PRECISION, DOT_F32)
     return b_dw, b_ndw
 
 
@@ -797,7 +783,6 @@ def fused_layer_sums_kernel(
     BLOCK_IC: tl.constexpr,
     BLOCK_KIN: tl.constexpr,
     BLOCK_DK: tl.constexpr,
-    HALF: tl.constexpr,
     PRECISION: tl.constexpr,
     DOT_F32: tl.constexpr,
     GRAD: tl.constexpr,  # the backward: partial dV = sum_i g u_hat with g = c (a - sum_j c a)
@@ -825,12 +810,10 @@ def fused_layer_sums_kernel(
     o_b_in, o_d_in = tl.minimum(o_b, B - 1), tl.minimum(o_d, D - 1)
     for i0 in range(i_start, i_whole, BLOCK_IC):
         b_acc, b_nacc = _sums_chunk(b_acc, b_nacc, u_ptr, w_ptr, p_x, o_b_in, m_b, i0, i_end, j, N_out, N_in, o_d_in,
-                                    D, stride_ub, stride_wi, stride_wj, BLOCK_IC, BLOCK_KIN, HALF, PRECISION, DOT_F32,
-                                    True)
+                                    D, stride_ub, stride_wi, stride_wj, BLOCK_IC, BLOCK_KIN, PRECISION, DOT_F32, True)
     if i_whole < i_end:
         b_acc, b_nacc = _sums_chunk(b_acc, b_nacc, u_ptr, w_ptr, p_x, o_b, m_b, i_whole, i_end, j, N_out, N_in, o_d, D,
-                                    stride_ub, stride_wi, stride_wj, BLOCK_IC, BLOCK_KIN, HALF, PRECISION, DOT_F32,
-                                    False)
+                                    stride_ub, stride_wi, stride_wj, BLOCK_IC, BLOCK_KIN, PRECISION, DOT_F32, False)
     if u_ptr.dtype.element_ty == tl.bfloat16:
         b_acc -= b_nacc
     m_bd = m_b[:, None] & (o_d < D)[None, :]
@@ -1027,11 +1010,11 @@ def fused_layer_bwd_weight_kernel(
                 p_c, p_g = _slot_buffers(c_ptr, g_ptr, r - r_first, B, N_out, N_in)
                 p_r = tl.cast(r, tl.int64) * B * caps_size + j * D
                 b_ds = _caps_rows(ds_buf_ptr + p_r, o_b, m_b, D, caps_size, BLOCK_DK)
-                b_dw, b_ndw = _weight_grad_terms(b_dw, b_ndw, p_c, o_e, m_bi, b_u, b_ds, BLOCK_IC, BLOCK_KIN, HALF,
+                b_dw, b_ndw = _weight_grad_terms(b_dw, b_ndw, p_c, o_e, m_bi, b_u, b_ds, BLOCK_IC, BLOCK_KIN,
                                                  PRECISION, DOT_F32)
                 if GRAD_THROUGH:
                     b_V = _caps_rows(vsum_buf_ptr + p_r, o_b, m_b, D, caps_size, BLOCK_DK)
-                    b_dw, b_ndw = _weight_grad_terms(b_dw, b_ndw, p_g, o_e, m_bi, b_u, b_V, BLOCK_IC, BLOCK_KIN, HALF,
+                    b_dw, b_ndw = _weight_grad_terms(b_dw, b_ndw, p_g, o_e, m_bi, b_u, b_V, BLOCK_IC, BLOCK_KIN,
                                                      PRECISION, DOT_F32)
         if u_ptr.dtype.element_ty == tl.bfloat16:
             b_dw -= b_ndw

@@ -530,9 +530,11 @@ class _CouplingPasses:
         )
 
     def sums(self, slot: int = 0) -> None:
+        # the pass knows bfloat16 inputs by their dtype (half_products), float32 ones need no split
+        args = {k: v for k, v in self._args(slot, self.sums_split).items() if k != "HALF"}
         launch(
             fused_layer_sums_kernel, (self.cfg.tiles, self.sums_split.split, self.n_out),
-            part_ptr=self.partials, SPLIT=self.sums_split.split, **self._args(slot, self.sums_split), GRAD=self.grad,
+            part_ptr=self.partials, SPLIT=self.sums_split.split, **args, GRAD=self.grad,
         )
 
     def uniform_sums(self, vsum_saved: torch.Tensor) -> None:
