@@ -226,9 +226,11 @@ def capsule_routing(
     routing kernels and never stored (a training step keeps only u, the weight and per-iteration
     [B, N_out, D_out] sums for the backward). Float32 products follow
     ``torch.get_float32_matmul_precision()``: "highest" (the default) multiplies as 3xTF32 on
-    tensor cores (float32 accuracy) or IEEE float32, "high"/"medium" allow TF32. ``fused=False``
-    runs the predictions as a PyTorch matmul, then the routing kernels (for comparison); the torch
-    backend ignores it.
+    tensor cores (float32 accuracy) or IEEE float32, "high"/"medium" allow TF32. float16 inputs
+    run as float32 (float16's range cannot hold the products' intermediates), outputs and
+    gradients rounded once to float16. ``fused=False`` runs the predictions as a PyTorch matmul,
+    then the routing kernels (for comparison; predictions in the input dtype, float16's in
+    float32); the torch backend ignores it.
 
     Args:
         u: input capsules ``[B, N_in, D_in]``.

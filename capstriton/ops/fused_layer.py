@@ -824,5 +824,13 @@ def capsule_routing(
 def capsule_routing_unfused(
     u: torch.Tensor, weight: torch.Tensor, iterations: int, grad_through_routing: bool
 ) -> torch.Tensor:
-    """The predictions as one PyTorch batched matmul (u_hat in memory), then the routing kernels."""
+    """The predictions as one PyTorch batched matmul (u_hat in memory), then the routing kernels.
+    u_hat has the input dtype, as eager's matmul gives it, except for float16: predictions of
+    float16 numbers leave float16's range where the layer's output does not (u and W of 1e3 give
+    u_hat of about 4e6: infinite, v NaN; found by break-testing), so float16 inputs run as float32
+    (u_hat twice the bytes) and v is rounded once to float16, as the fused layer and the torch
+    backend compute it. bfloat16 has float32's range."""
+    if u.dtype == torch.float16:
+        v = dynamic_routing(capsule_predictions(u.float(), weight.float()), iterations, grad_through_routing)
+        return v.to(torch.float16)
     return dynamic_routing(capsule_predictions(u, weight), iterations, grad_through_routing)

@@ -362,16 +362,19 @@ def test_fused_layer_extreme_magnitudes(scale):
     assert_close("du", du, du_ref, TOL[torch.float32])
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "unfused"])
 @pytest.mark.parametrize("grad_mode", [True, False], ids=["through", "detached"])
 @pytest.mark.parametrize(("u_scale", "w_scale", "grad_scale"), FLOAT16_RANGE_CASES, ids=FLOAT16_RANGE_IDS)
-def test_float16_gradients_keep_float32_range(u_scale, w_scale, grad_scale, grad_mode):
+def test_float16_gradients_keep_float32_range(u_scale, w_scale, grad_scale, grad_mode, fused):
     """float16 inputs whose gradients' float32 intermediates leave float16's range: large |s| makes
     the gradient of s fall below float16's normals (du and dw came back 8% off, or exactly 0, when
     the layer split such factors into two float16 numbers), and a loss-scaled output gradient
-    pushes them beyond 65504 (du came back NaN though its true values fit). Against float64 on the
-    same float16 values (``assert_float16_range``)."""
+    pushes them beyond 65504 (du came back NaN though its true values fit). The unfused layer
+    (``fused=False``) too: its predictions of u and W of 1e3 (about 4e6) are beyond float16's range
+    themselves (they came back infinite, v NaN). Against float64 on the same float16 values
+    (``assert_float16_range``)."""
     u, w, grad_out = float16_range_inputs(u_scale, w_scale, grad_scale, KERNEL_DEVICE)
-    (v, ref), (du, du_ref), (dw, dw_ref) = run_layer(u, w, 3, grad_mode, grad_out)
+    (v, ref), (du, du_ref), (dw, dw_ref) = run_layer(u, w, 3, grad_mode, grad_out, fused=fused)
     assert_close("v", v, ref, TOL[torch.float16])
     assert_float16_range("du", du, du_ref, min_normal=5)
     assert_float16_range("dw", dw, dw_ref)
