@@ -323,7 +323,7 @@ def self_attention_routing_bwd_final_kernel(
     PRECISION: tl.constexpr,
     DOT_F32: tl.constexpr,
     HAS_BIAS: tl.constexpr,
-    HALF: tl.constexpr,  # float16/bfloat16 inputs (FROM_U): du_hat enters the products in two parts
+    HALF: tl.constexpr,  # bfloat16 inputs (FROM_U): du_hat enters the products in two parts (float16 runs as float32)
 ):
     i_s = tl.program_id(0)
     i_g = tl.program_id(1)
