@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import numbers
 import os
 
 import torch
@@ -57,10 +58,23 @@ def check_bool(name: str, value) -> bool:
     return value
 
 
+def _check_number(name: str, value) -> None:
+    """``value`` is a real number, Python's or NumPy's (a bool is not)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+
+
+def check_real(name: str, value) -> float:
+    """``value`` is a finite real number; returns it as a float."""
+    _check_number(name, value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value}")
+    return float(value)
+
+
 def check_nonnegative(name: str, value) -> float:
     """``value`` is a finite real number >= 0 (a loss weight); returns it as a float."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    _check_number(name, value)
     if not (math.isfinite(value) and value >= 0):
         raise ValueError(f"{name} must be a finite number >= 0, got {value}")
     return float(value)

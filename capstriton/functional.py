@@ -6,8 +6,6 @@ Dispatch happens here, in Python, before any op is called (DESIGN.md section 3),
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from . import reference
@@ -16,6 +14,7 @@ from ._checks import (
     check_class_indices,
     check_nonnegative,
     check_positive_sizes,
+    check_real,
     check_same,
     check_size,
     check_tensor,
@@ -274,7 +273,8 @@ def margin_loss(
 ) -> torch.Tensor:
     """Margin loss (Sabour et al. 2017, Eq. 4): per class
     ``T_k max(0, m_pos - ||v_k||)^2 + lam (1 - T_k) max(0, ||v_k|| - m_neg)^2``,
-    summed over classes, mean over the batch (0 for an empty batch).
+    summed over classes, mean over the batch (0 for an empty batch). Computed in float32 for half
+    ``lengths`` (float64 for float64): the loss has that dtype, as losses under autocast do.
 
     Args:
         lengths: capsule lengths ``[B, K]``.
@@ -282,7 +282,7 @@ def margin_loss(
         m_pos, m_neg: the margins (finite); lam: down-weighting of absent classes (>= 0).
     """
     check_tensor("lengths", lengths, 2, "[B, K]")
-    check_margins(m_pos, m_neg, lam)
+    m_pos, m_neg, lam = check_margins(m_pos, m_neg, lam)
     if not isinstance(target, torch.Tensor):
         raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
     if target.device != lengths.device:
@@ -305,25 +305,28 @@ def margin_loss(
     return reference.margin_loss(lengths, target, m_pos, m_neg, lam)
 
 
-def check_margins(m_pos, m_neg, lam) -> None:
+def check_margins(m_pos, m_neg, lam) -> tuple[float, float, float]:
     """The margin loss's constants: finite margins, ``lam >= 0`` (a negative weight would reward
-    long capsules of absent classes)."""
-    for name, value in (("m_pos", m_pos), ("m_neg", m_neg)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ValueError(f"{name} must be a finite number, got {value!r}")
-    check_nonnegative("lam", lam)
+    long capsules of absent classes); returns them as floats."""
+    return check_real("m_pos", m_pos), check_real("m_neg", m_neg), check_nonnegative("lam", lam)
 
 
 def reconstruction_loss(reconstruction: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
     """Sum of squared pixel errors per image, mean over the batch (0 for an empty batch; unscaled:
-    CapsuleLoss applies the paper's 0.0005).
+    CapsuleLoss applies the paper's 0.0005). Computed in the wider of the two dtypes, at least
+    float32 (a half reconstruction from autocast against float32 images is the usual mixed case);
+    the loss has that dtype.
 
     Args:
         reconstruction: ``[B, P]`` (or any ``[B, ...]`` with P values per image).
-        images: ``[B, ...]`` with the same number of pixels per image.
+        images: ``[B, ...]`` with the same number of pixels per image, on the same device.
     """
     check_tensor("reconstruction", reconstruction)
     check_tensor("images", images)
+    if reconstruction.device != images.device:
+        raise ValueError(
+            f"reconstruction and images must be on the same device, got {reconstruction.device} and {images.device}"
+        )
     for name, t in (("reconstruction", reconstruction), ("images", images)):
         if t.dim() < 2:
             raise ValueError(f"{name} must have a batch dimension and pixels [B, ...], got shape {tuple(t.shape)}")

@@ -26,11 +26,21 @@ def capsule_lengths(v: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(v, dim=-1)
 
 
+def _check_images(x: torch.Tensor, in_channels: int) -> None:
+    """``x`` is a batch of ``in_channels``-channel images for a convolutional capsule layer."""
+    check_tensor("x", x, 4, "[B, in_channels, H, W]")
+    if x.shape[1] != in_channels:
+        raise ValueError(f"x must have in_channels={in_channels} channels [B, {in_channels}, H, W], "
+                         f"got shape {tuple(x.shape)}")
+
+
 class Squash(nn.Module):
     """Module form of :func:`capstriton.squash` over ``dim``."""
 
     def __init__(self, dim: int = -1, backend: str = "auto"):
         super().__init__()
+        if isinstance(dim, bool) or not isinstance(dim, int):
+            raise TypeError(f"dim must be an int, got {type(dim).__name__} {dim!r}")
         self.dim = dim
         self.backend = check_backend(backend)
 
@@ -76,7 +86,7 @@ class PrimaryCapsules(nn.Module):
         return self.caps_types * ((height - k[0]) // st[0] + 1) * ((width - k[1]) // st[1] + 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_tensor("x", x, 4, "[B, in_channels, H, W]")
+        _check_images(x, self.conv.in_channels)
         y = self.conv(x)
         b, _, h, w = y.shape
         u = y.view(b, self.caps_types, self.caps_dim, h, w).permute(0, 1, 3, 4, 2)
@@ -94,7 +104,9 @@ class RoutingCapsules(nn.Module):
     with the softmax over output capsules, larger weights saturate the squash and the coupling
     coefficients at the start of training.
 
-    Input ``u`` ``[B, in_caps, in_dim]``, output ``v`` ``[B, out_caps, out_dim]``.
+    Input ``u`` ``[B, in_caps, in_dim]``, output ``v`` ``[B, out_caps, out_dim]`` of u's dtype; a
+    weight of another floating dtype is cast to it for the call (as autocast casts a layer's
+    weight; a module kept in float32 with float16 or bfloat16 inputs multiplies by their rounding).
     """
 
     def __init__(
@@ -175,9 +187,10 @@ class EfficientPrimaryCapsules(nn.Module):
         return (height - k[0] + 1) * (width - k[1] + 1) * self.conv.out_channels // self.caps_dim
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_tensor("x", x, 4, "[B, in_channels, H, W]")
+        _check_images(x, self.conv.in_channels)
         y = self.conv(x).permute(0, 2, 3, 1)  # channels last, as the official reshape reads them
-        u = y.reshape(y.shape[0], -1, self.caps_dim)
+        b, h, w, c = y.shape  # (the capsules counted, not -1: an empty batch cannot infer it)
+        u = y.reshape(b, h * w * c // self.caps_dim, self.caps_dim)
         return F.efficient_squash(u, backend=self.backend)
 
 
@@ -284,6 +297,8 @@ class CapsuleDecoder(nn.Module):
         for name, t in (("target", target), ("mask", mask)):
             if t is not None and not isinstance(t, torch.Tensor):
                 raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
+            if t is not None and t.device != v.device:
+                raise ValueError(f"v and {name} must be on the same device, got {v.device} and {t.device}")
         if mask is None:
             if target is not None:
                 if target.is_floating_point() or target.dtype == torch.bool or target.shape != v.shape[:1]:
@@ -305,11 +320,13 @@ class MarginLoss(nn.Module):
 
     def __init__(self, m_pos: float = 0.9, m_neg: float = 0.1, lam: float = 0.5):
         super().__init__()
-        F.check_margins(m_pos, m_neg, lam)
-        self.m_pos, self.m_neg, self.lam = m_pos, m_neg, lam
+        self.m_pos, self.m_neg, self.lam = F.check_margins(m_pos, m_neg, lam)
 
     def forward(self, lengths: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return F.margin_loss(lengths, target, self.m_pos, self.m_neg, self.lam)
+
+    def extra_repr(self) -> str:
+        return f"m_pos={self.m_pos}, m_neg={self.m_neg}, lam={self.lam}"
 
 
 class CapsuleLoss(nn.Module):
@@ -347,5 +364,14 @@ class CapsuleLoss(nn.Module):
                 f"images={'None' if images is None else 'a tensor'}"
             )
         if reconstruction is not None:
-            loss = loss + self.reconstruction_weight * F.reconstruction_loss(reconstruction, images)
+            recon = F.reconstruction_loss(reconstruction, images)
+            if reconstruction.shape[:1] != lengths.shape[:1]:
+                raise ValueError(
+                    f"reconstruction {tuple(reconstruction.shape)} and lengths {tuple(lengths.shape)} must hold "
+                    "the same number of examples (each term is a mean over the batch)"
+                )
+            loss = loss + self.reconstruction_weight * recon
         return loss
+
+    def extra_repr(self) -> str:
+        return f"reconstruction_weight={self.reconstruction_weight}"

@@ -327,6 +327,38 @@ BAD_CALLS = [
      "init_std must be a number"),
     ("routing-module-init-std-bool", lambda: ct.nn.RoutingCapsules(7, 4, 3, 5, init_std=True), TypeError,
      "init_std must be a number"),
+    # break-testing, tenth session: each of these was accepted, or failed without naming the argument
+    ("capsnet-return-lengths-str", lambda: ct.models.CapsNet(conv_channels=8, primary_types=2, return_lengths="no"),
+     TypeError, "return_lengths must be a bool"),
+    ("efficient-return-lengths-int", lambda: ct.models.EfficientCapsNet(return_lengths=1), TypeError,
+     "return_lengths must be a bool"),
+    ("capsnet-primary-kernel-str", lambda: ct.models.CapsNet(primary_kernel="9"), TypeError,
+     "primary_kernel must be an int"),
+    ("capsnet-decoder-hidden-int", lambda: ct.models.CapsNet(conv_channels=8, primary_types=2, decoder_hidden=512),
+     TypeError, "decoder_hidden must be a tuple of layer sizes or None"),
+    ("efficient-channels-int", lambda: ct.models.EfficientCapsNet(channels=32), TypeError,
+     "channels must be a tuple of the 4 convolutions' widths"),
+    ("squash-module-dim-str", lambda: ct.nn.Squash(dim="a"), TypeError, "dim must be an int"),
+    ("squash-module-dim-float", lambda: ct.nn.Squash(dim=1.5), TypeError, "dim must be an int"),
+    ("margin-bool-margin", lambda: ct.nn.MarginLoss(m_pos=True), TypeError, "m_pos must be a number"),
+    ("margin-str-margin", lambda: ct.margin_loss(torch.rand(2, 3), torch.tensor([0, 1]), m_neg="0.1"), TypeError,
+     "m_neg must be a number"),
+    ("margin-inf-margin", lambda: ct.nn.MarginLoss(m_neg=float("-inf")), ValueError, "m_neg must be a finite number"),
+    ("primary-wrong-channels", lambda: ct.nn.PrimaryCapsules(3, 2, 4, 3, 2)(torch.randn(2, 5, 7, 7)), ValueError,
+     r"x must have in_channels=3 channels \[B, 3, H, W\], got shape \(2, 5, 7, 7\)"),
+    ("efficient-primary-wrong-channels", lambda: ct.nn.EfficientPrimaryCapsules(8, 4, 3)(torch.randn(2, 4, 5, 5)),
+     ValueError, "x must have in_channels=8 channels"),
+    ("loss-batch-mismatch", lambda: ct.nn.CapsuleLoss()(torch.rand(4, 3), torch.tensor([0, 1, 2, 0]),
+                                                        torch.rand(3, 16), torch.rand(3, 1, 4, 4)),
+     ValueError, r"reconstruction \(3, 16\) and lengths \(4, 3\) must hold the same number of examples"),
+    ("reconstruction-devices", lambda: ct.reconstruction_loss(torch.rand(2, 4, device="meta"), torch.rand(2, 4)),
+     ValueError, "reconstruction and images must be on the same device"),
+    ("decoder-mask-device", lambda: ct.nn.CapsuleDecoder(3, 5, (7,), 9)(torch.randn(2, 3, 5),
+                                                                       mask=torch.ones(2, 3, device="meta")),
+     ValueError, "v and mask must be on the same device"),
+    ("decoder-target-device", lambda: ct.nn.CapsuleDecoder(3, 5, (7,), 9)(torch.randn(2, 3, 5),
+                                                                         torch.zeros(2, 3, device="meta").long()),
+     ValueError, "v and target must be on the same device"),
 ]
 
 
@@ -384,6 +416,37 @@ def test_empty_batch_returns_empty_result(grad_through_routing):
         torch.rand(0, 1, 28, 28)
     )
     assert lengths.shape == (0, 10) and reconstruction.shape == (0, 784)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_efficient_capsnet_of_an_empty_batch_is_empty(training):
+    """Its primary capsules reshaped to [B, -1, caps_dim], which an empty batch cannot infer (a
+    RuntimeError, found by break-testing); now counted: the model and the module give empty results
+    of the right shapes, and a backward through them."""
+    model = ct.models.EfficientCapsNet().train(training)
+    x = torch.rand(0, 1, 28, 28, requires_grad=True)
+    v, reconstruction = model(x)
+    assert v.shape == (0, 10, 16) and reconstruction.shape == (0, 784)
+    (v.sum() + reconstruction.sum()).backward()
+    assert x.grad.shape == x.shape
+    primary = ct.nn.EfficientPrimaryCapsules(8, 4, 3)
+    assert primary(torch.rand(0, 8, 5, 5)).shape == (0, 18, 4)
+    assert primary(torch.rand(2, 8, 5, 5)).shape == (2, 18, 4)  # 3 x 3 positions x 8 / 4 capsules
+
+
+def test_numpy_margins_are_numbers():
+    """NumPy scalars are real numbers (the margin checks refused np.float32 as "not a finite
+    number"): the loss with them equals the loss with the same Python floats."""
+    import numpy as np
+
+    lengths, target = torch.rand(3, 4), torch.tensor([0, 3, 1])
+    module = ct.nn.MarginLoss(np.float32(0.75), np.float64(0.25), np.int64(2))
+    assert (module.m_pos, module.m_neg, module.lam) == (0.75, 0.25, 2.0)
+    assert "m_pos=0.75, m_neg=0.25, lam=2.0" in repr(module)
+    expected = ct.margin_loss(lengths, target, 0.75, 0.25, 2.0)
+    assert torch.equal(module(lengths, target), expected)
+    assert torch.equal(ct.margin_loss(lengths, target, np.float32(0.75), np.float64(0.25), np.int64(2)), expected)
+    assert "reconstruction_weight=0.25" in repr(ct.nn.CapsuleLoss(np.float16(0.25)))
 
 
 def test_losses_of_an_empty_batch_are_zero():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .._checks import check_size, check_tensor
+from .._checks import check_bool, check_size, check_tensor
 from ..nn import CapsuleDecoder, capsule_lengths
 
 __all__ = ["CapsuleClassifier"]
@@ -26,13 +26,17 @@ class CapsuleClassifier(nn.Module):
         super().__init__()
         self.in_channels = check_size("in_channels", in_channels)
         self.image_size = check_size("image_size", image_size)
-        self.return_lengths = return_lengths
+        self.return_lengths = check_bool("return_lengths", return_lengths)
         self.decoder: CapsuleDecoder | None = None
 
     def _add_decoder(self, num_classes: int, out_dim: int, decoder_hidden: tuple[int, ...] | None) -> None:
         """The decoder (registered last: the parameter order, which checkpoints' optimizer
         states follow, ends with it)."""
         if decoder_hidden is not None:
+            if not isinstance(decoder_hidden, (tuple, list)):
+                raise TypeError(
+                    f"decoder_hidden must be a tuple of layer sizes or None, got {type(decoder_hidden).__name__}"
+                )
             pixels = self.in_channels * self.image_size * self.image_size
             self.decoder = CapsuleDecoder(num_classes, out_dim, tuple(decoder_hidden), pixels)
 

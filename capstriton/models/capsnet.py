@@ -52,7 +52,7 @@ class CapsNet(CapsuleClassifier):
             in_channels, check_size("conv_channels", conv_channels), check_size("conv_kernel", conv_kernel)
         )
         conv_size = image_size - conv_kernel + 1
-        if conv_size < primary_kernel:
+        if conv_size < check_size("primary_kernel", primary_kernel):
             raise ValueError(
                 f"image_size={image_size} is too small for conv_kernel={conv_kernel} "
                 f"and primary_kernel={primary_kernel}"

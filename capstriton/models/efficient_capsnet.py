@@ -42,6 +42,8 @@ class EfficientCapsNet(CapsuleClassifier):
         return_lengths: bool = False,
     ):
         super().__init__(in_channels, image_size, return_lengths)
+        if not isinstance(channels, (tuple, list)):
+            raise TypeError(f"channels must be a tuple of the 4 convolutions' widths, got {type(channels).__name__}")
         if len(channels) != 4:
             raise ValueError(f"channels must give the 4 convolutions' widths, got {channels!r}")
         c1, c2, c3, c4 = (check_size(f"channels[{i}]", c) for i, c in enumerate(channels))
