@@ -389,9 +389,9 @@ def half_products(c_nhi, c_hi, c_lo, u, EMULATE: tl.constexpr):
     which would cost a negation a pair; the caller subtracts its product.
 
     Bound (``half_parts``' truncated hi: ``|c_lo| < 2^-7 |c|``, ``|c - c_hi - c_lo| <= 2^-15
-    |c|``): ``|c u - hi - lo| <= 2.5 * 2^-15 |c u|``. bfloat16 only (as ``half_parts``). ``EMULATE`` (Triton's
-    interpreter, which cannot run PTX): the same three steps in float32 (the products of bfloat16
-    numbers exact there), rounded by ``bfloat16_nearest``."""
+    |c|``): ``|c u - hi - lo| <= 2.5 * 2^-15 |c u|``. bfloat16 only (as ``half_parts``).
+    ``EMULATE`` (Triton's interpreter, which cannot run PTX): the same three steps in float32 (the
+    products of bfloat16 numbers exact there), rounded by ``bfloat16_nearest``."""
     tl.static_assert(u.dtype == tl.bfloat16, "half_products takes bfloat16 u")
     if EMULATE:
         b_u = u.to(tl.float32)
