@@ -3,6 +3,7 @@ bandwidth, the environment record and JSON output. Imported by the drivers in ``
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import datetime
 import importlib.util
@@ -51,6 +52,44 @@ def import_registry():
 
 
 SIZE_OPTIONS = ("n_in", "n_out", "d_in", "d", "iterations")
+
+# ---------------------------------------------------------------------------------------------
+# argparse types of the drivers' options: a bad value is a one-line usage error naming the option
+
+
+def output_folder(text: str) -> Path:
+    """A folder the driver writes into (created when missing): refused when it, or a folder above
+    it, exists as something else than a folder."""
+    path = Path(text)
+    for p in (path, *path.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise argparse.ArgumentTypeError(f"{text!r} cannot be a folder: {str(p)!r} exists and is not one")
+            break
+    return path
+
+
+def positive_int(text: str) -> int:
+    """An integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def nonnegative_float(text: str) -> float:
+    """A finite number >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
 
 
 def add_size_options(parser) -> None:

@@ -1244,8 +1244,9 @@ def main(argv=None) -> int:
         metavar="LABEL_PREFIX",
         help="kernel cases whose label starts with one of these (default: the DigitCaps-sized ones)",
     )
-    parser.add_argument("--out", default=None, help="folder for issue_model.json")
-    parser.add_argument("--jobs", type=int, default=1, help="compiler processes (default 1)")
+    harness = kernel_report._harness()
+    parser.add_argument("--out", type=harness.output_folder, default=None, help="folder for issue_model.json")
+    parser.add_argument("--jobs", type=harness.positive_int, default=1, help="compiler processes (default 1)")
     parser.add_argument(
         "--opcodes", type=int, default=0, metavar="N",
         help="also list each kernel's N most frequent SASS opcodes an example (default 0: none)",

@@ -88,10 +88,15 @@ ARCHS = {
 # shapes: what the library is asked to run, as the bench specs declare it (KernelCase)
 
 
-def _registry():
+def _harness():
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import harness
 
+    return harness
+
+
+def _registry():
+    harness = _harness()
     harness.ensure_capstriton()
     return harness.import_registry()
 
@@ -606,9 +611,12 @@ def parse_config(parser: argparse.ArgumentParser, items: list[str]) -> dict:
 
 
 def main(argv=None) -> int:
+    harness = _harness()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", nargs="+", choices=sorted(ARCHS), default=["sm_90"])
-    parser.add_argument("--out", default=None, help="folder for <arch>.json (default: no JSON)")
+    parser.add_argument(
+        "--out", type=harness.output_folder, default=None, help="folder for <arch>.json (default: no JSON)"
+    )
     parser.add_argument("--shapes", choices=sorted(shape_sets()), default="all")
     parser.add_argument(
         "--specs",
@@ -617,7 +625,7 @@ def main(argv=None) -> int:
         default=None,
         help="only the cases of these bench specs (default: every spec's), e.g. layer for the fused layer",
     )
-    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compiler processes")
+    parser.add_argument("--jobs", type=harness.positive_int, default=os.cpu_count() or 1, help="compiler processes")
     parser.add_argument(
         "--fail-on-spill",
         action="store_true",
@@ -626,6 +634,7 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--config",
         nargs="+",
+        action="extend",
         default=[],
         metavar="KEY=VALUE",
         help="override the ops' launch parameters (e.g. tile=4096 num_warps=16 for routing)",

@@ -50,14 +50,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         prog="layer_memory.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     harness.add_size_options(p)
-    p.add_argument("--batch-sizes", nargs="+", type=int, default=[512, 1024])
+    p.add_argument("--batch-sizes", nargs="+", type=harness.positive_int, default=[512, 1024])
     p.add_argument("--dtypes", nargs="+", choices=tuple(DTYPES), default=["float32", "bfloat16"])
     p.add_argument("--implementations", nargs="+", choices=tuple(IMPLEMENTATIONS), default=list(IMPLEMENTATIONS))
-    p.add_argument("--out", type=Path, default=None, help="write OUT/results.json and OUT/table.txt")
+    p.add_argument("--out", type=harness.output_folder, default=None, help="write OUT/results.json and OUT/table.txt")
     args = p.parse_args(argv)
     args.sizes = harness.sizes_of(p, args)
-    if any(b < 1 for b in args.batch_sizes):
-        p.error(f"--batch-sizes must be >= 1, got {args.batch_sizes}")
     return args
 
 

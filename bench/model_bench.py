@@ -63,23 +63,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--batch-sizes",
         nargs="+",
-        type=int,
+        type=harness.positive_int,
         default=None,
         help=f"default: {' '.join(map(str, CUDA_BATCHES))} on cuda, {' '.join(map(str, CPU_BATCHES))} on cpu",
     )
     p.add_argument("--max-batch", action="store_true", help="CUDA: the largest training batch under --memory-cap")
-    p.add_argument("--memory-cap", type=float, default=16 * GiB, help="bytes (default: 16 GiB)")
-    p.add_argument("--out", type=Path, default=None, help="default: bench/results/<device>/model_bench/")
+    p.add_argument("--memory-cap", type=harness.nonnegative_float, default=16 * GiB, help="bytes (default: 16 GiB)")
+    p.add_argument(
+        "--out", type=harness.output_folder, default=None, help="default: bench/results/<device>/model_bench/"
+    )
     p.add_argument("--quick", action="store_true", help="short timing runs")
     p.add_argument(
-        "--time-budget", type=float, default=None, metavar="SECONDS", help="start no new point after this many seconds"
+        "--time-budget", type=harness.nonnegative_float, default=None, metavar="SECONDS",
+        help="start no new point after this many seconds",
     )
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--no-progress", action="store_true")
-    args = p.parse_args(argv)
-    if any(b < 1 for b in args.batch_sizes or ()):
-        p.error("--batch-sizes must be >= 1")
-    return args
+    return p.parse_args(argv)
 
 
 def make_batch(spec, batch: int, device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import sys
 from pathlib import Path
 
 #: Row and column order of known names; names the JSON holds beyond these follow in the order
@@ -55,8 +56,6 @@ def targets(data: dict) -> list[dict]:
     written before it did, those of the registry's specs."""
     if data.get("targets"):
         return data["targets"]
-    import sys
-
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import registry
 
@@ -70,10 +69,25 @@ def device_slug(name: str) -> str:
     return re.sub(r"[^a-z0-9.]+", "-", name.lower()).strip("-.") or "unknown-device"
 
 
+#: what every results row of routing_sweep.py holds
+ROW_KEYS = ("op", "implementation", "mode", "dtype", "batch_size", "status")
+
+
 def load(path: str | Path) -> dict:
-    data = json.loads(Path(path).read_text())
-    if "environment" not in data or "results" not in data:
+    """A routing_sweep.py results file; ValueError naming the file when it is not one (another
+    driver's JSON, such as model_bench.py's or layer_memory.py's, or not JSON)."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not JSON ({exc})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("environment"), dict) or "results" not in data:
         raise ValueError(f"{path} is not a routing_sweep.py result (no environment/results)")
+    config = data["environment"].get("config") or {}
+    if "model" in config:
+        raise ValueError(f"{path} is a model_bench.py result (model {config['model']!r}), not a routing_sweep.py one")
+    rows = data["results"]
+    if not isinstance(rows, list) or not all(isinstance(r, dict) and all(k in r for k in ROW_KEYS) for r in rows):
+        raise ValueError(f"{path} is not a routing_sweep.py result (rows without {', '.join(ROW_KEYS)})")
     return data
 
 
@@ -358,10 +372,18 @@ def plot_all(data: dict, out: str | Path) -> list[Path]:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import harness
+
     p.add_argument("results", type=Path, help="results.json written by routing_sweep.py")
-    p.add_argument("--out", type=Path, default=None, help="directory for the PNGs (default: beside the JSON)")
+    p.add_argument(
+        "--out", type=harness.output_folder, default=None, help="directory for the PNGs (default: beside the JSON)"
+    )
     args = p.parse_args(argv)
-    data = load(args.results)
+    try:
+        data = load(args.results)
+    except (OSError, ValueError) as exc:
+        p.error(str(exc))
     for path in plot_all(data, args.out or args.results.parent):
         print(f"wrote {path}")
     print(summary_text(data))

@@ -5,6 +5,9 @@ What is timed (``--op``, the specs in ``bench/specs/``; default: every op marked
 - ``layer``: the paper's DigitCaps layer, ``ct.capsule_routing``: u ``[B, N_in, D_in]`` and
   weight ``[N_in, N_out, D, D_in]`` -> v ``[B, N_out, D]`` (predictions, then routing).
 - ``routing``: routing alone, ``ct.dynamic_routing`` on u_hat ``[B, N_in, N_out, D]``.
+- ``attention``: the self-attention routing layer, ``ct.self_attention_capsule_routing`` (u and
+  weight as ``layer``, a bias ``[N_in, N_out]``), at the drivers' sizes.
+- ``fccaps``: the same layer at Efficient-CapsNet's MNIST sizes, always 16 x 10 x 16 x 8.
 - ``squash``: ``ct.squash`` of ``[B, N_in, D_in]`` (not in the default sweep).
 
 Implementations (``--implementations``, as each spec declares them): ``eager`` (the public
@@ -115,22 +118,23 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="input dtypes; accumulation is float32 in every implementation (default: %(default)s)",
     )
     p.add_argument(
-        "--batch-sizes", nargs="+", type=int, default=None,
+        "--batch-sizes", nargs="+", type=harness.positive_int, default=None,
         help=f"default: {' '.join(map(str, CUDA_BATCHES))} on cuda, {' '.join(map(str, CPU_BATCHES))} on cpu",
     )
     harness.add_size_options(p)
-    p.add_argument("--out", type=Path, default=None, help="default: bench/results/<device name>/")
-    p.add_argument("--append", action="store_true", help="add rows to an existing OUT/results.json")
+    p.add_argument("--out", type=harness.output_folder, default=None, help="default: bench/results/<device name>/")
+    p.add_argument(
+        "--append", action="store_true",
+        help="add rows to an existing OUT/results.json of the same sizes (a point measured again replaces its row)",
+    )
     p.add_argument("--quick", action="store_true", help="short timing runs (less precise)")
     p.add_argument(
-        "--time-budget", type=float, default=None, metavar="SECONDS",
+        "--time-budget", type=harness.nonnegative_float, default=None, metavar="SECONDS",
         help="start no new point after this many seconds; the rest are skipped rows",
     )
     p.add_argument("--no-plots", action="store_true", help="write the JSON only")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
-    if any(b < 1 for b in args.batch_sizes or ()):
-        p.error("--batch-sizes must be >= 1")
     args.sizes = harness.sizes_of(p, args)
     return args
 
@@ -217,6 +221,11 @@ def run_group(op, impl, mode, dtype_name, batches, sizes, device, args, deadline
                 torch.cuda.empty_cache()
 
 
+def point_key(row: dict) -> tuple:
+    """What a results row measures: (op, implementation, mode, dtype, batch size)."""
+    return row["op"], row["implementation"], row["mode"], row["dtype"], row["batch_size"]
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.device is None:
@@ -237,6 +246,13 @@ def main(argv=None) -> dict:
     data = {"environment": harness.environment(device, config), "targets": [], "results": []}
     if args.append and path.exists():
         previous = json.loads(path.read_text())
+        before = {k: previous["environment"].get("config", {}).get(k) for k in sizes}
+        if before != sizes:
+            changed = ", ".join(f"{k} {before[k]} -> {sizes[k]}" for k in sizes if before[k] != sizes[k])
+            raise SystemExit(
+                f"--append: {path} holds points of other sizes ({changed}); its rows do not record them, so "
+                "they cannot share a file: use another --out"
+            )
         data["results"] = previous["results"]
         data["targets"] = previous.get("targets", [])
         data["environment"]["previous_runs"] = [
@@ -270,6 +286,8 @@ def main(argv=None) -> dict:
                     op_sizes, DTYPES[r["dtype"]], r["mode"], r["batch_size"]
                 )
                 r["flops_per_example"] = spec.flops_per_example(op_sizes, r["mode"])
+            key = point_key(r)
+            data["results"] = [old for old in data["results"] if point_key(old) != key]  # measured again
             data["results"].append(r)
             harness.write_json(path, data)
             bar.set_postfix_str(

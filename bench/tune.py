@@ -46,15 +46,15 @@ def parse_args(argv=None):
     tunable = sorted(name for name, spec in registry.specs().items() if spec.tune is not None)
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--op", choices=tunable, default="routing")
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=[64, 1024])
+    p.add_argument("--batch-sizes", type=harness.positive_int, nargs="+", default=[64, 1024])
     harness.add_size_options(p)
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     p.add_argument("--modes", nargs="+", default=None, help="default: every mode the op's knobs name")
     p.add_argument(
-        "--set", nargs="+", default=[], metavar="KEY=V1,V2",
-        help="replace a knob's grid (integers, or None for the heuristic's choice)",
+        "--set", nargs="+", action="extend", default=[], metavar="KEY=V1,V2",
+        help="replace a knob's grid (integers >= 1, or None for the heuristic's choice; repeatable)",
     )
-    p.add_argument("--out", default=None, help="folder for tune_<op>.json")
+    p.add_argument("--out", type=harness.output_folder, default=None, help="folder for tune_<op>.json")
     p.add_argument(
         "--device", choices=["cuda", "cpu"], default="cuda",
         help="cpu: the interpreter (TRITON_INTERPRET=1), to check the script only",
@@ -70,7 +70,9 @@ def parse_args(argv=None):
         try:
             parsed = _values(values)
         except ValueError:
-            p.error(f"--set {item!r}: values must be integers or None")
+            parsed = []
+        if not parsed or any(v is not None and v < 1 for v in parsed):
+            p.error(f"--set {item!r}: values must be integers >= 1 or None")
         for grid in knobs.values():
             if key in grid:
                 grid[key] = parsed
@@ -123,27 +125,36 @@ def main(argv=None) -> int:
         for mode, grid in args.knobs.items():
             for values in itertools.product(*grid.values()):
                 overrides = {k: v for k, v in zip(grid, values, strict=True) if v is not None}
-                fn = spec.tune.call(sizes, overrides)
-                if mode == "forward":
+                shown = " ".join(f"{k}={v}" for k, v in zip(grid, values, strict=True))
+                try:
+                    fn = spec.tune.call(sizes, overrides)
+                    if mode == "forward":
 
-                    def step(fn=fn, inputs=inputs):
-                        with torch.no_grad():
-                            fn(*inputs)
+                        def step(fn=fn, inputs=inputs):
+                            with torch.no_grad():
+                                fn(*inputs)
 
-                else:
+                    else:
 
-                    def step(fn=fn, inputs=grad_inputs, dv=dv):
-                        torch.autograd.grad(fn(*inputs), inputs, dv)
+                        def step(fn=fn, inputs=grad_inputs, dv=dv):
+                            torch.autograd.grad(fn(*inputs), inputs, dv)
 
-                ms = bench(step)
-                launch = spec.tune.launch(sizes, batch, overrides)
+                    ms = bench(step)
+                    launch = spec.tune.launch(sizes, batch, overrides)
+                except Exception as exc:  # a grid point that cannot run (num_warps=3): a row saying why
+                    error = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"
+                    rows.append({"batch_size": batch, "mode": mode, **dict(zip(grid, values, strict=True)),
+                                 "time_ms": None, "examples_per_s": None, "launch": None, "default": False,
+                                 "error": error})
+                    print(f"B={batch:5d} {mode:17s} {shown:50s} failed: {error}", flush=True)
+                    write()
+                    continue
                 rows.append({
                     "batch_size": batch, "mode": mode, **dict(zip(grid, values, strict=True)), "time_ms": ms,
                     "examples_per_s": batch / ms * 1e3, "launch": launch,
                     # the parameters resolve to the defaults' launch (an explicit default included)
-                    "default": launch == default_launch,
+                    "default": launch == default_launch, "error": None,
                 })
-                shown = " ".join(f"{k}={v}" for k, v in zip(grid, values, strict=True))
                 mark = "  (default)" if rows[-1]["default"] else ""
                 rate = batch / ms * 1e3
                 print(f"B={batch:5d} {mode:17s} {shown:50s} {ms:8.3f} ms {rate:11.4g} ex/s{mark}", flush=True)

@@ -189,6 +189,87 @@ def test_append_and_time_budget(sweep, tmp_path):
     assert (new["batch_size"], new["status"], new["reason"]) == (4, "skipped", "time budget exhausted")
     assert len(merged["environment"]["previous_runs"]) == 1
 
+    # a point measured again replaces its row (it was appended beside it, one zigzag a batch size
+    # in the plots); the other rows stay as they were, in order
+    again = [*TINY, "--op", "routing", "--implementations", "eager", "--modes", "forward", "--dtypes", "float32"]
+    run_script(SWEEP, "--device", "cpu", *again, "--batch-sizes", "1", "4", "--out", str(tmp_path), "--append",
+               "--time-budget", "0", "--no-plots", "--no-progress")
+    final = json.loads((tmp_path / "results.json").read_text())["results"]
+    key = ("routing", "eager", "forward", "float32")
+    assert len(final) == len(merged["results"])
+    def of_key(rows, batches):
+        return [r for r in rows if (r["op"], r["implementation"], r["mode"], r["dtype"]) == key
+                and r["batch_size"] in batches]
+
+    replaced = of_key(final, (1, 2, 4))
+    assert sorted(r["batch_size"] for r in replaced) == [1, 2, 4]
+    assert {r["batch_size"]: r["status"] for r in replaced} == {1: "skipped", 2: "ok", 4: "skipped"}
+    assert of_key(final, (2,)) == of_key(merged["results"], (2,))
+    others = [r for r in final if r not in of_key(final, (1, 4))]
+    assert others == [r for r in merged["results"] if r not in of_key(merged["results"], (1, 4))]
+
+
+def run_refused(script: Path, *args: str, env_extra: dict | None = None) -> str:
+    """``script`` with ``args`` exits 2 with a one-line usage error, no traceback: its message."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=240,
+                          env={**env, **(env_extra or {})}, cwd=REPO)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    return proc.stderr
+
+
+def test_append_refuses_results_of_other_sizes(sweep, tmp_path):
+    """Rows do not record their sizes: appending points of other sizes to a file silently mixed
+    them (found by break-testing: rows at N_in 512 and 32 in one file, the plot titled by the last)."""
+    out, _, _ = sweep
+    (tmp_path / "results.json").write_text((out / "results.json").read_text())
+    other = [arg if arg != "8" else "9" for arg in TINY]  # --n-in 9
+    proc = subprocess.run(
+        [sys.executable, str(SWEEP), "--device", "cpu", *other, "--op", "routing", "--implementations", "eager",
+         "--batch-sizes", "1", "--out", str(tmp_path), "--append", "--no-plots", "--no-progress"],
+        capture_output=True, text=True, timeout=240, cwd=REPO,
+        env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"},
+    )
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert "holds points of other sizes (n_in 8 -> 9)" in proc.stderr
+    assert (tmp_path / "results.json").read_text() == (out / "results.json").read_text()  # untouched
+
+
+def test_drivers_refuse_bad_options_by_name(tmp_path):
+    """A file where a folder is asked for, a negative time budget or memory cap, batch sizes and
+    job counts below 1, tune grids of values below 1: one-line usage errors naming the option (they
+    were tracebacks, or accepted: --batch-sizes 0 printed "0 ex/s" rows)."""
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    bench = REPO / "bench"
+    cases = [
+        (SWEEP, ["--out", str(afile)], "argument --out"),
+        (SWEEP, ["--out", str(afile / "below")], "argument --out"),
+        (SWEEP, ["--time-budget", "-5"], "argument --time-budget: must be a finite number >= 0"),
+        (SWEEP, ["--batch-sizes", "0"], "argument --batch-sizes: must be >= 1"),
+        (bench / "model_bench.py", ["--memory-cap", "-5"], "argument --memory-cap"),
+        (bench / "model_bench.py", ["--out", str(afile)], "argument --out"),
+        (bench / "layer_memory.py", ["--out", str(afile)], "argument --out"),
+        (bench / "layer_memory.py", ["--batch-sizes", "-1"], "argument --batch-sizes: must be >= 1"),
+        (bench / "kernel_report.py", ["--jobs", "0"], "argument --jobs: must be >= 1"),
+        (bench / "kernel_report.py", ["--out", str(afile)], "argument --out"),
+        (bench / "issue_model.py", ["--jobs", "-2"], "argument --jobs: must be >= 1"),
+        (bench / "tune.py", ["--batch-sizes", "0"], "argument --batch-sizes: must be >= 1"),
+        (bench / "tune.py", ["--set", "tile=0"], "values must be integers >= 1 or None"),
+        (bench / "tune.py", ["--set", "tile="], "--set takes KEY=V1,V2"),
+        (bench / "tune.py", ["--out", str(afile)], "argument --out"),
+        (PLOT, [str(afile), "--out", str(tmp_path)], "is not JSON"),
+        (PLOT, [str(tmp_path / "missing.json")], "No such file"),
+        (PLOT, [str(REPO / "bench/results/amd-epyc/model_bench/results.json"), "--out", str(tmp_path)],
+         "is a model_bench.py result"),
+        (PLOT, [str(REPO / "bench/results/layer_memory/digitcaps_1152x10x16x8/results.json"), "--out", str(tmp_path)],
+         "is not a routing_sweep.py result"),
+    ]
+    for script, args, message in cases:
+        assert message in run_refused(script, *args), (script.name, args)
+    assert "is not one" in run_refused(SWEEP, "--out", str(afile))
+
 
 def test_sweep_order_float32_first_then_half_types_interleaved():
     import routing_sweep
@@ -236,6 +317,27 @@ def test_tune_runs_through_the_interpreter(tmp_path):
     # the row whose parameters resolve to the defaults' launch is marked, and only that one
     default = dataclasses.asdict(routing_config(7, 3, 5, 2))
     assert [r["default"] for r in rows] == [r["launch"] == default for r in rows]
+
+
+def test_tune_repeated_sets_and_a_failing_grid_point(tmp_path):
+    """Two --set options both apply (the first was dropped), and a grid point that cannot launch
+    (3 warps a program) is a row saying why, where a traceback ended the run."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    args = ["--op", "routing", "--device", "cpu", "--batch-sizes", "2", "--n-in", "7", "--n-out", "3", "--d", "5",
+            "--modes", "forward", "--set", "num_warps=4,3", "--set", "tile=1000", "target_programs=4"]
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "tune.py"), *args, "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=240, env=env, cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = json.loads((tmp_path / "tune_routing.json").read_text())["results"]
+    assert [(r["tile"], r["target_programs"], r["num_warps"]) for r in rows] == [(1000, 4, 4), (1000, 4, 3)]
+    ok, failed = rows
+    assert ok["error"] is None and ok["time_ms"] > 0 and ok["launch"]["fwd"]["split"] >= 1
+    assert failed["time_ms"] is None and failed["launch"] is None
+    assert failed["error"] == "ValueError: RoutingTuning.num_warps must be a power of two from 1 to 32, or None, got 3"
+    assert "failed: " + failed["error"] in proc.stdout
+    assert ok["launch"]["fwd"]["block_i"] == 8  # a tile of 1000 elements, capped at N_in's power of two
 
 
 def test_layer_tune_knobs_reach_the_recorded_launch():

@@ -152,4 +152,4 @@ def test_model_bench_rejects_bad_batches():
     proc = subprocess.run(
         [sys.executable, str(BENCH), "--batch-sizes", "0"], capture_output=True, text=True, cwd=REPO, timeout=120
     )
-    assert proc.returncode == 2 and "--batch-sizes must be >= 1" in proc.stderr
+    assert proc.returncode == 2 and "argument --batch-sizes: must be >= 1" in proc.stderr

@@ -3,6 +3,8 @@ edge cases that are valid (empty batch, non-contiguous input) give the right res
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from _helpers import rel_err
@@ -432,6 +434,36 @@ def test_efficient_capsnet_of_an_empty_batch_is_empty(training):
     primary = ct.nn.EfficientPrimaryCapsules(8, 4, 3)
     assert primary(torch.rand(0, 8, 5, 5)).shape == (0, 18, 4)
     assert primary(torch.rand(2, 8, 5, 5)).shape == (2, 18, 4)  # 3 x 3 positions x 8 / 4 capsules
+
+
+def test_tuning_knobs_are_checked_and_tiles_hold_powers_of_two():
+    """The ops' launch knobs (bench/tune.py's grids, ``tuning=`` of the ops): a tile of 1000
+    elements gave the routing kernels blocks of 3 input capsules, which Triton refused deep in the
+    compiler ("Shape element 0 must be a power of 2", found by break-testing); it now holds the
+    largest power of two that fits, as the fused layer's tiles already did. Knobs that cannot launch
+    are refused by name."""
+    from capstriton.ops.dynamic_routing import RoutingTuning, routing_config, rows_per_tile
+    from capstriton.ops.fused_layer import FusedTuning, fused_config
+
+    assert [rows_per_tile(t, 256) for t in (1, 255, 256, 511, 512, 1000, 4096, 10**6)] == [1, 1, 1, 1, 2, 2, 16, 64]
+    assert rows_per_tile(10**6, 256, cap=8) == 8
+    config = routing_config(1152, 10, 16, 64, RoutingTuning(tile=1000, tile_bwd=3000))
+    assert (config.fwd.block_i, config.bwd.block_i) == (2, 8)  # 1000 // 256 = 3, 3000 // 256 = 11
+    assert routing_config(1152, 10, 16, 64) == routing_config(1152, 10, 16, 64, RoutingTuning(tile=1024))
+    assert fused_config(1152, 10, 16, 8, 64, FusedTuning(tile=3000)).block_b == 8  # 3000 // 256 = 11
+    for cls, knob, value, error, message in [
+        (RoutingTuning, "tile", 0, ValueError, "RoutingTuning.tile must be >= 1, got 0"),
+        (RoutingTuning, "tile_bwd", 2.5, TypeError, "RoutingTuning.tile_bwd must be an int, got float"),
+        (RoutingTuning, "target_programs", True, TypeError, "RoutingTuning.target_programs must be an int"),
+        (RoutingTuning, "num_warps", 3, ValueError, "num_warps must be a power of two from 1 to 32, or None"),
+        (FusedTuning, "num_warps", 64, ValueError, "FusedTuning.num_warps must be a power of two"),
+        (FusedTuning, "fwd_warps", None, TypeError, "FusedTuning.fwd_warps must be an int, got NoneType"),
+        (FusedTuning, "fwd_warps", 6, ValueError, "FusedTuning.fwd_warps must be a power of two from 1 to 32, got 6"),
+        (FusedTuning, "groups", -1, ValueError, "FusedTuning.groups must be >= 1"),
+    ]:
+        with pytest.raises(error, match=re.escape(message)):
+            cls(**{knob: value})
+    assert RoutingTuning(num_warps=None).num_warps is None and FusedTuning(num_warps=8).num_warps == 8
 
 
 def test_numpy_margins_are_numbers():

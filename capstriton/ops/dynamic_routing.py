@@ -13,6 +13,7 @@ and torch.compile records them in the graph. The kernels and their algorithm are
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -61,6 +62,9 @@ class RoutingTuning:
     #: warps per program of the passes over u_hat; None: from the [N_out, D] block size
     num_warps: int | None = None
 
+    def __post_init__(self):
+        check_tuning(self, ("num_warps",))
+
     def as_list(self) -> list[int]:
         """The op argument (0 stands for ``num_warps=None``)."""
         return [self.tile, self.tile_bwd, self.target_programs, self.target_programs_bwd, self.num_warps or 0]
@@ -99,6 +103,29 @@ class RoutingConfig:
     bwd: PassConfig
 
 
+def check_tuning(tuning, warps: tuple[str, ...]) -> None:
+    """A tuning dataclass's knobs: ints >= 1, the ``warps`` fields powers of two up to 32 (as
+    Triton launches them), ``num_warps`` also None (the heuristic's choice); TypeError /
+    ValueError naming the knob."""
+    for f in dataclasses.fields(tuning):
+        value = getattr(tuning, f.name)
+        if value is None and f.name == "num_warps":
+            continue
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{type(tuning).__name__}.{f.name} must be an int, got {type(value).__name__}")
+        if value < 1 or (f.name in warps and (value > 32 or value & (value - 1))):
+            expected = "a power of two from 1 to 32" if f.name in warps else ">= 1"
+            expected += ", or None" if f.name == "num_warps" else ""
+            raise ValueError(f"{type(tuning).__name__}.{f.name} must be {expected}, got {value}")
+
+
+def rows_per_tile(tile: int, row: int, cap: int = 64) -> int:
+    """Rows of ``row`` elements a tile of about ``tile`` elements holds: the largest power of two
+    that fits (a block size Triton accepts), at least 1, at most ``cap`` (a power of two)."""
+    rows = max(1, tile // row)
+    return min(cap, 1 << (rows.bit_length() - 1))
+
+
 def input_split(n_in: int, block_i: int, batch: int, target_programs: int) -> PassConfig:
     """The input capsules cut into runs of whole ``block_i`` tiles so that ``batch * split``
     approaches ``target_programs`` (one split per example once the batch alone reaches it); the
@@ -129,8 +156,8 @@ def routing_config(
     block_d = triton.next_power_of_2(dim)
     num_warps = tuning.num_warps or min(32, max(4, block_j * block_d // 128))
     cap = triton.next_power_of_2(n_in)
-    block_i = max(1, min(64, tuning.tile // (block_j * block_d), cap))
-    block_i_bwd = max(1, min(64, tuning.tile_bwd // (block_j * block_d), cap))
+    block_i = rows_per_tile(tuning.tile, block_j * block_d, min(64, cap))
+    block_i_bwd = rows_per_tile(tuning.tile_bwd, block_j * block_d, min(64, cap))
     return RoutingConfig(
         block_j=block_j,
         block_d=block_d,

@@ -53,7 +53,7 @@ from ..kernels.fused_layer import (
 from ..reference.capsule_routing import capsule_predictions
 from ._launch import empty, launch
 from ._transforms import no_double_backward
-from .dynamic_routing import PassConfig, dynamic_routing, input_split
+from .dynamic_routing import PassConfig, check_tuning, dynamic_routing, input_split, rows_per_tile
 
 __all__ = [
     "FUSED_MAX_OUTPUTS",
@@ -139,6 +139,9 @@ class FusedTuning:
     #: 128 no spill with its 16 examples, where the forward's 64 examples spilled (kernel report)
     final_chunk: int = 128
 
+    def __post_init__(self):
+        check_tuning(self, ("num_warps", "fwd_warps"))
+
     def as_list(self) -> list[int]:
         """The op argument (0 stands for ``num_warps=None``)."""
         return [
@@ -208,7 +211,7 @@ def fused_config(
     block_j = triton.next_power_of_2(n_out)
     block_d = triton.next_power_of_2(dim)
     block_n = block_j * block_d
-    block_b = max(1, min(64, triton.next_power_of_2(max(tuning.tile // block_n, 1) + 1) // 2))
+    block_b = rows_per_tile(tuning.tile, block_n)
     use_dot = tensor_cores and block_b >= 16 and block_n >= 16
     block_k = max(16, triton.next_power_of_2(d_in)) if use_dot else triton.next_power_of_2(d_in)
     # 8 warps with the whole register file (maxnreg) compile every case of the kernel report
