@@ -772,6 +772,44 @@ def test_out_that_cannot_be_a_directory_is_a_clear_error(fake_mnist, tmp_path, w
     assert a_file.read_text() == "keep me"
 
 
+def test_a_new_run_refuses_an_earlier_run_without_overwrite(fake_mnist, tmp_path, capsys):
+    """A new run into a --out that holds one replaced its checkpoint and metrics silently (a
+    forgotten --resume loses the run), and a new run without a decoder left the old run's
+    reconstructions.png beside its own files (found by break-testing). Now: refused in one line
+    naming the checkpoint and both ways on, nothing touched; --overwrite starts the new run and
+    removes the stale plot; --overwrite with --resume is a usage error."""
+    out = tmp_path / "run"
+    assert train.main(tiny_argv(fake_mnist, out, "--epochs", "1")) == 0
+    assert (out / train.RECONSTRUCTIONS).is_file()
+    before = snapshot(out)
+    no_decoder = ["--epochs", "1", "--decoder-hidden", "none"]
+    assert train.main(tiny_argv(fake_mnist, out, *no_decoder)) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"capstriton-train: error: --out {out} holds a run already ({out / train.CHECKPOINT}): continue it with "
+        "--resume, start a new one there with --overwrite, or choose another --out\n"
+    )
+    assert snapshot(out) == before
+    assert train.main(tiny_argv(fake_mnist, out, *no_decoder, "--overwrite")) == 0
+    assert not (out / train.RECONSTRUCTIONS).exists() and (out / train.CURVES).is_file()
+    assert load_state(out)["args"]["decoder_hidden"] is None
+    with pytest.raises(SystemExit) as info:
+        train.parse_args([*resume_argv(fake_mnist, out), "--overwrite"])
+    assert info.value.code == 2
+    assert "argument --overwrite: starts a new run, --resume continues one" in capsys.readouterr().err
+
+
+def test_metrics_describe_the_limited_data(fake_mnist, tmp_path):
+    """metrics.json's "data" named the full splits whatever --limit-train / --limit-test chose."""
+    metrics = run_cli(tiny_argv(fake_mnist, tmp_path, "--epochs", "1", "--no-plots", "--limit-test", "20"))
+    assert metrics["data"] == (
+        "test images [0, 64) for training, [64, 96) held out; training on the first 48 of them; "
+        "testing on the first 20"
+    )
+    assert (metrics["train_examples"], metrics["test_examples"]) == (48, 20)
+    assert strict_json(tmp_path / train.METRICS)["data"] == metrics["data"]
+
+
 def test_every_seed_below_2_to_the_64_trains(fake_mnist, tmp_path):
     metrics = run_cli(tiny_argv(fake_mnist, tmp_path, "--epochs", "1", "--no-plots", "--seed", str(2**64 - 1)))
     assert math.isfinite(metrics["history"][0]["train_loss"])

@@ -214,6 +214,12 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"continue from CHECKPOINT (default: DIR/{CHECKPOINT}) up to --epochs, with the checkpoint's "
         "options for the learning rate, batch, seed, dtype, augmentation, loss, data selection and model",
     )
+    g.add_argument(
+        "--overwrite",
+        action="store_true",
+        help=f"start a new run in a DIR that holds one (its {CHECKPOINT} is refused otherwise: a forgotten --resume "
+        "would replace it); the new run's files replace the old run's",
+    )
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
     g.add_argument("--no-plots", action="store_true", help="write no PNGs")
     return p
@@ -234,6 +240,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"argument --device: {args.device!r} asked for but CUDA is not available")
         if device.type not in ("cpu", "cuda"):
             parser.error(f"argument --device: expected auto, cpu or cuda[:N], got {args.device!r}")
+    if args.overwrite and args.resume is not None:
+        parser.error("argument --overwrite: starts a new run, --resume continues one: give one of them")
     if args.backend == "triton":
         device = distributed.select_device(args.device, int(os.environ.get("LOCAL_RANK", 0)))
         reason = triton_unavailable_reason(device)

@@ -22,9 +22,14 @@ from .options import CHECKPOINT, CURVES, METRICS, RECONSTRUCTIONS
 __all__ = ["run", "main"]
 
 
-def _make_output_dir(out: Path) -> None:
+def _make_output_dir(out: Path, new_run: bool, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise SetupError(f"--out {out} is a file, not a directory")
+    if new_run and not overwrite and (out / CHECKPOINT).exists():
+        raise SetupError(
+            f"--out {out} holds a run already ({out / CHECKPOINT}): continue it with --resume, start a new one "
+            "there with --overwrite, or choose another --out"
+        )
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -54,7 +59,7 @@ def run(args: argparse.Namespace) -> dict:
     log = loop.Log(info.main)
     bar_on = info.main and not args.no_progress and sys.stderr.isatty()
     if info.main:
-        _make_output_dir(out)
+        _make_output_dir(out, args.resume is None, args.overwrite)
 
     train_x, train_y, eval_x, eval_y, source = splits.load(args)
     torch.manual_seed(args.seed)
@@ -148,7 +153,8 @@ def run(args: argparse.Namespace) -> dict:
             checkpoint.write_json(out / METRICS, metrics)
         if not args.no_plots and history:
             plots.plot_curves(history, out / CURVES)
-            plots.plot_reconstructions(model, eval_x, eval_y, device, out / RECONSTRUCTIONS)  # none without a decoder
+            if not plots.plot_reconstructions(model, eval_x, eval_y, device, out / RECONSTRUCTIONS):
+                (out / RECONSTRUCTIONS).unlink(missing_ok=True)  # no decoder: none, not an older run's
         log(f"wrote {out / METRICS}, {out / CHECKPOINT}" + ("" if args.no_plots else " and plots"))
     distributed.barrier(info)
     return metrics

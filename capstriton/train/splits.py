@@ -32,6 +32,8 @@ def load(args: argparse.Namespace):
         source = "training set / test set"
     if args.limit_train is not None:
         train_x, train_y = train_x[: args.limit_train], train_y[: args.limit_train]
+        source += f"; training on the first {len(train_x)} of them"
     if args.limit_test is not None:
         eval_x, eval_y = eval_x[: args.limit_test], eval_y[: args.limit_test]
+        source += f"; testing on the first {len(eval_x)}"
     return train_x, train_y, eval_x, eval_y, source
