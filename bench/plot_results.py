@@ -74,14 +74,21 @@ ROW_KEYS = ("op", "implementation", "mode", "dtype", "batch_size", "status")
 
 
 def load(path: str | Path) -> dict:
-    """A routing_sweep.py results file; ValueError naming the file when it is not one (another
-    driver's JSON, such as model_bench.py's or layer_memory.py's, or not JSON)."""
+    """A bench driver's results file (environment and results: routing_sweep.py's, model_bench.py's,
+    layer_memory.py's); ValueError naming the file when it is not one, or not JSON."""
     try:
         data = json.loads(Path(path).read_text())
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path} is not JSON ({exc})") from None
     if not isinstance(data, dict) or not isinstance(data.get("environment"), dict) or "results" not in data:
-        raise ValueError(f"{path} is not a routing_sweep.py result (no environment/results)")
+        raise ValueError(f"{path} is not a bench result (no environment/results)")
+    return data
+
+
+def load_sweep(path: str | Path) -> dict:
+    """A routing_sweep.py results file, what the plots here draw; ValueError naming the file when it
+    is another driver's (model_bench.py's draws its own plots) or no bench result."""
+    data = load(path)
     config = data["environment"].get("config") or {}
     if "model" in config:
         raise ValueError(f"{path} is a model_bench.py result (model {config['model']!r}), not a routing_sweep.py one")
@@ -381,7 +388,7 @@ def main(argv=None) -> None:
     )
     args = p.parse_args(argv)
     try:
-        data = load(args.results)
+        data = load_sweep(args.results)
     except (OSError, ValueError) as exc:
         p.error(str(exc))
     for path in plot_all(data, args.out or args.results.parent):
