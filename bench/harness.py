@@ -90,7 +90,6 @@ def nonnegative_float(text: str) -> float:
     return _number(text, float, "a number", lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
 
 
-
 def add_size_options(parser) -> None:
     """The layer and routing sizes every driver takes (the paper's DigitCaps by default)."""
     parser.add_argument("--n-in", type=int, default=1152, help="input capsules N_in (default: %(default)s)")
