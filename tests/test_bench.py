@@ -236,39 +236,49 @@ def test_append_refuses_results_of_other_sizes(sweep, tmp_path):
     assert (tmp_path / "results.json").read_text() == (out / "results.json").read_text()  # untouched
 
 
-def test_drivers_refuse_bad_options_by_name(tmp_path):
+def test_drivers_refuse_bad_options_by_name(tmp_path, capsys):
     """A file where a folder is asked for, a negative time budget or memory cap, batch sizes and
-    job counts below 1, tune grids of values below 1: one-line usage errors naming the option (they
-    were tracebacks, or accepted: --batch-sizes 0 printed "0 ex/s" rows)."""
+    job counts below 1, tune grids of values below 1, another driver's JSON to plot: usage errors
+    (exit 2) naming the option or file (they were tracebacks, or accepted: --batch-sizes 0 printed
+    "0 ex/s" rows). Each driver's argument parsing, in this process; one whole script below."""
+    import importlib
+
     afile = tmp_path / "afile"
     afile.write_text("")
-    bench = REPO / "bench"
+    results = REPO / "bench" / "results"
     cases = [
-        (SWEEP, ["--out", str(afile)], "argument --out"),
-        (SWEEP, ["--out", str(afile / "below")], "argument --out"),
-        (SWEEP, ["--time-budget", "-5"], "argument --time-budget: must be a finite number >= 0"),
-        (SWEEP, ["--batch-sizes", "0"], "argument --batch-sizes: must be >= 1"),
-        (bench / "model_bench.py", ["--memory-cap", "-5"], "argument --memory-cap"),
-        (bench / "model_bench.py", ["--out", str(afile)], "argument --out"),
-        (bench / "layer_memory.py", ["--out", str(afile)], "argument --out"),
-        (bench / "layer_memory.py", ["--batch-sizes", "-1"], "argument --batch-sizes: must be >= 1"),
-        (bench / "kernel_report.py", ["--jobs", "0"], "argument --jobs: must be >= 1"),
-        (bench / "kernel_report.py", ["--out", str(afile)], "argument --out"),
-        (bench / "issue_model.py", ["--jobs", "-2"], "argument --jobs: must be >= 1"),
-        (bench / "tune.py", ["--batch-sizes", "0"], "argument --batch-sizes: must be >= 1"),
-        (bench / "tune.py", ["--set", "tile=0"], "values must be integers >= 1 or None"),
-        (bench / "tune.py", ["--set", "tile="], "--set takes KEY=V1,V2"),
-        (bench / "tune.py", ["--out", str(afile)], "argument --out"),
-        (PLOT, [str(afile), "--out", str(tmp_path)], "is not JSON"),
-        (PLOT, [str(tmp_path / "missing.json")], "No such file"),
-        (PLOT, [str(REPO / "bench/results/amd-epyc/model_bench/results.json"), "--out", str(tmp_path)],
+        ("routing_sweep", "parse_args", ["--out", str(afile)], "argument --out"),
+        ("routing_sweep", "parse_args", ["--out", str(afile / "below")], "argument --out"),
+        ("routing_sweep", "parse_args", ["--time-budget", "-5"], "argument --time-budget: must be a finite number"),
+        ("routing_sweep", "parse_args", ["--batch-sizes", "0"], "argument --batch-sizes: must be >= 1"),
+        ("model_bench", "parse_args", ["--memory-cap", "-5"], "argument --memory-cap"),
+        ("model_bench", "parse_args", ["--out", str(afile)], "argument --out"),
+        ("layer_memory", "parse_args", ["--out", str(afile)], "argument --out"),
+        ("layer_memory", "parse_args", ["--batch-sizes", "-1"], "argument --batch-sizes: must be >= 1"),
+        ("kernel_report", "main", ["--jobs", "0"], "argument --jobs: must be >= 1"),
+        ("kernel_report", "main", ["--out", str(afile)], "argument --out"),
+        ("issue_model", "main", ["--jobs", "-2"], "argument --jobs: must be >= 1"),
+        ("tune", "parse_args", ["--batch-sizes", "0"], "argument --batch-sizes: must be >= 1"),
+        ("tune", "parse_args", ["--set", "tile=0"], "values must be integers >= 1 or None"),
+        ("tune", "parse_args", ["--set", "tile="], "--set takes KEY=V1,V2"),
+        ("tune", "parse_args", ["--out", str(afile)], "argument --out"),
+        ("plot_results", "main", [str(afile), "--out", str(tmp_path)], "is not JSON"),
+        ("plot_results", "main", [str(tmp_path / "missing.json")], "No such file"),
+        ("plot_results", "main", [str(results / "amd-epyc/model_bench/results.json"), "--out", str(tmp_path)],
          "is a model_bench.py result"),
-        (PLOT, [str(REPO / "bench/results/layer_memory/digitcaps_1152x10x16x8/results.json"), "--out", str(tmp_path)],
+        ("plot_results", "main",
+         [str(results / "layer_memory/digitcaps_1152x10x16x8/results.json"), "--out", str(tmp_path)],
          "is not a routing_sweep.py result"),
     ]
-    for script, args, message in cases:
-        assert message in run_refused(script, *args), (script.name, args)
-    assert "is not one" in run_refused(SWEEP, "--out", str(afile))
+    for module, function, args, message in cases:
+        with pytest.raises(SystemExit) as info:
+            getattr(importlib.import_module(module), function)(args)
+        err = capsys.readouterr().err
+        assert info.value.code == 2 and message in err, (module, args, err)
+    assert not list(tmp_path.glob("*.png"))  # nothing drawn
+    # the whole script: one line of usage error, no traceback
+    err = run_refused(SWEEP, "--out", str(afile))
+    assert f"argument --out: {str(afile)!r} cannot be a folder: {str(afile)!r} exists and is not one" in err
 
 
 def test_sweep_order_float32_first_then_half_types_interleaved():
