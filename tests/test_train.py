@@ -295,6 +295,11 @@ def test_missing_training_files_name_files_and_directory(fake_mnist, tmp_path, c
     assert train.main(argv) == 2
     err = capsys.readouterr().err
     assert str(fake_mnist) in err and all(name in err for name in data.FILES["train"])
+    # the folders a failed run created for --out are not left behind empty (found by
+    # break-testing); one that existed before stays
+    new_out = tmp_path / "new" / "run"
+    assert train.main([a if a != str(tmp_path) else str(new_out) for a in argv]) == 2
+    assert not (tmp_path / "new").exists() and tmp_path.is_dir()
 
 
 def test_run_writes_sane_metrics_checkpoint_and_plots(fake_mnist, tmp_path):
@@ -421,6 +426,10 @@ def test_diverging_run_stops_with_an_error_and_writes_nothing(fake_mnist, tmp_pa
     assert err.startswith("capstriton-train: error: the training loss became non-finite at epoch 1, step ")
     assert "no checkpoint was written" in err
     assert not (tmp_path / train.CHECKPOINT).exists() and not (tmp_path / train.METRICS).exists()
+    assert tmp_path.is_dir()  # it existed before the run
+    new_out = tmp_path / "run"
+    assert train.main(tiny_argv(fake_mnist, new_out, "--epochs", "1", "--lr", "1e30", "--dtype", dtype)) == 1
+    assert not new_out.exists()  # created by the run, which wrote nothing into it
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+import shutil
 import sys
 from pathlib import Path
 
@@ -160,8 +161,24 @@ def run(args: argparse.Namespace) -> dict:
     return metrics
 
 
-def _fail(error: Exception, code: int) -> int:
+def _first_missing(path: Path) -> Path | None:
+    """The outermost folder of ``path`` (itself included) that does not exist yet: what a run
+    creates for its --out. None when ``path`` exists."""
+    missing = None
+    for p in (path, *path.parents):
+        if p.exists():
+            break
+        missing = p
+    return missing
+
+
+def _fail(error: Exception, code: int, made: Path | None = None) -> int:
+    """Report ``error``; ``made``: the outermost folder this run created for --out, removed when
+    the run stopped before writing a file under it (a data error, a non-finite loss in the first
+    epoch)."""
     print(f"capstriton-train: error: {error}", file=sys.stderr)
+    if made is not None and made.is_dir() and not any(p.is_file() for p in made.rglob("*")):
+        shutil.rmtree(made, ignore_errors=True)  # (torchrun: every process may get here)
     return code
 
 
@@ -169,12 +186,13 @@ def main(argv: list[str] | None = None) -> int:
     """The command line: 0 on success, 2 for options that contradict the data, the checkpoint or
     the output directory, 1 when training stops on a non-finite loss or parameter."""
     args = options.parse_args(argv)
+    made = _first_missing(Path(args.out))
     try:
         run(args)
     except (data.MNISTDataError, SetupError, FileNotFoundError) as e:
-        return _fail(e, 2)
+        return _fail(e, 2, made)
     except TrainingError as e:
-        return _fail(e, 1)
+        return _fail(e, 1, made)
     finally:
         distributed.teardown()
     return 0
