@@ -189,11 +189,10 @@ def test_layer_products_run_on_tensor_cores(sm90_report):
         seen.add((name, entry["dtype"], precision))
     # every pass: bfloat16, and float32 at every precision (self-attention's final pass: bfloat16
     # and float32, always in IEEE)
-    every = {("fp16", "ieee"), ("bf16", "ieee")} | {("fp32", p) for p in ("ieee", "tf32", "tf32x3")}
     # both layers run float16 inputs as float32 at 3xTF32 (capstriton/ops/fused_layer.py,
     # float16_as_float32): float16 only as the fused layer's input gradient, which its bwd_input
     # kernel writes (a compilation labelled fp16 by that pointer)
-    fused = every - {("fp16", "ieee")}
+    fused = {("bf16", "ieee")} | {("fp32", p) for p in ("ieee", "tf32", "tf32x3")}
     as_float32 = {"fused_layer_bwd_input_kernel": {("fp16", "tf32x3")}}
     for name, (forward, reduce, final) in layers.items():
         assert {(d, p) for k, d, p in seen if k in forward} == fused, sorted(seen)

@@ -833,7 +833,7 @@ def capsule_routing_unfused(
     u_hat of about 4e6: infinite, v NaN; found by break-testing), so float16 inputs run as float32
     (u_hat twice the bytes) and v is rounded once to float16, as the fused layer and the torch
     backend compute it. bfloat16 has float32's range."""
-    if u.dtype == torch.float16:
-        v = dynamic_routing(capsule_predictions(u.float(), weight.float()), iterations, grad_through_routing)
-        return v.to(torch.float16)
-    return dynamic_routing(capsule_predictions(u, weight), iterations, grad_through_routing)
+    dtype = u.dtype
+    if dtype == torch.float16:
+        u, weight = u.float(), weight.float()
+    return dynamic_routing(capsule_predictions(u, weight), iterations, grad_through_routing).to(dtype)
