@@ -163,6 +163,9 @@ def main(argv=None) -> dict:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available")
+    if args.max_batch and args.device != "cuda":
+        # the search needs the CUDA allocator's peak (a CPU run would skip it without a word)
+        raise SystemExit(f"--max-batch needs a CUDA device (--device cuda); this run is on {args.device}")
     device = torch.device(args.device)
     spec = MODELS[args.model]
     impls = args.implementations or list(spec.implementations)

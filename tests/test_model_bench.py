@@ -153,3 +153,13 @@ def test_model_bench_rejects_bad_batches():
         [sys.executable, str(BENCH), "--batch-sizes", "0"], capture_output=True, text=True, cwd=REPO, timeout=120
     )
     assert proc.returncode == 2 and "argument --batch-sizes: must be >= 1" in proc.stderr
+
+
+def test_max_batch_is_refused_off_cuda(tmp_path):
+    """--max-batch searches with the CUDA allocator's peak: on CPU it is refused before any work,
+    where it used to be skipped without a word."""
+    import model_bench
+
+    with pytest.raises(SystemExit, match=r"--max-batch needs a CUDA device \(--device cuda\); this run is on cpu"):
+        model_bench.main(["--device", "cpu", "--max-batch", "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
