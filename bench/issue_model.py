@@ -916,7 +916,7 @@ def parse_label(label: str) -> dict:
     sizes.update(iterations=int(iterations or 3), grad_through_routing=True)
     op = {"layer": "layer", "routing": "routing", "attention-layer": "attention"}.get(kind)
     if op == "attention" and all(
-        sizes[k] == v for k, v in kernel_report._registry().specs()["fccaps"].fixed_sizes.items()
+        sizes[k] == v for k, v in kernel_report.bench_registry().specs()["fccaps"].fixed_sizes.items()
     ):
         op = "fccaps"  # Efficient-CapsNet's MNIST layer: its own bench op
     implementation = {"layer": "fused", "routing": "triton", "attention": "triton", "fccaps": "triton"}.get(op)
@@ -937,7 +937,7 @@ def op_memory_bound(meta: dict, mode: str, bandwidth: float) -> float | None:
         return None
     import torch
 
-    spec = kernel_report._registry().specs()[meta["op"]]
+    spec = kernel_report.bench_registry().specs()[meta["op"]]
     per_example = spec.min_bytes_per_example(meta["sizes"], getattr(torch, meta["dtype"]), mode, meta["batch"])
     return per_example * meta["batch"] / bandwidth
 
@@ -1059,7 +1059,7 @@ def targets_for(meta: dict, mode: str, doc: dict) -> list[dict]:
     the sizes the sweep timed (the DigitCaps layer) at B = 1024, where the targets are judged."""
     if meta["op"] is None or meta["batch"] != TARGET_BATCH or not _sizes_measured(meta, doc):
         return []
-    spec = kernel_report._registry().specs()[meta["op"]]
+    spec = kernel_report.bench_registry().specs()[meta["op"]]
     out = []
     for t in spec.targets:
         if (t.mode, t.implementation, t.dtype) != (mode, meta["implementation"], meta["dtype"]):
@@ -1244,7 +1244,7 @@ def main(argv=None) -> int:
         metavar="LABEL_PREFIX",
         help="kernel cases whose label starts with one of these (default: the DigitCaps-sized ones)",
     )
-    harness = kernel_report._harness()
+    harness = kernel_report.bench_harness()
     parser.add_argument("--out", type=harness.output_folder, default=None, help="folder for issue_model.json")
     parser.add_argument("--jobs", type=harness.positive_int, default=1, help="compiler processes (default 1)")
     parser.add_argument(

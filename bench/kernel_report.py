@@ -88,22 +88,24 @@ ARCHS = {
 # shapes: what the library is asked to run, as the bench specs declare it (KernelCase)
 
 
-def _harness():
+def bench_harness():
+    """bench/harness.py, imported from this folder (issue_model.py takes it from here too)."""
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import harness
 
     return harness
 
 
-def _registry():
-    harness = _harness()
+def bench_registry():
+    """bench/registry.py, the specs of every op the benches know, with capstriton importable."""
+    harness = bench_harness()
     harness.ensure_capstriton()
     return harness.import_registry()
 
 
 def spec_names() -> list[str]:
     """The specs that declare kernel cases (``--specs`` chooses among them)."""
-    return sorted(name for name, spec in _registry().specs().items() if spec.kernel_cases)
+    return sorted(name for name, spec in bench_registry().specs().items() if spec.kernel_cases)
 
 
 def shape_sets(specs=None) -> dict[str, list]:
@@ -111,7 +113,7 @@ def shape_sets(specs=None) -> dict[str, list]:
     ``digitcaps`` is the paper's layer, ``odd`` stresses the masks and the block heuristics with
     sizes that are not powers of two."""
     specs = spec_names() if specs is None else specs
-    chosen = [spec for name, spec in _registry().specs().items() if spec.kernel_cases and name in specs]
+    chosen = [spec for name, spec in bench_registry().specs().items() if spec.kernel_cases and name in specs]
     cases = [case for spec in chosen for case in spec.kernel_cases()]
     sets = {name: [c for c in cases if c.shape_set == name] for name in sorted({c.shape_set for c in cases})}
     return {**sets, "all": cases}
@@ -600,7 +602,7 @@ def spill_exceptions() -> dict:
 
 def parse_config(parser: argparse.ArgumentParser, items: list[str]) -> dict:
     """``KEY=VALUE`` overrides of the ops' launch parameters (the specs' ``config_keys``)."""
-    keys = sorted({k for spec in _registry().specs().values() for k in spec.config_keys})
+    keys = sorted({k for spec in bench_registry().specs().values() for k in spec.config_keys})
     config = {}
     for item in items:
         key, _, value = item.partition("=")
@@ -611,7 +613,7 @@ def parse_config(parser: argparse.ArgumentParser, items: list[str]) -> dict:
 
 
 def main(argv=None) -> int:
-    harness = _harness()
+    harness = bench_harness()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", nargs="+", choices=sorted(ARCHS), default=["sm_90"])
     parser.add_argument(
