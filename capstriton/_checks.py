@@ -82,11 +82,12 @@ def check_nonnegative(name: str, value) -> float:
 
 def check_class_indices(name: str, target: torch.Tensor, num_classes: int) -> None:
     """Integer ``target`` holds class indices in ``[0, num_classes)``. On a CPU the check raises
-    here; on CUDA it is a device-side assertion (no host synchronisation per training step, as
-    PyTorch's own losses); under torch.compile it is skipped (data-dependent)."""
-    if target.numel() == 0 or torch.compiler.is_compiling():
+    here; on CUDA, and under torch.compile on any device (a data-dependent branch would break the
+    graph), it is an asynchronous assertion: no host synchronisation per training step, as
+    PyTorch's own losses, and the step fails with this message where the values are read."""
+    if target.numel() == 0:
         return
-    if target.device.type == "cpu":
+    if target.device.type == "cpu" and not torch.compiler.is_compiling():
         lo, hi = torch.aminmax(target)
         if lo < 0 or hi >= num_classes:
             raise ValueError(

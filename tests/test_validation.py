@@ -550,3 +550,27 @@ def test_meta_tensors_give_shapes_on_the_torch_backend():
         out = call()
         assert out.device.type == "meta", name
         assert out.shape == shapes.get(name, (2, 3, 5)), name
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        pytest.param(lambda: lambda lengths, caps, t: ct.margin_loss(lengths, t), id="margin_loss"),
+        pytest.param(lambda: (lambda loss: lambda lengths, caps, t: loss(lengths, t))(ct.nn.CapsuleLoss()),
+                     id="CapsuleLoss"),
+        pytest.param(lambda: (lambda dec: lambda lengths, caps, t: dec(caps, t))(ct.nn.CapsuleDecoder(hidden=(8,))),
+                     id="CapsuleDecoder"),
+    ],
+)
+def test_class_indices_are_checked_under_compile(make):
+    """Compiled (fullgraph: no data-dependent branch), the class-index check is an asynchronous
+    assertion, as on CUDA; it was skipped, and a label of 10 of 10 classes gave a row an all-zero
+    one-hot without a word (break-testing). Good labels still run."""
+    torch._dynamo.reset()
+    fn = torch.compile(make(), fullgraph=True, backend="aot_eager")  # modules built outside the graph
+    caps = torch.randn(4, 10, 16)
+    lengths = caps.norm(dim=-1)
+    fn(lengths, caps, torch.tensor([1, 2, 3, 9]))
+    for bad in ([1, 2, 10, 3], [1, -1, 2, 3]):
+        with pytest.raises(RuntimeError, match=r"target must hold class indices in \[0, 10\)"):
+            fn(lengths, caps, torch.tensor(bad))
