@@ -845,6 +845,44 @@ def test_multi_process_batch_norm_is_synchronised_or_refused():
     assert distributed.sync_batch_norm(capsnet, torch.device("cpu")) is capsnet
 
 
+@pytest.mark.parametrize(
+    "env, message",
+    [
+        ({"RANK": "1"}, "environment variable RANK=1 must lie in [0, WORLD_SIZE=1)"),
+        ({"WORLD_SIZE": "2", "RANK": "2"}, "environment variable RANK=2 must lie in [0, WORLD_SIZE=2)"),
+        ({"WORLD_SIZE": "0"}, "environment variable WORLD_SIZE=0 must be >= 1"),
+        ({"RANK": "abc"}, "environment variable RANK='abc' must be an integer"),
+        ({"LOCAL_RANK": "-1"}, "environment variable LOCAL_RANK=-1 must be >= 0"),
+    ],
+)
+def test_torchrun_environment_is_checked(fake_mnist, tmp_path, monkeypatch, capsys, env, message):
+    """RANK / WORLD_SIZE / LOCAL_RANK that torchrun could not have set are refused by name before
+    any work (break-testing: a traceback from the training loop, or int()'s)."""
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    out = tmp_path / "run"
+    assert train.main(tiny_argv(fake_mnist, out, "--epochs", "1")) == 2
+    assert f"capstriton-train: error: {message}" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_a_process_without_training_examples_is_refused(fake_mnist, tmp_path, monkeypatch, capsys):
+    """Fewer training examples than processes: every global batch would be dropped (a process
+    needs an example of it), so the run would train nothing and report a loss of 0. Refused, naming
+    the options that leave too few (break-testing). The process group is faked: the check comes
+    before any communication."""
+    from capstriton.train import distributed
+
+    monkeypatch.setattr(distributed, "setup", lambda device: (distributed.DistInfo(0, 2, 0), torch.device("cpu")))
+    out = tmp_path / "run"
+    argv = tiny_argv(fake_mnist, out, "--epochs", "1")
+    argv[argv.index("--limit-train") + 1] = "1"
+    assert train.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "1 training example(s) for 2 processes: each needs at least one (--holdout or --limit-train" in err
+    assert not out.exists()
+
+
 def test_torchrun_two_processes_match_one(fake_mnist, tmp_path):
     """DDP over 2 gloo processes, 6 steps: ranks identical, and equal to one process on the
     same global batches (each rank takes half of every global batch and the same shifts)."""

@@ -52,13 +52,27 @@ def select_device(arg: str, local_rank: int) -> torch.device:
     return device
 
 
+def _env_int(name: str, default: int, least: int) -> int:
+    """The integer environment variable ``name`` (torchrun sets it), at least ``least``."""
+    text = os.environ.get(name)
+    if text is None:
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        raise SetupError(f"environment variable {name}={text!r} must be an integer") from None
+    if value < least:
+        raise SetupError(f"environment variable {name}={value} must be >= {least}")
+    return value
+
+
 def setup(device_arg: str) -> tuple[DistInfo, torch.device]:
     """Join the process group torchrun describes in the environment (none: single process)."""
-    info = DistInfo(
-        rank=int(os.environ.get("RANK", 0)),
-        world_size=int(os.environ.get("WORLD_SIZE", 1)),
-        local_rank=int(os.environ.get("LOCAL_RANK", 0)),
-    )
+    world_size = _env_int("WORLD_SIZE", 1, 1)
+    rank = _env_int("RANK", 0, 0)
+    if rank >= world_size:
+        raise SetupError(f"environment variable RANK={rank} must lie in [0, WORLD_SIZE={world_size})")
+    info = DistInfo(rank=rank, world_size=world_size, local_rank=_env_int("LOCAL_RANK", 0, 0))
     device = select_device(device_arg, info.local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)

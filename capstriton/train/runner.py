@@ -63,6 +63,11 @@ def run(args: argparse.Namespace) -> dict:
         _make_output_dir(out, args.resume is None, args.overwrite)
 
     train_x, train_y, eval_x, eval_y, source = splits.load(args)
+    if len(train_x) < info.world_size:  # each process's share of a batch would be empty: no step at all
+        raise SetupError(
+            f"{len(train_x)} training example(s) for {info.world_size} processes: each needs at least one "
+            "(--holdout or --limit-train leave too few)"
+        )
     torch.manual_seed(args.seed)
     model = models.MODELS[args.model].build(args).to(device)
     n_params = sum(p.numel() for p in model.parameters())
