@@ -235,8 +235,9 @@ def load_mnist(
 
 
 def to_float(images: torch.Tensor) -> torch.Tensor:
-    """uint8 ``[B, H, W]`` -> float32 ``[B, 1, H, W]`` in ``[0, 1]`` (the decoder's range);
-    ``[B, C, H, W]`` keeps its channels."""
+    """Pixel values 0 to 255, ``[B, H, W]`` -> float32 ``[B, 1, H, W]`` in ``[0, 1]`` (the decoder's
+    range); ``[B, C, H, W]`` keeps its channels. Any dtype is read as such values (uint8 as MNIST
+    stores them, or a float tensor of them): float images already in [0, 1] must not come here."""
     if images.dim() == 3:
         images = images.unsqueeze(1)
     elif images.dim() != 4:
@@ -248,7 +249,15 @@ def to_float(images: torch.Tensor) -> torch.Tensor:
 def draw_shifts(n: int, max_shift: int = 2, generator: torch.Generator | None = None) -> torch.Tensor:
     """``int64 [n, 2]`` offsets (dy, dx), each uniform in ``[-max_shift, max_shift]``, drawn on the
     CPU: what :func:`random_shift` applies."""
+    _check_max_shift(max_shift)
     return torch.randint(-max_shift, max_shift + 1, (n, 2), generator=generator)
+
+
+def _check_max_shift(max_shift) -> None:
+    if isinstance(max_shift, bool) or not isinstance(max_shift, int):
+        raise TypeError(f"max_shift must be an int, got {type(max_shift).__name__}")
+    if max_shift < 0:
+        raise ValueError(f"max_shift must be >= 0, got {max_shift}")
 
 
 def random_shift(
@@ -269,8 +278,14 @@ def random_shift(
     if images.dim() != 4:
         raise ValueError(f"images must have shape [B, C, H, W], got {tuple(images.shape)}")
     b, c, h, w = images.shape
+    _check_max_shift(max_shift)
     if shifts is None:
         shifts = draw_shifts(b, max_shift, generator)
+    if not isinstance(shifts, torch.Tensor) or shifts.is_floating_point() or shifts.is_complex() or (
+        shifts.dtype == torch.bool
+    ):
+        what = f"{shifts.dtype} tensor" if isinstance(shifts, torch.Tensor) else type(shifts).__name__
+        raise TypeError(f"shifts must be an integer tensor, got a {what}")
     if shifts.shape != (b, 2):
         raise ValueError(f"shifts must have shape [B, 2] = [{b}, 2], got {tuple(shifts.shape)}")
     if b and shifts.abs().max() > max_shift:

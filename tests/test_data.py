@@ -8,6 +8,7 @@ import functools
 import gzip
 import hashlib
 import http.server
+import re
 import socket
 import struct
 import threading
@@ -267,6 +268,32 @@ def test_random_shift_rejects_bad_shapes():
     for dy in (3, -3):
         with pytest.raises(ValueError, match=r"\[-2, 2\] \(max_shift\)"):
             data.random_shift(torch.rand(2, 1, 28, 28), 2, shifts=torch.tensor([[0, 0], [dy, 1]]))
+
+
+@pytest.mark.parametrize(
+    "call, error, pattern",
+    [
+        (lambda: data.draw_shifts(3, -1), ValueError, "max_shift must be >= 0, got -1"),
+        (lambda: data.draw_shifts(3, 1.5), TypeError, "max_shift must be an int, got float"),
+        (lambda: data.random_shift(torch.rand(2, 1, 8, 8), -1), ValueError, "max_shift must be >= 0, got -1"),
+        (lambda: data.random_shift(torch.rand(2, 1, 8, 8), True), TypeError, "max_shift must be an int, got bool"),
+        (
+            lambda: data.random_shift(torch.rand(2, 1, 8, 8), 2, shifts=torch.ones(2, 2)),
+            TypeError,
+            "shifts must be an integer tensor, got a torch.float32 tensor",
+        ),
+        (
+            lambda: data.random_shift(torch.rand(2, 1, 8, 8), 2, shifts=[[0, 1], [1, 0]]),
+            TypeError,
+            "shifts must be an integer tensor, got a list",
+        ),
+    ],
+)
+def test_shift_arguments_are_checked_by_name(call, error, pattern):
+    """Break-testing: a negative or fractional max_shift failed inside torch.randint, and float
+    shifts as an IndexError from the gather; both now name the argument."""
+    with pytest.raises(error, match=re.escape(pattern)):
+        call()
 
 
 @pytest.mark.parametrize("num_examples, batch_size, world_size", [(10, 4, 2), (23, 8, 3), (9, 9, 4)])
