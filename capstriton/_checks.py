@@ -125,11 +125,19 @@ def triton_unavailable_reason(device: torch.device) -> str | None:
         return "the triton package is not installed"
     if device.type == "cuda":
         return None
-    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
-        return None
+    if device.type == "cpu":
+        from .ops._launch import INTERPRETED  # (imports triton: not before the triton backend is asked for)
+
+        if INTERPRETED:
+            return None
+        if os.environ.get("TRITON_INTERPRET", "0").lower() not in ("", "0", "false", "off", "no"):
+            return (
+                "TRITON_INTERPRET is set, but capstriton's kernels were made for a GPU: the variable must be "
+                "set before triton and capstriton are imported"
+            )
     return (
-        f"triton kernels run on CUDA tensors (or CPU tensors with TRITON_INTERPRET=1 set before "
-        f"triton is imported), got a tensor on {device}"
+        f"triton kernels run on CUDA tensors (or CPU tensors under Triton's interpreter: TRITON_INTERPRET=1 "
+        f"set before triton is imported), got a tensor on {device}"
     )
 
 

@@ -274,7 +274,10 @@ def test_bad_arguments_name_the_option(argv, named, capsys):
 
 
 def test_triton_backend_where_it_cannot_run_names_backend(monkeypatch, capsys):
+    from capstriton.ops import _launch
+
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(_launch, "INTERPRETED", False)  # GPU kernels, as without the interpreter
     if torch.cuda.is_available():
         pytest.skip("triton can run on this machine's GPU")
     with pytest.raises(SystemExit):

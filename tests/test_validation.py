@@ -3,7 +3,10 @@ edge cases that are valid (empty batch, non-contiguous input) give the right res
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -367,15 +370,21 @@ BAD_CALLS = [
 @pytest.mark.parametrize("call, error, pattern", [c[1:] for c in BAD_CALLS], ids=[c[0] for c in BAD_CALLS])
 def test_bad_input_raises_naming_the_argument(call, error, pattern, monkeypatch):
     # As on a CPU-only machine (conftest): the triton rows then fail on dtype or device, not on a
-    # missing interpreter, also on a GPU machine where conftest leaves the variable unset.
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    # missing interpreter, also on a GPU machine, whose kernels are not the interpreter's.
+    from capstriton.ops import _launch
+
+    monkeypatch.setattr(_launch, "INTERPRETED", True)
     with pytest.raises(error, match=pattern):
         call()
 
 
 @pytest.mark.parametrize("value", [None, "0", ""], ids=["unset", "zero", "empty"])
 def test_triton_on_cpu_without_interpreter_raises(monkeypatch, value):
-    # The check reads TRITON_INTERPRET at call time; conftest sets it to 1 on CPU-only machines.
+    # Whether the kernels are the interpreter's is decided when they are imported (conftest sets
+    # TRITON_INTERPRET=1 first on CPU-only machines): here they are made GPU kernels.
+    from capstriton.ops import _launch
+
+    monkeypatch.setattr(_launch, "INTERPRETED", False)
     if value is None:
         monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     else:
@@ -389,6 +398,37 @@ def test_triton_on_cpu_without_interpreter_raises(monkeypatch, value):
     # "auto" never raises for it: CPU tensors take the reference.
     x = u_hat()
     assert torch.equal(ct.dynamic_routing(x, backend="auto"), ct.dynamic_routing(x, backend="torch"))
+
+
+_LATE_INTERPRETER = """
+import os, torch, capstriton as ct, capstriton.ops  # the ops import the kernels
+x = torch.randn(3, 5)
+if os.environ.get("TRITON_INTERPRET"):  # set before the imports: the kernels are the interpreter's
+    print(ct.squash(x, backend="triton").sub(ct.squash(x, backend="torch")).abs().max().item())
+else:
+    os.environ["TRITON_INTERPRET"] = "1"  # too late: the kernels were made for a GPU
+    try:
+        ct.squash(x, backend="triton")
+    except ValueError as e:
+        print(e)
+"""
+
+
+@pytest.mark.parametrize("value", [None, "true"], ids=["set-after-import", "true"])
+def test_the_interpreter_is_what_the_kernels_were_made_for(value):
+    """Break-testing (the spec audit): the check read TRITON_INTERPRET at call time, so a variable
+    set after the import passed it and failed inside triton ("0 active drivers"), and "true",
+    which triton honours, was refused. It now asks what triton.jit made of the kernels."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if value is not None:
+        env["TRITON_INTERPRET"] = value
+    proc = subprocess.run([sys.executable, "-c", _LATE_INTERPRETER], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    if value is None:
+        assert "TRITON_INTERPRET is set, but capstriton's kernels were made for a GPU" in proc.stdout
+    else:
+        assert float(proc.stdout.split()[-1]) <= 1e-6
 
 
 def test_auto_resolves_to_torch_for_cpu_tensors():

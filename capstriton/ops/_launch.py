@@ -11,7 +11,14 @@ import torch
 from torch.library import wrap_triton
 from triton.runtime.jit import JITFunction
 
-__all__ = ["launch", "empty", "poisoned", "recording"]
+from ..kernels.common import squash_parts
+
+__all__ = ["INTERPRETED", "launch", "empty", "poisoned", "recording"]
+
+#: Whether the kernels run under Triton's interpreter (on CPU tensors): what ``triton.jit`` made
+#: of them when they were imported (TRITON_INTERPRET then), not what the variable says now. A
+#: module constant: dispatch reads it inside torch.compile'd code.
+INTERPRETED = not isinstance(squash_parts, JITFunction)
 
 #: Set by :func:`poisoned`: buffers come NaN-filled instead of uninitialised.
 _poison = False

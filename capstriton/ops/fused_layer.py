@@ -29,7 +29,6 @@ accumulation.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -51,7 +50,7 @@ from ..kernels.fused_layer import (
     fused_layer_uniform_sums_kernel,
 )
 from ..reference.capsule_routing import capsule_predictions
-from ._launch import empty, launch
+from ._launch import INTERPRETED, empty, launch
 from ._transforms import no_double_backward
 from .dynamic_routing import PassConfig, check_tuning, dynamic_routing, input_split, rows_per_tile
 
@@ -335,7 +334,7 @@ def chunked_constexprs(cfg: ChunkedConfig, u: torch.Tensor, precision: str) -> d
         "HALF": u.dtype != torch.float32,
         "PRECISION": precision if u.dtype == torch.float32 else "ieee",
         # the interpreter: float32 products (kernels/common.py: dot_f32)
-        "DOT_F32": os.environ.get("TRITON_INTERPRET") == "1",
+        "DOT_F32": INTERPRETED,
         "num_warps": cfg.num_warps,
         "num_stages": 1,
     }
@@ -352,7 +351,6 @@ def fused_constexprs(cfg: FusedConfig, dtype: torch.dtype, precision: str) -> di
     # Triton's interpreter (3.6 to 3.9) multiplies every dot in float32 whatever the precision, and
     # bfloat16 operands as their raw 16-bit integers: the kernels widen them (exactly) and skip the
     # 3xTF32 split when it runs them (kernels/common.py: dot_f32).
-    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
     return {
         "BLOCK_B": cfg.block_b,
         "BLOCK_J": cfg.block_j,
@@ -361,7 +359,7 @@ def fused_constexprs(cfg: FusedConfig, dtype: torch.dtype, precision: str) -> di
         "USE_DOT": cfg.use_dot,
         # float32 products only: half types multiply on tensor cores whatever the setting
         "PRECISION": precision if dtype == torch.float32 else "ieee",
-        "DOT_F32": interpreted and cfg.use_dot,
+        "DOT_F32": INTERPRETED and cfg.use_dot,
         "num_warps": cfg.num_warps,
         # no software pipelining of the capsule loops: its staged copies of the u and W tiles
         # cost registers and shared memory that the routing blocks need (spills otherwise)
