@@ -398,6 +398,11 @@ def test_help_shows_the_defaults_of_a_new_run(capsys):
     assert resumed.lr == 0.01 and resumed.decoder_hidden is None
     assert resumed.batch_size is train.OMITTED and resumed.no_augment is train.OMITTED
     assert resumed.model is train.OMITTED
+    # --out follows the model (the spec audit: its default was capsnet's for both, and not shown)
+    assert "--out DIR the run's folder: checkpoint, metrics and plots (default: runs/MODEL-mnist" in text
+    assert args.out == "runs/capsnet-mnist" and resumed.out == "runs/capsnet-mnist"
+    assert train.parse_args(["--model", "efficient-capsnet"]).out == "runs/efficient-capsnet-mnist"
+    assert train.parse_args(["--model", "efficient-capsnet", "--out", "x"]).out == "x"
 
 
 # --- a non-finite loss or parameter stops training; nothing of that epoch is saved

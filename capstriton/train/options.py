@@ -128,6 +128,8 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
                 default = values[0] if len(values) == 1 else ", ".join(f"{v} for {n}" for n, v in given.items())
             default = default.replace("%", "%%")
             return f"{action.help or ''} (default: {default}; with --resume: the checkpoint's)".lstrip()
+        if action.help and "(default:" in action.help:  # a default the help describes (--out's)
+            return action.help
         return super()._get_help_string(action)
 
 
@@ -204,7 +206,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     g = p.add_argument_group("output")
-    g.add_argument("--out", default="runs/capsnet-mnist", metavar="DIR")
+    g.add_argument(
+        "--out",
+        default=None,
+        metavar="DIR",
+        help="the run's folder: checkpoint, metrics and plots (default: runs/MODEL-mnist, MODEL the --model "
+        f"given, else {DEFAULT_MODEL})",
+    )
     g.add_argument(
         "--resume",
         nargs="?",
@@ -240,6 +248,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"argument --device: {args.device!r} asked for but CUDA is not available")
         if device.type not in ("cpu", "cuda"):
             parser.error(f"argument --device: expected auto, cpu or cuda[:N], got {args.device!r}")
+    if args.out is None:
+        args.out = f"runs/{DEFAULT_MODEL if args.model is OMITTED else args.model}-mnist"
     if args.overwrite and args.resume is not None:
         parser.error("argument --overwrite: starts a new run, --resume continues one: give one of them")
     if args.backend == "triton":
