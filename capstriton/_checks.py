@@ -115,7 +115,7 @@ def check_same(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor) -> No
 
 
 #: Looked up once at import: dispatch runs inside torch.compile'd code, where dynamo refuses to
-#: trace importlib (a graph break on torch 2.11, seen on an H200).
+#: trace importlib (a graph break on torch 2.11).
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 

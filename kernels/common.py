@@ -201,7 +201,7 @@ def softmax_over_outputs(b_logit, m_j):
     b_e = tl.exp(b_logit - tl.max(b_logit, axis=1)[:, None])
     # IEEE reciprocal (Triton's `/` is the 2-ulp div.full.f32): a saturated softmax must give
     # exactly one-hot coefficients, else the logit gradient c (a - sum c a) is eps * a instead of
-    # 0, which overflows float32 in the backward for inputs of 1e30 (seen on an H200)
+    # 0, which overflows float32 in the backward for inputs of 1e30
     return b_e * tl.math.div_rn(1.0, tl.sum(b_e, axis=1))[:, None]
 
 
@@ -213,8 +213,8 @@ def softmax_over_outputs_vjp(b_c, b_a):
     # Where c == 1 in float32 the exact gradient is below the rounding of its terms, but
     # c (a - sum_k c_k a_k) returns the rounding difference of a and the sum: the copies of a held
     # by different lanes differ by an ulp (shuffle reductions with fused multiply-adds). For 1e30
-    # inputs that ulp, carried through the backward's running sums, grew to inf (seen on an H200;
-    # exact under the interpreter).
+    # inputs that ulp, carried through the backward's running sums, grows to inf on a GPU (exact
+    # under the interpreter).
     return tl.where(b_c < 1.0, b_g, 0.0)
 
 
@@ -272,8 +272,8 @@ def load_weight_t(p_w, o_k, o_wn, m_n, D_in, stride_wk):
 def dot_f32(a, b, PRECISION: tl.constexpr, DOT_F32: tl.constexpr):
     """``a @ b`` accumulated in float32, the float32 products at ``PRECISION``: "ieee", "tf32", or
     "tf32x3", made here rather than by Triton (whose decomposition also guards every element
-    against infinity: the fused layer's sums pass took 413 instructions a chunk so, 349 this way,
-    sm_90): each operand split into its TF32 rounding ``hi`` and the remainder ``lo = x - hi``
+    against infinity, which costs instructions: bench/results/kernel_report/NOTES.md): each
+    operand split into its TF32 rounding ``hi`` and the remainder ``lo = x - hi``
     (exact), and ``lo_a hi_b + hi_a lo_b + hi_a hi_b`` summed on the tensor cores, smallest first;
     TF32 products of TF32 values are exact, the remainders lose their bits beyond TF32 (about
     2^-21 of the operand) and ``lo_a lo_b`` (below 2^-22 of the product) is dropped. An infinite operand gives
@@ -367,8 +367,7 @@ def coefficient_parts(c):
     """float32 coefficients ``c`` (any shape) as the three bfloat16 numbers ``half_products``
     takes: ``-hi``, ``hi`` and ``lo`` of ``half_parts(c)``. Split before they are repeated over a
     capsule's components: one split a coefficient. (-hi as hi of -c, formed as c x -1: triton 3.6's
-    interpreter negates 0 to +0; flipping hi's sign bit instead cost 4 more instructions a chunk in
-    the sums pass, sm_90.)"""
+    interpreter negates 0 to +0; flipping hi's sign bit instead takes more instructions.)"""
     c_hi, c_lo = half_parts(c, tl.bfloat16)
     c_nhi, _ = half_parts(c * -1.0, tl.bfloat16)
     return c_nhi, c_hi, c_lo
@@ -402,8 +401,8 @@ def half_products(c_nhi, c_hi, c_lo, u, EMULATE: tl.constexpr):
         # the outputs written last: they may share registers with the inputs.
         # is_pure=False: Triton may not move the products past layout conversions, so they run
         # where u is loaded (4 coefficients a thread, each split once), not in the tensor-core
-        # operand's layout, where the 4 lanes of a quad each split the same 16 (bfloat16 sums
-        # pass, sm_90: 190 instructions a chunk and output capsule there, 145 here)
+        # operand's layout, where the 4 lanes of a quad each split the same 16 (the counts:
+        # bench/results/kernel_report/NOTES.md, "c u by packed half arithmetic")
         nhi, lo = tl.inline_asm_elementwise(
             "{ .reg .b32 z, h, r, l; mov.b32 z, 0x80008000; fma.rn.bf16x2 h, $2, $5, z; "
             "fma.rn.bf16x2 r, $3, $5, h; fma.rn.bf16x2 l, $4, $5, r; mov.b32 $0, h; mov.b32 $1, l; }",

@@ -79,13 +79,13 @@ _F32 = torch.float32
 FUSED_MAX_OUTPUTS = 2048
 #: "highest" as 3xTF32: its products drop only the product of the two remainders and truncate the
 #: remainders to TF32, a relative error of at most about 2^-20 per product against IEEE's 2^-24,
-#: which the routing's own float32 rounding hides: routing an emulation of its predictions
-#: (tests/ops/test_fused_layer.py) lands as close to float64 as routing IEEE predictions (paper's
-#: layer: 6.9e-7 against 6.7e-7; plain TF32 3.4e-4). The split is the kernels' own
+#: which the routing's own float32 rounding hides: routing an emulation of its predictions lands
+#: as close to float64 as routing IEEE predictions (tests/ops/test_fused_layer.py; the figures in
+#: bench/results/kernel_report/NOTES.md). The split is the kernels' own
 #: (``kernels/common.py``: ``dot_f32``). Limits of the trick: operands above the largest TF32
 #: (3.40e38) round to infinity (their products NaN), and remainders below float32's normal range
-#: (operands under about 2e-35) may be flushed, leaving TF32 accuracy there. The static model
-#: predicts the float32 forward 2.2x faster than with IEEE FMAs (bench/results/kernel_report/NOTES.md).
+#: (operands under about 2e-35) may be flushed, leaving TF32 accuracy there. Tensor-core products
+#: take fewer instructions than IEEE FMAs (the issue model: bench/results/kernel_report/NOTES.md).
 _PRECISIONS = {"highest": "tf32x3", "high": "tf32", "medium": "tf32"}
 #: Flattened outputs (j, d) a program of the forward's iteration 0 multiplies at most (its u operand
 #: shared by all of them; chosen from the kernel report, bench/results/kernel_report/NOTES.md).
