@@ -266,6 +266,23 @@ def test_fused_layer_batch_sizes(batch):
         check_layer(u, w, 3, True, TOL[torch.float32])
 
 
+@pytest.mark.parametrize("grad_mode", [True, False], ids=["through", "detached"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_empty_batch_every_dtype_and_gradient_mode(dtype, grad_mode):
+    """No example: an empty v of u's dtype, and gradients of the inputs' shapes and dtypes, the
+    weight's zero; for the fused layer and the routing on predictions alike."""
+    u, w = layer_inputs(0, 7, 3, 5, 4, dtype=dtype)
+    u.requires_grad_(), w.requires_grad_()
+    v = ct.capsule_routing(u, w, 3, grad_through_routing=grad_mode, backend="triton")
+    du, dw = torch.autograd.grad(v.sum(), (u, w))
+    assert v.shape == (0, 3, 5) and v.dtype == dtype
+    assert du.shape == u.shape and dw.shape == w.shape and du.dtype == dw.dtype == dtype and (dw == 0).all()
+    u_hat = torch.randn(0, 7, 3, 5, device=KERNEL_DEVICE).to(dtype).requires_grad_()
+    v = ct.dynamic_routing(u_hat, 3, grad_through_routing=grad_mode, backend="triton")
+    (du_hat,) = torch.autograd.grad(v.sum(), u_hat)
+    assert v.shape == (0, 3, 5) and v.dtype == dtype and du_hat.shape == u_hat.shape and du_hat.dtype == dtype
+
+
 @pytest.mark.slow
 def test_fused_layer_1152_input_capsules():
     """The paper's N_in (with fewer programs than the default aims for: the interpreter pays per

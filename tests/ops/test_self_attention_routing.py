@@ -233,6 +233,30 @@ def test_layer_float16_gradients_keep_float32_range(u_scale, w_scale, grad_scale
         assert_float16_range(name, grad, want, min_normal=5 if name == "du" else 0)
 
 
+@pytest.mark.parametrize("batch", [0, 1])
+def test_layer_batch_sizes(batch):
+    x = inputs_for(batch, 7, 3, 5, 9)
+    if batch == 0:
+        u, w, bias = (t.requires_grad_() for t in x)
+        v = ct.self_attention_capsule_routing(u, w, bias, backend="triton")
+        du, dw, db = torch.autograd.grad(v.sum(), (u, w, bias))
+        assert v.shape == (0, 3, 5) and du.shape == u.shape  # no example: no gradient
+        assert dw.shape == w.shape and (dw == 0).all() and (db == 0).all()
+        return
+    g = torch.randn(batch, 3, 5, device=KERNEL_DEVICE)
+    check(layer_triton(FEW), naive_layer, x, g, TOL[torch.float32], ["du", "dw", "dbias"])
+
+
+def test_layer_non_contiguous_and_expanded_gradient():
+    dev = KERNEL_DEVICE
+    u = torch.randn(9, 5, 4, device=dev).transpose(0, 1)[:, ::2]  # [5, 5, 4]: batch and capsules strided
+    w = (0.5 * torch.randn(3, 5, 6, 4, device=dev)).permute(1, 0, 2, 3)  # [5, 3, 6, 4]
+    bias = (0.2 * torch.randn(3, 5, device=dev)).t()  # [5, 3]
+    assert not (u.is_contiguous() or w.is_contiguous() or bias.is_contiguous())
+    g = torch.ones(1, 1, 1, device=dev).expand(5, 3, 6)  # as from v.sum(): stride 0
+    check(layer_triton(FEW), naive_layer, [u, w, bias], g, TOL[torch.float32], ["du", "dw", "dbias"])
+
+
 def test_layer_through_the_public_function_and_module():
     layer = ct.nn.SelfAttentionCapsules(16, 8, 10, 16, backend="triton").to(KERNEL_DEVICE)
     with torch.no_grad():
@@ -292,6 +316,25 @@ def test_efficient_squash_dtypes(dtype):
     g = torch.randn(5, 37, 16, device=KERNEL_DEVICE).to(dtype)
     naive = lambda t: torch.stack([naive_efficient_squash(r) for r in t.reshape(-1, 16)]).view_as(t)  # noqa: E731
     check(lambda t: ct.efficient_squash(t, backend="triton"), naive, [s], g, TOL[dtype], ["ds"])
+
+
+def test_efficient_squash_empty_strided_and_along_another_dim():
+    """The triton squash of no capsules, of a non-contiguous tensor with a stride-0 gradient, and
+    along a middle dimension, against the formula applied to each capsule."""
+    empty = torch.randn(0, 4, 16, device=KERNEL_DEVICE, requires_grad=True)
+    v = ct.efficient_squash(empty, backend="triton")
+    (ds,) = torch.autograd.grad(v.sum(), empty)
+    assert v.shape == empty.shape and ds.shape == empty.shape
+    s = torch.randn(6, 11, 7, device=KERNEL_DEVICE).transpose(0, 2)[::2]  # [4, 11, 6]
+    assert not s.is_contiguous()
+    g = torch.ones(1, 1, 1, device=KERNEL_DEVICE).expand(4, 11, 6)
+    naive = lambda t: torch.stack([naive_efficient_squash(r) for r in t.reshape(-1, t.shape[-1])]).view_as(t)  # noqa: E731
+    check(lambda t: ct.efficient_squash(t, backend="triton"), naive, [s], g, TOL[torch.float32], ["ds"])
+    middle = torch.randn(3, 9, 5, device=KERNEL_DEVICE)  # capsules of 9 along dim 1
+    g = torch.randn(3, 9, 5, device=KERNEL_DEVICE)
+    naive_dim1 = lambda t: naive(t.transpose(1, 2)).transpose(1, 2)  # noqa: E731
+    check(lambda t: ct.efficient_squash(t, dim=1, backend="triton"), naive_dim1, [middle], g, TOL[torch.float32],
+          ["ds"])
 
 
 def test_reference_routing_and_layer_against_loops():

@@ -32,7 +32,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import capstriton as ct
-from capstriton.ops.squash import squash_fwd
+from capstriton.ops.squash import efficient_squash_fwd, squash_fwd
 
 TOL = KERNEL_TOL
 #: Float64 reference against the printed formula: a few roundings of 2^-53 per term.
@@ -113,6 +113,7 @@ def test_half_squash_keeps_dtype():
 def test_opcheck_squash():
     s = torch.randn(5, 37, 16, device="cuda", requires_grad=True)
     torch.library.opcheck(squash_fwd, (s,))
+    torch.library.opcheck(efficient_squash_fwd, (s,))
 
 
 # ---------------------------------------------------------------------------------------------
