@@ -26,6 +26,9 @@ import triton
 import triton.language as tl
 
 __all__ = [
+    "dynamic_routing_finalize_kernel",
+    "dynamic_routing_bwd_sum_kernel",
+    "fused_layer_bwd_dw_sum_kernel",
     "squash_parts",
     "squash_from_parts",
     "squash_vjp",
@@ -513,3 +516,69 @@ def layer_input_grads(
             p_dw_k = p_dw + o_n * D_in + k
             tl.store(p_dw_k, tl.load(p_dw_k, mask=m_n, other=0.0) + tl.sum(b_duh * b_uk[:, None], axis=0), mask=m_n)
     return b_dw
+
+
+# ---------------------------------------------------------------------------------------------
+# kernels the algorithms share: per-example sums of a pass's partials in split order. They keep
+# the names of the algorithm that introduced them (the kernel reports and the issue model are
+# keyed by kernel name).
+
+
+@triton.jit(do_not_specialize=["B", "SPLIT", "last"])
+def dynamic_routing_finalize_kernel(
+    part_ptr,  # [B, SPLIT, N_out, D] f32 partial s of the last iteration
+    s_buf_ptr,  # [R, B, N_out, D] f32 saved s_r (slot R-1 written here)
+    v_ptr,  # [B, N_out, D] output v, dtype of u_hat, contiguous
+    B,
+    N_out,
+    D,
+    SPLIT,
+    last,  # R - 1
+    BLOCK_J: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    i_b = tl.program_id(0).to(tl.int64)
+    o_j, o_d, m_j, m_jd, o_jd = caps_block(N_out, D, BLOCK_J, BLOCK_D)
+    caps_size = N_out * D
+    b_s = sum_splits(part_ptr + i_b * SPLIT * caps_size, SPLIT, caps_size, o_jd, m_jd)
+    b_unit, b_p, large = squash_parts(b_s)
+    b_v = squash_from_parts(b_unit, b_p, large)
+    tl.store(s_buf_ptr + (last * B + i_b) * caps_size + o_jd, b_s, mask=m_jd)
+    tl.store(v_ptr + i_b * caps_size + o_jd, b_v.to(v_ptr.dtype.element_ty), mask=m_jd)
+
+
+@triton.jit(do_not_specialize=["B", "SPLIT"])
+def dynamic_routing_bwd_sum_kernel(
+    dpart_ptr,  # [B, SPLIT, N_out, D] f32 partials of dV_r from the reduce launch for step r
+    dvsum_ptr,  # [B, N_out, D] f32 running sum: dv_r in (unless FIRST), dv_{r-1} = dv_r + dV_r out
+    B,
+    N_out,
+    D,
+    SPLIT,
+    BLOCK_J: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    FIRST: tl.constexpr,  # r = R-1: dv_r is the output gradient, not in the running sum
+):
+    i_b = tl.program_id(0).to(tl.int64)
+    o_j, o_d, m_j, m_jd, o_jd = caps_block(N_out, D, BLOCK_J, BLOCK_D)
+    caps_size = N_out * D
+    b_dV = sum_splits(dpart_ptr + i_b * SPLIT * caps_size, SPLIT, caps_size, o_jd, m_jd)
+    p_sum = dvsum_ptr + i_b * caps_size + o_jd
+    if not FIRST:
+        b_dV += tl.load(p_sum, mask=m_jd, other=0.0)
+    tl.store(p_sum, b_dV, mask=m_jd)
+
+
+@triton.jit(do_not_specialize=["numel", "G"])
+def fused_layer_bwd_dw_sum_kernel(
+    dw_part_ptr,  # [G, numel] f32 the batch groups' parts of the weight gradient
+    dw_ptr,  # [numel] the weight gradient, dtype of the weight, contiguous
+    numel,
+    G,
+    BLOCK: tl.constexpr,
+):
+    """``dW = sum_g dW_part[g]``, in group order (deterministic)."""
+    o = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = o < numel
+    b_acc = sum_splits(dw_part_ptr, G, numel, o, m)
+    tl.store(dw_ptr + o, b_acc.to(dw_ptr.dtype.element_ty), mask=m)

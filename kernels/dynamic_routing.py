@@ -14,7 +14,8 @@ Each launch is one pass over ``u``:
 forward, iteration r (``dynamic_routing_fwd_kernel``): reduce the previous iteration's per-split
     partial sums ``s_{r-1}`` in a fixed order (deterministic), squash to ``v_{r-1}``, form
     ``V_r``; then accumulate this split's partial ``s_r = sum_i c_r[i, j] u[i, j]``.
-    ``dynamic_routing_finalize_kernel`` reduces the last partials and writes ``v = v_{R-1}``.
+    ``dynamic_routing_finalize_kernel`` (``common.py``, as every algorithm's split sums) reduces
+    the last partials and writes ``v = v_{R-1}``.
     Saved for the backward: ``s_r`` and ``V_r`` for every r (2 x R x N_out x D per example).
 
 backward (DESIGN.md section 1), gradient through routing: ``dynamic_routing_bwd_reduce_kernel`` for
@@ -57,9 +58,7 @@ from .common import (
 
 __all__ = [
     "dynamic_routing_fwd_kernel",
-    "dynamic_routing_finalize_kernel",
     "dynamic_routing_bwd_reduce_kernel",
-    "dynamic_routing_bwd_sum_kernel",
     "dynamic_routing_bwd_final_kernel",
 ]
 
@@ -139,29 +138,6 @@ def dynamic_routing_fwd_kernel(
     tl.store(part_out_ptr + (i_b * SPLIT + i_k) * caps_size + o_jd, b_s, mask=m_jd)
 
 
-@triton.jit(do_not_specialize=["B", "SPLIT", "last"])
-def dynamic_routing_finalize_kernel(
-    part_ptr,  # [B, SPLIT, N_out, D] f32 partial s of the last iteration
-    s_buf_ptr,  # [R, B, N_out, D] f32 saved s_r (slot R-1 written here)
-    v_ptr,  # [B, N_out, D] output v, dtype of u_hat, contiguous
-    B,
-    N_out,
-    D,
-    SPLIT,
-    last,  # R - 1
-    BLOCK_J: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
-    i_b = tl.program_id(0).to(tl.int64)
-    o_j, o_d, m_j, m_jd, o_jd = caps_block(N_out, D, BLOCK_J, BLOCK_D)
-    caps_size = N_out * D
-    b_s = sum_splits(part_ptr + i_b * SPLIT * caps_size, SPLIT, caps_size, o_jd, m_jd)
-    b_unit, b_p, large = squash_parts(b_s)
-    b_v = squash_from_parts(b_unit, b_p, large)
-    tl.store(s_buf_ptr + (last * B + i_b) * caps_size + o_jd, b_s, mask=m_jd)
-    tl.store(v_ptr + i_b * caps_size + o_jd, b_v.to(v_ptr.dtype.element_ty), mask=m_jd)
-
-
 @triton.jit(do_not_specialize=["B", "SPLIT", "caps_per_split", "r"])
 def dynamic_routing_bwd_reduce_kernel(
     u_ptr,  # [B, N_in, N_out, D] predictions, strides stride_u*
@@ -212,28 +188,6 @@ def dynamic_routing_bwd_reduce_kernel(
         b_acc += b_g[:, :, None] * b_u
     b_dV = tl.sum(b_acc, axis=0)
     tl.store(dpart_ptr + (i_b * SPLIT + i_k) * caps_size + o_jd, b_dV, mask=m_jd)
-
-
-@triton.jit(do_not_specialize=["B", "SPLIT"])
-def dynamic_routing_bwd_sum_kernel(
-    dpart_ptr,  # [B, SPLIT, N_out, D] f32 partials of dV_r from the reduce launch for step r
-    dvsum_ptr,  # [B, N_out, D] f32 running sum: dv_r in (unless FIRST), dv_{r-1} = dv_r + dV_r out
-    B,
-    N_out,
-    D,
-    SPLIT,
-    BLOCK_J: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    FIRST: tl.constexpr,  # r = R-1: dv_r is the output gradient, not in the running sum
-):
-    i_b = tl.program_id(0).to(tl.int64)
-    o_j, o_d, m_j, m_jd, o_jd = caps_block(N_out, D, BLOCK_J, BLOCK_D)
-    caps_size = N_out * D
-    b_dV = sum_splits(dpart_ptr + i_b * SPLIT * caps_size, SPLIT, caps_size, o_jd, m_jd)
-    p_sum = dvsum_ptr + i_b * caps_size + o_jd
-    if not FIRST:
-        b_dV += tl.load(p_sum, mask=m_jd, other=0.0)
-    tl.store(p_sum, b_dV, mask=m_jd)
 
 
 @triton.jit(do_not_specialize=["B", "caps_per_split"])

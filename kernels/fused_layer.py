@@ -17,7 +17,7 @@ routing arithmetic of ``dynamic_routing`` in float32 on [BLOCK_B, BLOCK_J, BLOCK
 
 forward, iteration r (``fused_layer_fwd_kernel``): reduce the previous iteration's per-split
     partial sums ``s_{r-1}`` in split order, squash, form ``V_r``; accumulate this split's partial
-    ``s_r``. Both kinds end with ``dynamic_routing_finalize_kernel``, which reduces the last
+    ``s_r``. Both kinds end with ``dynamic_routing_finalize_kernel`` (``common.py``), which reduces the last
     partials and writes ``v``. Saved for the backward: ``s_r`` and ``V_r`` (2 x R x N_out x D_out
     per example).
 
@@ -70,7 +70,6 @@ __all__ = [
     "fused_layer_bwd_reduce_kernel",
     "fused_layer_bwd_ds_kernel",
     "fused_layer_bwd_final_kernel",
-    "fused_layer_bwd_dw_sum_kernel",
     "fused_layer_state_kernel",
     "fused_layer_logits_kernel",
     "fused_layer_sums_kernel",
@@ -328,21 +327,6 @@ def fused_layer_bwd_final_kernel(
                 du_ptr + o_b * (N_in * D_in) + i * D_in, o_b, m_b, o_k, m_k, o_wn, o_n, m_n, D_in,
                 stride_ub, stride_uk, stride_wk, False, False, "ieee", False,
             )
-
-
-@triton.jit(do_not_specialize=["numel", "G"])
-def fused_layer_bwd_dw_sum_kernel(
-    dw_part_ptr,  # [G, numel] f32 the batch groups' parts of the weight gradient
-    dw_ptr,  # [numel] the weight gradient, dtype of the weight, contiguous
-    numel,
-    G,
-    BLOCK: tl.constexpr,
-):
-    """``dW = sum_g dW_part[g]``, in group order (deterministic)."""
-    o = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    m = o < numel
-    b_acc = sum_splits(dw_part_ptr, G, numel, o, m)
-    tl.store(dw_ptr + o, b_acc.to(dw_ptr.dtype.element_ty), mask=m)
 
 
 # ---------------------------------------------------------------------------------------------

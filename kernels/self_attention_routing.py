@@ -19,7 +19,7 @@ backward: with ``ds = J(s)^T dv`` (per example, ``self_attention_routing_bwd_ds_
     ``dynamic_routing_bwd_sum_kernel``), and the final pass writes
     ``du_hat_ij = c_ij ds_j + da_ij S_j / sqrt(D) + dS_j`` (or ``du = W^T du_hat`` and the batch
     group's ``dW``) and the group's part of ``dbias_ij = sum_b dc_bij``; the groups' parts are
-    added in order by ``fused_layer_bwd_dw_sum_kernel``.
+    added in order by ``fused_layer_bwd_dw_sum_kernel`` (these sums of partials: ``common.py``).
 
 All arithmetic is float32. Offsets into u / u_hat are int64.
 """

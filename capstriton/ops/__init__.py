@@ -1,5 +1,6 @@
 """The Triton kernels as ``torch.library.triton_op`` s with autograd, one module per algorithm
-(its ops, autograd and launch configuration); ``_launch`` holds the shared launch helpers.
+(its ops, autograd and launch configuration); ``_launch`` holds the shared launch helpers,
+``_passes`` the launch configuration that more than one algorithm's passes use.
 
 Each op's body launches kernels through ``wrap_triton``, so ``torch.compile(fullgraph=True)``
 traces straight through it (the graph holds a ``triton_kernel_wrapper`` node) and inductor can

@@ -13,29 +13,26 @@ and torch.compile records them in the graph. The kernels and their algorithm are
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
 import triton
 from torch.library import triton_op
 
+from ..kernels.common import dynamic_routing_bwd_sum_kernel, dynamic_routing_finalize_kernel
 from ..kernels.dynamic_routing import (
     dynamic_routing_bwd_final_kernel,
     dynamic_routing_bwd_reduce_kernel,
-    dynamic_routing_bwd_sum_kernel,
-    dynamic_routing_finalize_kernel,
     dynamic_routing_fwd_kernel,
 )
 from ._launch import empty, launch
+from ._passes import PassConfig, check_tuning, input_split, rows_per_tile
 from ._transforms import no_double_backward
 
 __all__ = [
     "RoutingTuning",
-    "PassConfig",
     "RoutingConfig",
     "routing_config",
-    "input_split",
     "dynamic_routing",
     "dynamic_routing_fwd",
     "dynamic_routing_bwd",
@@ -76,18 +73,6 @@ class RoutingTuning:
 
 
 @dataclass(frozen=True)
-class PassConfig:
-    """One pass over u_hat: ``block_i`` input capsules per tile, ``split`` programs per example
-    along the input capsules, each owning ``caps_per_split`` of them (whole tiles; the last split
-    may be shorter). ``split`` and ``caps_per_split`` are runtime kernel arguments: the batch size
-    changes the grid, never the compiled kernel."""
-
-    block_i: int
-    split: int
-    caps_per_split: int
-
-
-@dataclass(frozen=True)
 class RoutingConfig:
     """Launch parameters of every routing kernel for one shape and batch size."""
 
@@ -101,39 +86,6 @@ class RoutingConfig:
     num_warps_caps: int
     fwd: PassConfig
     bwd: PassConfig
-
-
-def check_tuning(tuning, warps: tuple[str, ...]) -> None:
-    """A tuning dataclass's knobs: ints >= 1, the ``warps`` fields powers of two up to 32 (as
-    Triton launches them), ``num_warps`` also None (the heuristic's choice); TypeError /
-    ValueError naming the knob."""
-    for f in dataclasses.fields(tuning):
-        value = getattr(tuning, f.name)
-        if value is None and f.name == "num_warps":
-            continue
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"{type(tuning).__name__}.{f.name} must be an int, got {type(value).__name__}")
-        if value < 1 or (f.name in warps and (value > 32 or value & (value - 1))):
-            expected = "a power of two from 1 to 32" if f.name in warps else ">= 1"
-            expected += ", or None" if f.name == "num_warps" else ""
-            raise ValueError(f"{type(tuning).__name__}.{f.name} must be {expected}, got {value}")
-
-
-def rows_per_tile(tile: int, row: int, cap: int = 64) -> int:
-    """Rows of ``row`` elements a tile of about ``tile`` elements holds: the largest power of two
-    that fits (a block size Triton accepts), at least 1, at most ``cap`` (a power of two)."""
-    rows = max(1, tile // row)
-    return min(cap, 1 << (rows.bit_length() - 1))
-
-
-def input_split(n_in: int, block_i: int, batch: int, target_programs: int) -> PassConfig:
-    """The input capsules cut into runs of whole ``block_i`` tiles so that ``batch * split``
-    approaches ``target_programs`` (one split per example once the batch alone reaches it); the
-    last split may be shorter (the kernels mask at ``N_in``)."""
-    tiles = triton.cdiv(n_in, block_i)
-    splits = max(1, min(tiles, triton.cdiv(target_programs, max(batch, 1))))
-    caps_per_split = triton.cdiv(tiles, splits) * block_i
-    return PassConfig(block_i, triton.cdiv(n_in, caps_per_split), caps_per_split)
 
 
 def routing_config(

@@ -35,10 +35,13 @@ import torch
 import triton
 from torch.library import triton_op
 
-from ..kernels.dynamic_routing import dynamic_routing_bwd_sum_kernel, dynamic_routing_finalize_kernel
+from ..kernels.common import (
+    dynamic_routing_bwd_sum_kernel,
+    dynamic_routing_finalize_kernel,
+    fused_layer_bwd_dw_sum_kernel,
+)
 from ..kernels.fused_layer import (
     fused_layer_bwd_ds_kernel,
-    fused_layer_bwd_dw_sum_kernel,
     fused_layer_bwd_final_kernel,
     fused_layer_bwd_input_kernel,
     fused_layer_bwd_reduce_kernel,
@@ -51,17 +54,25 @@ from ..kernels.fused_layer import (
 )
 from ..reference.capsule_routing import capsule_predictions
 from ._launch import INTERPRETED, empty, launch
+from ._passes import (
+    FusedConfig,
+    FusedTuning,
+    PassConfig,
+    batch_groups,
+    caps_warps,
+    float16_as_float32,
+    fused_config,
+    fused_constexprs,
+    input_split,
+    matmul_precision,
+    uses_tensor_cores,
+    whole_register_file,
+)
 from ._transforms import no_double_backward
-from .dynamic_routing import PassConfig, check_tuning, dynamic_routing, input_split, rows_per_tile
+from .dynamic_routing import dynamic_routing
 
 __all__ = [
     "FUSED_MAX_OUTPUTS",
-    "FusedTuning",
-    "FusedConfig",
-    "fused_config",
-    "fused_constexprs",
-    "matmul_precision",
-    "uses_tensor_cores",
     "capsule_routing",
     "capsule_routing_unfused",
     "fused_layer_fwd",
@@ -77,16 +88,6 @@ _F32 = torch.float32
 #: capsule at a time and take any size (the kernel report compiles 128 x 64 capsules of 16D
 #: inputs without spills).
 FUSED_MAX_OUTPUTS = 2048
-#: "highest" as 3xTF32: its products drop only the product of the two remainders and truncate the
-#: remainders to TF32, a relative error of at most about 2^-20 per product against IEEE's 2^-24,
-#: which the routing's own float32 rounding hides: routing an emulation of its predictions lands
-#: as close to float64 as routing IEEE predictions (tests/ops/test_fused_layer.py; the figures in
-#: bench/results/kernel_report/NOTES.md). The split is the kernels' own
-#: (``kernels/common.py``: ``dot_f32``). Limits of the trick: operands above the largest TF32
-#: (3.40e38) round to infinity (their products NaN), and remainders below float32's normal range
-#: (operands under about 2e-35) may be flushed, leaving TF32 accuracy there. Tensor-core products
-#: take fewer instructions than IEEE FMAs (the issue model: bench/results/kernel_report/NOTES.md).
-_PRECISIONS = {"highest": "tf32x3", "high": "tf32", "medium": "tf32"}
 #: Flattened outputs (j, d) a program of the forward's iteration 0 multiplies at most (its u operand
 #: shared by all of them; chosen from the kernel report, bench/results/kernel_report/NOTES.md).
 UNIFORM_OUTPUTS = 64
@@ -100,139 +101,6 @@ def uniform_block(outputs: int) -> int:
     columns cost as much as real ones: the paper's 160 outputs take 5 blocks of 32, not 3 of 64."""
     blocks = (min(UNIFORM_OUTPUTS, max(16, triton.next_power_of_2(outputs))), 32)
     return min(blocks, key=lambda b: triton.cdiv(outputs, b) * b)
-
-
-@torch.compiler.assume_constant_result
-def matmul_precision() -> str:
-    """tl.dot's ``input_precision`` for float32 products under PyTorch's float32 matmul setting.
-    Under torch.compile the setting is read when the function is traced and becomes a constant of
-    the graph (dynamo cannot trace the getter), as inductor's own matmuls take it at compile time."""
-    return _PRECISIONS[torch.get_float32_matmul_precision()]
-
-
-@dataclass(frozen=True)
-class FusedTuning:
-    """The knobs of :func:`fused_config` (not yet timed on a GPU: chosen from the kernel report's
-    registers and occupancy, ``bench/results/kernel_report/NOTES.md``)."""
-
-    #: float32 elements of a [BLOCK_B, BLOCK_N] block (examples x flattened outputs) in the passes
-    tile: int = 4096
-    #: programs a forward launch aims for (input capsules split across them)
-    target_programs: int = 1024
-    #: programs a backward launch aims for
-    target_programs_bwd: int = 2048
-    #: most batch groups of the final backward pass: the weight gradient is summed over a group's
-    #: examples on chip, then the groups' parts in order
-    groups: int = 8
-    #: warps per program of the passes; None: 8 (the kernel report's choice, see fused_config)
-    num_warps: int | None = None
-    #: the forward on tensor cores (:func:`chunked_config`): examples a program (at least 16, the
-    #: products' M), (input capsule, D_in) elements a chunk, warps a program
-    fwd_examples: int = 64
-    fwd_chunk: int = 64
-    fwd_warps: int = 4
-    #: examples a program of the final backward pass on tensor cores (at least 16): its [examples x
-    #: chunk] products per step and output capsule spilled at 32 and 64 (kernel report)
-    final_examples: int = 16
-    #: (input capsule, D_in) elements a chunk of the final backward pass (:func:`chunk_capsules`):
-    #: 128 no spill with its 16 examples, where the forward's 64 examples spilled (kernel report)
-    final_chunk: int = 128
-
-    def __post_init__(self):
-        check_tuning(self, ("num_warps", "fwd_warps"))
-
-    def as_list(self) -> list[int]:
-        """The op argument (0 stands for ``num_warps=None``)."""
-        return [
-            self.tile, self.target_programs, self.target_programs_bwd, self.groups, self.num_warps or 0,
-            self.fwd_examples, self.fwd_chunk, self.fwd_warps, self.final_examples, self.final_chunk,
-        ]
-
-    @classmethod
-    def from_list(cls, values: list[int]) -> FusedTuning:
-        tile, programs, programs_bwd, groups, warps, *chunked = values
-        return cls(tile, programs, programs_bwd, groups, warps or None, *chunked)
-
-
-@dataclass(frozen=True)
-class FusedConfig:
-    """Launch parameters of the fused kernels for one shape and batch size."""
-
-    block_b: int  # examples per tile (a batch-independent constant: no recompiles)
-    block_j: int  # next power of two >= N_out
-    block_d: int  # next power of two >= D_out
-    block_k: int  # D_in padded for the product (>= 16 for tl.dot)
-    use_dot: bool  # the products as tl.dot: tiles of at least 16 examples x 16 outputs
-    num_warps: int
-    num_warps_caps: int  # the per-example kernels (finalize, backward sum, ds)
-    tiles: int  # example tiles: ceil(B / block_b)
-    fwd: PassConfig  # split of the input capsules per tile, forward (block_i = 1)
-    bwd: PassConfig  # the backward's reduce passes
-    final: PassConfig  # the final backward pass: input capsules per program along axis 0
-    groups: int  # batch groups of the final pass (axis 1)
-    tiles_per_group: int
-
-
-def batch_groups(tiles: int, groups: int) -> tuple[int, int]:
-    """At most ``groups`` batch groups of whole example tiles for a final backward pass (the weight
-    gradient is summed over a group's examples, then over the groups in order): (groups, tiles a
-    group), no group empty."""
-    tiles_per_group = triton.cdiv(tiles, max(1, min(groups, tiles)))
-    return triton.cdiv(tiles, tiles_per_group), tiles_per_group
-
-
-def caps_warps(block_j: int, block_d: int) -> int:
-    """Warps of the per-example kernels (a [block_j, block_d] block each: finalize, sums, ds)."""
-    return min(8, max(4, block_j * block_d // 128))
-
-
-def fused_config(
-    n_in: int,
-    n_out: int,
-    dim: int,
-    d_in: int,
-    batch: int,
-    tuning: FusedTuning | None = None,
-    tensor_cores: bool = True,
-) -> FusedConfig:
-    """Launch parameters for the fused kernels.
-
-    A program's working set is a few [BLOCK_B, BLOCK_J, BLOCK_D] float32 blocks (predictions,
-    the running sum V, the accumulated s or dV, ds): ``BLOCK_B`` is as many examples as fit in
-    ``tuning.tile`` elements with the flattened outputs, a power of two up to 64. The products use
-    ``tl.dot`` where ``tensor_cores`` multiply them (half-precision inputs, or float32 as TF32 or
-    3xTF32) and the tile is at least 16 x 16 (16 examples of the paper's 10 x 16 outputs);
-    otherwise D_in rank-one updates on the CUDA cores (IEEE float32 products, the same FMAs an
-    IEEE float32 tl.dot would make, in fewer registers; large capsules, whose tiles hold few
-    examples, and float32 at the op's "ieee" precision).
-    """
-    tuning = tuning or FusedTuning()
-    block_j = triton.next_power_of_2(n_out)
-    block_d = triton.next_power_of_2(dim)
-    block_n = block_j * block_d
-    block_b = rows_per_tile(tuning.tile, block_n)
-    use_dot = tensor_cores and block_b >= 16 and block_n >= 16
-    block_k = max(16, triton.next_power_of_2(d_in)) if use_dot else triton.next_power_of_2(d_in)
-    # 8 warps with the whole register file (maxnreg) compile every case of the kernel report
-    # without spilling, on both paths (bench/results/kernel_report/NOTES.md)
-    num_warps = tuning.num_warps or 8
-    tiles = triton.cdiv(max(batch, 1), block_b)
-    groups, tiles_per_group = batch_groups(tiles, tuning.groups)
-    return FusedConfig(
-        block_b=block_b,
-        block_j=block_j,
-        block_d=block_d,
-        block_k=block_k,
-        use_dot=use_dot,
-        num_warps=num_warps,
-        num_warps_caps=caps_warps(block_j, block_d),
-        tiles=tiles,
-        fwd=input_split(n_in, 1, tiles, tuning.target_programs),
-        bwd=input_split(n_in, 1, tiles, tuning.target_programs_bwd),
-        final=input_split(n_in, 1, groups, tuning.target_programs_bwd),
-        groups=groups,
-        tiles_per_group=tiles_per_group,
-    )
 
 
 @dataclass(frozen=True)
@@ -340,49 +208,11 @@ def chunked_constexprs(cfg: ChunkedConfig, u: torch.Tensor, precision: str) -> d
     }
 
 
-def whole_register_file(num_warps: int) -> int:
-    """``maxnreg`` giving a program of ``num_warps`` warps the whole register file (64 K 32-bit
-    registers an SM), at most 255 a thread."""
-    return min(255, 65536 // (32 * num_warps))
-
-
-def fused_constexprs(cfg: FusedConfig, dtype: torch.dtype, precision: str) -> dict:
-    """The constexprs and launch options every fused-layer-style pass takes."""
-    # Triton's interpreter (3.6 to 3.9) multiplies every dot in float32 whatever the precision, and
-    # bfloat16 operands as their raw 16-bit integers: the kernels widen them (exactly) and skip the
-    # 3xTF32 split when it runs them (kernels/common.py: dot_f32).
-    return {
-        "BLOCK_B": cfg.block_b,
-        "BLOCK_J": cfg.block_j,
-        "BLOCK_D": cfg.block_d,
-        "BLOCK_K": cfg.block_k,
-        "USE_DOT": cfg.use_dot,
-        # float32 products only: half types multiply on tensor cores whatever the setting
-        "PRECISION": precision if dtype == torch.float32 else "ieee",
-        "DOT_F32": INTERPRETED and cfg.use_dot,
-        "num_warps": cfg.num_warps,
-        # no software pipelining of the capsule loops: its staged copies of the u and W tiles
-        # cost registers and shared memory that the routing blocks need (spills otherwise)
-        "num_stages": 1,
-        # The whole register file for a program (at most 255 a thread): left to itself ptxas 13
-        # (triton 3.9) kept some variants at 40 to 128 registers and spilled a few bytes (the
-        # kernel report). torch.compile's launches of user kernels keep num_warps and num_stages
-        # and drop this option: correct, possibly with those few bytes of spill.
-        "maxnreg": whole_register_file(cfg.num_warps),
-    }
-
-
 def _rank_one_constexprs(cfg: FusedConfig) -> dict:
     """The constexprs and launch options of the layer's passes over tiles of predictions (IEEE
     float32 products by rank-one updates: ``cfg`` made with ``tensor_cores=False``)."""
     consts = fused_constexprs(cfg, torch.float32, "ieee")
     return {k: consts[k] for k in ("BLOCK_B", "BLOCK_J", "BLOCK_D", "num_warps", "num_stages", "maxnreg")}
-
-
-def uses_tensor_cores(u: torch.Tensor, precision: str) -> bool:
-    """The routing passes' products run on tensor cores: half-precision inputs, or float32 as TF32
-    or 3xTF32."""
-    return u.dtype != torch.float32 or precision != "ieee"
 
 
 def _strides(u: torch.Tensor, weight: torch.Tensor) -> dict[str, int]:
@@ -404,19 +234,6 @@ def _check_precision(u: torch.Tensor, weight: torch.Tensor, precision: str) -> N
             f"{FUSED_MAX_OUTPUTS} outputs (next powers of two of N_out x D_out), got {n_out} x {d}; "
             "use 'tf32x3' (float32 accuracy on tensor cores, any size)"
         )
-
-
-def float16_as_float32(u: torch.Tensor, weight: torch.Tensor, precision: str):
-    """float16 inputs run the float32 passes: ``u`` and the weight as float32 copies (exact), the
-    products as 3xTF32 (a float16 number is exact in TF32, so u W is exact and a float32 factor
-    times W as accurate as IEEE float32). The half path splits float32 factors (gradients of s,
-    coupling-weighted inputs) into two numbers of the input type, and float16's range (2^-24 ..
-    65504) cannot hold them: gradients lost to underflow or turned to NaN by overflow where the
-    true du and dw are finite float16 numbers (found by break-testing). bfloat16, with float32's
-    range, keeps the half path. The outputs keep float16 (each rounded once, as stored)."""
-    if u.dtype != torch.float16:
-        return u, weight, precision
-    return u.float(), weight.float(), "tf32x3"
 
 
 @triton_op("capstriton::fused_layer_fwd", mutates_args=())

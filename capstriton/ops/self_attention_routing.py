@@ -25,8 +25,7 @@ import torch
 import triton
 from torch.library import triton_op
 
-from ..kernels.dynamic_routing import dynamic_routing_bwd_sum_kernel
-from ..kernels.fused_layer import fused_layer_bwd_dw_sum_kernel
+from ..kernels.common import dynamic_routing_bwd_sum_kernel, fused_layer_bwd_dw_sum_kernel
 from ..kernels.self_attention_routing import (
     self_attention_routing_bwd_ds_kernel,
     self_attention_routing_bwd_final_kernel,
@@ -35,8 +34,7 @@ from ..kernels.self_attention_routing import (
     self_attention_routing_fwd_kernel,
 )
 from ._launch import empty, launch
-from ._transforms import no_double_backward
-from .fused_layer import (
+from ._passes import (
     FusedConfig,
     FusedTuning,
     float16_as_float32,
@@ -45,6 +43,7 @@ from .fused_layer import (
     matmul_precision,
     uses_tensor_cores,
 )
+from ._transforms import no_double_backward
 
 __all__ = [
     "self_attention_routing",
