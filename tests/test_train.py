@@ -874,6 +874,27 @@ def test_torchrun_environment_is_checked(fake_mnist, tmp_path, monkeypatch, caps
     assert not out.exists()
 
 
+def test_local_rank_is_checked_where_the_triton_backend_picks_its_device(monkeypatch, capsys):
+    """--backend triton chooses the device (LOCAL_RANK's GPU) while parsing: the variable is checked
+    there too, as a usage error (review: int()'s traceback)."""
+    monkeypatch.setenv("LOCAL_RANK", "abc")
+    with pytest.raises(SystemExit):
+        train.parse_args(["--backend", "triton", "--device", "cpu"])
+    assert "environment variable LOCAL_RANK='abc' must be an integer" in capsys.readouterr().err
+
+
+def test_run_fills_the_out_default_of_a_bare_namespace(fake_mnist, tmp_path, monkeypatch):
+    """run() takes build_parser()'s namespace too (its docstring says so): --out's default is
+    filled there as parse_args fills it."""
+    monkeypatch.chdir(tmp_path)
+    argv = [a for a in tiny_argv(fake_mnist, tmp_path / "unused", "--epochs", "1", "--no-plots")]
+    del argv[argv.index("--out") : argv.index("--out") + 2]
+    args = train.build_parser().parse_args(argv)
+    assert args.out is None
+    train.run(args)
+    assert (tmp_path / "runs" / "capsnet-mnist" / train.CHECKPOINT).is_file()
+
+
 def test_a_process_without_training_examples_is_refused(fake_mnist, tmp_path, monkeypatch, capsys):
     """Fewer training examples than processes: every global batch would be dropped (a process
     needs an example of it), so the run would train nothing and report a loss of 0. Refused, naming

@@ -17,6 +17,7 @@ from .errors import SetupError
 __all__ = [
     "DistInfo",
     "select_device",
+    "env_int",
     "setup",
     "sync_batch_norm",
     "wrap",
@@ -52,7 +53,7 @@ def select_device(arg: str, local_rank: int) -> torch.device:
     return device
 
 
-def _env_int(name: str, default: int, least: int) -> int:
+def env_int(name: str, default: int, least: int) -> int:
     """The integer environment variable ``name`` (torchrun sets it), at least ``least``."""
     text = os.environ.get(name)
     if text is None:
@@ -68,11 +69,11 @@ def _env_int(name: str, default: int, least: int) -> int:
 
 def setup(device_arg: str) -> tuple[DistInfo, torch.device]:
     """Join the process group torchrun describes in the environment (none: single process)."""
-    world_size = _env_int("WORLD_SIZE", 1, 1)
-    rank = _env_int("RANK", 0, 0)
+    world_size = env_int("WORLD_SIZE", 1, 1)
+    rank = env_int("RANK", 0, 0)
     if rank >= world_size:
         raise SetupError(f"environment variable RANK={rank} must lie in [0, WORLD_SIZE={world_size})")
-    info = DistInfo(rank=rank, world_size=world_size, local_rank=_env_int("LOCAL_RANK", 0, 0))
+    info = DistInfo(rank=rank, world_size=world_size, local_rank=env_int("LOCAL_RANK", 0, 0))
     device = select_device(device_arg, info.local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 
 import torch
 
@@ -248,12 +247,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"argument --device: {args.device!r} asked for but CUDA is not available")
         if device.type not in ("cpu", "cuda"):
             parser.error(f"argument --device: expected auto, cpu or cuda[:N], got {args.device!r}")
-    if args.out is None:
-        args.out = f"runs/{DEFAULT_MODEL if args.model is OMITTED else args.model}-mnist"
+    fill_out(args)
     if args.overwrite and args.resume is not None:
         parser.error("argument --overwrite: starts a new run, --resume continues one: give one of them")
     if args.backend == "triton":
-        device = distributed.select_device(args.device, int(os.environ.get("LOCAL_RANK", 0)))
+        try:
+            local_rank = distributed.env_int("LOCAL_RANK", 0, 0)
+        except SetupError as e:
+            parser.error(str(e))
+        device = distributed.select_device(args.device, local_rank)
         reason = triton_unavailable_reason(device)
         if reason is not None:
             parser.error(f"argument --backend: triton cannot run here: {reason}")
@@ -269,6 +271,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.resume is None:
         fill_defaults(args)
     return args
+
+
+def fill_out(args: argparse.Namespace) -> None:
+    """``--out``'s default, ``runs/MODEL-mnist`` for the ``--model`` given (else the default
+    model), where the option was omitted."""
+    if args.out is None:
+        args.out = f"runs/{DEFAULT_MODEL if args.model is OMITTED else args.model}-mnist"
 
 
 def options_not_taken(args: argparse.Namespace, entry: ModelEntry) -> list[str]:

@@ -44,6 +44,7 @@ def run(args: argparse.Namespace) -> dict:
     checkpoint's: ``args`` is updated to the values the run uses.
     """
     info, device = distributed.setup(args.device)
+    options.fill_out(args)  # done already if args come from parse_args, not build_parser
     out = Path(args.out)
     state = None
     if args.resume is not None:
