@@ -88,9 +88,13 @@ def main(argv=None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("tune.py needs a CUDA GPU (or --device cpu with TRITON_INTERPRET=1)", file=sys.stderr)
         return 2
-    if args.device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        print("tune.py --device cpu needs TRITON_INTERPRET=1", file=sys.stderr)
-        return 2
+    if args.device == "cpu":
+        from capstriton._checks import triton_unavailable_reason  # the library's own rule
+
+        reason = triton_unavailable_reason(torch.device("cpu"))
+        if reason is not None:
+            print(f"tune.py --device cpu: {reason}", file=sys.stderr)
+            return 2
     import triton.testing
 
     spec = registry.get(args.op)

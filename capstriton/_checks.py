@@ -8,7 +8,6 @@ from __future__ import annotations
 import importlib.util
 import math
 import numbers
-import os
 
 import torch
 
@@ -83,8 +82,9 @@ def check_nonnegative(name: str, value) -> float:
 def check_class_indices(name: str, target: torch.Tensor, num_classes: int) -> None:
     """Integer ``target`` holds class indices in ``[0, num_classes)``. On a CPU the check raises
     here; on CUDA, and under torch.compile on any device (a data-dependent branch would break the
-    graph), it is an asynchronous assertion: no host synchronisation per training step, as
-    PyTorch's own losses, and the step fails with this message where the values are read."""
+    graph), it is an asynchronous assertion, with no host synchronisation per training step, as
+    PyTorch's own losses: compiled on a CPU a RuntimeError with this message, on CUDA a
+    device-side assert (the message on stderr)."""
     if target.numel() == 0:
         return
     if target.device.type == "cpu" and not torch.compiler.is_compiling():
@@ -126,14 +126,19 @@ def triton_unavailable_reason(device: torch.device) -> str | None:
     if device.type == "cuda":
         return None
     if device.type == "cpu":
-        from .ops._launch import INTERPRETED  # (imports triton: not before the triton backend is asked for)
+        try:  # (imports triton: not before the triton backend is asked for)
+            import triton
 
+            from .ops._launch import INTERPRETED
+        except ImportError as e:
+            return f"triton cannot be imported: {e}"
         if INTERPRETED:
             return None
-        if os.environ.get("TRITON_INTERPRET", "0").lower() not in ("", "0", "false", "off", "no"):
+        knobs = getattr(triton, "knobs", None)
+        if knobs is not None and knobs.runtime.interpret:  # the variable, read as triton.jit reads it
             return (
-                "TRITON_INTERPRET is set, but capstriton's kernels were made for a GPU: the variable must be "
-                "set before triton and capstriton are imported"
+                "TRITON_INTERPRET is set, but capstriton's kernels were made for a GPU: set it before triton "
+                "is imported"
             )
     return (
         f"triton kernels run on CUDA tensors (or CPU tensors under Triton's interpreter: TRITON_INTERPRET=1 "

@@ -426,9 +426,36 @@ def test_the_interpreter_is_what_the_kernels_were_made_for(value):
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     if value is None:
-        assert "TRITON_INTERPRET is set, but capstriton's kernels were made for a GPU" in proc.stdout
+        message = "TRITON_INTERPRET is set, but capstriton's kernels were made for a GPU: set it before triton"
+        assert message in proc.stdout
     else:
         assert float(proc.stdout.split()[-1]) <= 1e-6
+
+
+_WITHOUT_TRITON = """
+import sys
+sys.modules["triton"] = None  # as if not installed: importing it fails
+import torch
+import capstriton as ct
+from capstriton import data, train  # noqa: F401
+x = torch.randn(2, 12, 3, 4)
+assert torch.equal(ct.dynamic_routing(x, backend="auto"), ct.dynamic_routing(x, backend="torch"))
+ct.models.CapsNet(conv_channels=4, primary_types=2)(torch.rand(2, 1, 28, 28))
+try:
+    ct.squash(x, backend="triton")
+except ValueError as e:
+    print(e)
+"""
+
+
+def test_the_torch_backend_runs_without_triton():
+    """triton is an optional import: without it capstriton, its models and the training CLI's
+    modules import, backend="torch" and "auto" run, and "triton" says why it cannot."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", _WITHOUT_TRITON], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "backend='triton' cannot run here: the triton package is not installed" in proc.stdout
 
 
 def test_auto_resolves_to_torch_for_cpu_tensors():
@@ -482,8 +509,8 @@ def test_tuning_knobs_are_checked_and_tiles_hold_powers_of_two():
     compiler ("Shape element 0 must be a power of 2", found by break-testing); it now holds the
     largest power of two that fits, as the fused layer's tiles already did. Knobs that cannot launch
     are refused by name."""
-    from capstriton.ops.dynamic_routing import RoutingTuning, routing_config, rows_per_tile
-    from capstriton.ops.fused_layer import FusedTuning, fused_config
+    from capstriton.ops._passes import FusedTuning, fused_config, rows_per_tile
+    from capstriton.ops.dynamic_routing import RoutingTuning, routing_config
 
     assert [rows_per_tile(t, 256) for t in (1, 255, 256, 511, 512, 1000, 4096, 10**6)] == [1, 1, 1, 1, 2, 2, 16, 64]
     assert rows_per_tile(10**6, 256, cap=8) == 8
@@ -593,21 +620,23 @@ def test_meta_tensors_give_shapes_on_the_torch_backend():
 
 
 @pytest.mark.parametrize(
-    "make",
+    "make, backend",
     [
-        pytest.param(lambda: lambda lengths, caps, t: ct.margin_loss(lengths, t), id="margin_loss"),
+        pytest.param(lambda: lambda lengths, caps, t: ct.margin_loss(lengths, t), "aot_eager", id="margin_loss"),
+        pytest.param(lambda: lambda lengths, caps, t: ct.margin_loss(lengths, t), "inductor",
+                     id="margin_loss-inductor"),
         pytest.param(lambda: (lambda loss: lambda lengths, caps, t: loss(lengths, t))(ct.nn.CapsuleLoss()),
-                     id="CapsuleLoss"),
+                     "aot_eager", id="CapsuleLoss"),
         pytest.param(lambda: (lambda dec: lambda lengths, caps, t: dec(caps, t))(ct.nn.CapsuleDecoder(hidden=(8,))),
-                     id="CapsuleDecoder"),
+                     "aot_eager", id="CapsuleDecoder"),
     ],
 )
-def test_class_indices_are_checked_under_compile(make):
+def test_class_indices_are_checked_under_compile(make, backend):
     """Compiled (fullgraph: no data-dependent branch), the class-index check is an asynchronous
     assertion, as on CUDA; it was skipped, and a label of 10 of 10 classes gave a row an all-zero
     one-hot without a word (break-testing). Good labels still run."""
     torch._dynamo.reset()
-    fn = torch.compile(make(), fullgraph=True, backend="aot_eager")  # modules built outside the graph
+    fn = torch.compile(make(), fullgraph=True, backend=backend)  # modules built outside the graph
     caps = torch.randn(4, 10, 16)
     lengths = caps.norm(dim=-1)
     fn(lengths, caps, torch.tensor([1, 2, 3, 9]))
