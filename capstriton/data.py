@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import operator
 import os
 import struct
 import tempfile
@@ -249,15 +250,21 @@ def to_float(images: torch.Tensor) -> torch.Tensor:
 def draw_shifts(n: int, max_shift: int = 2, generator: torch.Generator | None = None) -> torch.Tensor:
     """``int64 [n, 2]`` offsets (dy, dx), each uniform in ``[-max_shift, max_shift]``, drawn on the
     CPU: what :func:`random_shift` applies."""
-    _check_max_shift(max_shift)
+    max_shift = _check_max_shift(max_shift)
     return torch.randint(-max_shift, max_shift + 1, (n, 2), generator=generator)
 
 
-def _check_max_shift(max_shift) -> None:
-    if isinstance(max_shift, bool) or not isinstance(max_shift, int):
-        raise TypeError(f"max_shift must be an int, got {type(max_shift).__name__}")
+def _check_max_shift(max_shift) -> int:
+    """``max_shift`` as an int >= 0 (Python's or NumPy's integers; not a bool)."""
+    try:
+        if isinstance(max_shift, bool):
+            raise TypeError
+        max_shift = operator.index(max_shift)
+    except TypeError:
+        raise TypeError(f"max_shift must be an int, got {type(max_shift).__name__}") from None
     if max_shift < 0:
         raise ValueError(f"max_shift must be >= 0, got {max_shift}")
+    return max_shift
 
 
 def random_shift(
@@ -278,7 +285,7 @@ def random_shift(
     if images.dim() != 4:
         raise ValueError(f"images must have shape [B, C, H, W], got {tuple(images.shape)}")
     b, c, h, w = images.shape
-    _check_max_shift(max_shift)
+    max_shift = _check_max_shift(max_shift)
     if shifts is None:
         shifts = draw_shifts(b, max_shift, generator)
     if not isinstance(shifts, torch.Tensor) or shifts.is_floating_point() or shifts.is_complex() or (

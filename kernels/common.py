@@ -1,5 +1,6 @@
 """Jitted helpers every capsule algorithm shares: squash numerics, the [N_out, D] block of one
-example, split sums, prediction tiles and the saturation-safe softmax over output capsules.
+example, split sums, prediction tiles and the saturation-safe softmax over output capsules; and
+the per-example kernels that sum a pass's partials, which several algorithms launch (at the end).
 
 Squash numerics (float32 throughout, inputs of any float dtype):
 
@@ -311,7 +312,7 @@ def half_parts(x, dtype: tl.constexpr):
     (bench/results/kernel_report/NOTES.md). A float32 x beyond bfloat16's largest finite value
     keeps a finite hi. Not float16: its narrow exponent range lets the parts of large or small
     factors overflow or underflow, so the capsule layers run float16 inputs as float32
-    (``capstriton.ops.fused_layer.float16_as_float32``)."""
+    (``capstriton.ops._passes.float16_as_float32``)."""
     tl.static_assert(dtype == tl.bfloat16, "half_parts splits into bfloat16 (float16 inputs run as float32)")
     bits = x.to(tl.uint32, bitcast=True)
     hi = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)

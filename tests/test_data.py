@@ -13,6 +13,7 @@ import socket
 import struct
 import threading
 
+import numpy as np
 import pytest
 import torch
 from _helpers import MNIST_DIR, requires_mnist_test_files
@@ -277,6 +278,7 @@ def test_random_shift_rejects_bad_shapes():
         (lambda: data.draw_shifts(3, 1.5), TypeError, "max_shift must be an int, got float"),
         (lambda: data.random_shift(torch.rand(2, 1, 8, 8), -1), ValueError, "max_shift must be >= 0, got -1"),
         (lambda: data.random_shift(torch.rand(2, 1, 8, 8), True), TypeError, "max_shift must be an int, got bool"),
+        (lambda: data.draw_shifts(3, "2"), TypeError, "max_shift must be an int, got str"),
         (
             lambda: data.random_shift(torch.rand(2, 1, 8, 8), 2, shifts=torch.ones(2, 2)),
             TypeError,
@@ -294,6 +296,8 @@ def test_shift_arguments_are_checked_by_name(call, error, pattern):
     shifts as an IndexError from the gather; both now name the argument."""
     with pytest.raises(error, match=re.escape(pattern)):
         call()
+    # NumPy's integers are integers
+    assert data.draw_shifts(5, np.int64(1)).abs().max() <= 1
 
 
 @pytest.mark.parametrize("num_examples, batch_size, world_size", [(10, 4, 2), (23, 8, 3), (9, 9, 4)])

@@ -106,7 +106,8 @@ def launch(sizes, batch, overrides):
     """The launch parameters the knobs resolve to: the passes on tensor cores (what float32 at
     "highest", the tuned dtype, runs; their final pass with its own example tile and batch groups)
     and the IEEE-product passes over tiles of predictions."""
-    from capstriton.ops.fused_layer import chunk_capsules, chunked_config, final_tiling, fused_config, sums_split
+    from capstriton.ops._passes import fused_config
+    from capstriton.ops.fused_layer import chunk_capsules, chunked_config, final_tiling, sums_split
 
     tuning = _tuning(overrides)
     n_in, n_out, d, d_in = sizes["n_in"], sizes["n_out"], sizes["d"], sizes["d_in"]

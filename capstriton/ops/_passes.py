@@ -113,7 +113,7 @@ class FusedTuning:
     groups: int = 8
     #: warps per program of the passes; None: 8 (the kernel report's choice, see fused_config)
     num_warps: int | None = None
-    #: the forward on tensor cores (:func:`chunked_config`): examples a program (at least 16, the
+    #: the forward on tensor cores (``fused_layer.chunked_config``): examples a program (at least 16, the
     #: products' M), (input capsule, D_in) elements a chunk, warps a program
     fwd_examples: int = 64
     fwd_chunk: int = 64
@@ -121,7 +121,7 @@ class FusedTuning:
     #: examples a program of the final backward pass on tensor cores (at least 16): its [examples x
     #: chunk] products per step and output capsule spilled at 32 and 64 (kernel report)
     final_examples: int = 16
-    #: (input capsule, D_in) elements a chunk of the final backward pass (:func:`chunk_capsules`):
+    #: (input capsule, D_in) elements a chunk of the final backward pass (``fused_layer.chunk_capsules``):
     #: 128 no spill with its 16 examples, where the forward's 64 examples spilled (kernel report)
     final_chunk: int = 128
 

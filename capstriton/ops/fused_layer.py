@@ -73,6 +73,7 @@ from .dynamic_routing import dynamic_routing
 
 __all__ = [
     "FUSED_MAX_OUTPUTS",
+    "FusedTuning",  # the op's tuning argument (defined with the passes it tunes: _passes.py)
     "capsule_routing",
     "capsule_routing_unfused",
     "fused_layer_fwd",

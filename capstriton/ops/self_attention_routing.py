@@ -9,7 +9,7 @@
         -> (du, dweight, dbias)
 
 The layer form computes the predictions on chip and never stores them, with the fused layer's
-launch configuration (:func:`capstriton.ops.fused_layer.fused_config`: tiles, splits, batch
+launch configuration (:func:`capstriton.ops._passes.fused_config`: tiles, splits, batch
 groups, tensor cores) and precision rule (``precision`` from
 ``torch.get_float32_matmul_precision()``: "tf32x3" at "highest", "tf32" at "high"/"medium"). A
 training step saves the inputs and the two [B, N_out, D] float32 sums S and s. ``dbias`` of a

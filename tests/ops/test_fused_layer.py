@@ -44,7 +44,8 @@ from capstriton.kernels.common import (
 import capstriton as ct
 from capstriton import reference
 from capstriton.ops import fused_layer as ops
-from capstriton.ops.fused_layer import FUSED_MAX_OUTPUTS, FusedTuning, fused_config
+from capstriton.ops._passes import fused_config
+from capstriton.ops.fused_layer import FUSED_MAX_OUTPUTS, FusedTuning
 
 TOL = KERNEL_TOL
 F64_TOL = 1e-12

@@ -31,7 +31,7 @@ from _helpers import (
 
 import capstriton as ct
 from capstriton.ops import self_attention_routing as ops
-from capstriton.ops.fused_layer import FusedTuning
+from capstriton.ops._passes import FusedTuning
 
 TOL = KERNEL_TOL
 #: the reference against the loops in float64: a few roundings per term
