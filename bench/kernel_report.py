@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import io
 import json
 import os
@@ -114,9 +115,16 @@ def shape_sets(specs=None) -> dict[str, list]:
     sizes that are not powers of two."""
     specs = spec_names() if specs is None else specs
     chosen = [spec for name, spec in bench_registry().specs().items() if spec.kernel_cases and name in specs]
-    cases = [case for spec in chosen for case in spec.kernel_cases()]
+    cases = [_own_config(case, spec.config_keys) for spec in chosen for case in spec.kernel_cases()]
     sets = {name: [c for c in cases if c.shape_set == name] for name in sorted({c.shape_set for c in cases})}
     return {**sets, "all": cases}
+
+
+def _own_config(case, keys: tuple[str, ...]):
+    """``case`` running with the ``--config`` overrides its spec takes (``keys``) and no others:
+    each op has its own launch knobs."""
+    run = case.run
+    return dataclasses.replace(case, run=lambda config: run({k: v for k, v in config.items() if k in keys}))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -600,15 +608,25 @@ def spill_exceptions() -> dict:
     return out
 
 
-def parse_config(parser: argparse.ArgumentParser, items: list[str]) -> dict:
-    """``KEY=VALUE`` overrides of the ops' launch parameters (the specs' ``config_keys``)."""
-    keys = sorted({k for spec in bench_registry().specs().values() for k in spec.config_keys})
+def parse_config(parser: argparse.ArgumentParser, items: list[str], specs: list[str]) -> dict:
+    """``KEY=VALUE`` overrides of the launch parameters of the ops of ``specs`` (their
+    ``config_keys``; each op gets its own): integers >= 1, warps powers of two up to 32."""
+    registry = bench_registry().specs()
+    keys = sorted({k for name in specs for k in registry[name].config_keys})
     config = {}
     for item in items:
-        key, _, value = item.partition("=")
-        if key not in keys or not value.isdigit():
-            parser.error(f"--config takes KEY=INT with KEY one of {keys}, got {item!r}")
-        config[key] = int(value)
+        key, _, text = item.partition("=")
+        if key not in keys:
+            parser.error(f"argument --config: KEY must be one of {keys} (the launch knobs of --specs "
+                         f"{' '.join(specs)}), got {item!r}")
+        try:
+            value = int(text)
+        except ValueError:
+            value = 0
+        if value < 1 or (key.endswith("warps") and (value > 32 or value & (value - 1))):
+            expected = "a power of two from 1 to 32" if key.endswith("warps") else "an integer >= 1"
+            parser.error(f"argument --config: {key} must be {expected}, got {text!r}")
+        config[key] = value
     return config
 
 
@@ -649,7 +667,7 @@ def main(argv=None) -> int:
         "(maxnreg, enable_fp_fusion), which it drops",
     )
     args = parser.parse_args(argv)
-    config = parse_config(parser, args.config)
+    config = parse_config(parser, args.config, args.specs or spec_names())
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         parser.error("TRITON_INTERPRET is set: run the report in a process without it")
 

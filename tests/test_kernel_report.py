@@ -257,8 +257,33 @@ def test_config_overrides_reach_the_recorded_launches():
     default, forced = _run_in_bench(code)
     assert default["dynamic_routing_fwd_kernel"] == 4 and default["dynamic_routing_bwd_final_kernel"] == 8
     assert forced["dynamic_routing_fwd_kernel"] == 16 and forced["dynamic_routing_bwd_final_kernel"] == 2
+    # each op takes its own knobs of a mixed --config (break-testing: the fused layer's got the
+    # routing's tile_bwd, a TypeError)
+    code = (
+        "import json, kernel_report as k\n"
+        "cases = [c for c in k.shape_sets()['digitcaps'] if c.label in ('routing 1152x10x16 B=64 R=3 float32',\n"
+        "         'layer 1152x10x16x8 B=1024 R=3 bfloat16')]\n"
+        "print(json.dumps({l.kernel: l.kwargs.get('BLOCK_I', l.kwargs.get('BLOCK_B'))\n"
+        "                  for l in k.record_launches(cases, {'tile_bwd': 512, 'fwd_examples': 32})}))\n"
+    )
+    mixed = _run_in_bench(code)
+    assert mixed["dynamic_routing_bwd_final_kernel"] == 2 and mixed["fused_layer_logits_kernel"] == 32
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--config", "tiles=4096"], "KEY must be one of"),  # not a launch parameter of any op
+        (["--specs", "squash", "--config", "tile=4"], "KEY must be one of [] (the launch knobs of --specs squash)"),
+        (["--specs", "routing", "--config", "tile=0"], "tile must be an integer >= 1, got '0'"),
+        (["--specs", "routing", "--config", "num_warps=3"], "num_warps must be a power of two from 1 to 32"),
+        (["--specs", "routing", "--config", "tile=²"], "tile must be an integer >= 1, got '²'"),
+    ],
+)
+def test_config_is_checked_against_the_chosen_specs(argv, message, capsys):
     with pytest.raises(SystemExit):
-        kernel_report.main(["--config", "tiles=4096"])  # not a launch parameter of any op
+        kernel_report.main(argv)
+    assert message in capsys.readouterr().err
 
 
 def test_as_compiled_keeps_only_the_options_torch_compile_passes_on():
