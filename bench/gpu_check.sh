@@ -20,17 +20,29 @@
 # is always kept.
 #
 # CT_GPU_CHECK_DRY=1 rehearses the whole script on a CPU in a few minutes: same steps, tiny sizes,
-# only tests/test_bench.py. PYTHON selects the interpreter (default python3).
+# only tests/test_bench.py. PYTHON selects the interpreter (default python3). OUTDIR must be new or
+# empty: every file in it then comes from this run (a second run into it would append to the logs
+# and plot the first run's data where its own steps failed).
 set -u -o pipefail
 
 if [[ $# -ne 1 ]]; then
     echo "usage: $0 OUTDIR" >&2
     exit 2
 fi
+if [[ -e "$1" && ! -d "$1" ]]; then
+    echo "$0: OUTDIR $1 exists and is not a folder" >&2
+    exit 2
+fi
+if [[ -d "$1" && -n "$(ls -A "$1")" ]]; then
+    echo "$0: OUTDIR $1 holds files (an earlier run's?): give a new or empty folder" >&2
+    exit 2
+fi
+# the interpreter as an absolute path: the steps run from the repository root
+PY=$(command -v "${PYTHON:-python3}") || { echo "$0: PYTHON=${PYTHON:-python3} not found" >&2; exit 2; }
+[[ $PY == /* ]] || PY="$PWD/$PY"
 OUT=$(mkdir -p "$1" && cd "$1" && pwd) || exit 2
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$REPO" || exit 2
-PY=${PYTHON:-python3}
 DRY=${CT_GPU_CHECK_DRY:-0}
 export PYTHONUNBUFFERED=1
 export MPLBACKEND=Agg
@@ -49,6 +61,9 @@ PLOT_S=${CT_PLOT_S:-15}
 
 LOG="$OUT/check.log"
 : >"$LOG"
+# a step's --time-budget: its limit less what it needs after its last point, at least a third of
+# the limit (CT_*_S below the defaults' margins would give a negative budget, refused)
+budget() { local b=$(($1 - $2)) m=$(($1 / 3)); echo $((b > m ? b : m)); }
 log() { echo "[$(date +%H:%M:%S)] $*" | tee -a "$LOG"; }
 
 # run NAME SECONDS LOGFILE CMD...: run CMD under timeout, output appended to LOGFILE.
@@ -148,10 +163,10 @@ fi
 SWEEP=("$PY" bench/routing_sweep.py --device "$DEVICE" --out "$OUT" --no-plots "${SIZES[@]}")
 run sweep-float32 "$SWEEP_S" "$OUT/sweep.log" "${SWEEP[@]}" --op routing layer attention fccaps \
     --modes forward forward+backward --dtypes float32 --implementations "${IMPLS[@]}" \
-    --batch-sizes "${FULL_BATCHES[@]}" --time-budget $((SWEEP_S - 45))
+    --batch-sizes "${FULL_BATCHES[@]}" --time-budget "$(budget "$SWEEP_S" 45)"
 run sweep-half "$HALF_S" "$OUT/sweep.log" "${SWEEP[@]}" --append --op routing layer attention fccaps \
     --modes forward forward+backward --dtypes bfloat16 float16 --implementations eager triton fused \
-    --batch-sizes "${HALF_BATCHES[@]}" --time-budget $((HALF_S - 15))
+    --batch-sizes "${HALF_BATCHES[@]}" --time-budget "$(budget "$HALF_S" 15)"
 rm -f "$OUT"/*.tmp
 
 # --- the whole model against the port-style baseline: training step and inference, the bytes
@@ -159,13 +174,17 @@ rm -f "$OUT"/*.tmp
 MODEL=("$PY" bench/model_bench.py --device "$DEVICE" --out "$OUT/model_bench" --no-progress --quick)
 [[ $DRY == 1 ]] || MODEL+=(--max-batch)
 run model-bench "$MODEL_S" "$OUT/sweep.log" "${MODEL[@]}" --implementations "${MODEL_IMPLS[@]}" \
-    --modes train inference --batch-sizes "${MODEL_BATCHES[@]}" --time-budget $((MODEL_S - 35))
+    --modes train inference --batch-sizes "${MODEL_BATCHES[@]}" --time-budget "$(budget "$MODEL_S" 35)"
 
 # --- plots and the summary, from the JSON alone
 if [[ -f "$OUT/results.json" ]]; then
     run plots "$PLOT_S" "$OUT/sweep.log" "$PY" bench/plot_results.py "$OUT/results.json" --out "$OUT"
     SLUG=$("$PY" -c 'import json, sys; sys.path.insert(0, "bench"); import plot_results as p; print(p.device_slug(p.load(sys.argv[1])["environment"]["device"]))' "$OUT/results.json" 2>>"$LOG")
-    log "to commit: mkdir -p bench/results/$SLUG && cp $OUT/{results.json,throughput.png,speedup.png,memory.png} bench/results/$SLUG/"
+    if [[ $DRY == 1 ]]; then
+        log "dry run: nothing to commit (CPU data of toy sizes)"
+    else
+        log "to commit: mkdir -p bench/results/$SLUG && cp $(printf %q "$OUT")/{results.json,throughput.png,speedup.png,memory.png} bench/results/$SLUG/"
+    fi
 else
     log "no results.json: the sweep did not start (see sweep.log)"
 fi
