@@ -516,7 +516,10 @@ def _blocks(comp: dict) -> str:
         return f"I{c['BLOCK_I']} J{c['BLOCK_J']} D{c['BLOCK_D']}"
     if "BLOCK_R" in c:
         return f"R{c['BLOCK_R']} D{c['BLOCK_D']}"
-    return f"J{c.get('BLOCK_J')} D{c.get('BLOCK_D')}"
+    if "BLOCK_J" in c:
+        return f"J{c['BLOCK_J']} D{c.get('BLOCK_D')}"
+    # the fused layer's passes (BLOCK_B, BLOCK_IC, BLOCK_KIN, BLOCK_DK, ...; BLOCK alone): every block
+    return " ".join(f"{k.removeprefix('BLOCK').removeprefix('_')}{v}" for k, v in c.items() if k.startswith("BLOCK"))
 
 
 def _variant(comp: dict) -> str:

@@ -336,3 +336,14 @@ def test_sass_counts_widths_and_predicates():
     assert c["total"] == 11
     assert (c["LDG.128"], c["LDG.64"], c["LDG.32"], c["LDG.16"]) == (1, 1, 1, 1)
     assert (c["FFMA"], c["MUFU"], c["MMA"], c["STG.128"], c["LDL"], c["STL"]) == (1, 1, 1, 1, 1, 1)
+
+
+def test_blocks_column_names_every_kernels_blocks():
+    """The table's blocks column: routing's I/J/D, and every BLOCK constexpr of the other kernels
+    (break-testing: the fused layer's passes showed "JNone DNone", so their rows and spills could
+    not be told apart)."""
+    assert kernel_report._blocks({"constexprs": {"BLOCK_I": 8, "BLOCK_J": 16, "BLOCK_D": 16}}) == "I8 J16 D16"
+    fused = {"BLOCK_B": 64, "BLOCK_IC": 8, "BLOCK_KIN": 8, "BLOCK_DK": 16, "HALF": True}
+    assert kernel_report._blocks({"constexprs": fused}) == "B64 IC8 KIN8 DK16"
+    assert kernel_report._blocks({"constexprs": {"BLOCK": 1024}}) == "1024"
+
