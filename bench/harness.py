@@ -85,6 +85,11 @@ def positive_int(text: str) -> int:
     return _number(text, int, "an integer", lambda v: v >= 1, ">= 1")
 
 
+def nonnegative_int(text: str) -> int:
+    """An integer >= 0."""
+    return _number(text, int, "an integer", lambda v: v >= 0, ">= 0")
+
+
 def nonnegative_float(text: str) -> float:
     """A finite number >= 0."""
     return _number(text, float, "a number", lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")

@@ -1248,7 +1248,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=harness.output_folder, default=None, help="folder for issue_model.json")
     parser.add_argument("--jobs", type=harness.positive_int, default=1, help="compiler processes (default 1)")
     parser.add_argument(
-        "--opcodes", type=int, default=0, metavar="N",
+        "--opcodes", type=harness.nonnegative_int, default=0, metavar="N",
         help="also list each kernel's N most frequent SASS opcodes an example (default 0: none)",
     )
     args = parser.parse_args(argv)
@@ -1257,6 +1257,8 @@ def main(argv=None) -> int:
     t_start = time.perf_counter()
     labels = [c.label for c in kernel_report.shape_sets()["all"]]
     chosen = [lb for lb in labels if any(lb.startswith(p) for p in args.cases)]
+    if "" in args.cases:
+        parser.error("argument --cases: an empty prefix would take every case; name the ones to model")
     unmatched = [p for p in args.cases if not any(lb.startswith(p) for lb in labels)]
     if unmatched:
         parser.error(f"no kernel case label starts with {unmatched}")

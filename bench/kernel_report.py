@@ -693,7 +693,7 @@ def main(argv=None) -> int:
     order = list(rows.values())
     status = 0
     exceptions = spill_exceptions()
-    for arch in args.arch:
+    for arch in dict.fromkeys(args.arch):  # each once (the same file otherwise)
         t_arch = time.perf_counter()
         jobs = [(row.comp, arch) for row in order]
         if args.jobs > 1:

@@ -35,6 +35,8 @@ class PortCapsNet(nn.Module):
 
     def __init__(self, iterations: int = 3, eps: float = 1e-8):
         super().__init__()
+        if iterations < 1:
+            raise ValueError(f"iterations must be >= 1, got {iterations}")
         self.iterations, self.eps = iterations, eps
         self.conv1 = nn.Conv2d(1, 256, 9)
         self.primary = nn.Conv2d(256, 32 * 8, 9, stride=2)

@@ -248,3 +248,19 @@ def test_real_kernel_count_grows_linearly_with_the_capsules_per_split(real_kerne
     assert step == 64 * 8 * 8 * slope
     assert instrs == [instrs[0] + i * step for i in range(4)]
     assert launches[3][2] > launches[0][2] > 0
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--opcodes", "-3"], "argument --opcodes: must be >= 0, got -3"),
+        (["--cases", ""], "argument --cases: an empty prefix would take every case"),
+    ],
+)
+def test_bad_options_are_usage_errors(argv, message, capsys, monkeypatch):
+    """Break-testing: a negative --opcodes printed nothing, and an empty --cases prefix took every
+    case (a run of many minutes)."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(SystemExit):
+        issue_model.main(argv)
+    assert message in capsys.readouterr().err

@@ -163,3 +163,8 @@ def test_max_batch_is_refused_off_cuda(tmp_path):
     with pytest.raises(SystemExit, match=r"--max-batch needs a CUDA device \(--device cuda\); this run is on cpu"):
         model_bench.main(["--device", "cpu", "--max-batch", "--out", str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()
+
+
+def test_port_capsnet_refuses_no_iterations():
+    with pytest.raises(ValueError, match="iterations must be >= 1, got 0"):
+        PortCapsNet(iterations=0)
