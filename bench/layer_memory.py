@@ -99,12 +99,13 @@ def run(args: argparse.Namespace) -> list[dict]:
 
 
 def table(rows: list[dict]) -> str:
-    head = f"{'dtype':9} {'batch':>5}  {'mode':16} {'implementation':14} {'peak MB':>9} {'KB/example':>10} " \
+    bw = max([5, *(len(str(r["batch_size"])) for r in rows)])  # the batch column fits its largest
+    head = f"{'dtype':9} {'batch':>{bw}}  {'mode':16} {'implementation':14} {'peak MB':>9} {'KB/example':>10} " \
         f"{'of eager':>8} {'of u_hat':>8}"
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(
-            f"{r['dtype']:9} {r['batch_size']:>5}  {r['mode']:16} {r['implementation']:14} "
+            f"{r['dtype']:9} {r['batch_size']:>{bw}}  {r['mode']:16} {r['implementation']:14} "
             f"{r['peak_bytes'] / 1e6:>9.1f} {r['peak_bytes_per_example'] / 1e3:>10.1f} "
             f"{r['fraction_of_eager']:>8.3f} {r['peak_bytes'] / r['u_hat_bytes']:>8.2f}"
         )
@@ -119,7 +120,10 @@ def main(argv=None) -> None:
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "table.txt").write_text(text + "\n")
-        config = {**args.sizes, "batch_sizes": args.batch_sizes, "dtypes": args.dtypes}
+        config = {
+            **args.sizes, "batch_sizes": args.batch_sizes, "dtypes": args.dtypes,
+            "implementations": args.implementations,
+        }
         env = harness.environment(torch.device("cpu"), config)
         env["device"] = "none: fake tensors, counted at the dispatcher"
         env["memory_note"] = (

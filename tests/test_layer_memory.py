@@ -140,6 +140,17 @@ def test_layer_memory_script_writes_rows(tmp_path):
         (i, m) for i in layer_memory.IMPLEMENTATIONS for m in layer_memory.MODES
     }
     assert all(r["peak_bytes"] > 0 for r in rows)
+    config = json.loads((tmp_path / "results.json").read_text())["environment"]["config"]
+    assert config["implementations"] == list(layer_memory.IMPLEMENTATIONS)  # what was counted
+
+
+def test_layer_memory_table_columns_hold_large_batches():
+    """Break-testing: a batch of 100000 or more pushed its row's columns right of the header's."""
+    row = {"dtype": "float32", "mode": "forward", "implementation": "fused", "peak_bytes": 2e6,
+           "peak_bytes_per_example": 20.0, "fraction_of_eager": 0.1, "u_hat_bytes": 4e6}
+    lines = layer_memory.table([{**row, "batch_size": 3}, {**row, "batch_size": 1234567}]).splitlines()
+    assert len({len(line) for line in lines}) == 1  # header, rule and rows line up
+    assert lines[0].index("mode") == lines[3].index("forward")
 
 
 @pytest.mark.cuda
