@@ -17,6 +17,7 @@ from ._launch import INTERPRETED
 __all__ = [
     "PassConfig",
     "check_tuning",
+    "knob_expectation",
     "rows_per_tile",
     "input_split",
     "FusedTuning",
@@ -44,18 +45,28 @@ class PassConfig:
     caps_per_split: int
 
 
+def knob_expectation(value, warps: bool) -> str | None:
+    """What a tuning knob must be, where ``value`` is not that (None where it is): an int >= 1, a
+    warps knob a power of two up to 32 (as Triton launches them). The one rule of
+    :func:`check_tuning` and of the kernel report's ``--config``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        return "an int"
+    if value < 1 or (warps and (value > 32 or value & (value - 1))):
+        return "a power of two from 1 to 32" if warps else ">= 1"
+    return None
+
+
 def check_tuning(tuning, warps: tuple[str, ...]) -> None:
-    """A tuning dataclass's knobs: ints >= 1, the ``warps`` fields powers of two up to 32 (as
-    Triton launches them), ``num_warps`` also None (the heuristic's choice); TypeError /
-    ValueError naming the knob."""
+    """A tuning dataclass's knobs as :func:`knob_expectation` says, the ``warps`` fields as warps,
+    ``num_warps`` also None (the heuristic's choice); TypeError / ValueError naming the knob."""
     for f in dataclasses.fields(tuning):
         value = getattr(tuning, f.name)
         if value is None and f.name == "num_warps":
             continue
-        if isinstance(value, bool) or not isinstance(value, int):
+        expected = knob_expectation(value, f.name in warps)
+        if expected == "an int":
             raise TypeError(f"{type(tuning).__name__}.{f.name} must be an int, got {type(value).__name__}")
-        if value < 1 or (f.name in warps and (value > 32 or value & (value - 1))):
-            expected = "a power of two from 1 to 32" if f.name in warps else ">= 1"
+        if expected is not None:
             expected += ", or None" if f.name == "num_warps" else ""
             raise ValueError(f"{type(tuning).__name__}.{f.name} must be {expected}, got {value}")
 
