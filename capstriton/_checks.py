@@ -129,11 +129,16 @@ def triton_unavailable_reason(device: torch.device) -> str | None:
         try:  # (imports triton: not before the triton backend is asked for)
             import triton
 
-            from .ops._launch import INTERPRETED
+            from .ops._launch import INTERPRETED, LIBRARY_INTERPRETED
         except ImportError as e:
             return f"triton cannot be imported: {e}"
-        if INTERPRETED:
+        if INTERPRETED and LIBRARY_INTERPRETED:
             return None
+        if INTERPRETED:
+            return (
+                "TRITON_INTERPRET was set after triton was imported (and before capstriton was): triton's own "
+                "functions were made for a GPU; set it before triton is imported"
+            )
         knobs = getattr(triton, "knobs", None)
         if knobs is not None and knobs.runtime.interpret:  # the variable, read as triton.jit reads it
             return (

@@ -374,6 +374,7 @@ def test_bad_input_raises_naming_the_argument(call, error, pattern, monkeypatch)
     from capstriton.ops import _launch
 
     monkeypatch.setattr(_launch, "INTERPRETED", True)
+    monkeypatch.setattr(_launch, "LIBRARY_INTERPRETED", True)
     with pytest.raises(error, match=pattern):
         call()
 
@@ -401,12 +402,16 @@ def test_triton_on_cpu_without_interpreter_raises(monkeypatch, value):
 
 
 _LATE_INTERPRETER = """
-import os, torch, capstriton as ct, capstriton.ops  # the ops import the kernels
+import os, sys, torch
+if sys.argv[1] == "between":  # set after triton's import, before capstriton's
+    import triton
+    os.environ["TRITON_INTERPRET"] = "1"
+import capstriton as ct, capstriton.ops  # the ops import the kernels
 x = torch.randn(3, 5)
-if os.environ.get("TRITON_INTERPRET"):  # set before the imports: the kernels are the interpreter's
+if os.environ.get("TRITON_INTERPRET") and sys.argv[1] != "between":  # the kernels are the interpreter's
     print(ct.squash(x, backend="triton").sub(ct.squash(x, backend="torch")).abs().max().item())
 else:
-    os.environ["TRITON_INTERPRET"] = "1"  # too late: the kernels were made for a GPU
+    os.environ["TRITON_INTERPRET"] = "1"  # too late: the kernels (or triton's own functions) were made for a GPU
     try:
         ct.squash(x, backend="triton")
     except ValueError as e:
@@ -414,20 +419,25 @@ else:
 """
 
 
-@pytest.mark.parametrize("value", [None, "true"], ids=["set-after-import", "true"])
+@pytest.mark.parametrize("value", [None, "true", "between"], ids=["set-after-import", "true", "set-between-imports"])
 def test_the_interpreter_is_what_the_kernels_were_made_for(value):
     """Break-testing (the spec audit): the check read TRITON_INTERPRET at call time, so a variable
     set after the import passed it and failed inside triton ("0 active drivers"), and "true",
-    which triton honours, was refused. It now asks what triton.jit made of the kernels."""
+    which triton honours, was refused. It now asks what triton.jit made of the kernels, and of
+    triton's own functions: a variable set after ``import triton`` but before ``import capstriton``
+    made the kernels the interpreter's around a compiled library, and the call failed inside the
+    interpreter (a later break-testing round)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    if value is not None:
+    if value == "true":
         env["TRITON_INTERPRET"] = value
-    proc = subprocess.run([sys.executable, "-c", _LATE_INTERPRETER], capture_output=True, text=True, env=env,
-                          timeout=300)
+    proc = subprocess.run([sys.executable, "-c", _LATE_INTERPRETER, str(value)], capture_output=True, text=True,
+                          env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     if value is None:
         message = "TRITON_INTERPRET is set, but capstriton's kernels were made for a GPU: set it before triton"
         assert message in proc.stdout
+    elif value == "between":
+        assert "TRITON_INTERPRET was set after triton was imported (and before capstriton was)" in proc.stdout
     else:
         assert float(proc.stdout.split()[-1]) <= 1e-6
 

@@ -8,17 +8,22 @@ import contextlib
 from collections.abc import Callable, Iterator
 
 import torch
+import triton.language.standard
 from torch.library import wrap_triton
 from triton.runtime.jit import JITFunction
 
 from ..kernels.common import squash_parts
 
-__all__ = ["INTERPRETED", "launch", "empty", "poisoned", "recording"]
+__all__ = ["INTERPRETED", "LIBRARY_INTERPRETED", "launch", "empty", "poisoned", "recording"]
 
 #: Whether the kernels run under Triton's interpreter (on CPU tensors): what ``triton.jit`` made
 #: of them when they were imported (TRITON_INTERPRET then), not what the variable says now. A
 #: module constant: dispatch reads it inside torch.compile'd code.
 INTERPRETED = not isinstance(squash_parts, JITFunction)
+#: The same for triton's own jitted library (``tl.max`` and the rest), made when triton itself was
+#: imported: with the variable set between that import and capstriton's, the kernels are the
+#: interpreter's but call compiled library functions, which fail inside the interpreter.
+LIBRARY_INTERPRETED = not isinstance(triton.language.standard.max, JITFunction)
 
 #: Set by :func:`poisoned`: buffers come NaN-filled instead of uninitialised.
 _poison = False

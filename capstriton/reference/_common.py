@@ -34,11 +34,13 @@ def scaled_norm(s: torch.Tensor, dim: int):
     absolute component along ``dim`` (``scale``, 1 for zero vectors; a constant for autograd: the
     squashes do not depend on it, so gradients stay exact), the scaled vector ``t`` (largest
     component +-1, so 1 <= ||t|| <= sqrt(D) for s != 0: no overflow at 1e30, no underflow at
-    1e-30) and ``m = ||t||`` kept away from 0 for zero vectors (``nonzero`` marks the others)."""
+    1e-30) and ``m = ||t||`` kept away from 0 for zero vectors (``nonzero`` marks the others; a
+    vector with a NaN component counts as nonzero, so NaN reaches every component of the result,
+    as in the kernels)."""
     x = s.to(compute_dtype(s.dtype))
     with torch.no_grad():
         amax = x.abs().amax(dim=dim, keepdim=True)
-    nonzero = amax > 0
+    nonzero = amax != 0  # True for NaN
     scale = torch.where(nonzero, amax, torch.ones_like(amax))
     t = x / scale
     m = (t * t).sum(dim=dim, keepdim=True).clamp_min(0.5).sqrt()

@@ -99,6 +99,33 @@ def test_squash_tiny_and_subnormal_rows(scale):
     assert_float32_close("ds", ds, ds_ref)
 
 
+@pytest.mark.parametrize("scale", [1e-15, 1e-19, 1e-21, 1e-22, 1e-23, 1e-25, 1e-30, 1e-38], ids=lambda s: f"{s:g}")
+def test_torch_squash_float32_gradient_of_tiny_rows(scale):
+    """The reference in float32 (the CPU path) rather than the kernels: the gradient ``n I + s s^T / n``
+    of a tiny row is of the order of ``|s|``, representable in float32, and exact to float32
+    rounding at every scale. The reference returned 0 below 1e-24, and up to 70% off between 1e-21
+    and 1e-23, while it took the norm's gradient through ``scale * ||t||``."""
+    gen = torch.Generator().manual_seed(7)
+    s = scale * torch.randn(6, 16, generator=gen)
+    g = torch.randn(6, 16, generator=gen)
+    (ds,) = grads(lambda x: ct.squash(x, backend="torch"), [s], g)
+    s64 = s.double().requires_grad_()
+    (ds_ref,) = torch.autograd.grad(ct.squash(s64, backend="torch"), s64, g.double())
+    assert ds_ref.abs().max() > 1e-6 * scale  # the true gradient: of the order of |s|, not 0
+    assert_float32_close("ds", ds, ds_ref)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("fn", [ct.squash, ct.efficient_squash], ids=["squash", "efficient_squash"])
+def test_a_nan_component_makes_its_whole_capsule_nan(fn, backend):
+    """NaN in one component: the norm is NaN, so is every component of that capsule, on both
+    backends; the other capsules are untouched. The reference's efficient squash took such a row
+    for a zero vector and returned its other components unsquashed."""
+    s = torch.tensor([[float("nan"), 1.0, 2.0], [0.5, -1.0, 2.0], [float("nan"), 0.0, 0.0]], device=KERNEL_DEVICE)
+    v = fn(s, backend=backend)
+    assert torch.isnan(v[0]).all() and torch.isnan(v[2]).all()
+    torch.testing.assert_close(v[1], fn(s[1:2], backend="torch")[0])
+
 
 def test_half_squash_keeps_dtype():
     for dtype in (torch.float16, torch.bfloat16):
