@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import numbers
+import operator
 
 import torch
 
@@ -41,13 +42,25 @@ def check_positive_sizes(name: str, x: torch.Tensor, layout: str, skip_first: bo
         raise ValueError(f"{name} must have non-empty capsule dimensions {layout}, got {tuple(x.shape)}")
 
 
+def as_int(value) -> int | None:
+    """``value`` as a Python int when it is an integer, Python's or NumPy's (what
+    ``operator.index`` takes, but neither a bool nor a tensor), else None."""
+    if isinstance(value, (bool, torch.Tensor)):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
 def check_size(name: str, value) -> int:
-    """``value`` is an int >= 1 (a bool is not); returns it."""
-    if isinstance(value, bool) or not isinstance(value, int):
+    """``value`` is an integer >= 1 (Python's or NumPy's; a bool is not); returns it as an int."""
+    size = as_int(value)
+    if size is None:
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
-    return value
+    if size < 1:
+        raise ValueError(f"{name} must be >= 1, got {size}")
+    return size
 
 
 def check_bool(name: str, value) -> bool:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import operator
 import os
 import struct
 import tempfile
@@ -25,6 +24,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
+
+from ._checks import as_int
 
 __all__ = [
     "FILES",
@@ -256,15 +257,12 @@ def draw_shifts(n: int, max_shift: int = 2, generator: torch.Generator | None = 
 
 def _check_max_shift(max_shift) -> int:
     """``max_shift`` as an int >= 0 (Python's or NumPy's integers; not a bool)."""
-    try:
-        if isinstance(max_shift, bool):
-            raise TypeError
-        max_shift = operator.index(max_shift)
-    except TypeError:
-        raise TypeError(f"max_shift must be an int, got {type(max_shift).__name__}") from None
-    if max_shift < 0:
-        raise ValueError(f"max_shift must be >= 0, got {max_shift}")
-    return max_shift
+    shift = as_int(max_shift)
+    if shift is None:
+        raise TypeError(f"max_shift must be an int, got {type(max_shift).__name__}")
+    if shift < 0:
+        raise ValueError(f"max_shift must be >= 0, got {shift}")
+    return shift
 
 
 def random_shift(

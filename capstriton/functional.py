@@ -10,6 +10,7 @@ import torch
 
 from . import reference
 from ._checks import (
+    as_int,
     check_bool,
     check_class_indices,
     check_nonnegative,
@@ -86,20 +87,24 @@ def squash(s: torch.Tensor, dim: int = -1, *, backend: str = "auto") -> torch.Te
         >>> v = squash(torch.randn(32, 1152, 8))  # [B, N, D] -> [B, N, D]
     """
     check_tensor("s", s)
-    _check_capsules(s, dim)
+    dim = _capsule_dim(s, dim)
     return _implementations(resolve_backend(backend, s))["squash"](s, dim)
 
 
-def _check_capsules(s: torch.Tensor, dim) -> None:
-    """``s`` holds capsule vectors along a valid, non-empty ``dim``."""
+def _capsule_dim(s: torch.Tensor, dim) -> int:
+    """``dim`` as an int, after checking that ``s`` holds capsule vectors along it (a valid,
+    non-empty dimension; Python's or NumPy's integers)."""
     if s.dim() == 0:
         raise ValueError("s must have at least 1 dimension (the capsule vector), got a scalar")
-    if isinstance(dim, bool) or not isinstance(dim, int) or not -s.dim() <= dim < s.dim():
+    index = as_int(dim)
+    if index is None or not -s.dim() <= index < s.dim():
         raise ValueError(
             f"dim must be an int in [{-s.dim()}, {s.dim() - 1}] for s of shape {tuple(s.shape)}, got {dim!r}"
+            + ("" if index is not None else f" (a {type(dim).__name__})")
         )
-    if s.shape[dim] == 0:
-        raise ValueError(f"s must have a non-empty capsule dimension {dim}, got shape {tuple(s.shape)}")
+    if s.shape[index] == 0:
+        raise ValueError(f"s must have a non-empty capsule dimension {index}, got shape {tuple(s.shape)}")
+    return index
 
 
 def efficient_squash(s: torch.Tensor, dim: int = -1, *, backend: str = "auto") -> torch.Tensor:
@@ -112,7 +117,7 @@ def efficient_squash(s: torch.Tensor, dim: int = -1, *, backend: str = "auto") -
         >>> v = efficient_squash(torch.randn(32, 16, 8))  # [B, N, D] -> [B, N, D]
     """
     check_tensor("s", s)
-    _check_capsules(s, dim)
+    dim = _capsule_dim(s, dim)
     return _implementations(resolve_backend(backend, s))["efficient_squash"](s, dim)
 
 
@@ -171,9 +176,10 @@ def self_attention_capsule_routing(
         >>> w = 0.1 * torch.randn(16, 10, 16, 8)
         >>> v = self_attention_capsule_routing(torch.randn(4, 16, 8), w, torch.zeros(16, 10))  # -> [4, 10, 16]
     """
-    _check_layer_inputs(u, weight)
+    if bias is not None:
+        check_tensor("bias", bias, 2, "[N_in, N_out]")
+    u, weight, bias = _layer_inputs(u, weight, bias)
     _check_bias(bias, u, weight.shape[0], weight.shape[1])
-    u, weight, bias = autocast_inputs(u, weight, bias)
     implementation = _implementations(resolve_backend(backend, u, weight, bias))["self_attention_capsule_routing"]
     return implementation(u, weight, bias)
 
@@ -203,7 +209,7 @@ def dynamic_routing(
     """
     check_tensor("u_hat", u_hat, 4, U_HAT_LAYOUT)
     check_positive_sizes("u_hat", u_hat, U_HAT_LAYOUT)
-    check_size("iterations", iterations)
+    iterations = check_size("iterations", iterations)
     check_bool("grad_through_routing", grad_through_routing)
     implementation = _implementations(resolve_backend(backend, u_hat))["dynamic_routing"]
     return implementation(u_hat, iterations, grad_through_routing)
@@ -242,19 +248,22 @@ def capsule_routing(
         >>> w = 0.01 * torch.randn(1152, 10, 16, 8)
         >>> v = capsule_routing(torch.randn(4, 1152, 8), w)  # -> [4, 10, 16]
     """
-    _check_layer_inputs(u, weight)
-    check_size("iterations", iterations)
+    u, weight = _layer_inputs(u, weight)
+    iterations = check_size("iterations", iterations)
     check_bool("grad_through_routing", grad_through_routing)
     check_bool("fused", fused)
-    u, weight = autocast_inputs(u, weight)
     algorithm = "capsule_routing" if fused else "capsule_routing_unfused"
     implementation = _implementations(resolve_backend(backend, u, weight))[algorithm]
     return implementation(u, weight, iterations, grad_through_routing)
 
 
-def _check_layer_inputs(u: torch.Tensor, weight: torch.Tensor) -> None:
+def _layer_inputs(u: torch.Tensor, weight: torch.Tensor, *more: torch.Tensor | None) -> tuple:
+    """``u``, ``weight`` (and ``more``) checked, after autocast's casts (:func:`autocast_inputs`):
+    under autocast a half ``u`` and a float32 weight are the usual pair, as for ``torch.matmul``,
+    so the dtypes must agree only after the casts."""
     check_tensor("u", u, 3, U_LAYOUT)
     check_tensor("weight", weight, 4, WEIGHT_LAYOUT)
+    u, weight, *more = autocast_inputs(u, weight, *more)
     check_same("u", u, "weight", weight)
     check_positive_sizes("weight", weight, WEIGHT_LAYOUT, skip_first=False)
     if u.shape[1] != weight.shape[0] or u.shape[2] != weight.shape[3]:
@@ -262,6 +271,7 @@ def _check_layer_inputs(u: torch.Tensor, weight: torch.Tensor) -> None:
             f"u {U_LAYOUT} and weight {WEIGHT_LAYOUT} disagree: u has shape {tuple(u.shape)}, "
             f"weight {tuple(weight.shape)} (N_in and D_in must match)"
         )
+    return (u, weight, *more)
 
 
 def margin_loss(

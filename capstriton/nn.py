@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from . import functional as F
-from ._checks import check_backend, check_bool, check_class_indices, check_nonnegative, check_size, check_tensor
+from ._checks import as_int, check_backend, check_bool, check_class_indices, check_nonnegative, check_size, check_tensor
 
 __all__ = [
     "Squash",
@@ -39,9 +39,9 @@ class Squash(nn.Module):
 
     def __init__(self, dim: int = -1, backend: str = "auto"):
         super().__init__()
-        if isinstance(dim, bool) or not isinstance(dim, int):
+        self.dim = as_int(dim)
+        if self.dim is None:
             raise TypeError(f"dim must be an int, got {type(dim).__name__} {dim!r}")
-        self.dim = dim
         self.backend = check_backend(backend)
 
     def forward(self, s: torch.Tensor) -> torch.Tensor:

@@ -45,6 +45,25 @@ def test_capsule_layer_takes_the_autocast_dtype(backend, amp, layer):
     assert rel_err(v, ref) < KERNEL_TOL[amp]
 
 
+@pytest.mark.parametrize("layer", LAYERS)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_capsule_layer_takes_mixed_dtypes_under_autocast(backend, layer):
+    """A bfloat16 u (an autocast convolution's output) with a float32 weight and bias, as
+    ``torch.matmul`` takes them under autocast: the dtypes must agree after autocast's casts, not
+    before (break-testing: both functions refused the pair with "must have the same dtype").
+    Without autocast the pair is still refused."""
+    u = torch.randn(3, 37, 8, device=KERNEL_DEVICE).bfloat16()
+    w = 0.1 * torch.randn(37, 10, 16, 8, device=KERNEL_DEVICE)
+    b = 0.1 * torch.randn(37, 10, device=KERNEL_DEVICE)
+    with autocast(torch.bfloat16):
+        v = LAYERS[layer](u, w, b, backend)
+    assert v.dtype == torch.bfloat16
+    ref = LAYERS[layer](u.double(), w.bfloat16().double(), b.bfloat16().double(), "torch")
+    assert rel_err(v, ref) < KERNEL_TOL[torch.bfloat16]
+    with pytest.raises(TypeError, match="must have the same dtype"):
+        LAYERS[layer](u, w, b, backend)
+
+
 MODULES = {"dynamic": ct.nn.RoutingCapsules, "self-attention": ct.nn.SelfAttentionCapsules}
 
 

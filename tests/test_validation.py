@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from _helpers import rel_err
@@ -456,6 +457,24 @@ try:
 except ValueError as e:
     print(e)
 """
+
+
+def test_numpy_integers_are_sizes_and_dims():
+    """NumPy integers (what indexing NumPy arrays and configs read with NumPy give) count as ints
+    wherever an int is asked for, as ``operator.index`` takes them; a bool, a float and a tensor do
+    not (break-testing: iterations, module sizes and dim refused np.int64, and dim's message named a
+    range its value was in)."""
+    x = u_hat()
+    assert torch.equal(ct.dynamic_routing(x, np.int64(2), backend="torch"), ct.dynamic_routing(x, 2, backend="torch"))
+    assert torch.equal(ct.squash(U, dim=np.int32(1), backend="torch"), ct.squash(U, dim=1, backend="torch"))
+    layer = ct.nn.RoutingCapsules(np.int64(7), np.int16(4), np.uint8(3), np.int64(5), iterations=np.int64(2))
+    assert (layer.in_caps, layer.in_dim, layer.out_caps, layer.out_dim, layer.iterations) == (7, 4, 3, 5, 2)
+    assert all(type(n) is int for n in (layer.in_caps, layer.iterations, ct.nn.Squash(np.int64(0)).dim))
+    for bad in (2.0, True, torch.tensor(2)):
+        with pytest.raises(TypeError, match=f"iterations must be an int, got {type(bad).__name__}"):
+            ct.dynamic_routing(x, bad)
+    with pytest.raises(ValueError, match=r"dim must be an int in \[-3, 2\].*got 1.0 \(a float\)"):
+        ct.squash(U, dim=1.0)
 
 
 def test_the_torch_backend_runs_without_triton():
