@@ -53,13 +53,14 @@ def as_int(value) -> int | None:
         return None
 
 
-def check_size(name: str, value) -> int:
-    """``value`` is an integer >= 1 (Python's or NumPy's; a bool is not); returns it as an int."""
+def check_size(name: str, value, minimum: int = 1) -> int:
+    """``value`` is an integer >= ``minimum`` (Python's or NumPy's; a bool is not); returns it as
+    an int."""
     size = as_int(value)
     if size is None:
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if size < 1:
-        raise ValueError(f"{name} must be >= 1, got {size}")
+    if size < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {size}")
     return size
 
 

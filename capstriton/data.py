@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from ._checks import as_int
+from ._checks import check_size
 
 __all__ = [
     "FILES",
@@ -257,12 +257,7 @@ def draw_shifts(n: int, max_shift: int = 2, generator: torch.Generator | None = 
 
 def _check_max_shift(max_shift) -> int:
     """``max_shift`` as an int >= 0 (Python's or NumPy's integers; not a bool)."""
-    shift = as_int(max_shift)
-    if shift is None:
-        raise TypeError(f"max_shift must be an int, got {type(max_shift).__name__}")
-    if shift < 0:
-        raise ValueError(f"max_shift must be >= 0, got {shift}")
-    return shift
+    return check_size("max_shift", max_shift, minimum=0)
 
 
 def random_shift(
