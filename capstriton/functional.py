@@ -81,7 +81,8 @@ def _implementations(backend: str) -> dict:
 def squash(s: torch.Tensor, dim: int = -1, *, backend: str = "auto") -> torch.Tensor:
     """Squash capsule vectors along ``dim``: ``v = s * ||s|| / (1 + ||s||^2)``.
 
-    Same shape and dtype as ``s``; ``||v|| < 1``; finite (and with a zero Jacobian) at ``s = 0``.
+    Same shape and dtype as ``s``; ``||v|| < 1`` (after rounding ``<= 1``: in float32 from
+    ``||s||`` of about 4e3 the length rounds to 1); finite (and with a zero Jacobian) at ``s = 0``.
 
     Example:
         >>> v = squash(torch.randn(32, 1152, 8))  # [B, N, D] -> [B, N, D]
@@ -110,7 +111,8 @@ def _capsule_dim(s: torch.Tensor, dim) -> int:
 def efficient_squash(s: torch.Tensor, dim: int = -1, *, backend: str = "auto") -> torch.Tensor:
     """Efficient-CapsNet's squash along ``dim``: ``v = (1 - exp(-||s||)) s / ||s||``.
 
-    Same shape and dtype as ``s``; ``||v|| < 1``; exact limits without an epsilon: 0 with the
+    Same shape and dtype as ``s``; ``||v|| < 1`` (after rounding ``<= 1``: in float32 from
+    ``||s||`` of about 17 the length rounds to 1); exact limits without an epsilon: 0 with the
     identity Jacobian at ``s = 0``, the unit vector for huge ``s``.
 
     Example:

@@ -23,6 +23,9 @@ __all__ = [
 
 def capsule_lengths(v: torch.Tensor) -> torch.Tensor:
     """Lengths ``||v||`` of capsules ``[..., D] -> [...]`` (gradient 0, not NaN, at zero)."""
+    check_tensor("v", v)
+    if v.dim() == 0:
+        raise ValueError("v must have at least 1 dimension (the capsule vector), got a scalar")
     return torch.linalg.vector_norm(v, dim=-1)
 
 

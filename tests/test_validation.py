@@ -205,6 +205,9 @@ BAD_CALLS = [
     ),
     ("module-backend", lambda: ct.nn.Squash(backend="gpu"), ValueError, "backend must be one of"),
     ("module-size", lambda: ct.nn.RoutingCapsules(in_caps=0), ValueError, "in_caps must be >= 1"),
+    ("lengths-int", lambda: ct.nn.capsule_lengths(torch.ones(2, 3, dtype=torch.long)), TypeError,
+     "v must be a floating tensor"),
+    ("lengths-scalar", lambda: ct.nn.capsule_lengths(torch.tensor(1.0)), ValueError, "v must have at least 1"),
     ("module-size-type", lambda: ct.nn.RoutingCapsules(out_dim=16.0), TypeError, "out_dim must be an int"),
     ("module-iterations", lambda: ct.nn.RoutingCapsules(iterations=0), ValueError, "iterations must be >= 1"),
     (

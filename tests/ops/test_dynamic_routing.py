@@ -157,6 +157,28 @@ def test_routing_extreme_magnitudes(scale):
     assert_close("du", du, du_ref, TOL[torch.float32])
 
 
+@pytest.mark.parametrize("signs", [False, True], ids=["equal", "random-signs"])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_routing_finite_up_to_the_documented_bound(backend, signs):
+    """README ("Semantics"): values and gradients are finite on both backends while N_in times the
+    largest prediction norm stays below float max. At 0.9 of it (every prediction of that norm:
+    the sums and the agreements at their largest), for 1 to 5 iterations. Break-testing found
+    the README's former example (1e38 over 9 capsules of 16 components, past this bound) NaN on
+    the triton backend."""
+    n_in, d = 9, 16
+    norm = 0.9 * torch.finfo(torch.float32).max / n_in
+    u = torch.full((2, n_in, 3, d), norm / d**0.5)
+    if signs:
+        u = u * torch.randn(2, n_in, 3, d, generator=torch.Generator().manual_seed(3)).sign()
+    dev = KERNEL_DEVICE if backend == "triton" else "cpu"
+    for iterations in (1, 2, 3, 5):
+        x = u.to(dev).requires_grad_()
+        v = ct.dynamic_routing(x, iterations, backend=backend)
+        (du,) = torch.autograd.grad(v.sum(), x)
+        assert torch.isfinite(v).all() and torch.isfinite(du).all(), iterations
+        assert (v.norm(dim=-1) <= 1).all()
+
+
 def test_routing_non_contiguous_and_expanded_gradient():
     base = torch.randn(10, 5, 3, 7, device=KERNEL_DEVICE)
     u = base.permute(1, 0, 2, 3)[:, ::2]  # [5, 5, 3, 7], no unit stride on the batch or N_in axes
