@@ -8,7 +8,6 @@ from __future__ import annotations
 import importlib.util
 import math
 import numbers
-import operator
 
 import torch
 
@@ -43,14 +42,11 @@ def check_positive_sizes(name: str, x: torch.Tensor, layout: str, skip_first: bo
 
 
 def as_int(value) -> int | None:
-    """``value`` as a Python int when it is an integer, Python's or NumPy's (what
-    ``operator.index`` takes, but neither a bool nor a tensor), else None."""
-    if isinstance(value, (bool, torch.Tensor)):
+    """``value`` as a Python int when it is an integer scalar, Python's or NumPy's (a
+    ``numbers.Integral``: not a bool, a tensor or an array), else None."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         return None
-    try:
-        return operator.index(value)
-    except TypeError:
-        return None
+    return int(value)
 
 
 def check_size(name: str, value, minimum: int = 1) -> int:
@@ -121,11 +117,18 @@ def check_backend(backend) -> str:
     return backend
 
 
-def check_same(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor) -> None:
+def check_same(
+    name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor, given: tuple[torch.Tensor, torch.Tensor] | None = None
+) -> None:
+    """``a`` and ``b`` share device and dtype; ``given``: the tensors as the caller passed them,
+    before autocast's casts made ``a`` and ``b`` (the message names both)."""
     if a.device != b.device:
         raise ValueError(f"{name_a} and {name_b} must be on the same device, got {a.device} and {b.device}")
     if a.dtype != b.dtype:
-        raise TypeError(f"{name_a} and {name_b} must have the same dtype, got {a.dtype} and {b.dtype}")
+        cast = ""
+        if given is not None and (given[0].dtype, given[1].dtype) != (a.dtype, b.dtype):
+            cast = f" (given as {given[0].dtype} and {given[1].dtype}: float64 is not cast by autocast)"
+        raise TypeError(f"{name_a} and {name_b} must have the same dtype, got {a.dtype} and {b.dtype}{cast}")
 
 
 #: Looked up once at import: dispatch runs inside torch.compile'd code, where dynamo refuses to

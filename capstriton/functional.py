@@ -81,8 +81,9 @@ def _implementations(backend: str) -> dict:
 def squash(s: torch.Tensor, dim: int = -1, *, backend: str = "auto") -> torch.Tensor:
     """Squash capsule vectors along ``dim``: ``v = s * ||s|| / (1 + ||s||^2)``.
 
-    Same shape and dtype as ``s``; ``||v|| < 1`` (after rounding ``<= 1``: in float32 from
-    ``||s||`` of about 4e3 the length rounds to 1); finite (and with a zero Jacobian) at ``s = 0``.
+    Same shape and dtype as ``s``; ``||v|| < 1`` up to rounding (in float32 from ``||s||`` of
+    about 4e3 the length rounds to 1, and the norm of the rounded components may exceed 1 by an
+    ulp); finite (and with a zero Jacobian) at ``s = 0``.
 
     Example:
         >>> v = squash(torch.randn(32, 1152, 8))  # [B, N, D] -> [B, N, D]
@@ -111,8 +112,9 @@ def _capsule_dim(s: torch.Tensor, dim) -> int:
 def efficient_squash(s: torch.Tensor, dim: int = -1, *, backend: str = "auto") -> torch.Tensor:
     """Efficient-CapsNet's squash along ``dim``: ``v = (1 - exp(-||s||)) s / ||s||``.
 
-    Same shape and dtype as ``s``; ``||v|| < 1`` (after rounding ``<= 1``: in float32 from
-    ``||s||`` of about 17 the length rounds to 1); exact limits without an epsilon: 0 with the
+    Same shape and dtype as ``s``; ``||v|| < 1`` up to rounding (in float32 from ``||s||`` of
+    about 17 the length rounds to 1, and the norm of the rounded components may exceed 1 by an
+    ulp); exact limits without an epsilon: 0 with the
     identity Jacobian at ``s = 0``, the unit vector for huge ``s``.
 
     Example:
@@ -123,11 +125,11 @@ def efficient_squash(s: torch.Tensor, dim: int = -1, *, backend: str = "auto") -
     return _implementations(resolve_backend(backend, s))["efficient_squash"](s, dim)
 
 
-def _check_bias(bias, like: torch.Tensor, n_in: int, n_out: int) -> None:
+def _check_bias(bias, like: torch.Tensor, n_in: int, n_out: int, given: tuple | None = None) -> None:
     if bias is None:
         return
     check_tensor("bias", bias, 2, "[N_in, N_out]")
-    check_same("bias", bias, "u_hat" if like.dim() == 4 else "u", like)
+    check_same("bias", bias, "u_hat" if like.dim() == 4 else "u", like, given)
     if tuple(bias.shape) != (n_in, n_out):
         raise ValueError(f"bias must have shape [N_in, N_out] = [{n_in}, {n_out}], got {tuple(bias.shape)}")
 
@@ -180,8 +182,9 @@ def self_attention_capsule_routing(
     """
     if bias is not None:
         check_tensor("bias", bias, 2, "[N_in, N_out]")
+    given = bias, u
     u, weight, bias = _layer_inputs(u, weight, bias)
-    _check_bias(bias, u, weight.shape[0], weight.shape[1])
+    _check_bias(bias, u, weight.shape[0], weight.shape[1], given)
     implementation = _implementations(resolve_backend(backend, u, weight, bias))["self_attention_capsule_routing"]
     return implementation(u, weight, bias)
 
@@ -265,8 +268,9 @@ def _layer_inputs(u: torch.Tensor, weight: torch.Tensor, *more: torch.Tensor | N
     so the dtypes must agree only after the casts."""
     check_tensor("u", u, 3, U_LAYOUT)
     check_tensor("weight", weight, 4, WEIGHT_LAYOUT)
+    given = u, weight, *more
     u, weight, *more = autocast_inputs(u, weight, *more)
-    check_same("u", u, "weight", weight)
+    check_same("u", u, "weight", weight, given[:2])
     check_positive_sizes("weight", weight, WEIGHT_LAYOUT, skip_first=False)
     if u.shape[1] != weight.shape[0] or u.shape[2] != weight.shape[3]:
         raise ValueError(

@@ -80,8 +80,8 @@ def squash_parts(b_x):
     # above 2^126, so 1e38 inputs would lose their direction
     b_inv = tl.math.div_rn(1.0, b_scale)
     b_t = b_x * b_inv[:, None]
-    # zero rows: 1 + sum(t^2), which is 1, or NaN for a row of zeros and NaN (the maximum above
-    # passes over NaN), so that NaN reaches every component, as in the reference
+    # zero rows: 1 + sum(t^2), which is 1, or NaN for a row of zeros and NaN (on GPUs the maximum
+    # above passes over NaN), so that NaN reaches every component, as in the reference
     b_sq = tl.sum(b_t * b_t, axis=1)
     b_m = tl.sqrt(tl.where(nonzero, b_sq, 1.0 + b_sq))
     # ||s||; may be inf for ||s|| > 3.4e38, then only the large branch is used

@@ -7,10 +7,11 @@ reference, in this library's layout ``u_hat`` [B, N_in, N_out, D]; one step, no 
     s_j  = sum_i c_ij u_hat_ij
     v_j  = efficient_squash(s_j)
 
-Finite, with the exact limits, for every input whose sums S and s and agreements
+Finite values, with the exact limits, for every input whose sums S and s and agreements
 u_hat . S / max |S| are within the float range (components of u_hat up to about float max /
-(N_in D)): zero, 1e-30 and 1e30 in float32 included. Near that bound the logits reach 1e76 and
-their softmax is decided by rounding.
+(N_in D)): zero, 1e-30 and 1e30 in float32 included; finite gradients too, except where the sums
+S nearly cancel (the gradient grows as |u_hat|^2 there, as the exact one does). Near the bound
+the logits reach 1e76 and their softmax is decided by rounding.
 """
 
 from __future__ import annotations

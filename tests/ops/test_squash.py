@@ -115,6 +115,34 @@ def test_torch_squash_float32_gradient_of_tiny_rows(scale):
     assert_float32_close("ds", ds, ds_ref)
 
 
+@pytest.mark.parametrize(
+    "dtype, scale",
+    [(torch.float32, 1e-3), (torch.float32, 1e-12), (torch.float32, 1e-16), (torch.float32, 1e-18),
+     (torch.float64, 1e-100), (torch.float64, 1e-150)],
+)
+def test_torch_squash_double_backward_of_small_rows(dtype, scale):
+    """Hessian-vector products of the reference (double backward, README "Backends") against the
+    plain formula ``s |s| / (1 + |s|^2)`` in float64, for rows small enough that the reference's
+    tiny-row handling could matter: exact down to sqrt(tiny) of the dtype (1e-19 in float32). A
+    first version of that handling cut a term of order 1 from 7e-15 down (the review)."""
+    gen = torch.Generator().manual_seed(11)
+    s, w, h = (torch.randn(5, 9, generator=gen, dtype=torch.float64) for _ in range(3))
+    s = scale * s
+
+    def hvp(fn, x):
+        x = x.detach().requires_grad_()
+        (g,) = torch.autograd.grad((fn(x) * w.to(x.dtype)).sum(), x, create_graph=True)
+        return torch.autograd.grad((g * h.to(x.dtype)).sum(), x)[0]
+
+    def plain(x):
+        n = x.norm(dim=-1, keepdim=True)
+        return x * n / (1 + n * n)
+
+    out = hvp(lambda x: ct.squash(x, backend="torch"), s.to(dtype))
+    ref = hvp(plain, s)
+    assert rel_err(out, ref) < (KERNEL_TOL[torch.float32] if dtype == torch.float32 else 1e-12)
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("fn", [ct.squash, ct.efficient_squash], ids=["squash", "efficient_squash"])
 def test_a_nan_component_makes_its_whole_capsule_nan(fn, backend):
