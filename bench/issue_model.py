@@ -593,10 +593,12 @@ def rule_chunked_pass(launch) -> RuleResult:
     """fused_layer_logits / fused_layer_sums / fused_layer_uniform_sums (the forward on tensor
     cores): grid (example tiles, SPLIT[, N_out or blocks of outputs]); split k owns a run of
     caps_per_split input capsules walked in BLOCK_IC-capsule chunks, each containing (logits) three
-    loops over the output capsules: the logits, their exponentials, the coefficients."""
+    loops over the output capsules: the logits, their exponentials, the coefficients (none where
+    ``N_OUT`` unrolls them, the logits kept in registers)."""
     v, c = _ints(launch), _consts(launch)
     logits = launch.kernel == "fused_layer_logits_kernel"
-    outputs = [] if _vanishes(launch, "N_out") else [("outputs", [])] * 3
+    in_registers = c.get("N_OUT", 0) > 0  # the output capsules unrolled: no loops over them
+    outputs = [] if (in_registers or _vanishes(launch, "N_out")) else [("outputs", [])] * 3
     shape = [("chunks", outputs if logits else [])]
     tiles, splits, *per_output = launch.grid
     runs = _runs(v["N_in"], v["caps_per_split"], splits)
@@ -617,6 +619,8 @@ def rule_chunked_pass(launch) -> RuleResult:
         chunk = c["BLOCK_B"] * n_out * c["BLOCK_IC"] * 4 * (2 if grad else 1)
         factor = _elt(launch, "v_ptr") * (2 if c.get("PARTS", False) else 1)
         moved = streamed + B * caps * factor * (2 if grad else 1) + coupling * (2 if grad else 1)
+        if in_registers:  # c written once, nothing read back
+            return RuleResult(shape, programs, moved)
         return RuleResult(shape, programs, moved, chunk, coupling * (4 + (3 if grad else 0)))
     # the coefficients (or the logit gradients) read (not at iteration 0: uniform), this split's
     # partial sums written

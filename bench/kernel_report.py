@@ -525,6 +525,8 @@ def _blocks(comp: dict) -> str:
 def _variant(comp: dict) -> str:
     c = comp["constexprs"]
     flags = [f"{k}={int(v)}" for k, v in c.items() if isinstance(v, bool)]
+    if c.get("N_OUT"):  # the fused logits pass's output capsules unrolled (logits in registers)
+        flags.append(f"N_OUT={c['N_OUT']}")
     return ",".join(flags)
 
 

@@ -602,6 +602,7 @@ def fused_layer_logits_kernel(
     DOT_F32: tl.constexpr,
     GRAD: tl.constexpr,  # the backward through step r: also a = u_hat . ds_r and sum_j c a
     PARTS: tl.constexpr,  # V_r and ds_r come as their two parts (``factor_parts``)
+    N_OUT: tl.constexpr = 0,  # N_out, for the logits in registers (the forward's); 0: the loops through memory
 ):
     """The coupling coefficients of iteration r for the tile and a run of input capsules, stored
     as ``c[b, j, i]`` for the passes that read them: per chunk, three loops over the output
@@ -611,7 +612,10 @@ def fused_layer_logits_kernel(
     largest logit and 0 elsewhere, so c is exactly one-hot. ``GRAD``: also the agreements with the
     gradient of s, ``a = u . (W^T ds_r)``, and ``m = sum_j c a``, then the logit gradients
     ``g = c (a - m)`` in place of the agreements, exactly 0 where the softmax saturates (as
-    softmax_over_outputs_vjp)."""
+    softmax_over_outputs_vjp). ``N_OUT`` (the forward, up to ``LOGITS_IN_REGISTERS`` output
+    capsules): the loops unrolled and the logits kept in registers instead of the round trips
+    through memory (``_coefficients_in_registers``), the same operations in the same order, so the
+    same coefficients, bit for bit."""
     i_tb = tl.program_id(0)
     i_k = tl.program_id(1)
     o_b = (i_tb * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
@@ -630,35 +634,91 @@ def fused_layer_logits_kernel(
         m_bi = m_b[:, None] & (o_ic < i_end)[None, :]
         o_e = o_b[:, None] * N_out * N_in + o_ic[None, :]  # c[b, 0, i]
         b_max = tl.full([BLOCK_B, BLOCK_IC], float("-inf"), tl.float32)
-        for j in range(0, N_out):
-            b_w = _logits_operand(w_ptr + j * stride_wj, o_d * BLOCK_KIN, o_d < D, i0, i_end, stride_wi,
-                                  BLOCK_IC, BLOCK_KIN)
-            b_logit = _chunk_logits(b_u, b_w, p_V + j * D, n_part, o_b, m_b, D, N_out * D, HALF, PRECISION,
-                                    DOT_F32, PARTS, BLOCK_B, BLOCK_IC, BLOCK_KIN, BLOCK_DK)
-            tl.store(c_ptr + o_e + j * N_in, b_logit, mask=m_bi)
-            b_max = tl.maximum(b_max, b_logit)
-            if GRAD:
-                b_a = _chunk_logits(b_u, b_w, p_ds + j * D, n_part, o_b, m_b, D, N_out * D, HALF, PRECISION,
-                                    DOT_F32, PARTS, BLOCK_B, BLOCK_IC, BLOCK_KIN, BLOCK_DK)
-                tl.store(g_ptr + o_e + j * N_in, b_a, mask=m_bi)
-        tl.debug_barrier()  # the logits stored above are read back by other threads of the program
-        b_sum = tl.zeros([BLOCK_B, BLOCK_IC], dtype=tl.float32)
-        b_ca = tl.zeros([BLOCK_B, BLOCK_IC], dtype=tl.float32)
-        for j in range(0, N_out):
-            b_e = tl.exp(tl.load(c_ptr + o_e + j * N_in, mask=m_bi, other=0.0) - b_max)
-            tl.store(c_ptr + o_e + j * N_in, b_e, mask=m_bi)
-            b_sum += b_e
-            if GRAD:
-                b_ca += b_e * tl.load(g_ptr + o_e + j * N_in, mask=m_bi, other=0.0)
-        b_inv = tl.math.div_rn(1.0, b_sum)
-        b_mean = b_ca * b_inv
-        tl.debug_barrier()  # read back as stored above (by other threads, should the layouts differ)
-        for j in range(0, N_out):
-            b_c = tl.load(c_ptr + o_e + j * N_in, mask=m_bi, other=0.0) * b_inv
-            tl.store(c_ptr + o_e + j * N_in, b_c, mask=m_bi)
-            if GRAD:
-                b_a = tl.load(g_ptr + o_e + j * N_in, mask=m_bi, other=0.0) - b_mean
-                tl.store(g_ptr + o_e + j * N_in, tl.where(b_c < 1.0, b_c * b_a, 0.0), mask=m_bi)
+        if N_OUT > 0:
+            tl.static_assert(not GRAD, "the logits in registers are the forward's")
+            _coefficients_in_registers(
+                b_u, w_ptr, p_V, c_ptr, c_ptr + o_e, m_bi, b_max, n_part, o_b, m_b, o_d, i0, i_end, N_in, D, stride_wi,
+                stride_wj, N_OUT, HALF, PRECISION, DOT_F32, PARTS, BLOCK_B, BLOCK_IC, BLOCK_KIN, BLOCK_DK,
+            )
+        else:
+            for j in range(0, N_out):
+                b_w = _logits_operand(w_ptr + j * stride_wj, o_d * BLOCK_KIN, o_d < D, i0, i_end, stride_wi,
+                                      BLOCK_IC, BLOCK_KIN)
+                b_logit = _chunk_logits(b_u, b_w, p_V + j * D, n_part, o_b, m_b, D, N_out * D, HALF, PRECISION,
+                                        DOT_F32, PARTS, BLOCK_B, BLOCK_IC, BLOCK_KIN, BLOCK_DK)
+                tl.store(c_ptr + o_e + j * N_in, b_logit, mask=m_bi)
+                b_max = tl.maximum(b_max, b_logit)
+                if GRAD:
+                    b_a = _chunk_logits(b_u, b_w, p_ds + j * D, n_part, o_b, m_b, D, N_out * D, HALF, PRECISION,
+                                        DOT_F32, PARTS, BLOCK_B, BLOCK_IC, BLOCK_KIN, BLOCK_DK)
+                    tl.store(g_ptr + o_e + j * N_in, b_a, mask=m_bi)
+            tl.debug_barrier()  # the logits stored above are read back by other threads of the program
+            b_sum = tl.zeros([BLOCK_B, BLOCK_IC], dtype=tl.float32)
+            b_ca = tl.zeros([BLOCK_B, BLOCK_IC], dtype=tl.float32)
+            for j in range(0, N_out):
+                b_e = tl.exp(tl.load(c_ptr + o_e + j * N_in, mask=m_bi, other=0.0) - b_max)
+                tl.store(c_ptr + o_e + j * N_in, b_e, mask=m_bi)
+                b_sum += b_e
+                if GRAD:
+                    b_ca += b_e * tl.load(g_ptr + o_e + j * N_in, mask=m_bi, other=0.0)
+            b_inv = tl.math.div_rn(1.0, b_sum)
+            b_mean = b_ca * b_inv
+            tl.debug_barrier()  # read back as stored above (by other threads, should the layouts differ)
+            for j in range(0, N_out):
+                b_c = tl.load(c_ptr + o_e + j * N_in, mask=m_bi, other=0.0) * b_inv
+                tl.store(c_ptr + o_e + j * N_in, b_c, mask=m_bi)
+                if GRAD:
+                    b_a = tl.load(g_ptr + o_e + j * N_in, mask=m_bi, other=0.0) - b_mean
+                    tl.store(g_ptr + o_e + j * N_in, tl.where(b_c < 1.0, b_c * b_a, 0.0), mask=m_bi)
+
+
+@triton.jit
+def _coefficients_in_registers(
+    b_u, w_ptr, p_V, c_ptr, p_c, m_bi, b_max, n_part, o_b, m_b, o_d, i0, i_end, N_in, D, stride_wi, stride_wj,
+    N_OUT: tl.constexpr, HALF: tl.constexpr, PRECISION: tl.constexpr, DOT_F32: tl.constexpr, PARTS: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_IC: tl.constexpr, BLOCK_KIN: tl.constexpr, BLOCK_DK: tl.constexpr,
+):
+    """The forward's coefficients of a chunk, stored at ``p_c + j * N_in``: the logits of the
+    ``N_OUT`` output capsules unrolled and kept in registers (a tuple), their running maximum, then
+    the exponentials, their sum and c, as the loops through memory compute them. Each logit passes
+    through ``_consumed``, which holds ptxas to forming it before the next capsule's product: left
+    to itself ptxas issued five capsules' products ahead, five [64 x 64] float32 accumulators at
+    once, and spilled (bench/results/kernel_report/NOTES.md)."""
+    logits = ()
+    for j in tl.static_range(N_OUT):
+        b_w = _logits_operand(w_ptr + j * stride_wj, o_d * BLOCK_KIN, o_d < D, i0, i_end, stride_wi, BLOCK_IC,
+                              BLOCK_KIN)
+        b_logit = _chunk_logits(b_u, b_w, p_V + j * D, n_part, o_b, m_b, D, N_OUT * D, HALF, PRECISION, DOT_F32,
+                                PARTS, BLOCK_B, BLOCK_IC, BLOCK_KIN, BLOCK_DK)
+        b_logit = _consumed(b_logit, c_ptr, N_in, DOT_F32)
+        b_max = tl.maximum(b_max, b_logit)
+        logits = logits + (b_logit,)
+    exps = ()
+    b_sum = tl.zeros([BLOCK_B, BLOCK_IC], dtype=tl.float32)
+    for j in tl.static_range(N_OUT):
+        b_e = tl.exp(logits[j] - b_max)
+        b_sum += b_e
+        exps = exps + (b_e,)
+    b_inv = tl.math.div_rn(1.0, b_sum)
+    for j in tl.static_range(N_OUT):
+        tl.store(p_c + j * N_in, exps[j] * b_inv, mask=m_bi)
+
+
+@triton.jit
+def _consumed(b_x, p_any, N_in, INTERPRETED: tl.constexpr):
+    """``b_x`` (float32) itself, through an ordering fence for ptxas: a store of it to ``p_any``
+    under a predicate that is never true (``N_in < 0``, which ptxas cannot know), which ptxas must
+    still issue before the next barrier, so ``b_x`` must be formed by then. Skipped by Triton's
+    interpreter (``INTERPRETED``: the ``DOT_F32`` flag), which runs no PTX; the value is the same."""
+    if not INTERPRETED:
+        # one address (one register pair), as an integer: triton 3.6 refuses a pointer beside floats
+        p_never = (p_any + tl.zeros(b_x.shape, tl.int32)).to(tl.int64)
+        b_never = tl.zeros(b_x.shape, tl.int32) + (N_in < 0).to(tl.int32)
+        b_x = tl.inline_asm_elementwise(
+            "{ .reg .pred p; setp.ne.u32 p, $3, 0; @p st.global.b32 [$2], $1; mov.b32 $0, $1; }",
+            "=r,r,l,r", [b_x, p_never, b_never], dtype=tl.float32, is_pure=False, pack=1,
+        )
+    return b_x
 
 
 @triton.jit

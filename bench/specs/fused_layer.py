@@ -154,6 +154,11 @@ def kernel_cases():
         _kernel_case(16, 100, 8, 8, 64, torch.float32, "odd"),  # CIFAR-100's classes
         _kernel_case(16, 10, 64, 16, 64, torch.bfloat16, "odd"),  # 64D capsules
         _kernel_case(16, 128, 64, 16, 64, torch.float32, "odd"),  # the largest sizes the issue names
+        # the forward's logits in registers (logits_in_registers): the most output capsules it takes,
+        # with 16D and with odd 3D input capsules, and one output capsule
+        _kernel_case(16, 10, 16, 16, 64, torch.bfloat16, "odd"),
+        _kernel_case(37, 10, 16, 3, 70, torch.bfloat16, "odd"),
+        _kernel_case(7, 1, 16, 1, 3, torch.bfloat16, "odd"),
     ]
     return cases
 

@@ -92,6 +92,21 @@ FUSED_MAX_OUTPUTS = 2048
 #: Flattened outputs (j, d) a program of the forward's iteration 0 multiplies at most (its u operand
 #: shared by all of them; chosen from the kernel report, bench/results/kernel_report/NOTES.md).
 UNIFORM_OUTPUTS = 64
+#: Output capsules up to which the forward's logits pass keeps every capsule's logits in registers
+#: (:func:`logits_in_registers`).
+LOGITS_IN_REGISTERS = 10
+
+
+def logits_in_registers(n_out: int, d: int, dtype: torch.dtype) -> bool:
+    """Whether the forward's logits pass keeps every output capsule's logits in registers
+    (``fused_layer_logits_kernel``'s ``N_OUT``, 4 registers a capsule at 64 examples on 4 warps)
+    instead of the round trips through memory: bfloat16 inputs, output capsules of 16D (the
+    paper's, and CIFAR-10's) and up to :data:`LOGITS_IN_REGISTERS` of them, where the kernel report
+    compiles it without spills on sm_90 and sm_80. Elsewhere it spilled: 12 output capsules (424
+    bytes), capsules below 16D (a mask a capsule on V and W: 596 bytes for 8D) or of 64D (148
+    bytes and more), and beside the float32 parts of 3xTF32 products (64 bytes on sm_80 at the
+    paper's layer); bench/results/kernel_report/NOTES.md."""
+    return dtype == torch.bfloat16 and d == 16 and n_out <= LOGITS_IN_REGISTERS
 
 
 def uniform_block(outputs: int) -> int:
@@ -340,9 +355,11 @@ class _CouplingPasses:
             factors = dict(v_ptr=self.vparts, ds_ptr=self.dsparts, r=0)
         else:
             factors = dict(v_ptr=vsum_saved, ds_ptr=ds_saved, r=r)
+        in_registers = logits_in_registers(self.n_out, self.sizes["D"], self.u.dtype) and not self.grad
         launch(
             fused_layer_logits_kernel, (self.cfg.tiles, self.split),
             **factors, **self._args(slot, self.cfg.split), GRAD=self.grad, PARTS=self.parts,
+            N_OUT=self.n_out if in_registers else 0,
             # left to ptxas, three shapes spilled 4 to 8 bytes on sm_90 or sm_80 (the kernel
             # report); held to three programs' share of the registers, others did on sm_80
             maxnreg=whole_register_file(self.consts["num_warps"]),
