@@ -575,7 +575,9 @@ def _store_parts(p_parts, o, m, b_x, n):
     tl.store(p_parts + n + o, b_lo, mask=m)
 
 
-@triton.jit(do_not_specialize=["B", "caps_per_split", "r", "slot"])
+# N_in not specialised: with N_in = 1 a compile-time constant the chunk loop vanished and ptxas,
+# free to hoist every output capsule's loads, spilled the logits in registers (104 bytes on sm_90)
+@triton.jit(do_not_specialize=["B", "N_in", "caps_per_split", "r", "slot"])
 def fused_layer_logits_kernel(
     u_ptr,  # [B, N_in, BLOCK_KIN] input capsules (D_in zero padded), capsules contiguous
     w_ptr,  # [N_in, N_out, D, BLOCK_KIN] weight (D_in zero padded), dtype of u, [D, BLOCK_KIN] blocks contiguous
@@ -602,7 +604,7 @@ def fused_layer_logits_kernel(
     DOT_F32: tl.constexpr,
     GRAD: tl.constexpr,  # the backward through step r: also a = u_hat . ds_r and sum_j c a
     PARTS: tl.constexpr,  # V_r and ds_r come as their two parts (``factor_parts``)
-    N_OUT: tl.constexpr = 0,  # N_out, for the logits in registers (the forward's); 0: the loops through memory
+    N_OUT: tl.constexpr = 0,  # N_out (the launch passes both), for the logits in registers (not GRAD); 0: loops
 ):
     """The coupling coefficients of iteration r for the tile and a run of input capsules, stored
     as ``c[b, j, i]`` for the passes that read them: per chunk, three loops over the output
@@ -612,7 +614,7 @@ def fused_layer_logits_kernel(
     largest logit and 0 elsewhere, so c is exactly one-hot. ``GRAD``: also the agreements with the
     gradient of s, ``a = u . (W^T ds_r)``, and ``m = sum_j c a``, then the logit gradients
     ``g = c (a - m)`` in place of the agreements, exactly 0 where the softmax saturates (as
-    softmax_over_outputs_vjp). ``N_OUT`` (the forward, up to ``LOGITS_IN_REGISTERS`` output
+    softmax_over_outputs_vjp). ``N_OUT`` (without ``GRAD``, up to ``LOGITS_IN_REGISTERS`` output
     capsules): the loops unrolled and the logits kept in registers instead of the round trips
     through memory (``_coefficients_in_registers``), the same operations in the same order, so the
     same coefficients, bit for bit."""
@@ -635,10 +637,10 @@ def fused_layer_logits_kernel(
         o_e = o_b[:, None] * N_out * N_in + o_ic[None, :]  # c[b, 0, i]
         b_max = tl.full([BLOCK_B, BLOCK_IC], float("-inf"), tl.float32)
         if N_OUT > 0:
-            tl.static_assert(not GRAD, "the logits in registers are the forward's")
+            tl.static_assert(not GRAD, "the logits in registers: coefficients only, not the logit gradients")
             _coefficients_in_registers(
-                b_u, w_ptr, p_V, c_ptr, c_ptr + o_e, m_bi, b_max, n_part, o_b, m_b, o_d, i0, i_end, N_in, D, stride_wi,
-                stride_wj, N_OUT, HALF, PRECISION, DOT_F32, PARTS, BLOCK_B, BLOCK_IC, BLOCK_KIN, BLOCK_DK,
+                b_u, w_ptr, p_V, c_ptr, c_ptr + o_e, m_bi, b_max, n_part, o_b, m_b, o_d, i0, i_end, B, N_in, D,
+                stride_wi, stride_wj, N_OUT, HALF, PRECISION, DOT_F32, PARTS, BLOCK_B, BLOCK_IC, BLOCK_KIN, BLOCK_DK,
             )
         else:
             for j in range(0, N_out):
@@ -674,11 +676,11 @@ def fused_layer_logits_kernel(
 
 @triton.jit
 def _coefficients_in_registers(
-    b_u, w_ptr, p_V, c_ptr, p_c, m_bi, b_max, n_part, o_b, m_b, o_d, i0, i_end, N_in, D, stride_wi, stride_wj,
+    b_u, w_ptr, p_V, c_ptr, p_c, m_bi, b_max, n_part, o_b, m_b, o_d, i0, i_end, B, N_in, D, stride_wi, stride_wj,
     N_OUT: tl.constexpr, HALF: tl.constexpr, PRECISION: tl.constexpr, DOT_F32: tl.constexpr, PARTS: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_IC: tl.constexpr, BLOCK_KIN: tl.constexpr, BLOCK_DK: tl.constexpr,
 ):
-    """The forward's coefficients of a chunk, stored at ``p_c + j * N_in``: the logits of the
+    """The coefficients of a chunk, stored at ``p_c + j * N_in``: the logits of the
     ``N_OUT`` output capsules unrolled and kept in registers (a tuple), their running maximum, then
     the exponentials, their sum and c, as the loops through memory compute them. Each logit passes
     through ``_consumed``, which holds ptxas to forming it before the next capsule's product: left
@@ -690,7 +692,7 @@ def _coefficients_in_registers(
                               BLOCK_KIN)
         b_logit = _chunk_logits(b_u, b_w, p_V + j * D, n_part, o_b, m_b, D, N_OUT * D, HALF, PRECISION, DOT_F32,
                                 PARTS, BLOCK_B, BLOCK_IC, BLOCK_KIN, BLOCK_DK)
-        b_logit = _consumed(b_logit, c_ptr, N_in, DOT_F32)
+        b_logit = _consumed(b_logit, c_ptr, B, DOT_F32)
         b_max = tl.maximum(b_max, b_logit)
         logits = logits + (b_logit,)
     exps = ()
@@ -705,18 +707,19 @@ def _coefficients_in_registers(
 
 
 @triton.jit
-def _consumed(b_x, p_any, N_in, INTERPRETED: tl.constexpr):
+def _consumed(b_x, p_any, B, INTERPRETED: tl.constexpr):
     """``b_x`` (float32) itself, through an ordering fence for ptxas: a store of it to ``p_any``
-    under a predicate that is never true (``N_in < 0``, which ptxas cannot know), which ptxas must
-    still issue before the next barrier, so ``b_x`` must be formed by then. Skipped by Triton's
-    interpreter (``INTERPRETED``: the ``DOT_F32`` flag), which runs no PTX; the value is the same."""
+    under a predicate that is never true (``B < 0``: the batch size, which the kernel never
+    specialises, so neither LLVM nor ptxas can know it), which ptxas must still issue before the
+    next barrier, so ``b_x`` must be formed by then. Skipped by Triton's interpreter
+    (``INTERPRETED``: the ``DOT_F32`` flag), which runs no PTX; the value is the same."""
     if not INTERPRETED:
         # one address (one register pair), as an integer: triton 3.6 refuses a pointer beside floats
         p_never = (p_any + tl.zeros(b_x.shape, tl.int32)).to(tl.int64)
-        b_never = tl.zeros(b_x.shape, tl.int32) + (N_in < 0).to(tl.int32)
+        b_never = (tl.zeros(b_x.shape, tl.int32) + B) < 0
         b_x = tl.inline_asm_elementwise(
             "{ .reg .pred p; setp.ne.u32 p, $3, 0; @p st.global.b32 [$2], $1; mov.b32 $0, $1; }",
-            "=r,r,l,r", [b_x, p_never, b_never], dtype=tl.float32, is_pure=False, pack=1,
+            "=r,r,l,r", [b_x, p_never, b_never.to(tl.int32)], dtype=tl.float32, is_pure=True, pack=1,
         )
     return b_x
 

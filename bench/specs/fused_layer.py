@@ -159,6 +159,7 @@ def kernel_cases():
         _kernel_case(16, 10, 16, 16, 64, torch.bfloat16, "odd"),
         _kernel_case(37, 10, 16, 3, 70, torch.bfloat16, "odd"),
         _kernel_case(7, 1, 16, 1, 3, torch.bfloat16, "odd"),
+        _kernel_case(1, 10, 16, 8, 64, torch.bfloat16, "odd"),  # one input capsule (N_in specialised to 1)
     ]
     return cases
 

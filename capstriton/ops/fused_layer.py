@@ -92,15 +92,17 @@ FUSED_MAX_OUTPUTS = 2048
 #: Flattened outputs (j, d) a program of the forward's iteration 0 multiplies at most (its u operand
 #: shared by all of them; chosen from the kernel report, bench/results/kernel_report/NOTES.md).
 UNIFORM_OUTPUTS = 64
-#: Output capsules up to which the forward's logits pass keeps every capsule's logits in registers
+#: Output capsules up to which the logits pass keeps every capsule's logits in registers
 #: (:func:`logits_in_registers`).
 LOGITS_IN_REGISTERS = 10
 
 
 def logits_in_registers(n_out: int, d: int, dtype: torch.dtype) -> bool:
-    """Whether the forward's logits pass keeps every output capsule's logits in registers
-    (``fused_layer_logits_kernel``'s ``N_OUT``, 4 registers a capsule at 64 examples on 4 warps)
-    instead of the round trips through memory: bfloat16 inputs, output capsules of 16D (the
+    """Whether the logits pass keeps every output capsule's logits in registers where it forms
+    coefficients only (the forward, and the detached backward's recomputation; not the logit
+    gradients of the backward through routing): ``fused_layer_logits_kernel``'s ``N_OUT``, 4
+    registers a capsule with chunks of 8 input capsules at 64 examples on 4 warps, instead of the
+    round trips through memory: bfloat16 inputs, output capsules of 16D (the
     paper's, and CIFAR-10's) and up to :data:`LOGITS_IN_REGISTERS` of them, where the kernel report
     compiles it without spills on sm_90 and sm_80. Elsewhere it spilled: 12 output capsules (424
     bytes), capsules below 16D (a mask a capsule on V and W: 596 bytes for 8D) or of 64D (148

@@ -352,12 +352,14 @@ def test_logits_pass_takes_v_and_ds_as_parts_or_as_float32(dtype, precision, par
     assert flags == [("fused_layer_state", {"PARTS": parts}), logits] * 2 + expected_bwd
 
 
-@pytest.mark.parametrize("shape", [(37, 10, 16, 8), (7, 3, 16, 3), (5, 1, 16, 16)], ids=layer_id)
-def test_logits_in_registers_are_the_loops_bit_for_bit(shape, monkeypatch):
-    """The forward's logits pass keeps the logits of a few 16D output capsules in registers with
-    bfloat16 inputs (``logits_in_registers``; ``N_OUT`` in the launch, the backward's passes keep
-    their loops), and the coefficients, so the outputs and the gradients, are those of the loops
-    through memory bit for bit: the same operations in the same order. Against float64 too."""
+@pytest.mark.parametrize("grad_mode", [True, False], ids=["through", "detached"])
+@pytest.mark.parametrize("shape", [(37, 10, 16, 8), (7, 3, 16, 3), (5, 1, 16, 16), (1, 10, 16, 8)], ids=layer_id)
+def test_logits_in_registers_are_the_loops_bit_for_bit(shape, grad_mode, monkeypatch):
+    """The logits pass keeps the logits of a few 16D output capsules in registers with bfloat16
+    inputs where it forms coefficients only (``logits_in_registers``; ``N_OUT`` in the launch: the
+    forward and the detached backward's recomputation, not the logit gradients), and the
+    coefficients, so the outputs and the gradients, are those of the loops through memory bit for
+    bit: the same operations in the same order. Against float64 too."""
     from capstriton.ops._launch import recording
 
     n_out, d = shape[1], shape[2]
@@ -366,17 +368,22 @@ def test_logits_in_registers_are_the_loops_bit_for_bit(shape, monkeypatch):
     assert not ops.logits_in_registers(n_out, 8, torch.bfloat16)
     assert not ops.logits_in_registers(ops.LOGITS_IN_REGISTERS + 1, d, torch.bfloat16)
     u, w = layer_inputs(17, *shape, dtype=torch.bfloat16)
-    launches = []
-    with recording(lambda kernel, grid, kwargs: launches.append((kernel.__name__, kwargs))):
-        saved = torch.zeros(3, 17, n_out, d, device=u.device)
-        ops.fused_layer_fwd(u, w, 3, True, "ieee", FEW_PROGRAMS.as_list())
-        ops.fused_layer_bwd(saved[0], u, w, saved, saved, 3, True, "ieee", FEW_PROGRAMS.as_list())
-    logits = [(kw["GRAD"], kw["N_OUT"]) for name, kw in launches if name == "fused_layer_logits_kernel"]
-    assert logits == [(False, n_out)] * 2 + [(True, 0)] * 2
+
+    def logits_launches():
+        launches = []
+        with recording(lambda kernel, grid, kwargs: launches.append((kernel.__name__, kwargs))):
+            saved = torch.zeros(3, 17, n_out, d, device=u.device)
+            ops.fused_layer_fwd(u, w, 3, grad_mode, "ieee", FEW_PROGRAMS.as_list())
+            ops.fused_layer_bwd(saved[0], u, w, saved, saved, 3, grad_mode, "ieee", FEW_PROGRAMS.as_list())
+        return [(kw["GRAD"], kw["N_OUT"]) for name, kw in launches if name == "fused_layer_logits_kernel"]
+
+    backward = [(True, 0)] * 2 if grad_mode else [(False, n_out)]
+    assert logits_launches() == [(False, n_out)] * 2 + backward
     grad_out = torch.randn(17, n_out, d, device=u.device).to(u.dtype)
-    results = [run_layer(u, w, 3, True, grad_out, FEW_PROGRAMS, True, None)]
+    results = [run_layer(u, w, 3, grad_mode, grad_out, FEW_PROGRAMS, True, None)]
     monkeypatch.setattr(ops, "logits_in_registers", lambda *args: False)
-    results.append(run_layer(u, w, 3, True, grad_out, FEW_PROGRAMS, True, None))
+    assert all(n == 0 for _, n in logits_launches())
+    results.append(run_layer(u, w, 3, grad_mode, grad_out, FEW_PROGRAMS, True, None))
     for name, (in_registers, ref), (through_memory, _) in zip(("v", "du", "dw"), *results, strict=True):
         assert torch.equal(in_registers, through_memory), name
         assert_close(name, in_registers, ref, TOL[torch.bfloat16])
