@@ -352,8 +352,11 @@ def test_logits_pass_takes_v_and_ds_as_parts_or_as_float32(dtype, precision, par
     assert flags == [("fused_layer_state", {"PARTS": parts}), logits] * 2 + expected_bwd
 
 
-@pytest.mark.parametrize("grad_mode", [True, False], ids=["through", "detached"])
-@pytest.mark.parametrize("shape", [(37, 10, 16, 8), (7, 3, 16, 3), (5, 1, 16, 16), (1, 10, 16, 8)], ids=layer_id)
+@pytest.mark.parametrize(
+    ("shape", "grad_mode"),
+    [((19, 10, 16, 8), True), ((7, 3, 16, 3), False), ((5, 1, 16, 16), True), ((1, 10, 16, 8), False)],
+    ids=lambda x: layer_id(x) if isinstance(x, tuple) else ("through" if x else "detached"),
+)
 def test_logits_in_registers_are_the_loops_bit_for_bit(shape, grad_mode, monkeypatch):
     """The logits pass keeps the logits of a few 16D output capsules in registers with bfloat16
     inputs where it forms coefficients only (``logits_in_registers``; ``N_OUT`` in the launch: the
