@@ -22,6 +22,11 @@ before triton is imported).
     python bench/kernel_report.py --arch sm_90 sm_80 --out bench/results/kernel_report
     python bench/kernel_report.py --shapes digitcaps --fail-on-spill
     python bench/kernel_report.py --specs layer         # only the fused layer's cases
+    python bench/kernel_report.py --reuse bench/results/kernel_report/sm_90.json  # compile what changed
+
+``--reuse`` takes a configuration's results from earlier reports where triton's own cache key of
+the compilation (``compile_key``, stored in each entry) is found there: the same compilation, so
+the same registers, spills and SASS; every other configuration is compiled.
 
 Numbers are per compiled kernel; see README.md, section "Kernel report", for how to read them.
 """
@@ -31,6 +36,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import hashlib
 import io
 import json
 import os
@@ -460,6 +466,46 @@ def cubin_usage_and_sass(kernel) -> tuple[dict, str]:
     return usage, sass
 
 
+def compile_key(comp: dict, arch: str) -> str | None:
+    """Triton's own cache key of one configuration, without compiling it: the sha256 that
+    ``triton.compile`` names its cache entry by (and reports as the kernel's ``hash``), of the
+    triton installation, the kernel's source with every function it calls, its signature,
+    constexprs and divisibility, the target and ptxas, the options and the cache-invalidating
+    environment; None where this triton has no ``get_cache_key``."""
+    from triton.compiler import compiler as tc
+
+    get_key = getattr(tc, "get_cache_key", None)
+    env_vars = getattr(tc, "get_cache_invalidating_env_vars", None)
+    if get_key is None or env_vars is None:
+        return None
+    src, target = compiler_input(comp, arch)
+    backend = tc.make_backend(target)
+    options = backend.parse_options(dict(dict(comp["options"]), **src.parse_options()))
+    return hashlib.sha256(get_key(src, backend, options, env_vars=env_vars()).encode("utf-8")).hexdigest()
+
+
+#: what ``compile_one`` reads from one compilation (``--reuse`` takes them from a report's entry)
+RESULT_FIELDS = (
+    "arch", "kernel", "num_warps", "num_stages", "registers", "spill_stores", "spill_loads", "stack", "local",
+    "shared", "dynamic_shared", "static_shared", "blocks_per_sm", "warps_per_sm", "occupancy", "limiter", "sass",
+    "compile_s", "compile_key",
+)
+
+
+def reusable(paths: list[str], arch: str) -> dict[str, dict]:
+    """The compilations of earlier reports (JSON files of this script) for ``arch`` by their
+    ``compile_key``: a configuration with the same key is the same compilation by triton's own
+    cache rule, so its registers, spills and SASS counts are those already read."""
+    found = {}
+    for path in paths:
+        with open(path) as f:
+            doc = json.load(f)
+        for entry in doc.get("kernels", []) if doc.get("arch") == arch else []:
+            if entry.get("compile_key") and all(k in entry for k in RESULT_FIELDS):
+                found[entry["compile_key"]] = {k: entry[k] for k in RESULT_FIELDS}
+    return found
+
+
 def compile_one(comp: dict, arch: str) -> dict:
     """Compile one configuration for ``arch`` and read its resources and SASS."""
     t0 = time.perf_counter()
@@ -496,6 +542,7 @@ def compile_one(comp: dict, arch: str) -> dict:
         **occupancy(arch, ptxas["registers"], num_warps, shared),
         "sass": sass_counts(sass),
         "compile_s": round(time.perf_counter() - t0, 3),
+        "compile_key": kernel.hash,
     }
 
 
@@ -673,6 +720,15 @@ def main(argv=None) -> int:
         "user-defined Triton kernel path keeps (num_warps, num_stages) and without the others "
         "(maxnreg, enable_fp_fusion), which it drops",
     )
+    parser.add_argument(
+        "--reuse",
+        nargs="+",
+        default=[],
+        metavar="JSON",
+        help="take the results of a configuration from these earlier reports (<arch>.json) where "
+        "its compile key (triton's cache key: same triton, kernel source, arguments, target and "
+        "options) is found there, instead of compiling it again",
+    )
     args = parser.parse_args(argv)
     config = parse_config(parser, args.config, args.specs or spec_names())
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
@@ -699,20 +755,24 @@ def main(argv=None) -> int:
     exceptions = spill_exceptions()
     for arch in dict.fromkeys(args.arch):  # each once (the same file otherwise)
         t_arch = time.perf_counter()
-        jobs = [(row.comp, arch) for row in order]
-        if args.jobs > 1:
+        known = reusable(args.reuse, arch) if args.reuse else {}
+        keys = [compile_key(row.comp, arch) if known else None for row in order]
+        jobs = [(row.comp, arch) for row, key in zip(order, keys, strict=True) if key not in known]
+        if args.jobs > 1 and len(jobs) > 1:
             import multiprocessing as mp
 
             with ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("fork")) as pool:
-                results = list(pool.map(compile_one, *zip(*jobs, strict=True)))
+                compiled = iter(list(pool.map(compile_one, *zip(*jobs, strict=True))))
         else:
-            results = [compile_one(c, a) for c, a in jobs]
+            compiled = iter([compile_one(c, a) for c, a in jobs])
+        results = [known[key] if key in known else next(compiled) for key in keys]
         arch_rows = [Row(row.comp, row.cases, res) for row, res in zip(order, results, strict=True)]
         arch_rows.sort(key=lambda r: (r.comp["kernel"], _dtype(r.comp), _blocks(r.comp), _variant(r.comp)))
         elapsed = time.perf_counter() - t_arch
+        reused = f", {len(order) - len(jobs)} of them reused (--reuse)" if args.reuse else ""
         print(
             f"\n== {arch}: {len(arch_rows)} distinct compilations from {len(launches)} launches "
-            f"of {len(cases)} cases ({elapsed:.1f} s) =="
+            f"of {len(cases)} cases{reused} ({elapsed:.1f} s) =="
         )
         print(format_table(arch_rows))
         spills = [r for r in arch_rows if r.result["spill_stores"] or r.result["spill_loads"]]
