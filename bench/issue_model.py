@@ -629,6 +629,23 @@ def rule_chunked_pass(launch) -> RuleResult:
     return RuleResult(shape, programs, moved)
 
 
+def rule_coupled_sums(launch) -> RuleResult:
+    """fused_layer_coupled_sums (the bfloat16 forward's iterations after the first, one pass):
+    grid (example tiles, SPLIT); split k owns a run of caps_per_split input capsules walked in
+    BLOCK_IC-capsule chunks, every output capsule unrolled (N_OUT) inside: no loop but the chunks."""
+    v, c = _ints(launch), _consts(launch)
+    tiles, splits = launch.grid
+    runs = _runs(v["N_in"], v["caps_per_split"], splits)
+    programs = _grouped((tiles, {"chunks": _cdiv(n, c["BLOCK_IC"])}) for n in runs)
+    B, n_in = v["B"], v["N_in"]
+    caps = c["N_OUT"] * c["BLOCK_DK"]  # D_out = BLOCK_DK in this kernel
+    kin = c["BLOCK_KIN"]
+    streamed = B * n_in * kin * _elt(launch, "u_ptr") + n_in * caps * kin * _elt(launch, "w_ptr")
+    # V's two parts read, this split's partial sums written; the coefficients never leave the chip
+    moved = streamed + B * caps * 2 * _elt(launch, "vparts_ptr") + B * v["SPLIT"] * caps * 4
+    return RuleResult([("chunks", [])], programs, moved)
+
+
 def rule_chunked_final(launch) -> RuleResult:
     """fused_layer_bwd_input / fused_layer_bwd_weight (the final backward pass on tensor cores).
     Input gradient: grid (example tiles, SPLIT), loops chunks > output capsules > steps
@@ -754,6 +771,7 @@ RULES = {
     "fused_layer_logits_kernel": rule_chunked_pass,
     "fused_layer_sums_kernel": rule_chunked_pass,
     "fused_layer_uniform_sums_kernel": rule_chunked_pass,
+    "fused_layer_coupled_sums_kernel": rule_coupled_sums,
     "fused_layer_state_kernel": rule_sum_splits,
     "fused_layer_bwd_input_kernel": rule_chunked_final,
     "fused_layer_bwd_weight_kernel": rule_chunked_final,

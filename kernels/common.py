@@ -381,7 +381,7 @@ def coefficient_parts(c):
 
 
 @triton.jit
-def half_products(c_nhi, c_hi, c_lo, u, EMULATE: tl.constexpr):
+def half_products(c_nhi, c_hi, c_lo, u, EMULATE: tl.constexpr, PURE: tl.constexpr = False):
     """The products ``c u`` of float32 coefficients ``c`` (``coefficient_parts``: ``c_nhi``,
     ``c_hi``, ``c_lo``, repeated as ``u`` is laid out) and bfloat16 ``u``, as two bfloat16 numbers
     for two exact tensor-core products: returned as ``(-hi, lo)``, ``c u ~ hi + lo``.
@@ -397,7 +397,8 @@ def half_products(c_nhi, c_hi, c_lo, u, EMULATE: tl.constexpr):
     Bound (``half_parts``' truncated hi: ``|c_lo| < 2^-7 |c|``, ``|c - c_hi - c_lo| <= 2^-15
     |c|``): ``|c u - hi - lo| <= 2.5 * 2^-15 |c u|``. bfloat16 only (as ``half_parts``).
     ``EMULATE`` (Triton's interpreter, which cannot run PTX): the same three steps in float32 (the
-    products of bfloat16 numbers exact there), rounded by ``bfloat16_nearest``."""
+    products of bfloat16 numbers exact there), rounded by ``bfloat16_nearest``. ``PURE``: the asm
+    declared free of side effects (see below)."""
     tl.static_assert(u.dtype == tl.bfloat16, "half_products takes bfloat16 u")
     if EMULATE:
         b_u = u.to(tl.float32)
@@ -406,17 +407,21 @@ def half_products(c_nhi, c_hi, c_lo, u, EMULATE: tl.constexpr):
         lo = bfloat16_nearest(c_lo.to(tl.float32) * b_u + b_rem)
     else:
         # the outputs written last: they may share registers with the inputs.
-        # is_pure=False: Triton may not move the products past layout conversions, so they run
-        # where u is loaded (4 coefficients a thread, each split once), not in the tensor-core
-        # operand's layout, where the 4 lanes of a quad each split the same 16 (the counts:
-        # bench/results/kernel_report/NOTES.md, "c u by packed half arithmetic")
+        # PURE false (the sums passes): Triton may not move the products past layout conversions,
+        # so they run where u is loaded (4 coefficients a thread, each split once), not in the
+        # tensor-core operand's layout, where the 4 lanes of a quad each split the same 16 (the
+        # counts: bench/results/kernel_report/NOTES.md, "c u by packed half arithmetic"). The
+        # coupled sums take them pure (their coefficients come from registers, not memory: 6%
+        # fewer instructions so), which also keeps torch.compile from taking every argument of
+        # the kernel as written, as it must beside impure asm
+        # (tests/_fake_cuda_trace.py: u and W cloned before each call otherwise)
         nhi, lo = tl.inline_asm_elementwise(
             "{ .reg .b32 z, h, r, l; mov.b32 z, 0x80008000; fma.rn.bf16x2 h, $2, $5, z; "
             "fma.rn.bf16x2 r, $3, $5, h; fma.rn.bf16x2 l, $4, $5, r; mov.b32 $0, h; mov.b32 $1, l; }",
             "=r,=r,r,r,r,r",
             [c_nhi, c_hi, c_lo, u],
             dtype=(tl.bfloat16, tl.bfloat16),
-            is_pure=False,
+            is_pure=PURE,
             pack=2,
         )
     return nhi, lo

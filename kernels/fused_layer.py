@@ -73,6 +73,7 @@ __all__ = [
     "fused_layer_state_kernel",
     "fused_layer_logits_kernel",
     "fused_layer_sums_kernel",
+    "fused_layer_coupled_sums_kernel",
     "fused_layer_uniform_sums_kernel",
     "fused_layer_bwd_input_kernel",
     "fused_layer_bwd_weight_kernel",
@@ -495,10 +496,7 @@ def _chunk_logits(
                         _caps_rows(p_V + n_part, o_b, m_b, D, stride_vb, BLOCK_DK), b_w, DOT_F32)
     else:
         b_z = _dot_split(_caps_rows(p_V, o_b, m_b, D, stride_vb, BLOCK_DK), b_w, HALF, PRECISION, DOT_F32)
-    b_p = b_u.to(tl.float32) * b_z
-    if BLOCK_KIN > 1:
-        b_p = _component_sums(b_p, BLOCK_IC, BLOCK_KIN)
-    return b_p
+    return _component_sums(b_u.to(tl.float32) * b_z, BLOCK_IC, BLOCK_KIN)
 
 
 @triton.jit
@@ -528,7 +526,9 @@ def _component_sums(b_p, BLOCK_IC: tl.constexpr, BLOCK_KIN: tl.constexpr):
     MMA accumulator (every block for 8 capsules, every other one for 16), and a thread holds two
     adjacent columns of every block: the sum is in-thread. With fewer than 8 capsules a chunk a
     capsule spans lanes either way, and capsule-major takes fewer shuffles."""
-    if BLOCK_IC >= 8:
+    if BLOCK_KIN == 1:
+        pass  # one component: the block itself
+    elif BLOCK_IC >= 8:
         b_p = tl.sum(tl.reshape(b_p, [b_p.shape[0], BLOCK_KIN, BLOCK_IC]), axis=1)
     else:
         b_p = tl.sum(tl.reshape(b_p, [b_p.shape[0], BLOCK_IC, BLOCK_KIN]), axis=2)
@@ -616,8 +616,8 @@ def fused_layer_logits_kernel(
     ``g = c (a - m)`` in place of the agreements, exactly 0 where the softmax saturates (as
     softmax_over_outputs_vjp). ``N_OUT`` (without ``GRAD``, up to ``LOGITS_IN_REGISTERS`` output
     capsules): the loops unrolled and the logits kept in registers instead of the round trips
-    through memory (``_coefficients_in_registers``), the same operations in the same order, so the
-    same coefficients, bit for bit."""
+    through memory (``_chunk_coefficients``; V's parts loaded once, ``_factor_rows``), the same
+    operations in the same order, so the same coefficients, bit for bit."""
     i_tb = tl.program_id(0)
     i_k = tl.program_id(1)
     o_b = (i_tb * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
@@ -630,6 +630,9 @@ def fused_layer_logits_kernel(
     i_end = tl.minimum(i_start + caps_per_split, N_in)
     o_d = tl.arange(0, BLOCK_DK)
     o_ub = o_b * stride_ub
+    if N_OUT > 0:
+        tl.static_assert(not GRAD and PARTS, "the logits in registers: coefficients only, V as its two parts")
+        v_parts = _factor_rows(p_V, n_part, o_b, m_b, D, N_OUT, BLOCK_DK)
     for i0 in range(i_start, i_end, BLOCK_IC):
         o_ic = i0 + tl.arange(0, BLOCK_IC)
         b_u = _logits_operand(u_ptr, o_ub, m_b, i0, i_end, BLOCK_KIN, BLOCK_IC, BLOCK_KIN)
@@ -637,11 +640,10 @@ def fused_layer_logits_kernel(
         o_e = o_b[:, None] * N_out * N_in + o_ic[None, :]  # c[b, 0, i]
         b_max = tl.full([BLOCK_B, BLOCK_IC], float("-inf"), tl.float32)
         if N_OUT > 0:
-            tl.static_assert(not GRAD, "the logits in registers: coefficients only, not the logit gradients")
-            _coefficients_in_registers(
-                b_u, w_ptr, p_V, c_ptr, c_ptr + o_e, m_bi, b_max, n_part, o_b, m_b, o_d, i0, i_end, B, N_in, D,
-                stride_wi, stride_wj, N_OUT, HALF, PRECISION, DOT_F32, PARTS, BLOCK_B, BLOCK_IC, BLOCK_KIN, BLOCK_DK,
-            )
+            coefficients = _chunk_coefficients(b_u, w_ptr, v_parts, c_ptr, B, o_d, i0, i_end, D, stride_wi, stride_wj,
+                                               N_OUT, DOT_F32, BLOCK_B, BLOCK_IC, BLOCK_KIN)
+            for j in tl.static_range(N_OUT):
+                tl.store(c_ptr + o_e + j * N_in, coefficients[j], mask=m_bi)
         else:
             for j in range(0, N_out):
                 b_w = _logits_operand(w_ptr + j * stride_wj, o_d * BLOCK_KIN, o_d < D, i0, i_end, stride_wi,
@@ -675,24 +677,40 @@ def fused_layer_logits_kernel(
 
 
 @triton.jit
-def _coefficients_in_registers(
-    b_u, w_ptr, p_V, c_ptr, p_c, m_bi, b_max, n_part, o_b, m_b, o_d, i0, i_end, B, N_in, D, stride_wi, stride_wj,
-    N_OUT: tl.constexpr, HALF: tl.constexpr, PRECISION: tl.constexpr, DOT_F32: tl.constexpr, PARTS: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_IC: tl.constexpr, BLOCK_KIN: tl.constexpr, BLOCK_DK: tl.constexpr,
+def _factor_rows(p_V, n_part, o_b, m_b, D, N_OUT: tl.constexpr, BLOCK_DK: tl.constexpr):
+    """V's two parts (``factor_parts``: hi at ``p_V``, lo ``n_part`` elements on, [.., N_OUT, D]
+    rows) for the tile's examples, every output capsule's: a tuple of ``N_OUT`` (hi, lo) pairs of
+    [BLOCK_B, BLOCK_DK] blocks, loaded once for all chunks (the compiler keeps them in shared
+    memory, as the products' operands: 4 KB a capsule at 64 examples)."""
+    parts = ()
+    for j in tl.static_range(N_OUT):
+        b_hi = _caps_rows(p_V + j * D, o_b, m_b, D, N_OUT * D, BLOCK_DK)
+        b_lo = _caps_rows(p_V + n_part + j * D, o_b, m_b, D, N_OUT * D, BLOCK_DK)
+        parts = parts + ((b_hi, b_lo),)
+    return parts
+
+
+@triton.jit
+def _chunk_coefficients(
+    b_u, w_ptr, v_parts, p_fence, B, o_d, i0, i_end, D, stride_wi, stride_wj, N_OUT: tl.constexpr,
+    DOT_F32: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_IC: tl.constexpr, BLOCK_KIN: tl.constexpr,
 ):
-    """The coefficients of a chunk, stored at ``p_c + j * N_in``: the logits of the
-    ``N_OUT`` output capsules unrolled and kept in registers (a tuple), their running maximum, then
-    the exponentials, their sum and c, as the loops through memory compute them. Each logit passes
-    through ``_consumed``, which holds ptxas to forming it before the next capsule's product: left
-    to itself ptxas issued five capsules' products ahead, five [64 x 64] float32 accumulators at
-    once, and spilled (bench/results/kernel_report/NOTES.md)."""
+    """The coupling coefficients of a chunk, a tuple of ``N_OUT`` [BLOCK_B, BLOCK_IC] blocks, from
+    its u (``_logits_operand``) and V's parts (``_factor_rows``): the logits of the output
+    capsules unrolled and kept in registers (each as ``_chunk_logits`` forms it from V's parts),
+    their running maximum, then the exponentials, their sum and c, as the logits pass's loops
+    through memory compute them: the same coefficients, bit for bit. Each logit passes through
+    ``_consumed`` (its fence a store never made to ``p_fence``), which holds ptxas to forming it
+    before the next capsule's product: left to itself ptxas issued five capsules' products ahead,
+    five [64 x 64] float32 accumulators at once, and spilled (bench/results/kernel_report/NOTES.md)."""
+    b_max = tl.full([BLOCK_B, BLOCK_IC], float("-inf"), tl.float32)
     logits = ()
     for j in tl.static_range(N_OUT):
         b_w = _logits_operand(w_ptr + j * stride_wj, o_d * BLOCK_KIN, o_d < D, i0, i_end, stride_wi, BLOCK_IC,
                               BLOCK_KIN)
-        b_logit = _chunk_logits(b_u, b_w, p_V + j * D, n_part, o_b, m_b, D, N_OUT * D, HALF, PRECISION, DOT_F32,
-                                PARTS, BLOCK_B, BLOCK_IC, BLOCK_KIN, BLOCK_DK)
-        b_logit = _consumed(b_logit, c_ptr, B, DOT_F32)
+        b_hi, b_lo = v_parts[j]
+        b_logit = _component_sums(b_u.to(tl.float32) * dot_parts(b_hi, b_lo, b_w, DOT_F32), BLOCK_IC, BLOCK_KIN)
+        b_logit = _consumed(b_logit, p_fence, B, DOT_F32)
         b_max = tl.maximum(b_max, b_logit)
         logits = logits + (b_logit,)
     exps = ()
@@ -702,8 +720,10 @@ def _coefficients_in_registers(
         b_sum += b_e
         exps = exps + (b_e,)
     b_inv = tl.math.div_rn(1.0, b_sum)
+    coefficients = ()
     for j in tl.static_range(N_OUT):
-        tl.store(p_c + j * N_in, exps[j] * b_inv, mask=m_bi)
+        coefficients = coefficients + (exps[j] * b_inv,)
+    return coefficients
 
 
 @triton.jit
@@ -865,6 +885,91 @@ def fused_layer_sums_kernel(
         b_acc -= b_nacc
     m_bd = m_b[:, None] & (o_d < D)[None, :]
     tl.store(part_ptr + ((o_b[:, None] * SPLIT + i_k) * N_out + j) * D + o_d[None, :], b_acc, mask=m_bd)
+
+
+@triton.jit(do_not_specialize=["B", "N_in", "SPLIT", "caps_per_split"])
+def fused_layer_coupled_sums_kernel(
+    u_ptr,  # [B, N_in, BLOCK_KIN] bfloat16 input capsules (D_in zero padded), capsules contiguous
+    w_ptr,  # [N_in, N_OUT, BLOCK_DK, BLOCK_KIN] bfloat16 weight (D_in zero padded), contiguous
+    vparts_ptr,  # [2, B, N_OUT, BLOCK_DK] bfloat16 V_r's two parts (``factor_parts``)
+    part_ptr,  # [B, SPLIT, N_OUT, BLOCK_DK] f32 this split's partial s_r (written)
+    B,
+    N_in,
+    SPLIT,
+    caps_per_split,
+    stride_uc,  # u's batch stride in capsules (BLOCK_KIN elements)
+    BLOCK_B: tl.constexpr,
+    BLOCK_IC: tl.constexpr,
+    BLOCK_KIN: tl.constexpr,
+    BLOCK_DK: tl.constexpr,  # D_out itself (16)
+    DOT_F32: tl.constexpr,
+    N_OUT: tl.constexpr,  # N_out: every output capsule unrolled
+):
+    """Iteration r >= 1 of the forward in one pass, with the coupling coefficients consumed on
+    chip: per chunk the coefficients of every output capsule in registers (``_chunk_coefficients``,
+    as the logits pass forms them: the same numbers, bit for bit), then for each output capsule j
+    this split's partial ``s_r[b, j] += (c_j u) W_j^T`` on tensor cores, ``c_j u`` as the two
+    bfloat16 numbers of ``half_products`` (as the sums pass takes them); an accumulator per output
+    capsule. Neither the coefficients nor u_hat reach memory, and u is read once an iteration
+    (the logits and sums passes wrote c in float32 and read it back, and read u twice).
+    bfloat16 inputs, D_out = 16, N_out <= ``LOGITS_IN_REGISTERS``
+    (``capstriton.ops.fused_layer.coupled_sums``). The sizes of an output capsule and of the
+    weight's blocks are compile-time constants: each output capsule's V and W are then an
+    immediate offset from one address (as runtime offsets, the twenty addresses of V's parts
+    stayed live across the chunk loop and spilled on sm_90)."""
+    tl.static_assert(BLOCK_DK == 16, "the coupled sums: output capsules of 16D")
+    D: tl.constexpr = BLOCK_DK
+    stride_wj: tl.constexpr = BLOCK_DK * BLOCK_KIN
+    stride_wi: tl.constexpr = N_OUT * stride_wj
+    i_tb = tl.program_id(0)
+    i_k = tl.program_id(1)
+    o_b = (i_tb * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
+    m_b = o_b < B
+    n_part = tl.cast(B, tl.int64) * N_OUT * D  # elements a part of V
+    i_start = i_k * caps_per_split
+    i_end = tl.minimum(i_start + caps_per_split, N_in)
+    o_d = tl.arange(0, BLOCK_DK)
+    # u's rows whole capsules apart: aligned vector loads whatever the batch stride (as a stride
+    # in elements, triton takes one not divisible by 16 as unaligned: a 1-capsule layer's scalar
+    # loads spilled on sm_90)
+    stride_ub = stride_uc * BLOCK_KIN
+    o_ub = o_b * stride_ub
+    v_parts = _factor_rows(vparts_ptr, n_part, o_b, m_b, D, N_OUT, BLOCK_DK)
+    sums = ()
+    for _ in tl.static_range(N_OUT):
+        sums = sums + (tl.zeros([BLOCK_B, BLOCK_DK], dtype=tl.float32),)
+    for i0 in range(i_start, i_end, BLOCK_IC):
+        b_u = _logits_operand(u_ptr, o_ub, m_b, i0, i_end, BLOCK_KIN, BLOCK_IC, BLOCK_KIN)
+        coefficients = _chunk_coefficients(b_u, w_ptr, v_parts, part_ptr, B, o_d, i0, i_end, D, stride_wi, stride_wj,
+                                           N_OUT, DOT_F32, BLOCK_B, BLOCK_IC, BLOCK_KIN)
+        # the sums with the chunk in the sums pass's order, capsule-major (``_caps_chunk``), u and W
+        # read again in that order (from L1): a pair of adjacent elements is two components of one
+        # capsule, so c u's packed halves share their coefficient and u's pairs are as loaded
+        # (component-major, as the logits take them, the pairs took a byte permute each)
+        o_i, o_k, m_c = _caps_chunk(i0, i_end, BLOCK_IC, BLOCK_KIN)
+        b_uc = _u_chunk(u_ptr, o_b, m_b, i0, m_c, stride_ub, BLOCK_IC, BLOCK_KIN)
+        updated = ()
+        for j in tl.static_range(N_OUT):
+            b_nhi, b_hi, b_lo = coefficient_parts(coefficients[j])
+            b_xnhi, b_xlo = half_products(
+                _per_component(b_nhi, BLOCK_B, BLOCK_IC, BLOCK_KIN), _per_component(b_hi, BLOCK_B, BLOCK_IC, BLOCK_KIN),
+                _per_component(b_lo, BLOCK_B, BLOCK_IC, BLOCK_KIN), b_uc, DOT_F32, True,
+            )
+            b_w = _w_rows(w_ptr, j * stride_wj + o_d * BLOCK_KIN, o_d < D, o_i, o_k, m_c, stride_wi)
+            # c u = hi + lo with hi returned negated: its product taken with -W, in the same accumulator
+            b_acc = _dot_acc(b_xlo, tl.trans(b_w), sums[j], DOT_F32)
+            b_acc = _dot_acc(b_xnhi, tl.trans(_negated(b_w)), b_acc, DOT_F32)
+            updated = updated + (b_acc,)
+        sums = updated
+    m_bd = m_b[:, None] & (o_d < D)[None, :]
+    for j in tl.static_range(N_OUT):
+        tl.store(part_ptr + ((o_b[:, None] * SPLIT + i_k) * N_OUT + j) * D + o_d[None, :], sums[j], mask=m_bd)
+
+
+@triton.jit
+def _negated(b_x):
+    """``-x`` of a bfloat16 block, exactly: its sign bits flipped (one logical operation a pair)."""
+    return (b_x.to(tl.int16, bitcast=True) ^ -32768).to(tl.bfloat16, bitcast=True)
 
 
 @triton.jit(do_not_specialize=["B", "SPLIT", "caps_per_split"])

@@ -88,6 +88,14 @@ def main():
         params = {k: torch.empty(p.shape, device="cuda") for k, p in layer.named_parameters()}
         u = torch.empty(4, 37, 8, device="cuda")
         results["RoutingCapsules"] = capture(lambda p, x: torch.func.functional_call(layer, p, (x,)), params, u)
+        # bfloat16 with 16D output capsules: the forward's later iterations in one pass each (the
+        # coupled sums, whose packed half arithmetic must not make the analysis take u and W as written)
+        layer16 = ct.nn.RoutingCapsules(37, 8, 10, 16, backend="auto")  # bfloat16 parameters below
+        params16 = {k: torch.empty(p.shape, dtype=torch.bfloat16, device="cuda") for k, p in layer16.named_parameters()}
+        u16 = torch.empty(4, 37, 8, dtype=torch.bfloat16, device="cuda")
+        results["RoutingCapsules-bfloat16"] = capture(
+            lambda p, x: torch.func.functional_call(layer16, p, (x,)), params16, u16
+        )
 
         model = ct.models.CapsNet(backend="auto")
         params = {k: torch.empty(p.shape, device="cuda") for k, p in model.named_parameters()}

@@ -59,6 +59,7 @@ ENTRY_FIELDS = {
     "limiter": str,
     "sass": dict,
     "compile_s": float,
+    "compile_key": str,
 }
 SASS_FIELDS = {"total", "FFMA", "FMUL", "FADD", "MMA", "MUFU", "SHFL", "LDS", "STS", "LDL", "STL", "BAR"} | {
     f"{k}.{w}" for k in ("LDG", "STG") for w in (128, 64, 32, 16, 8)
@@ -86,12 +87,17 @@ def run_report(out: Path, env: dict | None = None, *args: str) -> subprocess.Com
     )
 
 
+#: the committed reports (``--reuse``: a configuration whose triton compile key is found there is
+#: that very compilation, so its results are not read again; a kernel changed since compiles anew)
+COMMITTED = REPO / "bench" / "results" / "kernel_report"
+
+
 @pytest.fixture(scope="module")
 def sm90_report(tmp_path_factory):
     if not _has_nvidia_tools():
         pytest.skip("triton's NVIDIA backend tools (ptxas, cuobjdump) are not installed")
     out = tmp_path_factory.mktemp("kernel_report")
-    return run_report(out), out
+    return run_report(out, None, "--reuse", str(COMMITTED / "sm_90.json")), out
 
 
 def test_every_default_configuration_compiles_for_sm90_without_spills(sm90_report):
@@ -107,6 +113,25 @@ def test_every_default_configuration_compiles_for_sm90_without_spills(sm90_repor
         assert entry["spill_stores"] == entry["spill_loads"] == 0, where
         assert entry["local"] == 0 and entry["sass"]["LDL"] == entry["sass"]["STL"] == 0, where
     assert "distinct compilations" in proc.stdout and "regs" in proc.stdout
+
+
+def test_compile_key_is_the_one_triton_compiles_under():
+    """--reuse takes a configuration's results from an earlier report where its ``compile_key``
+    matches: the key computed without compiling must be the hash ``triton.compile`` gives the
+    kernel it compiles (triton's own cache key), for another kernel, other constexprs or another
+    target a different one."""
+    code = (
+        "import json, kernel_report as k\n"
+        "case = [c for c in k.shape_sets()['odd'] if c.label.startswith('layer 7x1x16x1')]\n"
+        "kernels, backend = k._kernels(), k.backend_cls()\n"
+        "comps = {k._key(c): c for c in (k.compilation_of(l, kernels, backend) for l in k.record_launches(case))}\n"
+        "comps = sorted(comps.values(), key=lambda c: c['kernel'])[:2]\n"
+        "print(json.dumps([[k.compile_key(c, a), k.compile_one(c, a)['compile_key']]\n"
+        "                  for c in comps for a in ('sm_90', 'sm_80')]))\n"
+    )
+    pairs = _run_in_bench(code)
+    assert len(pairs) == 4 and all(before == compiled for before, compiled in pairs), pairs
+    assert len({key for key, _ in pairs}) == 4
 
 
 def test_report_json_fields(sm90_report):
@@ -164,6 +189,8 @@ def test_layer_products_run_on_tensor_cores(sm90_report):
     # bwd_input / bwd_weight kernels; with IEEE products it runs over tiles of predictions
     # (rank-one, no PRECISION argument)
     logits, sums, uniform = "fused_layer_logits_kernel", "fused_layer_sums_kernel", "fused_layer_uniform_sums_kernel"
+    # the bfloat16 forward's coupled sums (coefficients and sums in one pass) count as its sums pass
+    coupled = "fused_layer_coupled_sums_kernel"
     layers = {
         "fused_layer": (
             ("fused_layer_fwd_kernel", uniform, logits, sums),
@@ -180,7 +207,8 @@ def test_layer_products_run_on_tensor_cores(sm90_report):
     seen = set()
     for entry in doc["kernels"]:
         products = entry["constexprs"].get("FROM_U", True)  # self-attention on u_hat has none
-        name = entry["kernel"] + (":grad" if entry["constexprs"].get("GRAD") else "")
+        name = (sums if entry["kernel"] == coupled else entry["kernel"]) + (
+            ":grad" if entry["constexprs"].get("GRAD") else "")
         if name not in passes or not products or not any("1152x10x16x8" in c for c in entry["cases"]):
             continue
         precision = entry["constexprs"].get("PRECISION", "ieee")

@@ -209,7 +209,7 @@ register(
         kernel_cases=kernel_cases,
         config_keys=(
             "tile", "target_programs", "target_programs_bwd", "groups", "num_warps", "fwd_examples", "fwd_chunk",
-            "fwd_warps", "final_examples", "final_chunk",
+            "fwd_warps", "final_examples", "final_chunk", "coupled_programs",
         ),
         min_bytes_per_example=min_bytes_per_example,
         flops_per_example=flops_per_example,

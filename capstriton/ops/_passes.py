@@ -135,6 +135,10 @@ class FusedTuning:
     #: (input capsule, D_in) elements a chunk of the final backward pass (``fused_layer.chunk_capsules``):
     #: 128 no spill with its 16 examples, where the forward's 64 examples spilled (kernel report)
     final_chunk: int = 128
+    #: programs the bfloat16 forward's one pass an iteration (``fused_layer.coupled_sums``) aims
+    #: for: each writes an [N_out, D_out] partial sum a example that the next pass reads back, and
+    #: two of its programs fill an SM's registers
+    coupled_programs: int = 256
 
     def __post_init__(self):
         check_tuning(self, ("num_warps", "fwd_warps"))
@@ -144,6 +148,7 @@ class FusedTuning:
         return [
             self.tile, self.target_programs, self.target_programs_bwd, self.groups, self.num_warps or 0,
             self.fwd_examples, self.fwd_chunk, self.fwd_warps, self.final_examples, self.final_chunk,
+            self.coupled_programs,
         ]
 
     @classmethod

@@ -46,6 +46,7 @@ from ..kernels.fused_layer import (
     fused_layer_bwd_input_kernel,
     fused_layer_bwd_reduce_kernel,
     fused_layer_bwd_weight_kernel,
+    fused_layer_coupled_sums_kernel,
     fused_layer_fwd_kernel,
     fused_layer_logits_kernel,
     fused_layer_state_kernel,
@@ -109,6 +110,16 @@ def logits_in_registers(n_out: int, d: int, dtype: torch.dtype) -> bool:
     bytes and more), and beside the float32 parts of 3xTF32 products (64 bytes on sm_80 at the
     paper's layer); bench/results/kernel_report/NOTES.md."""
     return dtype == torch.bfloat16 and d == 16 and n_out <= LOGITS_IN_REGISTERS
+
+
+def coupled_sums(n_out: int, d: int, d_in: int, dtype: torch.dtype) -> bool:
+    """Whether the forward runs each iteration after the first in one pass with the coupling
+    coefficients consumed on chip (``fused_layer_coupled_sums_kernel``) instead of the logits pass,
+    which writes them in float32, and the sums pass, which reads them back: where the logits fit
+    in registers (:func:`logits_in_registers`) and the partial sums of every output capsule beside
+    them, input capsules of at most 8 components (16 spilled 112 bytes on sm_80; the kernel
+    report, bench/results/kernel_report/NOTES.md)."""
+    return logits_in_registers(n_out, d, dtype) and d_in <= 8
 
 
 def uniform_block(outputs: int) -> int:
@@ -306,7 +317,8 @@ class _CouplingPasses:
     capsule's outputs); and the final backward pass, which reads every slot."""
 
     def __init__(
-        self, u: torch.Tensor, weight: torch.Tensor, precision: str, tuning: FusedTuning, grad: bool, slots: int = 1
+        self, u: torch.Tensor, weight: torch.Tensor, precision: str, tuning: FusedTuning, grad: bool, slots: int = 1,
+        coupled: bool = False,
     ):
         batch, n_in, d_in = u.shape
         _, n_out, d, _ = weight.shape
@@ -318,7 +330,12 @@ class _CouplingPasses:
         # this argument, which repeats the coefficients)
         self.logit_grads = empty((slots, batch, n_out, n_in), _F32, u.device) if grad else self.coefficients
         self.sums_split = sums_split(cfg, int(n_in), int(n_out), tuning)
-        self.partials = empty((batch, self.sums_split.split, n_out, d), _F32, u.device)
+        # the coupled sums' runs of the chunks (fewer programs than the logits pass: the partial sums
+        # of all output capsules a program)
+        self.coupled_split = input_split(int(n_in), cfg.block_ic, cfg.tiles, tuning.coupled_programs)
+        # [B, SPLIT, N_out, D] partial sums of the split of the pass that wrote them
+        split = max(self.sums_split.split, self.coupled_split.split) if coupled else self.sums_split.split
+        self.partials = empty((batch, split, n_out, d), _F32, u.device)
         self.grad = grad
         self.n_out = n_out
         self.consts = chunked_constexprs(cfg, u, precision)
@@ -373,6 +390,24 @@ class _CouplingPasses:
         launch(
             fused_layer_sums_kernel, (self.cfg.tiles, self.sums_split.split, self.n_out),
             part_ptr=self.partials, SPLIT=self.sums_split.split, **args, GRAD=self.grad,
+        )
+
+    def coupled_sums(self, vparts: torch.Tensor) -> None:
+        """The forward's coupling coefficients and sums of a step in one pass (:func:`coupled_sums`),
+        from V_r's two parts, over runs of their own (``coupled_split``). The kernel takes the
+        weight's strides as compile-time constants: a contiguous weight (a copy of a strided one,
+        of the weight's size)."""
+        consts = {k: v for k, v in self.consts.items() if k not in ("HALF", "PRECISION")}
+        # the kernel takes u's batch stride in capsules (aligned vector loads)
+        kin = self.cfg.block_kin
+        u = self.u if self.u.stride(0) % kin == 0 else self.u.contiguous()
+        launch(
+            fused_layer_coupled_sums_kernel, (self.cfg.tiles, self.coupled_split.split),
+            u_ptr=u, w_ptr=self.weight.contiguous(), vparts_ptr=vparts, part_ptr=self.partials,
+            B=self.sizes["B"], N_in=self.sizes["N_in"], SPLIT=self.coupled_split.split,
+            caps_per_split=self.coupled_split.caps_per_split, stride_uc=u.stride(0) // kin, **consts,
+            N_OUT=self.n_out,
+            maxnreg=whole_register_file(consts["num_warps"]),
         )
 
     def uniform_sums(self, vsum_saved: torch.Tensor) -> None:
@@ -439,21 +474,27 @@ def _forward_on_tensor_cores(
     same outputs and saved state as the rank-one forward."""
     batch, _, _ = u.shape
     _, n_out, d, _ = weight.shape
-    passes = _CouplingPasses(u, weight, precision, tuning, grad=False)
+    coupled = coupled_sums(int(n_out), int(d), int(u.shape[2]), u.dtype)
+    passes = _CouplingPasses(u, weight, precision, tuning, grad=False, coupled=coupled)
     block_j, block_d = triton.next_power_of_2(n_out), triton.next_power_of_2(d)
     per_example = dict(
-        part_ptr=passes.partials, s_buf_ptr=s_saved, B=batch, N_out=n_out, D=d, SPLIT=passes.sums_split.split,
+        part_ptr=passes.partials, s_buf_ptr=s_saved, B=batch, N_out=n_out, D=d,
         BLOCK_J=block_j, BLOCK_D=block_d, num_warps=caps_warps(block_j, block_d),
     )
     passes.uniform_sums(vsum_saved)
+    split = passes.sums_split.split  # of the partials the last pass wrote
     for r in range(1, iterations):
         launch(
-            fused_layer_state_kernel, (batch,), vsum_buf_ptr=vsum_saved, r=r, **per_example,
+            fused_layer_state_kernel, (batch,), vsum_buf_ptr=vsum_saved, r=r, **per_example, SPLIT=split,
             vparts_ptr=passes.vparts if passes.parts else vsum_saved, PARTS=passes.parts,
         )
-        passes.coupling(r, vsum_saved, vsum_saved)  # (no ds in the forward)
-        passes.sums()
-    launch(dynamic_routing_finalize_kernel, (batch,), v_ptr=v, last=iterations - 1, **per_example)
+        if coupled:
+            passes.coupled_sums(passes.vparts)
+            split = passes.coupled_split.split
+        else:
+            passes.coupling(r, vsum_saved, vsum_saved)  # (no ds in the forward)
+            passes.sums()
+    launch(dynamic_routing_finalize_kernel, (batch,), v_ptr=v, last=iterations - 1, **per_example, SPLIT=split)
 
 
 def _ds_step(

@@ -8,6 +8,8 @@ ops allocate is NaN-poisoned (tests/ops/conftest.py).
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import triton
@@ -364,11 +366,13 @@ def test_logits_pass_takes_v_and_ds_as_parts_or_as_float32(dtype, precision, par
 def test_logits_in_registers_are_the_loops_bit_for_bit(shape, grad_mode, monkeypatch):
     """The logits pass keeps the logits of a few 16D output capsules in registers with bfloat16
     inputs where it forms coefficients only (``logits_in_registers``; ``N_OUT`` in the launch: the
-    forward and the detached backward's recomputation, not the logit gradients), and the
-    coefficients, so the outputs and the gradients, are those of the loops through memory bit for
-    bit: the same operations in the same order. Against float64 too."""
+    forward, where it runs in two passes, and the detached backward's recomputation, not the logit
+    gradients), and the coefficients, so the outputs and the gradients, are those of the loops
+    through memory bit for bit: the same operations in the same order. Against float64 too."""
     from capstriton.ops._launch import recording
 
+    # the forward in two passes (logits, then sums), not the coupled sums (their own test below)
+    monkeypatch.setattr(ops, "coupled_sums", lambda *args: False)
     n_out, d = shape[1], shape[2]
     assert ops.logits_in_registers(n_out, d, torch.bfloat16)
     assert not ops.logits_in_registers(n_out, d, torch.float32)
@@ -394,6 +398,71 @@ def test_logits_in_registers_are_the_loops_bit_for_bit(shape, grad_mode, monkeyp
     for name, (in_registers, ref), (through_memory, _) in zip(("v", "du", "dw"), *results, strict=True):
         assert torch.equal(in_registers, through_memory), name
         assert_close(name, in_registers, ref, TOL[torch.bfloat16])
+
+
+@pytest.mark.parametrize(
+    ("shape", "batch", "grad_mode"),
+    # N_out 10, 3 and 1; chunks of 8 capsules of 8 components (5 of them padded to 8), of 8 of 4
+    # and of 16 single components; runs that end in a partial chunk; two example tiles (66
+    # examples). The further cases are shape_grid (not rerun with the oldest triton)
+    [((19, 10, 16, 8), 17, True)]
+    + [pytest.param(*c, marks=shape_grid) for c in (((7, 3, 16, 5), 5, False), ((23, 1, 16, 1), 3, True),
+                                                    ((13, 7, 16, 3), 66, False))],
+    ids=lambda x: layer_id(x) if isinstance(x, tuple) else str(x) if isinstance(x, int) else (
+        "through" if x else "detached"),
+)
+def test_coupled_sums_are_the_two_passes_up_to_summation_order(shape, batch, grad_mode, monkeypatch):
+    """With bfloat16 inputs, 16D output capsules and up to ``LOGITS_IN_REGISTERS`` of them the
+    forward runs each iteration after the first in one pass (``coupled_sums``): the coefficients
+    stay in registers and the partial sums of every output capsule accumulate beside them. Its
+    coefficients are the logits pass's, bit for bit, and c u's two bfloat16 parts the sums pass's
+    (the same ``half_products`` of the same numbers), so its sums differ from the two passes' only
+    in the order the tensor cores add the same products: by at most the float32 rounding of a sum
+    of their magnitudes, both ways. Checked on the saved s of every iteration, over one split and
+    several, and v, du and dw against float64."""
+    from capstriton.ops._launch import recording
+
+    n_in, n_out, d, d_in = shape
+    assert ops.coupled_sums(n_out, d, d_in, torch.bfloat16)
+    assert not ops.coupled_sums(n_out, d, d_in, torch.float32)
+    assert not ops.coupled_sums(n_out, 8, d_in, torch.bfloat16)
+    assert not ops.coupled_sums(ops.LOGITS_IN_REGISTERS + 1, d, d_in, torch.bfloat16)
+    assert not ops.coupled_sums(n_out, d, 9, torch.bfloat16)
+    u, w = layer_inputs(batch, *shape, dtype=torch.bfloat16)
+    splits = []
+
+    def forward(tuning):
+        launches = []  # (recorded, not run)
+        with recording(lambda kernel, grid, kwargs: launches.append((kernel.__name__, grid, kwargs))):
+            ops.fused_layer_fwd(u, w, 3, grad_mode, "ieee", tuning.as_list())
+        v, s_saved, _ = ops.fused_layer_fwd(u, w, 3, grad_mode, "ieee", tuning.as_list())
+        names = [name.removesuffix("_kernel") for name, _, _ in launches]
+        splits.extend(grid[1] for name, grid, _ in launches if name == "fused_layer_coupled_sums_kernel")
+        return names, v, s_saved
+
+    expected = ["fused_layer_uniform_sums"] + ["fused_layer_state", "fused_layer_coupled_sums"] * 2
+    one_split = dataclasses.replace(FEW_PROGRAMS, coupled_programs=1)
+    coupled = [forward(t) for t in (FEW_PROGRAMS, one_split)]
+    for names, _, _ in coupled:
+        assert names == expected + ["dynamic_routing_finalize"]
+    # several runs of input capsules (where there are several chunks), and one
+    chunks = triton.cdiv(n_in, ops.chunked_config(n_in, d, d_in, batch, FEW_PROGRAMS, False).block_ic)
+    assert min(splits) == 1 and (max(splits) > 1 or chunks == 1)
+    monkeypatch.setattr(ops, "coupled_sums", lambda *args: False)
+    names, v_two, s_two = forward(FEW_PROGRAMS)
+    assert "fused_layer_coupled_sums" not in names and "fused_layer_sums" in names
+    # each path adds N_in * D_in products c u_hat (as hi + lo: twice as many terms) in float32:
+    # |error| <= 2 N_in D_in 2^-24 sum |c u W| <= 2 N_in D_in 2^-24 sum_{i,k} |W u| per output (c <= 1)
+    magnitude = torch.einsum("ijdk,bik->bjd", w.double().abs(), u.double().abs())
+    bound = 2 * (2 * n_in * d_in * 2.0**-24) * magnitude
+    for _, v, s_saved in coupled:
+        assert (s_saved[0] == s_two[0]).all()  # iteration 0: the same uniform sums
+        # iteration 1 from the same V_1; iteration 2's V_2 already differs by that rounding (and v
+        # is rounded to bfloat16: at most a rounding of each element apart, plus that)
+        assert ((s_saved[1].double() - s_two[1].double()).abs() <= bound).all()
+        assert rel_err(v.float(), v_two.float()) < 2.0**-7
+    monkeypatch.undo()
+    check_layer(u, w, 3, grad_mode, TOL[torch.bfloat16], tuning=FEW_PROGRAMS)
 
 
 def test_fused_layer_non_contiguous_inputs_and_expanded_gradient():
