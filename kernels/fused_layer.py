@@ -950,12 +950,12 @@ def fused_layer_coupled_sums_kernel(
         b_uc = _u_chunk(u_ptr, o_b, m_b, i0, m_c, stride_ub, BLOCK_IC, BLOCK_KIN)
         updated = ()
         for j in tl.static_range(N_OUT):
+            b_w = _w_rows(w_ptr, j * stride_wj + o_d * BLOCK_KIN, o_d < D, o_i, o_k, m_c, stride_wi)
             b_nhi, b_hi, b_lo = coefficient_parts(coefficients[j])
             b_xnhi, b_xlo = half_products(
                 _per_component(b_nhi, BLOCK_B, BLOCK_IC, BLOCK_KIN), _per_component(b_hi, BLOCK_B, BLOCK_IC, BLOCK_KIN),
                 _per_component(b_lo, BLOCK_B, BLOCK_IC, BLOCK_KIN), b_uc, DOT_F32, True,
             )
-            b_w = _w_rows(w_ptr, j * stride_wj + o_d * BLOCK_KIN, o_d < D, o_i, o_k, m_c, stride_wi)
             # c u = hi + lo with hi returned negated: its product taken with -W, in the same accumulator
             b_acc = _dot_acc(b_xlo, tl.trans(b_w), sums[j], DOT_F32)
             b_acc = _dot_acc(b_xnhi, tl.trans(_negated(b_w)), b_acc, DOT_F32)

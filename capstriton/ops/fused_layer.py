@@ -325,7 +325,8 @@ class _CouplingPasses:
         self.cfg = cfg = chunked_config(int(n_in), int(d), int(d_in), batch, tuning, u.dtype == torch.float32)
         self.u, self.weight = u, weight = flat_capsules(u), flat_capsules(weight)
         self.split = cfg.split.split
-        self.coefficients = empty((slots, batch, n_out, n_in), _F32, u.device)
+        # (the coupled sums keep the coefficients on chip: no buffer, and no pass that takes one)
+        self.coefficients = None if coupled else empty((slots, batch, n_out, n_in), _F32, u.device)
         # the logit gradients (the backward through routing; otherwise the kernels never touch
         # this argument, which repeats the coefficients)
         self.logit_grads = empty((slots, batch, n_out, n_in), _F32, u.device) if grad else self.coefficients
