@@ -136,7 +136,7 @@ class FusedTuning:
     #: 128 no spill with its 16 examples, where the forward's 64 examples spilled (kernel report)
     final_chunk: int = 128
     #: programs the bfloat16 forward's one pass an iteration (``fused_layer.coupled_sums``) aims
-    #: for: each writes an [N_out, D_out] partial sum a example that the next pass reads back, and
+    #: for: each writes an [N_out, D_out] partial sum an example that the next pass reads back, and
     #: two of its programs fill an SM's registers
     coupled_programs: int = 256
 
