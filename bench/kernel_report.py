@@ -26,7 +26,8 @@ before triton is imported).
 
 ``--reuse`` takes a configuration's results from earlier reports where triton's own cache key of
 the compilation (``compile_key``, stored in each entry) is found there: the same compilation, so
-the same registers, spills and SASS; every other configuration is compiled.
+the same registers, spills and SASS; only from reports of the same ``report_key`` (this script's
+own analysis: occupancy rule, limits, SASS counts); every other configuration is compiled.
 
 Numbers are per compiled kernel; see README.md, section "Kernel report", for how to read them.
 """
@@ -37,6 +38,7 @@ import argparse
 import contextlib
 import dataclasses
 import hashlib
+import inspect
 import io
 import json
 import os
@@ -492,17 +494,39 @@ RESULT_FIELDS = (
 )
 
 
+def report_key() -> str:
+    """What this script derives from a compilation beyond triton's cache key, hashed: the
+    architectures' limits, the occupancy rule, the parsing of ptxas's log, cuobjdump's resource
+    usage and the SASS counts. Stored in each report; ``--reuse`` takes entries only from reports
+    with the same key (a changed rule would otherwise keep its old occupancy or counts)."""
+    parts = [repr(sorted(ARCHS.items())), *(inspect.getsource(f) for f in _DERIVED)]
+    return hashlib.sha256("\n".join(parts).encode("utf-8")).hexdigest()
+
+
 def reusable(paths: list[str], arch: str) -> dict[str, dict]:
     """The compilations of earlier reports (JSON files of this script) for ``arch`` by their
     ``compile_key``: a configuration with the same key is the same compilation by triton's own
-    cache rule, so its registers, spills and SASS counts are those already read."""
-    found = {}
+    cache rule, so its registers, spills and SASS are those already read, and with the same
+    ``report_key`` so are the figures this script derives from them (``compile_s`` is the time of
+    the run that compiled it). Reports of another architecture or script version, and entries
+    without every field, are passed over, with a line on stderr."""
+    found, key = {}, report_key()
     for path in paths:
         with open(path) as f:
             doc = json.load(f)
-        for entry in doc.get("kernels", []) if doc.get("arch") == arch else []:
-            if entry.get("compile_key") and all(k in entry for k in RESULT_FIELDS):
-                found[entry["compile_key"]] = {k: entry[k] for k in RESULT_FIELDS}
+        if not isinstance(doc, dict) or not isinstance(doc.get("kernels"), list):
+            raise ValueError(f"--reuse {path}: not a kernel report (a JSON object with a 'kernels' list)")
+        if doc.get("arch") != arch:
+            continue
+        if doc.get("report_key") != key:
+            print(f"--reuse {path}: written by another version of this script's analysis; not reused",
+                  file=sys.stderr)
+            continue
+        entries = [e for e in doc["kernels"] if isinstance(e, dict) and all(k in e for k in RESULT_FIELDS)]
+        if len(entries) < len(doc["kernels"]):
+            print(f"--reuse {path}: {len(doc['kernels']) - len(entries)} entries without every field; not reused",
+                  file=sys.stderr)
+        found.update((e["compile_key"], {k: e[k] for k in RESULT_FIELDS}) for e in entries)
     return found
 
 
@@ -684,6 +708,10 @@ def parse_config(parser: argparse.ArgumentParser, items: list[str], specs: list[
     return config
 
 
+#: the functions whose results ``compile_one`` reports beside triton's (``report_key``)
+_DERIVED = (occupancy, sass_counts, _parse_ptxas, _resource_usage, cubin_usage_and_sass, compile_one)
+
+
 def main(argv=None) -> int:
     harness = bench_harness()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -791,6 +819,7 @@ def main(argv=None) -> int:
             os.makedirs(args.out, exist_ok=True)
             doc = {
                 "arch": arch,
+                "report_key": report_key(),  # --reuse: the script version that derived the figures
                 "limits": ARCHS[arch],
                 "versions": {"triton": triton.__version__, "python": platform.python_version()},
                 "config": config,  # launch parameter overrides (--config); {} for the defaults

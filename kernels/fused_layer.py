@@ -638,13 +638,13 @@ def fused_layer_logits_kernel(
         b_u = _logits_operand(u_ptr, o_ub, m_b, i0, i_end, BLOCK_KIN, BLOCK_IC, BLOCK_KIN)
         m_bi = m_b[:, None] & (o_ic < i_end)[None, :]
         o_e = o_b[:, None] * N_out * N_in + o_ic[None, :]  # c[b, 0, i]
-        b_max = tl.full([BLOCK_B, BLOCK_IC], float("-inf"), tl.float32)
         if N_OUT > 0:
             coefficients = _chunk_coefficients(b_u, w_ptr, v_parts, c_ptr, B, o_d, i0, i_end, D, stride_wi, stride_wj,
                                                N_OUT, DOT_F32, BLOCK_B, BLOCK_IC, BLOCK_KIN)
             for j in tl.static_range(N_OUT):
                 tl.store(c_ptr + o_e + j * N_in, coefficients[j], mask=m_bi)
         else:
+            b_max = tl.full([BLOCK_B, BLOCK_IC], float("-inf"), tl.float32)
             for j in range(0, N_out):
                 b_w = _logits_operand(w_ptr + j * stride_wj, o_d * BLOCK_KIN, o_d < D, i0, i_end, stride_wi,
                                       BLOCK_IC, BLOCK_KIN)
@@ -699,7 +699,8 @@ def _chunk_coefficients(
     its u (``_logits_operand``) and V's parts (``_factor_rows``): the logits of the output
     capsules unrolled and kept in registers (each as ``_chunk_logits`` forms it from V's parts),
     their running maximum, then the exponentials, their sum and c, as the logits pass's loops
-    through memory compute them: the same coefficients, bit for bit. Each logit passes through
+    through memory compute them: the same operations in the same order (the same coefficients,
+    bit for bit: ``test_logits_in_registers_are_the_loops_bit_for_bit``). Each logit passes through
     ``_consumed`` (its fence a store never made to ``p_fence``), which holds ptxas to forming it
     before the next capsule's product: left to itself ptxas issued five capsules' products ahead,
     five [64 x 64] float32 accumulators at once, and spilled (bench/results/kernel_report/NOTES.md)."""
@@ -907,11 +908,14 @@ def fused_layer_coupled_sums_kernel(
 ):
     """Iteration r >= 1 of the forward in one pass, with the coupling coefficients consumed on
     chip: per chunk the coefficients of every output capsule in registers (``_chunk_coefficients``,
-    as the logits pass forms them: the same numbers, bit for bit), then for each output capsule j
-    this split's partial ``s_r[b, j] += (c_j u) W_j^T`` on tensor cores, ``c_j u`` as the two
-    bfloat16 numbers of ``half_products`` (as the sums pass takes them); an accumulator per output
-    capsule. Neither the coefficients nor u_hat reach memory, and u is read once an iteration
-    (the logits and sums passes wrote c in float32 and read it back, and read u twice).
+    as the logits pass forms them: the same operations in the same order, the same numbers under
+    the interpreter; compiled separately, FMA contraction may differ in the last bit), then for
+    each output capsule j this split's partial ``s_r[b, j] += (c_j u) W_j^T`` on tensor cores,
+    ``c_j u`` as the two bfloat16 numbers of ``half_products`` (as the sums pass takes them); an
+    accumulator per output capsule. Neither the coefficients nor u_hat reach memory, and u comes
+    from DRAM once an iteration (a chunk's u and W are loaded twice, in the logits' order and in
+    the sums', the second time from L1; the logits and sums passes wrote c in float32 and read it
+    back, and each read u).
     bfloat16 inputs, D_out = 16, N_out <= ``LOGITS_IN_REGISTERS``
     (``capstriton.ops.fused_layer.coupled_sums``). The sizes of an output capsule and of the
     weight's blocks are compile-time constants: each output capsule's V and W are then an
@@ -931,8 +935,8 @@ def fused_layer_coupled_sums_kernel(
     o_d = tl.arange(0, BLOCK_DK)
     # u's rows whole capsules apart: aligned vector loads whatever the batch stride (as a stride
     # in elements, triton takes one not divisible by 16 as unaligned: a 1-capsule layer's scalar
-    # loads spilled on sm_90)
-    stride_ub = stride_uc * BLOCK_KIN
+    # loads spilled on sm_90); in int64, as the stride in elements may exceed int32
+    stride_ub = tl.cast(stride_uc, tl.int64) * BLOCK_KIN
     o_ub = o_b * stride_ub
     v_parts = _factor_rows(vparts_ptr, n_part, o_b, m_b, D, N_OUT, BLOCK_DK)
     sums = ()

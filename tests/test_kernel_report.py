@@ -134,10 +134,34 @@ def test_compile_key_is_the_one_triton_compiles_under():
     assert len({key for key, _ in pairs}) == 4
 
 
+def test_reuse_takes_only_entries_this_script_would_write(tmp_path):
+    """--reuse takes an entry by its compile key only from a report of the same architecture
+    written by the same version of the script's own analysis (``report_key``: occupancy rule,
+    limits, SASS counts), and only with every field; anything else is compiled again, and a file
+    that is no report is an error naming it."""
+    entry = {k: f"value of {k}" for k in kernel_report.RESULT_FIELDS} | {"compile_key": "k1"}
+    partial = {k: v for k, v in entry.items() if k != "sass"} | {"compile_key": "k2"}
+
+    def report(name, **doc):
+        path = tmp_path / name
+        path.write_text(json.dumps({"arch": "sm_90", "report_key": kernel_report.report_key(),
+                                    "kernels": [entry, partial], **doc}))
+        return str(path)
+
+    current = report("current.json")
+    assert kernel_report.reusable([current], "sm_90") == {"k1": entry}
+    assert kernel_report.reusable([current], "sm_80") == {}
+    assert kernel_report.reusable([report("older.json", report_key="another")], "sm_90") == {}
+    assert kernel_report.reusable([report("unkeyed.json", report_key=None)], "sm_90") == {}
+    (tmp_path / "list.json").write_text("[]")
+    with pytest.raises(ValueError, match="list.json: not a kernel report"):
+        kernel_report.reusable([str(tmp_path / "list.json")], "sm_90")
+
+
 def test_report_json_fields(sm90_report):
     _, out = sm90_report
     doc = json.loads((out / "sm_90.json").read_text())
-    assert doc["arch"] == "sm_90"
+    assert doc["arch"] == "sm_90" and doc["report_key"] == kernel_report.report_key()
     assert doc["limits"]["regs_per_sm"] == 65536 and doc["limits"]["max_warps_per_sm"] == 64
     assert {"triton", "python"} <= set(doc["versions"])
     assert doc["launches"] >= len(doc["kernels"]) > 0

@@ -334,6 +334,12 @@ class _CouplingPasses:
         # the coupled sums' runs of the chunks (fewer programs than the logits pass: the partial sums
         # of all output capsules a program)
         self.coupled_split = input_split(int(n_in), cfg.block_ic, cfg.tiles, tuning.coupled_programs)
+        if coupled:
+            # the coupled sums take u's batch stride in capsules (aligned vector loads) and the
+            # weight's strides as compile-time constants: copies where they are not so (once a call)
+            kin = cfg.block_kin
+            self.coupled_u = self.u if self.u.stride(0) % kin == 0 else self.u.contiguous()
+            self.coupled_w = self.weight.contiguous()
         # [B, SPLIT, N_out, D] partial sums of the split of the pass that wrote them
         split = max(self.sums_split.split, self.coupled_split.split) if coupled else self.sums_split.split
         self.partials = empty((batch, split, n_out, d), _F32, u.device)
@@ -395,16 +401,14 @@ class _CouplingPasses:
 
     def coupled_sums(self, vparts: torch.Tensor) -> None:
         """The forward's coupling coefficients and sums of a step in one pass (:func:`coupled_sums`),
-        from V_r's two parts, over runs of their own (``coupled_split``). The kernel takes the
-        weight's strides as compile-time constants: a contiguous weight (a copy of a strided one,
-        of the weight's size)."""
+        from V_r's two parts, over runs of their own (``coupled_split``), on ``coupled_u`` and
+        ``coupled_w`` (u with a batch stride of whole capsules, the weight contiguous: copies, of
+        their size, where they are not)."""
         consts = {k: v for k, v in self.consts.items() if k not in ("HALF", "PRECISION")}
-        # the kernel takes u's batch stride in capsules (aligned vector loads)
-        kin = self.cfg.block_kin
-        u = self.u if self.u.stride(0) % kin == 0 else self.u.contiguous()
+        u, kin = self.coupled_u, self.cfg.block_kin
         launch(
             fused_layer_coupled_sums_kernel, (self.cfg.tiles, self.coupled_split.split),
-            u_ptr=u, w_ptr=self.weight.contiguous(), vparts_ptr=vparts, part_ptr=self.partials,
+            u_ptr=u, w_ptr=self.coupled_w, vparts_ptr=vparts, part_ptr=self.partials,
             B=self.sizes["B"], N_in=self.sizes["N_in"], SPLIT=self.coupled_split.split,
             caps_per_split=self.coupled_split.caps_per_split, stride_uc=u.stride(0) // kin, **consts,
             N_OUT=self.n_out,
