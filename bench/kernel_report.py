@@ -503,14 +503,14 @@ def report_key() -> str:
     return hashlib.sha256("\n".join(parts).encode("utf-8")).hexdigest()
 
 
-def reusable(paths: list[str], arch: str) -> dict[str, dict]:
+def reusable(paths: list[str], arch: str, key: str | None = None) -> dict[str, dict]:
     """The compilations of earlier reports (JSON files of this script) for ``arch`` by their
     ``compile_key``: a configuration with the same key is the same compilation by triton's own
     cache rule, so its registers, spills and SASS are those already read, and with the same
     ``report_key`` so are the figures this script derives from them (``compile_s`` is the time of
     the run that compiled it). Reports of another architecture or script version, and entries
     without every field, are passed over, with a line on stderr."""
-    found, key = {}, report_key()
+    found, key = {}, key or report_key()
     for path in paths:
         with open(path) as f:
             doc = json.load(f)
@@ -763,6 +763,9 @@ def main(argv=None) -> int:
         parser.error("TRITON_INTERPRET is set: run the report in a process without it")
 
     t_start = time.perf_counter()
+    # the script version's key, read now: its source may change on disk while the compilations run
+    # (inspect reads a function's lines from the file as it is then)
+    analysis_key = report_key()
     cases = shape_sets(args.specs)[args.shapes]
     launches = record_launches(cases, config)
     kernels = _kernels()
@@ -783,7 +786,7 @@ def main(argv=None) -> int:
     exceptions = spill_exceptions()
     for arch in dict.fromkeys(args.arch):  # each once (the same file otherwise)
         t_arch = time.perf_counter()
-        known = reusable(args.reuse, arch) if args.reuse else {}
+        known = reusable(args.reuse, arch, analysis_key) if args.reuse else {}
         keys = [compile_key(row.comp, arch) if known else None for row in order]
         jobs = [(row.comp, arch) for row, key in zip(order, keys, strict=True) if key not in known]
         if args.jobs > 1 and len(jobs) > 1:
@@ -819,7 +822,7 @@ def main(argv=None) -> int:
             os.makedirs(args.out, exist_ok=True)
             doc = {
                 "arch": arch,
-                "report_key": report_key(),  # --reuse: the script version that derived the figures
+                "report_key": analysis_key,  # --reuse: the script version that derived the figures
                 "limits": ARCHS[arch],
                 "versions": {"triton": triton.__version__, "python": platform.python_version()},
                 "config": config,  # launch parameter overrides (--config); {} for the defaults
