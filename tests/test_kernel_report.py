@@ -267,10 +267,14 @@ def test_logits_sum_over_components_stays_in_thread(sm90_report):
     the sum over each capsule's D_in components stays in one thread of the MMA accumulator: no
     shuffles in the logits kernel of the paper's layer (D_in 8) and of the 4D-input case (chunks of
     8 capsules of 4 components), forward and backward, in every dtype and precision on tensor
-    cores (ordered capsule-major the paper's layer took 32 forward and 64 backward)."""
+    cores (ordered capsule-major the paper's layer took 32 forward and 64 backward); nor in the
+    bfloat16 forward's coupled sums, which form the logits the same way."""
     _, out = sm90_report
     doc = json.loads((out / "sm_90.json").read_text())
     layers = ("layer 1152x10x16x8 ", "layer 37x10x16x4 ")
+    coupled = [e for e in doc["kernels"] if e["kernel"] == "fused_layer_coupled_sums_kernel"
+               and any(c.startswith(x) for c in e["cases"] for x in layers)]
+    assert coupled and all(e["sass"]["SHFL"] == 0 for e in coupled), [e["sass"] for e in coupled]
     seen = set()
     for entry in doc["kernels"]:
         layer = next((x for x in layers if any(c.startswith(x) for c in entry["cases"])), None)
