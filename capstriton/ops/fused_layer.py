@@ -331,17 +331,18 @@ class _CouplingPasses:
         # this argument, which repeats the coefficients)
         self.logit_grads = empty((slots, batch, n_out, n_in), _F32, u.device) if grad else self.coefficients
         self.sums_split = sums_split(cfg, int(n_in), int(n_out), tuning)
-        # the coupled sums' runs of the chunks (fewer programs than the logits pass: the partial sums
-        # of all output capsules a program)
-        self.coupled_split = input_split(int(n_in), cfg.block_ic, cfg.tiles, tuning.coupled_programs)
+        split = self.sums_split.split
         if coupled:
-            # the coupled sums take u's batch stride in capsules (aligned vector loads) and the
-            # weight's strides as compile-time constants: copies where they are not so (once a call)
+            # the coupled sums' runs of the chunks (fewer programs than the logits pass: the partial
+            # sums of all output capsules a program); they take u's batch stride in capsules (aligned
+            # vector loads) and the weight's strides as compile-time constants: copies where they
+            # are not so (once a call)
+            self.coupled_split = input_split(int(n_in), cfg.block_ic, cfg.tiles, tuning.coupled_programs)
             kin = cfg.block_kin
             self.coupled_u = self.u if self.u.stride(0) % kin == 0 else self.u.contiguous()
             self.coupled_w = self.weight.contiguous()
-        # [B, SPLIT, N_out, D] partial sums of the split of the pass that wrote them
-        split = max(self.sums_split.split, self.coupled_split.split) if coupled else self.sums_split.split
+            split = max(split, self.coupled_split.split)
+        # [B, SPLIT, N_out, D] partial sums, of the split of the pass that wrote them
         self.partials = empty((batch, split, n_out, d), _F32, u.device)
         self.grad = grad
         self.n_out = n_out
@@ -399,16 +400,16 @@ class _CouplingPasses:
             part_ptr=self.partials, SPLIT=self.sums_split.split, **args, GRAD=self.grad,
         )
 
-    def coupled_sums(self, vparts: torch.Tensor) -> None:
+    def coupled_sums(self) -> None:
         """The forward's coupling coefficients and sums of a step in one pass (:func:`coupled_sums`),
-        from V_r's two parts, over runs of their own (``coupled_split``), on ``coupled_u`` and
-        ``coupled_w`` (u with a batch stride of whole capsules, the weight contiguous: copies, of
-        their size, where they are not)."""
+        from V_r's two parts (``vparts``, which the state kernel has just written), over runs of
+        their own (``coupled_split``), on ``coupled_u`` and ``coupled_w`` (u with a batch stride of
+        whole capsules, the weight contiguous: copies, of their size, where they are not)."""
         consts = {k: v for k, v in self.consts.items() if k not in ("HALF", "PRECISION")}
         u, kin = self.coupled_u, self.cfg.block_kin
         launch(
             fused_layer_coupled_sums_kernel, (self.cfg.tiles, self.coupled_split.split),
-            u_ptr=u, w_ptr=self.coupled_w, vparts_ptr=vparts, part_ptr=self.partials,
+            u_ptr=u, w_ptr=self.coupled_w, vparts_ptr=self.vparts, part_ptr=self.partials,
             B=self.sizes["B"], N_in=self.sizes["N_in"], SPLIT=self.coupled_split.split,
             caps_per_split=self.coupled_split.caps_per_split, stride_uc=u.stride(0) // kin, **consts,
             N_OUT=self.n_out,
@@ -494,7 +495,7 @@ def _forward_on_tensor_cores(
             vparts_ptr=passes.vparts if passes.parts else vsum_saved, PARTS=passes.parts,
         )
         if coupled:
-            passes.coupled_sums(passes.vparts)
+            passes.coupled_sums()
             split = passes.coupled_split.split
         else:
             passes.coupling(r, vsum_saved, vsum_saved)  # (no ds in the forward)
