@@ -640,10 +640,23 @@ def rule_coupled_sums(launch) -> RuleResult:
     B, n_in = v["B"], v["N_in"]
     caps = c["N_OUT"] * c["BLOCK_DK"]  # D_out = BLOCK_DK in this kernel
     kin = c["BLOCK_KIN"]
-    streamed = B * n_in * kin * _elt(launch, "u_ptr") + n_in * caps * kin * _elt(launch, "w_ptr")
+    # the weight in chunks (``fused_layer_weight_chunks``): N_in rounded up to whole chunks
+    chunked = _cdiv(n_in, c["BLOCK_IC"]) * c["BLOCK_IC"]
+    streamed = B * n_in * kin * _elt(launch, "u_ptr") + chunked * caps * kin * _elt(launch, "w_ptr")
     # V's two parts read, this split's partial sums written; the coefficients never leave the chip
     moved = streamed + B * caps * 2 * _elt(launch, "vparts_ptr") + B * v["SPLIT"] * caps * 4
     return RuleResult([("chunks", [])], programs, moved)
+
+
+def rule_weight_chunks(launch) -> RuleResult:
+    """fused_layer_weight_chunks (the weight laid out in chunks for the coupled sums, once a
+    forward): grid (chunks, N_out), no loop; the weight read, its chunks written (zero padded to
+    whole chunks and BLOCK_DK rows)."""
+    v, c = _ints(launch), _consts(launch)
+    chunks, n_out = launch.grid
+    kin, elt = c["BLOCK_KIN"], _elt(launch, "w_ptr")
+    moved = v["N_in"] * n_out * v["D"] * kin * elt + chunks * c["BLOCK_IC"] * n_out * c["BLOCK_DK"] * kin * elt
+    return RuleResult([], [(math.prod(launch.grid), {})], moved)
 
 
 def rule_chunked_final(launch) -> RuleResult:
@@ -772,6 +785,7 @@ RULES = {
     "fused_layer_sums_kernel": rule_chunked_pass,
     "fused_layer_uniform_sums_kernel": rule_chunked_pass,
     "fused_layer_coupled_sums_kernel": rule_coupled_sums,
+    "fused_layer_weight_chunks_kernel": rule_weight_chunks,
     "fused_layer_state_kernel": rule_sum_splits,
     "fused_layer_bwd_input_kernel": rule_chunked_final,
     "fused_layer_bwd_weight_kernel": rule_chunked_final,

@@ -51,6 +51,7 @@ __all__ = [
     "bfloat16_nearest",
     "coefficient_parts",
     "half_products",
+    "half_product_parts",
     "tf32_nearest",
     "factor_parts",
     "dot_parts",
@@ -381,7 +382,7 @@ def coefficient_parts(c):
 
 
 @triton.jit
-def half_products(c_nhi, c_hi, c_lo, u, EMULATE: tl.constexpr, PURE: tl.constexpr = False):
+def half_products(c_nhi, c_hi, c_lo, u, EMULATE: tl.constexpr):
     """The products ``c u`` of float32 coefficients ``c`` (``coefficient_parts``: ``c_nhi``,
     ``c_hi``, ``c_lo``, repeated as ``u`` is laid out) and bfloat16 ``u``, as two bfloat16 numbers
     for two exact tensor-core products: returned as ``(-hi, lo)``, ``c u ~ hi + lo``.
@@ -397,8 +398,9 @@ def half_products(c_nhi, c_hi, c_lo, u, EMULATE: tl.constexpr, PURE: tl.constexp
     Bound (``half_parts``' truncated hi: ``|c_lo| < 2^-7 |c|``, ``|c - c_hi - c_lo| <= 2^-15
     |c|``): ``|c u - hi - lo| <= 2.5 * 2^-15 |c u|``. bfloat16 only (as ``half_parts``).
     ``EMULATE`` (Triton's interpreter, which cannot run PTX): the same three steps in float32 (the
-    products of bfloat16 numbers exact there), rounded by ``bfloat16_nearest``. ``PURE``: the asm
-    declared free of side effects (see below)."""
+    products of bfloat16 numbers exact there), rounded by ``bfloat16_nearest``. The bfloat16
+    forward's coupled sums take the same numbers with hi's sign restored
+    (``half_product_parts``)."""
     tl.static_assert(u.dtype == tl.bfloat16, "half_products takes bfloat16 u")
     if EMULATE:
         b_u = u.to(tl.float32)
@@ -407,24 +409,52 @@ def half_products(c_nhi, c_hi, c_lo, u, EMULATE: tl.constexpr, PURE: tl.constexp
         lo = bfloat16_nearest(c_lo.to(tl.float32) * b_u + b_rem)
     else:
         # the outputs written last: they may share registers with the inputs.
-        # PURE false (the sums passes): Triton may not move the products past layout conversions,
-        # so they run where u is loaded (4 coefficients a thread, each split once), not in the
-        # tensor-core operand's layout, where the 4 lanes of a quad each split the same 16 (the
-        # counts: bench/results/kernel_report/NOTES.md, "c u by packed half arithmetic"). The
-        # coupled sums take them pure (their coefficients come from registers, not memory: 6%
-        # fewer instructions so), which also keeps torch.compile from taking every argument of
-        # the kernel as written, as it must beside impure asm
-        # (tests/_fake_cuda_trace.py: u and W cloned before each call otherwise)
+        # Impure: Triton may not move the products past layout conversions, so they run where u
+        # is loaded (4 coefficients a thread, each split once), not in the tensor-core operand's
+        # layout, where the 4 lanes of a quad each split the same 16 (the counts:
+        # bench/results/kernel_report/NOTES.md, "c u by packed half arithmetic"). The price:
+        # torch.compile takes every argument of a kernel with impure asm as written
+        # (tests/_fake_cuda_trace.py: u and W cloned before each call)
         nhi, lo = tl.inline_asm_elementwise(
             "{ .reg .b32 z, h, r, l; mov.b32 z, 0x80008000; fma.rn.bf16x2 h, $2, $5, z; "
             "fma.rn.bf16x2 r, $3, $5, h; fma.rn.bf16x2 l, $4, $5, r; mov.b32 $0, h; mov.b32 $1, l; }",
             "=r,=r,r,r,r,r",
             [c_nhi, c_hi, c_lo, u],
             dtype=(tl.bfloat16, tl.bfloat16),
-            is_pure=PURE,
+            is_pure=False,
             pack=2,
         )
     return nhi, lo
+
+
+@triton.jit
+def half_product_parts(c_nhi, c_hi, c_lo, u, EMULATE: tl.constexpr):
+    """``c u ~ hi + lo`` as ``half_products`` forms them (the same two bfloat16 numbers), returned
+    as ``(hi, lo)``: four packed instructions a pair of elements (hi = c_hi u rounded, -hi by its
+    sign bits, the exact remainder ``c_hi u - hi``, lo), one more than ``half_products``, whose
+    caller must then take -hi's product with a negated factor or in a second accumulator; here
+    both products go to one accumulator with one factor. ``c_hi``, ``c_lo``: ``half_parts(c)``,
+    repeated as ``u`` is laid out. Pure: Triton places the products where their operands lie (the
+    tensor-core operand's layout, with coefficients from registers), and torch.compile need not
+    take the kernel's arguments as written."""
+    tl.static_assert(u.dtype == tl.bfloat16, "half_product_parts takes bfloat16 u")
+    if EMULATE:
+        b_u = u.to(tl.float32)
+        hi = bfloat16_nearest(c_hi.to(tl.float32) * b_u)
+        b_rem = c_hi.to(tl.float32) * b_u - hi.to(tl.float32)
+        lo = bfloat16_nearest(c_lo.to(tl.float32) * b_u + b_rem)
+    else:
+        hi, lo = tl.inline_asm_elementwise(
+            "{ .reg .b32 z, h, n, r, l; mov.b32 z, 0x80008000; fma.rn.bf16x2 h, $3, $5, z; "
+            "fma.rn.bf16x2 n, $2, $5, z; fma.rn.bf16x2 r, $3, $5, n; fma.rn.bf16x2 l, $4, $5, r; "
+            "mov.b32 $0, h; mov.b32 $1, l; }",
+            "=r,=r,r,r,r,r",
+            [c_nhi, c_hi, c_lo, u],
+            dtype=(tl.bfloat16, tl.bfloat16),
+            is_pure=True,
+            pack=2,
+        )
+    return hi, lo
 
 
 @triton.jit

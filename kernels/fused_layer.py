@@ -47,6 +47,7 @@ from .common import (
     dot_parts,
     factor_parts,
     half_parts,
+    half_product_parts,
     half_products,
     layer_input_grads,
     layer_predictions,
@@ -74,6 +75,7 @@ __all__ = [
     "fused_layer_logits_kernel",
     "fused_layer_sums_kernel",
     "fused_layer_coupled_sums_kernel",
+    "fused_layer_weight_chunks_kernel",
     "fused_layer_uniform_sums_kernel",
     "fused_layer_bwd_input_kernel",
     "fused_layer_bwd_weight_kernel",
@@ -496,7 +498,7 @@ def _chunk_logits(
                         _caps_rows(p_V + n_part, o_b, m_b, D, stride_vb, BLOCK_DK), b_w, DOT_F32)
     else:
         b_z = _dot_split(_caps_rows(p_V, o_b, m_b, D, stride_vb, BLOCK_DK), b_w, HALF, PRECISION, DOT_F32)
-    return _component_sums(b_u.to(tl.float32) * b_z, BLOCK_IC, BLOCK_KIN)
+    return _component_dots(b_u, b_z, BLOCK_IC, BLOCK_KIN)
 
 
 @triton.jit
@@ -520,19 +522,53 @@ def _logits_operand(p_x, o_rows, m_rows, i0, i_end, stride_i, BLOCK_IC: tl.const
 
 
 @triton.jit
-def _component_sums(b_p, BLOCK_IC: tl.constexpr, BLOCK_KIN: tl.constexpr):
-    """[rows, BLOCK_IC] sums over each capsule's components of a block ordered as ``_logits_operand``
-    orders it. Component-major, capsule i's components are column i mod 8 of 8-column blocks of the
-    MMA accumulator (every block for 8 capsules, every other one for 16), and a thread holds two
-    adjacent columns of every block: the sum is in-thread. With fewer than 8 capsules a chunk a
-    capsule spans lanes either way, and capsule-major takes fewer shuffles."""
-    if BLOCK_KIN == 1:
-        pass  # one component: the block itself
-    elif BLOCK_IC >= 8:
-        b_p = tl.sum(tl.reshape(b_p, [b_p.shape[0], BLOCK_KIN, BLOCK_IC]), axis=1)
+def _component_dots(b_u, b_z, BLOCK_IC: tl.constexpr, BLOCK_KIN: tl.constexpr):
+    """[rows, BLOCK_IC] dot products over each capsule's components of two blocks ordered as
+    ``_logits_operand`` orders them (``u`` of the input dtype, ``z`` float32): ``u_0 z_0``, then
+    one fused multiply-add a component, in component order. Component-major, capsule i's
+    components are column i mod 8 of 8-column blocks of the MMA accumulator (every block for 8
+    capsules, every other one for 16), and a thread holds two adjacent columns of every block: the
+    chain is in-thread (a product summed as a tree took 11 instructions for 8 components, the chain
+    8). With fewer than 8 capsules a chunk a capsule spans lanes either way, and capsule-major
+    takes fewer shuffles."""
+    us = _components(b_u.to(tl.float32), BLOCK_IC, BLOCK_KIN)
+    zs = _components(b_z, BLOCK_IC, BLOCK_KIN)
+    b_dot = us[0] * zs[0]
+    for k in tl.static_range(1, BLOCK_KIN):
+        b_dot = tl.fma(us[k], zs[k], b_dot)
+    return b_dot
+
+
+@triton.jit
+def _components(b_x, BLOCK_IC: tl.constexpr, BLOCK_KIN: tl.constexpr):
+    """A block ordered as ``_logits_operand`` orders it as a tuple of ``BLOCK_KIN`` [rows,
+    BLOCK_IC] blocks, component k of every capsule at index k (the components lie in one thread's
+    registers: splitting them moves no data)."""
+    rows: tl.constexpr = b_x.shape[0]
+    if BLOCK_IC >= 8:
+        b_x = tl.permute(tl.reshape(b_x, [rows, BLOCK_KIN, BLOCK_IC]), (0, 2, 1))
     else:
-        b_p = tl.sum(tl.reshape(b_p, [b_p.shape[0], BLOCK_IC, BLOCK_KIN]), axis=2)
-    return b_p
+        b_x = tl.reshape(b_x, [rows, BLOCK_IC, BLOCK_KIN])
+    parts = (b_x,)
+    for _ in tl.static_range(4):  # halved while more than one component a part (BLOCK_KIN <= 16)
+        if parts[0].shape[2] > 1:
+            halves = ()
+            for p in tl.static_range(len(parts)):
+                b_first, b_second = _halves(parts[p])
+                halves = halves + (b_first, b_second)
+            parts = halves
+    blocks = ()
+    for p in tl.static_range(len(parts)):
+        blocks = blocks + (tl.reshape(parts[p], [rows, BLOCK_IC]),)
+    return blocks
+
+
+@triton.jit
+def _halves(b_x):
+    """[rows, cols, n] as its components below n / 2 and from n / 2, [rows, cols, n / 2] each."""
+    n: tl.constexpr = b_x.shape[2]
+    b_x = tl.permute(tl.reshape(b_x, [b_x.shape[0], b_x.shape[1], 2, n // 2]), (0, 1, 3, 2))
+    return tl.split(b_x)
 
 
 @triton.jit(do_not_specialize=["B", "SPLIT", "r"])
@@ -660,7 +696,7 @@ def fused_layer_logits_kernel(
             b_sum = tl.zeros([BLOCK_B, BLOCK_IC], dtype=tl.float32)
             b_ca = tl.zeros([BLOCK_B, BLOCK_IC], dtype=tl.float32)
             for j in range(0, N_out):
-                b_e = tl.exp(tl.load(c_ptr + o_e + j * N_in, mask=m_bi, other=0.0) - b_max)
+                b_e = _exp(tl.load(c_ptr + o_e + j * N_in, mask=m_bi, other=0.0) - b_max, DOT_F32)
                 tl.store(c_ptr + o_e + j * N_in, b_e, mask=m_bi)
                 b_sum += b_e
                 if GRAD:
@@ -694,9 +730,12 @@ def _factor_rows(p_V, n_part, o_b, m_b, D, N_OUT: tl.constexpr, BLOCK_DK: tl.con
 def _chunk_coefficients(
     b_u, w_ptr, v_parts, p_fence, B, o_d, i0, i_end, D, stride_wi, stride_wj, N_OUT: tl.constexpr,
     DOT_F32: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_IC: tl.constexpr, BLOCK_KIN: tl.constexpr,
+    W_CHUNKS: tl.constexpr = False,
 ):
     """The coupling coefficients of a chunk, a tuple of ``N_OUT`` [BLOCK_B, BLOCK_IC] blocks, from
-    its u (``_logits_operand``) and V's parts (``_factor_rows``): the logits of the output
+    its u (``_logits_operand``), V's parts (``_factor_rows``) and W at ``w_ptr``, in the weight's
+    own layout (strides ``stride_wi``, ``stride_wj``) or with ``W_CHUNKS`` in chunks
+    (``_weight_chunk``; the same numbers in the same order): the logits of the output
     capsules unrolled and kept in registers (each as ``_chunk_logits`` forms it from V's parts),
     their running maximum, then the exponentials, their sum and c, as the logits pass's loops
     through memory compute them: the same operations in the same order (the same coefficients,
@@ -707,17 +746,20 @@ def _chunk_coefficients(
     b_max = tl.full([BLOCK_B, BLOCK_IC], float("-inf"), tl.float32)
     logits = ()
     for j in tl.static_range(N_OUT):
-        b_w = _logits_operand(w_ptr + j * stride_wj, o_d * BLOCK_KIN, o_d < D, i0, i_end, stride_wi, BLOCK_IC,
-                              BLOCK_KIN)
+        if W_CHUNKS:
+            b_w = _weight_chunk(w_ptr, i0, j, N_OUT, BLOCK_IC, BLOCK_KIN, o_d.shape[0])
+        else:
+            b_w = _logits_operand(w_ptr + j * stride_wj, o_d * BLOCK_KIN, o_d < D, i0, i_end, stride_wi, BLOCK_IC,
+                                  BLOCK_KIN)
         b_hi, b_lo = v_parts[j]
-        b_logit = _component_sums(b_u.to(tl.float32) * dot_parts(b_hi, b_lo, b_w, DOT_F32), BLOCK_IC, BLOCK_KIN)
+        b_logit = _component_dots(b_u, dot_parts(b_hi, b_lo, b_w, DOT_F32), BLOCK_IC, BLOCK_KIN)
         b_logit = _consumed(b_logit, p_fence, B, DOT_F32)
         b_max = tl.maximum(b_max, b_logit)
         logits = logits + (b_logit,)
     exps = ()
     b_sum = tl.zeros([BLOCK_B, BLOCK_IC], dtype=tl.float32)
     for j in tl.static_range(N_OUT):
-        b_e = tl.exp(logits[j] - b_max)
+        b_e = _exp(logits[j] - b_max, DOT_F32)
         b_sum += b_e
         exps = exps + (b_e,)
     b_inv = tl.math.div_rn(1.0, b_sum)
@@ -725,6 +767,23 @@ def _chunk_coefficients(
     for j in tl.static_range(N_OUT):
         coefficients = coefficients + (exps[j] * b_inv,)
     return coefficients
+
+
+@triton.jit
+def _exp(b_x, INTERPRETED: tl.constexpr):
+    """``e^x`` of float32 ``x`` as ``tl.exp`` computes it (``2^(x log2 e)`` by ``ex2.approx``), its
+    subnormal results flushed to zero (``.ftz``: two instructions, where ``tl.exp``'s subnormal
+    range took five, a compare and two predicated multiplies around the ``ex2``). For the softmax
+    over output capsules: ``x = logit - max <= 0``, and an ``e`` below 2^-126 is a coefficient
+    that vanishes next to the largest one's 1 either way. Triton's interpreter (``INTERPRETED``:
+    the ``DOT_F32`` flag) runs no PTX: ``tl.exp2`` there."""
+    b_x = b_x * 1.4426950408889634
+    if INTERPRETED:
+        b_e = tl.exp2(b_x)
+    else:
+        b_e = tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=r,r", [b_x], dtype=tl.float32,
+                                        is_pure=True, pack=1)
+    return b_e
 
 
 @triton.jit
@@ -891,7 +950,8 @@ def fused_layer_sums_kernel(
 @triton.jit(do_not_specialize=["B", "N_in", "SPLIT", "caps_per_split"])
 def fused_layer_coupled_sums_kernel(
     u_ptr,  # [B, N_in, BLOCK_KIN] bfloat16 input capsules (D_in zero padded), capsules contiguous
-    w_ptr,  # [N_in, N_OUT, BLOCK_DK, BLOCK_KIN] bfloat16 weight (D_in zero padded), contiguous
+    w_ptr,  # [cdiv(N_in, BLOCK_IC), N_OUT, BLOCK_DK, BLOCK_KIN, BLOCK_IC] bfloat16 weight in chunks
+    w_sums_ptr,  # the same weight again (the sums' loads: see below)
     vparts_ptr,  # [2, B, N_OUT, BLOCK_DK] bfloat16 V_r's two parts (``factor_parts``)
     part_ptr,  # [B, SPLIT, N_OUT, BLOCK_DK] f32 this split's partial s_r (written)
     B,
@@ -910,21 +970,35 @@ def fused_layer_coupled_sums_kernel(
     chip: per chunk the coefficients of every output capsule in registers (``_chunk_coefficients``,
     as the logits pass forms them: the same operations in the same order, the same numbers under
     the interpreter; compiled separately, FMA contraction may differ in the last bit), then for
-    each output capsule j this split's partial ``s_r[b, j] += (c_j u) W_j^T`` on tensor cores,
-    ``c_j u`` as the two bfloat16 numbers of ``half_products`` (as the sums pass takes them); an
+    each output capsule j this split's partial ``s_r[b, j] += (c_j u) W_j^T`` on tensor cores, an
     accumulator per output capsule. Neither the coefficients nor u_hat reach memory, and u comes
-    from DRAM once an iteration (a chunk's u and W are loaded twice, in the logits' order and in
-    the sums', the second time from L1; the logits and sums passes wrote c in float32 and read it
-    back, and each read u).
-    bfloat16 inputs, D_out = 16, N_out <= ``LOGITS_IN_REGISTERS``
+    from DRAM once an iteration (the logits and sums passes wrote c in float32 and read it back,
+    and each read u).
+
+    Both products take the chunk in the logits' component-major order (``_logits_operand``,
+    column ``k * BLOCK_IC + i``), so the sums reuse what the logits formed: u as the float32
+    values the logits multiplied, packed back to bfloat16 pairs (``_bfloat16_pairs``), and each
+    thread's own coefficients, which lie where the tensor-core operand ``c_j u`` needs them (the
+    accumulator of the logits' product and the operand of the sums' share their layout).
+    Capsule-major, the sums needed every capsule's coefficients in every thread of a quad: a
+    round trip through shared memory per output capsule, and u and W loaded a second time.
+    ``c_j u`` as ``half_product_parts`` (the two bfloat16 numbers of the sums pass's
+    ``half_products``, with hi's sign restored): both products with the one W chunk into one
+    accumulator. W comes in chunks (``fused_layer_weight_chunks_kernel``: each [D, chunk] block
+    contiguous in this order), loaded with vector loads and staged into shared memory as loaded;
+    from the weight's own layout the component-major block took a 16-bit store per element. The
+    sums load it through ``w_sums_ptr``, the same tensor as ``w_ptr``: from one pointer LLVM
+    merged those loads with the logits' and kept the ten output capsules' chunks in registers
+    from the logits to the sums (140 bytes spilled on sm_90).
+
+    bfloat16 inputs, D_out = 16, N_out <= ``LOGITS_IN_REGISTERS``, chunks of at least 8 capsules
     (``capstriton.ops.fused_layer.coupled_sums``). The sizes of an output capsule and of the
     weight's blocks are compile-time constants: each output capsule's V and W are then an
     immediate offset from one address (as runtime offsets, the twenty addresses of V's parts
     stayed live across the chunk loop and spilled on sm_90)."""
     tl.static_assert(BLOCK_DK == 16, "the coupled sums: output capsules of 16D")
+    tl.static_assert(BLOCK_IC >= 8, "the coupled sums: chunks in the logits' component-major order")
     D: tl.constexpr = BLOCK_DK
-    stride_wj: tl.constexpr = BLOCK_DK * BLOCK_KIN
-    stride_wi: tl.constexpr = N_OUT * stride_wj
     i_tb = tl.program_id(0)
     i_k = tl.program_id(1)
     o_b = (i_tb * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
@@ -944,36 +1018,118 @@ def fused_layer_coupled_sums_kernel(
         sums = sums + (tl.zeros([BLOCK_B, BLOCK_DK], dtype=tl.float32),)
     for i0 in range(i_start, i_end, BLOCK_IC):
         b_u = _logits_operand(u_ptr, o_ub, m_b, i0, i_end, BLOCK_KIN, BLOCK_IC, BLOCK_KIN)
-        coefficients = _chunk_coefficients(b_u, w_ptr, v_parts, part_ptr, B, o_d, i0, i_end, D, stride_wi, stride_wj,
-                                           N_OUT, DOT_F32, BLOCK_B, BLOCK_IC, BLOCK_KIN)
-        # the sums with the chunk in the sums pass's order, capsule-major (``_caps_chunk``), u and W
-        # read again in that order (from L1): a pair of adjacent elements is two components of one
-        # capsule, so c u's packed halves share their coefficient and u's pairs are as loaded
-        # (component-major, as the logits take them, the pairs took a byte permute each)
-        o_i, o_k, m_c = _caps_chunk(i0, i_end, BLOCK_IC, BLOCK_KIN)
-        b_uc = _u_chunk(u_ptr, o_b, m_b, i0, m_c, stride_ub, BLOCK_IC, BLOCK_KIN)
+        coefficients = _chunk_coefficients(b_u, w_ptr, v_parts, part_ptr, B, o_d, i0, i_end, D, None, None, N_OUT,
+                                           DOT_F32, BLOCK_B, BLOCK_IC, BLOCK_KIN, W_CHUNKS=True)
+        b_uh = _bfloat16_pairs(b_u.to(tl.float32), DOT_F32)
         updated = ()
         for j in tl.static_range(N_OUT):
-            b_w = _w_rows(w_ptr, j * stride_wj + o_d * BLOCK_KIN, o_d < D, o_i, o_k, m_c, stride_wi)
-            b_nhi, b_hi, b_lo = coefficient_parts(coefficients[j])
-            b_xnhi, b_xlo = half_products(
-                _per_component(b_nhi, BLOCK_B, BLOCK_IC, BLOCK_KIN), _per_component(b_hi, BLOCK_B, BLOCK_IC, BLOCK_KIN),
-                _per_component(b_lo, BLOCK_B, BLOCK_IC, BLOCK_KIN), b_uc, DOT_F32, True,
+            b_w = _weight_chunk(w_sums_ptr, i0, j, N_OUT, BLOCK_IC, BLOCK_KIN, BLOCK_DK)
+            b_hi, b_lo = half_parts(coefficients[j], tl.bfloat16)
+            b_xhi, b_xlo = half_product_parts(
+                _over_components(_negated(b_hi, DOT_F32), BLOCK_KIN), _over_components(b_hi, BLOCK_KIN),
+                _over_components(b_lo, BLOCK_KIN), b_uh, DOT_F32,
             )
-            # c u = hi + lo with hi returned negated: its product taken with -W, in the same accumulator
             b_acc = _dot_acc(b_xlo, tl.trans(b_w), sums[j], DOT_F32)
-            b_acc = _dot_acc(b_xnhi, tl.trans(_negated(b_w)), b_acc, DOT_F32)
+            b_acc = _dot_acc(b_xhi, tl.trans(b_w), b_acc, DOT_F32)
             updated = updated + (b_acc,)
         sums = updated
     m_bd = m_b[:, None] & (o_d < D)[None, :]
+    # the partial sums stored from the accumulators' own layout: with columns a known 1 apart
+    # Triton converted the ten blocks to a vector-store layout through shared memory, and ptxas
+    # kept that conversion's thread offsets across the chunk loop (8 bytes spilled on sm_80);
+    # ``one`` is 1, which the compiler cannot know (B is never negative)
+    one = 1 + (B < 0).to(tl.int32)
     for j in tl.static_range(N_OUT):
-        tl.store(part_ptr + ((o_b[:, None] * SPLIT + i_k) * N_OUT + j) * D + o_d[None, :], sums[j], mask=m_bd)
+        p_part = part_ptr + ((o_b[:, None] * SPLIT + i_k) * N_OUT + j) * D
+        tl.store(p_part + o_d[None, :] * one, sums[j], mask=m_bd)
 
 
 @triton.jit
-def _negated(b_x):
-    """``-x`` of a bfloat16 block, exactly: its sign bits flipped (one logical operation a pair)."""
-    return (b_x.to(tl.int16, bitcast=True) ^ -32768).to(tl.bfloat16, bitcast=True)
+def _weight_chunk(w_ptr, i0, j, N_OUT: tl.constexpr, BLOCK_IC: tl.constexpr, BLOCK_KIN: tl.constexpr,
+                  BLOCK_DK: tl.constexpr):
+    """W_j of the chunk at input capsule ``i0`` (a multiple of ``BLOCK_IC``: runs are whole chunks)
+    from the weight in chunks (``fused_layer_weight_chunks_kernel``), [BLOCK_DK, BLOCK_KIN *
+    BLOCK_IC] component-major as ``_logits_operand`` orders it: one contiguous block, loaded
+    without masks (zero padded past N_in and D)."""
+    block: tl.constexpr = BLOCK_DK * BLOCK_KIN * BLOCK_IC
+    p_w = w_ptr + (tl.cast(i0 // BLOCK_IC, tl.int64) * N_OUT + j) * block
+    o_n = tl.arange(0, BLOCK_KIN * BLOCK_IC)
+    return tl.load(p_w + tl.arange(0, BLOCK_DK)[:, None] * (BLOCK_KIN * BLOCK_IC) + o_n[None, :])
+
+
+@triton.jit
+def fused_layer_weight_chunks_kernel(
+    w_ptr,  # [N_in, N_out, D, BLOCK_KIN] weight (D_in zero padded), [D, BLOCK_KIN] blocks contiguous
+    out_ptr,  # [cdiv(N_in, BLOCK_IC), N_out, BLOCK_DK, BLOCK_KIN, BLOCK_IC] the weight in chunks (written)
+    N_in,
+    N_out,
+    D,
+    stride_wi,
+    stride_wj,
+    BLOCK_IC: tl.constexpr,
+    BLOCK_KIN: tl.constexpr,
+    BLOCK_DK: tl.constexpr,
+):
+    """The weight in chunks, as the coupled sums load it (``_weight_chunk``): per chunk of
+    ``BLOCK_IC`` input capsules and output capsule j (a program each) the [D, BLOCK_KIN *
+    BLOCK_IC] block of W_j with column ``k * BLOCK_IC + i`` (component-major), contiguous, zero
+    past N_in and D. Loaded from the weight's own layout that block takes a byte-wide transpose
+    per element into shared memory, in every chunk, output capsule and program."""
+    i_c = tl.program_id(0)
+    j = tl.program_id(1)
+    o_i = i_c * BLOCK_IC + tl.arange(0, BLOCK_IC)
+    o_d = tl.arange(0, BLOCK_DK)
+    o_k = tl.arange(0, BLOCK_KIN)
+    o_w = (o_i.to(tl.int64) * stride_wi + j * stride_wj)[:, None, None] + (o_d * BLOCK_KIN)[None, :, None] \
+        + o_k[None, None, :]
+    m_w = (o_i < N_in)[:, None, None] & (o_d < D)[None, :, None]
+    b_w = tl.permute(tl.load(w_ptr + o_w, mask=m_w, other=0.0), (1, 2, 0))  # [BLOCK_DK, BLOCK_KIN, BLOCK_IC]
+    o_out = (o_d * BLOCK_KIN)[:, None, None] * BLOCK_IC + (o_k * BLOCK_IC)[None, :, None] \
+        + tl.arange(0, BLOCK_IC)[None, None, :]
+    p_out = out_ptr + (tl.cast(i_c, tl.int64) * N_out + j) * (BLOCK_DK * BLOCK_KIN * BLOCK_IC)
+    tl.store(p_out + o_out, b_w)
+
+
+@triton.jit
+def _negated(b_x, INTERPRETED: tl.constexpr):
+    """``-x`` of a bfloat16 block, exactly: its sign bits flipped, one logical operation a pair of
+    elements (``coefficient_parts`` forms -hi as the hi part of ``c x -1``: two more a pair, and as
+    16-bit integers the XOR took four: unpack, two XORs, repack). Triton's interpreter
+    (``INTERPRETED``: the ``DOT_F32`` flag) runs no PTX: the 16-bit XOR there."""
+    if INTERPRETED:
+        b_y = (b_x.to(tl.int16, bitcast=True) ^ -32768).to(tl.bfloat16, bitcast=True)
+    else:
+        b_y = tl.inline_asm_elementwise("xor.b32 $0, $1, 0x80008000;", "=r,r", [b_x], dtype=tl.bfloat16,
+                                        is_pure=True, pack=2)
+    return b_y
+
+
+@triton.jit
+def _over_components(b_x, BLOCK_KIN: tl.constexpr):
+    """A [rows, BLOCK_IC] per-capsule block repeated over each capsule's components in the
+    component-major order of ``_logits_operand``: [rows, BLOCK_KIN * BLOCK_IC] (each thread's
+    own values repeated in its registers: the layout of a chunk's accumulator keeps a capsule's
+    components in one thread; ``_component_dots``)."""
+    rows: tl.constexpr = b_x.shape[0]
+    cols: tl.constexpr = b_x.shape[1]
+    return tl.reshape(tl.broadcast_to(b_x[:, None, :], [rows, BLOCK_KIN, cols]), [rows, BLOCK_KIN * cols])
+
+
+@triton.jit
+def _bfloat16_pairs(b_x, INTERPRETED: tl.constexpr):
+    """float32 ``x`` (bfloat16 numbers) as bfloat16, exactly, in pairs by one converting
+    instruction where ``x`` lies (``cvt.rn.bf16x2.f32``: element 0 to the low half). Written as
+    ``x.to(bfloat16)`` of ``u.to(float32)``, Triton folded the two conversions back to the loaded
+    u, whose registers pair two components of one capsule, and each packed pair of the
+    component-major chunk (two capsules' component) took a byte permute, in every output
+    capsule's products (616 byte permutes a thread and chunk). Triton's interpreter (``INTERPRETED``: the
+    ``DOT_F32`` flag) runs no PTX: the conversion itself there."""
+    if INTERPRETED:
+        b_y = b_x.to(tl.bfloat16)
+    else:
+        b_y = tl.inline_asm_elementwise("cvt.rn.bf16x2.f32 $0, $2, $1;", "=r,r,r", [b_x], dtype=tl.bfloat16,
+                                        is_pure=True, pack=2)
+    return b_y
 
 
 @triton.jit(do_not_specialize=["B", "SPLIT", "caps_per_split"])

@@ -31,12 +31,13 @@ def traced():
     # at "highest" on tensor cores: the sums of iteration 0, then per later iteration the saved
     # state, the coupling and the sums, and the finalize (8); CapsNet adds PrimaryCapsules'
     # squash; in bfloat16 (16D output capsules) the coupling and the sums of a later iteration are
-    # one pass (6). Self-attention routing: the sum S, the sum s, the finalize; Efficient-CapsNet
-    # adds the primary capsules' efficient squash
+    # one pass, which reads the weight in chunks (laid out once a call: 7). Self-attention
+    # routing: the sum S, the sum s, the finalize; Efficient-CapsNet adds the primary capsules'
+    # efficient squash
     [
         ("dynamic_routing", 4),
         ("RoutingCapsules", 8),
-        ("RoutingCapsules-bfloat16", 6),
+        ("RoutingCapsules-bfloat16", 7),
         ("CapsNet", 9),
         ("self_attention_routing", 3),
         ("SelfAttentionCapsules", 3),

@@ -52,6 +52,7 @@ from ..kernels.fused_layer import (
     fused_layer_state_kernel,
     fused_layer_sums_kernel,
     fused_layer_uniform_sums_kernel,
+    fused_layer_weight_chunks_kernel,
 )
 from ..reference.capsule_routing import capsule_predictions
 from ._launch import INTERPRETED, empty, launch
@@ -112,14 +113,16 @@ def logits_in_registers(n_out: int, d: int, dtype: torch.dtype) -> bool:
     return dtype == torch.bfloat16 and d == 16 and n_out <= LOGITS_IN_REGISTERS
 
 
-def coupled_sums(n_out: int, d: int, d_in: int, dtype: torch.dtype) -> bool:
+def coupled_sums(n_out: int, d: int, d_in: int, dtype: torch.dtype, block_ic: int) -> bool:
     """Whether the forward runs each iteration after the first in one pass with the coupling
     coefficients consumed on chip (``fused_layer_coupled_sums_kernel``) instead of the logits pass,
     which writes them in float32, and the sums pass, which reads them back: where the logits fit
     in registers (:func:`logits_in_registers`) and the partial sums of every output capsule beside
     them, input capsules of at most 8 components (16 spilled 112 bytes on sm_80; the kernel
-    report, bench/results/kernel_report/NOTES.md)."""
-    return logits_in_registers(n_out, d, dtype) and d_in <= 8
+    report, bench/results/kernel_report/NOTES.md), in chunks of ``block_ic`` >= 8 capsules (the
+    logits' component-major order, which the pass takes for its sums too; :func:`chunked_config`
+    gives 8 or 16 unless ``FusedTuning.fwd_chunk`` is set below 64)."""
+    return logits_in_registers(n_out, d, dtype) and d_in <= 8 and block_ic >= 8
 
 
 def uniform_block(outputs: int) -> int:
@@ -340,7 +343,14 @@ class _CouplingPasses:
             self.coupled_split = input_split(int(n_in), cfg.block_ic, cfg.tiles, tuning.coupled_programs)
             kin = cfg.block_kin
             self.coupled_u = self.u if self.u.stride(0) % kin == 0 else self.u.contiguous()
-            self.coupled_w = self.weight.contiguous()
+            ic = cfg.block_ic
+            self.coupled_w = empty((triton.cdiv(int(n_in), ic), n_out, d, kin, ic), u.dtype, u.device)
+            launch(
+                fused_layer_weight_chunks_kernel, (triton.cdiv(int(n_in), ic), n_out),
+                w_ptr=weight, out_ptr=self.coupled_w, N_in=n_in, N_out=n_out, D=d,
+                stride_wi=weight.stride(0), stride_wj=weight.stride(1), BLOCK_IC=ic, BLOCK_KIN=kin,
+                BLOCK_DK=cfg.block_dk,
+            )
             split = max(split, self.coupled_split.split)
         # [B, SPLIT, N_out, D] partial sums, of the split of the pass that wrote them
         self.partials = empty((batch, split, n_out, d), _F32, u.device)
@@ -409,7 +419,7 @@ class _CouplingPasses:
         u, kin = self.coupled_u, self.cfg.block_kin
         launch(
             fused_layer_coupled_sums_kernel, (self.cfg.tiles, self.coupled_split.split),
-            u_ptr=u, w_ptr=self.coupled_w, vparts_ptr=self.vparts, part_ptr=self.partials,
+            u_ptr=u, w_ptr=self.coupled_w, w_sums_ptr=self.coupled_w, vparts_ptr=self.vparts, part_ptr=self.partials,
             B=self.sizes["B"], N_in=self.sizes["N_in"], SPLIT=self.coupled_split.split,
             caps_per_split=self.coupled_split.caps_per_split, stride_uc=u.stride(0) // kin, **consts,
             N_OUT=self.n_out,
@@ -480,7 +490,8 @@ def _forward_on_tensor_cores(
     same outputs and saved state as the rank-one forward."""
     batch, _, _ = u.shape
     _, n_out, d, _ = weight.shape
-    coupled = coupled_sums(int(n_out), int(d), int(u.shape[2]), u.dtype)
+    block_ic = chunked_config(int(u.shape[1]), int(d), int(u.shape[2]), batch, tuning, False).block_ic
+    coupled = coupled_sums(int(n_out), int(d), int(u.shape[2]), u.dtype, block_ic)
     passes = _CouplingPasses(u, weight, precision, tuning, grad=False, coupled=coupled)
     block_j, block_d = triton.next_power_of_2(n_out), triton.next_power_of_2(d)
     per_example = dict(

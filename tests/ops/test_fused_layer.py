@@ -40,6 +40,7 @@ from capstriton.kernels.common import (
     dot_parts,
     factor_parts,
     half_parts,
+    half_product_parts,
     half_products,
     tf32_nearest,
 )
@@ -425,11 +426,13 @@ def test_coupled_sums_are_the_two_passes_up_to_summation_order(shape, batch, gra
     from capstriton.ops._launch import recording
 
     n_in, n_out, d, d_in = shape
-    assert ops.coupled_sums(n_out, d, d_in, torch.bfloat16)
-    assert not ops.coupled_sums(n_out, d, d_in, torch.float32)
-    assert not ops.coupled_sums(n_out, 8, d_in, torch.bfloat16)
-    assert not ops.coupled_sums(ops.LOGITS_IN_REGISTERS + 1, d, d_in, torch.bfloat16)
-    assert not ops.coupled_sums(n_out, d, 9, torch.bfloat16)
+    block_ic = ops.chunked_config(n_in, d, d_in, batch, FEW_PROGRAMS, False).block_ic
+    assert ops.coupled_sums(n_out, d, d_in, torch.bfloat16, block_ic)
+    assert not ops.coupled_sums(n_out, d, d_in, torch.float32, block_ic)
+    assert not ops.coupled_sums(n_out, 8, d_in, torch.bfloat16, block_ic)
+    assert not ops.coupled_sums(ops.LOGITS_IN_REGISTERS + 1, d, d_in, torch.bfloat16, block_ic)
+    assert not ops.coupled_sums(n_out, d, 9, torch.bfloat16, block_ic)
+    assert not ops.coupled_sums(n_out, d, d_in, torch.bfloat16, 4)  # capsule-major chunks
     u, w = layer_inputs(batch, *shape, dtype=torch.bfloat16)
     splits = []
 
@@ -442,7 +445,8 @@ def test_coupled_sums_are_the_two_passes_up_to_summation_order(shape, batch, gra
         splits.extend(grid[1] for name, grid, _ in launches if name == "fused_layer_coupled_sums_kernel")
         return names, v, s_saved
 
-    expected = ["fused_layer_uniform_sums"] + ["fused_layer_state", "fused_layer_coupled_sums"] * 2
+    expected = ["fused_layer_weight_chunks", "fused_layer_uniform_sums"]
+    expected += ["fused_layer_state", "fused_layer_coupled_sums"] * 2
     one_split = dataclasses.replace(FEW_PROGRAMS, coupled_programs=1)
     coupled = [forward(t) for t in (FEW_PROGRAMS, one_split)]
     for names, _, _ in coupled:
@@ -450,6 +454,11 @@ def test_coupled_sums_are_the_two_passes_up_to_summation_order(shape, batch, gra
     # several runs of input capsules (where there are several chunks), and one
     chunks = triton.cdiv(n_in, ops.chunked_config(n_in, d, d_in, batch, FEW_PROGRAMS, False).block_ic)
     assert min(splits) == 1 and (max(splits) > 1 or chunks == 1)
+    # chunks of fewer than 8 capsules are capsule-major: the two passes take them
+    small = dataclasses.replace(FEW_PROGRAMS, fwd_chunk=32)
+    names, _, _ = forward(small)
+    small_ic = ops.chunked_config(n_in, d, d_in, batch, small, False).block_ic
+    assert ("fused_layer_coupled_sums" in names) == (small_ic >= 8)
     monkeypatch.setattr(ops, "coupled_sums", lambda *args: False)
     names, v_two, s_two = forward(FEW_PROGRAMS)
     assert "fused_layer_coupled_sums" not in names and "fused_layer_sums" in names
@@ -466,6 +475,28 @@ def test_coupled_sums_are_the_two_passes_up_to_summation_order(shape, batch, gra
         assert rel_err(v.float(), v_two.float()) < 2.0**-7
     monkeypatch.undo()
     check_layer(u, w, 3, grad_mode, TOL[torch.bfloat16], tuning=FEW_PROGRAMS)
+
+
+@pytest.mark.parametrize(("n_in", "d", "d_in", "block_ic"), [(13, 16, 8, 8), (8, 10, 3, 16), (1, 16, 1, 16)])
+def test_weight_chunks_are_the_weight_component_major(n_in, d, d_in, block_ic):
+    """``fused_layer_weight_chunks_kernel`` (the coupled sums' weight, laid out once a call): for
+    each chunk of ``block_ic`` input capsules and output capsule j the [D, chunk] block of W_j
+    with column ``k * block_ic + i``, contiguous, zeros past N_in and D (rows to BLOCK_DK); from
+    a weight with strides of its own (every element written: the output comes NaN-poisoned)."""
+    from capstriton.kernels.fused_layer import fused_layer_weight_chunks_kernel
+
+    n_out, kin, block_dk = 3, triton.next_power_of_2(d_in), max(16, triton.next_power_of_2(d))
+    base = torch.randn(n_out, n_in, d, kin, device=KERNEL_DEVICE).to(torch.bfloat16)
+    w = base.transpose(0, 1)  # [N_in, N_out, D, BLOCK_KIN], capsules not contiguous
+    chunks = triton.cdiv(n_in, block_ic)
+    out = torch.full((chunks, n_out, block_dk, kin, block_ic), float("nan"), dtype=w.dtype, device=w.device)
+    fused_layer_weight_chunks_kernel[(chunks, n_out)](
+        w, out, n_in, n_out, d, w.stride(0), w.stride(1), BLOCK_IC=block_ic, BLOCK_KIN=kin, BLOCK_DK=block_dk
+    )
+    padded = torch.zeros(chunks * block_ic, n_out, block_dk, kin, dtype=w.dtype)
+    padded[:n_in, :, :d] = w.cpu()
+    expected = padded.view(chunks, block_ic, n_out, block_dk, kin).permute(0, 2, 3, 4, 1)
+    assert torch.equal(out.cpu(), expected)
 
 
 def test_fused_layer_non_contiguous_inputs_and_expanded_gradient():
@@ -886,12 +917,16 @@ def test_bfloat16_nearest_rounds_to_nearest_even():
 
 
 @triton.jit
-def _half_products_kernel(c_ptr, u_ptr, nhi_ptr, lo_ptr, N: tl.constexpr, EMULATE: tl.constexpr):
+def _half_products_kernel(c_ptr, u_ptr, nhi_ptr, lo_ptr, hi_ptr, lo2_ptr, N: tl.constexpr, EMULATE: tl.constexpr):
     o = tl.arange(0, N)
     b_nhi, b_hi, b_lo = coefficient_parts(tl.load(c_ptr + o))
-    b_nhi, b_lo = half_products(b_nhi, b_hi, b_lo, tl.load(u_ptr + o), EMULATE)
-    tl.store(nhi_ptr + o, b_nhi)
-    tl.store(lo_ptr + o, b_lo)
+    b_u = tl.load(u_ptr + o)
+    b_xnhi, b_xlo = half_products(b_nhi, b_hi, b_lo, b_u, EMULATE)
+    tl.store(nhi_ptr + o, b_xnhi)
+    tl.store(lo_ptr + o, b_xlo)
+    b_xhi, b_xlo = half_product_parts(b_nhi, b_hi, b_lo, b_u, EMULATE)
+    tl.store(hi_ptr + o, b_xhi)
+    tl.store(lo2_ptr + o, b_xlo)
 
 
 def test_half_products_split_c_u_into_two_bfloat16_numbers():
@@ -901,7 +936,9 @@ def test_half_products_split_c_u_into_two_bfloat16_numbers():
     c_hi u - hi, and |c u - hi - lo| within 2.5 x 2^-15 |c u| (3.5 x 2^-15 under the interpreter,
     whose lo of c is truncated: ``half_parts``); far below a single rounding of c u. On a GPU this
     runs the packed PTX arithmetic, under the interpreter its emulation (``EMULATE``), rounded by
-    ``bfloat16_nearest`` as a GPU rounds."""
+    ``bfloat16_nearest`` as a GPU rounds. ``half_product_parts`` (the bfloat16 forward's coupled
+    sums) returns the same two numbers, hi with its own sign: hi is exactly -(-hi), bits and
+    zeros' signs too, and lo is lo."""
     emulate, n, bf16 = KERNEL_DEVICE == "cpu", 4096, torch.bfloat16
     bound = (3.5 if emulate else 2.5) * 2.0**-15
     c, u = _wide_range(n, octaves=40).flatten(), _wide_range(n, octaves=40).flatten().to(bf16)
@@ -909,8 +946,12 @@ def test_half_products_split_c_u_into_two_bfloat16_numbers():
     special_u = torch.tensor([1.0, 3.0, 0.0, -0.0, -1.5, 0.1, 7.0, -0.3])
     c[: len(special_c)], u[: len(special_u)] = special_c, special_u.to(bf16)
     nhi = torch.full((n,), float("nan"), dtype=bf16, device=KERNEL_DEVICE)
-    lo = torch.full_like(nhi, float("nan"))
-    _half_products_kernel[(1,)](c.to(KERNEL_DEVICE), u.to(KERNEL_DEVICE), nhi, lo, N=n, EMULATE=emulate)
+    lo, hi_parts, lo_parts = (torch.full_like(nhi, float("nan")) for _ in range(3))
+    _half_products_kernel[(1,)](c.to(KERNEL_DEVICE), u.to(KERNEL_DEVICE), nhi, lo, hi_parts, lo_parts, N=n,
+                                EMULATE=emulate)
+    # the sign bit flipped: -(-0) is +0 and -(+0) is -0
+    assert torch.equal(hi_parts.cpu().view(torch.int16), nhi.cpu().view(torch.int16) ^ -32768)
+    assert torch.equal(lo_parts.cpu().view(torch.int16), lo.cpu().view(torch.int16))
     hi_c = torch.full_like(nhi, float("nan"))
     lo_c = torch.full_like(nhi, float("nan"))
     _parts_kernel[(1,)](c.to(KERNEL_DEVICE), hi_c, lo_c, N=n, FACTOR=False)  # c's parts as coefficient_parts takes them
