@@ -430,13 +430,14 @@ def half_products(c_nhi, c_hi, c_lo, u, EMULATE: tl.constexpr):
 @triton.jit
 def half_product_parts(c_nhi, c_hi, c_lo, u, EMULATE: tl.constexpr):
     """``c u ~ hi + lo`` as ``half_products`` forms them (the same two bfloat16 numbers), returned
-    as ``(hi, lo)``: four packed instructions a pair of elements (hi = c_hi u rounded, -hi by its
-    sign bits, the exact remainder ``c_hi u - hi``, lo), one more than ``half_products``, whose
-    caller must then take -hi's product with a negated factor or in a second accumulator; here
-    both products go to one accumulator with one factor. ``c_hi``, ``c_lo``: ``half_parts(c)``,
-    repeated as ``u`` is laid out. Pure: Triton places the products where their operands lie (the
-    tensor-core operand's layout, with coefficients from registers), and torch.compile need not
-    take the kernel's arguments as written."""
+    as ``(hi, lo)``: four packed fused multiply-adds a pair of elements (hi and -hi, c_hi u and
+    c_nhi u rounded; the exact remainder ``c_hi u - hi``; lo), one more than ``half_products``,
+    whose caller must take -hi's product with a negated factor or in a second accumulator; here
+    both products go to one accumulator with one factor. ``c_nhi``, ``c_hi``, ``c_lo`` as
+    ``coefficient_parts`` gives them (-hi from c_nhi, not by flipping hi's sign bits in the asm: as
+    many instructions, and ptxas then spilled 56 bytes on sm_80 in the coupled sums). Pure: Triton
+    places the products where their operands lie (the tensor-core operand's layout, coefficients
+    from registers), and torch.compile need not take the kernel's arguments as written."""
     tl.static_assert(u.dtype == tl.bfloat16, "half_product_parts takes bfloat16 u")
     if EMULATE:
         b_u = u.to(tl.float32)

@@ -525,12 +525,13 @@ def _logits_operand(p_x, o_rows, m_rows, i0, i_end, stride_i, BLOCK_IC: tl.const
 def _component_dots(b_u, b_z, BLOCK_IC: tl.constexpr, BLOCK_KIN: tl.constexpr):
     """[rows, BLOCK_IC] dot products over each capsule's components of two blocks ordered as
     ``_logits_operand`` orders them (``u`` of the input dtype, ``z`` float32): ``u_0 z_0``, then
-    one fused multiply-add a component, in component order. Component-major, capsule i's
-    components are column i mod 8 of 8-column blocks of the MMA accumulator (every block for 8
-    capsules, every other one for 16), and a thread holds two adjacent columns of every block: the
-    chain is in-thread (a product summed as a tree took 11 instructions for 8 components, the chain
-    8). With fewer than 8 capsules a chunk a capsule spans lanes either way, and capsule-major
-    takes fewer shuffles."""
+    one fused multiply-add a component, in component order (a product summed as a tree took 11
+    instructions for 8 components, the chain 8). Component-major, capsule i's components are
+    column i mod 8 of 8-column blocks of the MMA accumulator (every block for 8 capsules, every
+    other one for 16), and a thread holds two adjacent columns of every block: the chain is
+    in-thread. With fewer than 8 capsules a chunk (capsule-major) Triton gathers each capsule's
+    components into a thread for the split; the kernel report shows no shuffles either way (the
+    sum across lanes took 160 a thread and chunk in the 16-component layer's logits pass)."""
     us = _components(b_u.to(tl.float32), BLOCK_IC, BLOCK_KIN)
     zs = _components(b_z, BLOCK_IC, BLOCK_KIN)
     b_dot = us[0] * zs[0]
@@ -542,8 +543,8 @@ def _component_dots(b_u, b_z, BLOCK_IC: tl.constexpr, BLOCK_KIN: tl.constexpr):
 @triton.jit
 def _components(b_x, BLOCK_IC: tl.constexpr, BLOCK_KIN: tl.constexpr):
     """A block ordered as ``_logits_operand`` orders it as a tuple of ``BLOCK_KIN`` [rows,
-    BLOCK_IC] blocks, component k of every capsule at index k (the components lie in one thread's
-    registers: splitting them moves no data)."""
+    BLOCK_IC] blocks, component k of every capsule at index k (component-major, in a chunk's MMA
+    accumulator, the components lie in one thread's registers: splitting them moves no data)."""
     rows: tl.constexpr = b_x.shape[0]
     if BLOCK_IC >= 8:
         b_x = tl.permute(tl.reshape(b_x, [rows, BLOCK_KIN, BLOCK_IC]), (0, 2, 1))
@@ -791,15 +792,21 @@ def _consumed(b_x, p_any, B, INTERPRETED: tl.constexpr):
     """``b_x`` (float32) itself, through an ordering fence for ptxas: a store of it to ``p_any``
     under a predicate that is never true (``B < 0``: the batch size, which the kernel never
     specialises, so neither LLVM nor ptxas can know it), which ptxas must still issue before the
-    next barrier, so ``b_x`` must be formed by then. Skipped by Triton's interpreter
-    (``INTERPRETED``: the ``DOT_F32`` flag), which runs no PTX; the value is the same."""
+    next barrier, so ``b_x`` must be formed by then. Four elements a store (one vector store and
+    its predicate a thread and output capsule at the logits' [64 x 8] blocks; one store an element
+    took a branch around each pair and a reload of the address: 9 instructions against 2; Triton
+    pads a thread's elements to a multiple of four with undefined ones, which are never stored
+    either). Skipped by Triton's interpreter (``INTERPRETED``: the ``DOT_F32`` flag), which runs
+    no PTX; the value is the same."""
     if not INTERPRETED:
         # one address (one register pair), as an integer: triton 3.6 refuses a pointer beside floats
         p_never = (p_any + tl.zeros(b_x.shape, tl.int32)).to(tl.int64)
         b_never = (tl.zeros(b_x.shape, tl.int32) + B) < 0
         b_x = tl.inline_asm_elementwise(
-            "{ .reg .pred p; setp.ne.u32 p, $3, 0; @p st.global.b32 [$2], $1; mov.b32 $0, $1; }",
-            "=r,r,l,r", [b_x, p_never, b_never.to(tl.int32)], dtype=tl.float32, is_pure=True, pack=1,
+            "{ .reg .pred p; setp.ne.u32 p, $12, 0; @p st.global.v4.b32 [$8], {$4, $5, $6, $7}; "
+            "mov.b32 $0, $4; mov.b32 $1, $5; mov.b32 $2, $6; mov.b32 $3, $7; }",
+            "=r,=r,=r,=r,r,r,r,r,l,l,l,l,r,r,r,r", [b_x, p_never, b_never.to(tl.int32)], dtype=tl.float32,
+            is_pure=True, pack=4,
         )
     return b_x
 
@@ -989,7 +996,7 @@ def fused_layer_coupled_sums_kernel(
     from the weight's own layout the component-major block took a 16-bit store per element. The
     sums load it through ``w_sums_ptr``, the same tensor as ``w_ptr``: from one pointer LLVM
     merged those loads with the logits' and kept the ten output capsules' chunks in registers
-    from the logits to the sums (140 bytes spilled on sm_90).
+    from the logits to the sums (140 to 184 bytes spilled on sm_90).
 
     bfloat16 inputs, D_out = 16, N_out <= ``LOGITS_IN_REGISTERS``, chunks of at least 8 capsules
     (``capstriton.ops.fused_layer.coupled_sums``). The sizes of an output capsule and of the
