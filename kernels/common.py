@@ -433,16 +433,18 @@ def half_product_parts(c_nhi, c_hi, c_lo, u, EMULATE: tl.constexpr):
     as ``(hi, lo)``: four packed fused multiply-adds a pair of elements (hi and -hi, c_hi u and
     c_nhi u rounded; the exact remainder ``c_hi u - hi``; lo), one more than ``half_products``,
     whose caller must take -hi's product with a negated factor or in a second accumulator; here
-    both products go to one accumulator with one factor. ``c_nhi``, ``c_hi``, ``c_lo`` as
-    ``coefficient_parts`` gives them (-hi from c_nhi, not by flipping hi's sign bits in the asm: as
-    many instructions, and ptxas then spilled 56 bytes on sm_80 in the coupled sums). Pure: Triton
-    places the products where their operands lie (the tensor-core operand's layout, coefficients
-    from registers), and torch.compile need not take the kernel's arguments as written."""
+    both products go to one accumulator with one factor. ``c_nhi``, ``c_hi``, ``c_lo``: the
+    numbers of ``coefficient_parts`` (c_nhi is -c_hi; the coupled sums flip c_hi's sign bits, the
+    same bits), not -hi formed from hi by flipping its sign bits in the asm: as many instructions,
+    and ptxas then spilled 56 bytes on sm_80 in the coupled sums. ``EMULATE``: the same four steps
+    in float32, -hi from c_nhi as on a GPU. Pure: Triton places the products where their operands
+    lie (the tensor-core operand's layout, coefficients from registers), and torch.compile need
+    not take the kernel's arguments as written."""
     tl.static_assert(u.dtype == tl.bfloat16, "half_product_parts takes bfloat16 u")
     if EMULATE:
         b_u = u.to(tl.float32)
         hi = bfloat16_nearest(c_hi.to(tl.float32) * b_u)
-        b_rem = c_hi.to(tl.float32) * b_u - hi.to(tl.float32)
+        b_rem = c_hi.to(tl.float32) * b_u + bfloat16_nearest(c_nhi.to(tl.float32) * b_u).to(tl.float32)
         lo = bfloat16_nearest(c_lo.to(tl.float32) * b_u + b_rem)
     else:
         hi, lo = tl.inline_asm_elementwise(

@@ -508,7 +508,7 @@ def _logits_operand(p_x, o_rows, m_rows, i0, i_end, stride_i, BLOCK_IC: tl.const
     (capsule i's component k): component-major, column ``k * BLOCK_IC + i``, for chunks of 8
     capsules or more (loaded as [rows, BLOCK_KIN, BLOCK_IC], contiguous along the components: vector
     loads, then reshaped), else capsule-major, ``i * BLOCK_KIN + k``, as the other passes load it
-    (``_component_sums``)."""
+    (``_component_dots``)."""
     if BLOCK_IC >= 8:
         o_ic = i0 + tl.arange(0, BLOCK_IC)
         o_k = tl.arange(0, BLOCK_KIN)
@@ -550,8 +550,9 @@ def _components(b_x, BLOCK_IC: tl.constexpr, BLOCK_KIN: tl.constexpr):
         b_x = tl.permute(tl.reshape(b_x, [rows, BLOCK_KIN, BLOCK_IC]), (0, 2, 1))
     else:
         b_x = tl.reshape(b_x, [rows, BLOCK_IC, BLOCK_KIN])
+    tl.static_assert(BLOCK_KIN <= 256, "components of a capsule: at most 2^8")
     parts = (b_x,)
-    for _ in tl.static_range(4):  # halved while more than one component a part (BLOCK_KIN <= 16)
+    for _ in tl.static_range(8):  # halved while more than one component a part
         if parts[0].shape[2] > 1:
             halves = ()
             for p in tl.static_range(len(parts)):
@@ -1078,16 +1079,17 @@ def fused_layer_weight_chunks_kernel(
     BLOCK_DK: tl.constexpr,
 ):
     """The weight in chunks, as the coupled sums load it (``_weight_chunk``): per chunk of
-    ``BLOCK_IC`` input capsules and output capsule j (a program each) the [D, BLOCK_KIN *
+    ``BLOCK_IC`` input capsules and output capsule j (a program each) the [BLOCK_DK, BLOCK_KIN *
     BLOCK_IC] block of W_j with column ``k * BLOCK_IC + i`` (component-major), contiguous, zero
-    past N_in and D. Loaded from the weight's own layout that block takes a byte-wide transpose
-    per element into shared memory, in every chunk, output capsule and program."""
+    past N_in and D. Loaded from the weight's own layout that block takes a 16-bit store per
+    element into shared memory, in every chunk, output capsule and program."""
     i_c = tl.program_id(0)
     j = tl.program_id(1)
     o_i = i_c * BLOCK_IC + tl.arange(0, BLOCK_IC)
     o_d = tl.arange(0, BLOCK_DK)
     o_k = tl.arange(0, BLOCK_KIN)
-    o_w = (o_i.to(tl.int64) * stride_wi + j * stride_wj)[:, None, None] + (o_d * BLOCK_KIN)[None, :, None] \
+    o_w = (o_i.to(tl.int64) * stride_wi + tl.cast(j, tl.int64) * stride_wj)[:, None, None] \
+        + (o_d * BLOCK_KIN)[None, :, None] \
         + o_k[None, None, :]
     m_w = (o_i < N_in)[:, None, None] & (o_d < D)[None, :, None]
     b_w = tl.permute(tl.load(w_ptr + o_w, mask=m_w, other=0.0), (1, 2, 0))  # [BLOCK_DK, BLOCK_KIN, BLOCK_IC]

@@ -338,13 +338,12 @@ class _CouplingPasses:
         if coupled:
             # the coupled sums' runs of the chunks (fewer programs than the logits pass: the partial
             # sums of all output capsules a program); they take u's batch stride in capsules (aligned
-            # vector loads) and the weight's strides as compile-time constants: copies where they
-            # are not so (once a call)
+            # vector loads: a copy of u where it is not whole capsules, once a call) and the weight
+            # in chunks (fused_layer_weight_chunks_kernel: a copy of the weight's size, once a call)
             self.coupled_split = input_split(int(n_in), cfg.block_ic, cfg.tiles, tuning.coupled_programs)
-            kin = cfg.block_kin
+            kin, ic = cfg.block_kin, cfg.block_ic
             self.coupled_u = self.u if self.u.stride(0) % kin == 0 else self.u.contiguous()
-            ic = cfg.block_ic
-            self.coupled_w = empty((triton.cdiv(int(n_in), ic), n_out, d, kin, ic), u.dtype, u.device)
+            self.coupled_w = empty((triton.cdiv(int(n_in), ic), n_out, cfg.block_dk, kin, ic), u.dtype, u.device)
             launch(
                 fused_layer_weight_chunks_kernel, (triton.cdiv(int(n_in), ic), n_out),
                 w_ptr=weight, out_ptr=self.coupled_w, N_in=n_in, N_out=n_out, D=d,
@@ -413,8 +412,8 @@ class _CouplingPasses:
     def coupled_sums(self) -> None:
         """The forward's coupling coefficients and sums of a step in one pass (:func:`coupled_sums`),
         from V_r's two parts (``vparts``, which the state kernel has just written), over runs of
-        their own (``coupled_split``), on ``coupled_u`` and ``coupled_w`` (u with a batch stride of
-        whole capsules, the weight contiguous: copies, of their size, where they are not)."""
+        their own (``coupled_split``), on ``coupled_u`` (u with a batch stride of whole capsules: a
+        copy where it is not) and ``coupled_w`` (the weight in chunks, laid out once a call)."""
         consts = {k: v for k, v in self.consts.items() if k not in ("HALF", "PRECISION")}
         u, kin = self.coupled_u, self.cfg.block_kin
         launch(
@@ -491,7 +490,8 @@ def _forward_on_tensor_cores(
     batch, _, _ = u.shape
     _, n_out, d, _ = weight.shape
     block_ic = chunked_config(int(u.shape[1]), int(d), int(u.shape[2]), batch, tuning, False).block_ic
-    coupled = coupled_sums(int(n_out), int(d), int(u.shape[2]), u.dtype, block_ic)
+    # (one iteration has no later ones: nothing to lay the weight out for)
+    coupled = coupled_sums(int(n_out), int(d), int(u.shape[2]), u.dtype, block_ic) and iterations > 1
     passes = _CouplingPasses(u, weight, precision, tuning, grad=False, coupled=coupled)
     block_j, block_d = triton.next_power_of_2(n_out), triton.next_power_of_2(d)
     per_example = dict(

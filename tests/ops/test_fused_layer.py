@@ -44,6 +44,7 @@ from capstriton.kernels.common import (
     half_products,
     tf32_nearest,
 )
+from capstriton.kernels.fused_layer import _negated
 
 import capstriton as ct
 from capstriton import reference
@@ -134,7 +135,8 @@ def test_fused_layer_fp32(shape, iterations, grad_mode):
     check_layer(u, w, iterations, grad_mode, TOL[torch.float32], tuning=FEW_PROGRAMS)
 
 
-DTYPE_SHAPES = [(37, 10, 16, 8), (7, 3, 5, 9)]
+# D_in = 20: capsules of 32 (padded) components, beyond the 16 the issue names
+DTYPE_SHAPES = [(37, 10, 16, 8), (7, 3, 5, 9), (5, 3, 5, 20)]
 
 
 #: the passes on tensor cores with small programs: 16 examples (17 examples: two tiles, the
@@ -456,9 +458,10 @@ def test_coupled_sums_are_the_two_passes_up_to_summation_order(shape, batch, gra
     assert min(splits) == 1 and (max(splits) > 1 or chunks == 1)
     # chunks of fewer than 8 capsules are capsule-major: the two passes take them
     small = dataclasses.replace(FEW_PROGRAMS, fwd_chunk=32)
-    names, _, _ = forward(small)
+    names, v_small, _ = forward(small)
     small_ic = ops.chunked_config(n_in, d, d_in, batch, small, False).block_ic
     assert ("fused_layer_coupled_sums" in names) == (small_ic >= 8)
+    assert rel_err(v_small.float(), coupled[0][1].float()) < 2.0**-7
     monkeypatch.setattr(ops, "coupled_sums", lambda *args: False)
     names, v_two, s_two = forward(FEW_PROGRAMS)
     assert "fused_layer_coupled_sums" not in names and "fused_layer_sums" in names
@@ -924,7 +927,8 @@ def _half_products_kernel(c_ptr, u_ptr, nhi_ptr, lo_ptr, hi_ptr, lo2_ptr, N: tl.
     b_xnhi, b_xlo = half_products(b_nhi, b_hi, b_lo, b_u, EMULATE)
     tl.store(nhi_ptr + o, b_xnhi)
     tl.store(lo_ptr + o, b_xlo)
-    b_xhi, b_xlo = half_product_parts(b_nhi, b_hi, b_lo, b_u, EMULATE)
+    # -hi as the coupled sums form it: hi's sign bits flipped
+    b_xhi, b_xlo = half_product_parts(_negated(b_hi, EMULATE), b_hi, b_lo, b_u, EMULATE)
     tl.store(hi_ptr + o, b_xhi)
     tl.store(lo2_ptr + o, b_xlo)
 
