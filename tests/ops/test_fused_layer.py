@@ -456,6 +456,11 @@ def test_coupled_sums_are_the_two_passes_up_to_summation_order(shape, batch, gra
     # several runs of input capsules (where there are several chunks), and one
     chunks = triton.cdiv(n_in, ops.chunked_config(n_in, d, d_in, batch, FEW_PROGRAMS, False).block_ic)
     assert min(splits) == 1 and (max(splits) > 1 or chunks == 1)
+    # one iteration has no later ones: the weight is not laid out in chunks
+    one_iteration = []
+    with recording(lambda kernel, grid, kwargs: one_iteration.append(kernel.__name__.removesuffix("_kernel"))):
+        ops.fused_layer_fwd(u, w, 1, grad_mode, "ieee", FEW_PROGRAMS.as_list())
+    assert one_iteration == ["fused_layer_uniform_sums", "dynamic_routing_finalize"]
     # chunks of fewer than 8 capsules are capsule-major: the two passes take them
     small = dataclasses.replace(FEW_PROGRAMS, fwd_chunk=32)
     names, v_small, _ = forward(small)
