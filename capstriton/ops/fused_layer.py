@@ -321,11 +321,13 @@ class _CouplingPasses:
 
     def __init__(
         self, u: torch.Tensor, weight: torch.Tensor, precision: str, tuning: FusedTuning, grad: bool, slots: int = 1,
-        coupled: bool = False,
+        may_couple: bool = False,
     ):
         batch, n_in, d_in = u.shape
         _, n_out, d, _ = weight.shape
         self.cfg = cfg = chunked_config(int(n_in), int(d), int(d_in), batch, tuning, u.dtype == torch.float32)
+        # the forward's later iterations in one pass each, where they may and the shape allows
+        self.coupled = coupled = may_couple and coupled_sums(int(n_out), int(d), int(d_in), u.dtype, cfg.block_ic)
         self.u, self.weight = u, weight = flat_capsules(u), flat_capsules(weight)
         self.split = cfg.split.split
         # (the coupled sums keep the coefficients on chip: no buffer, and no pass that takes one)
@@ -489,10 +491,8 @@ def _forward_on_tensor_cores(
     same outputs and saved state as the rank-one forward."""
     batch, _, _ = u.shape
     _, n_out, d, _ = weight.shape
-    block_ic = chunked_config(int(u.shape[1]), int(d), int(u.shape[2]), batch, tuning, False).block_ic
-    # (one iteration has no later ones: nothing to lay the weight out for)
-    coupled = coupled_sums(int(n_out), int(d), int(u.shape[2]), u.dtype, block_ic) and iterations > 1
-    passes = _CouplingPasses(u, weight, precision, tuning, grad=False, coupled=coupled)
+    # (one iteration has no later ones: nothing to lay the weight out in chunks for)
+    passes = _CouplingPasses(u, weight, precision, tuning, grad=False, may_couple=iterations > 1)
     block_j, block_d = triton.next_power_of_2(n_out), triton.next_power_of_2(d)
     per_example = dict(
         part_ptr=passes.partials, s_buf_ptr=s_saved, B=batch, N_out=n_out, D=d,
@@ -505,7 +505,7 @@ def _forward_on_tensor_cores(
             fused_layer_state_kernel, (batch,), vsum_buf_ptr=vsum_saved, r=r, **per_example, SPLIT=split,
             vparts_ptr=passes.vparts if passes.parts else vsum_saved, PARTS=passes.parts,
         )
-        if coupled:
+        if passes.coupled:
             passes.coupled_sums()
             split = passes.coupled_split.split
         else:
